@@ -1,0 +1,42 @@
+"""lorakit: Low-Rank Adaptation for Hugging Face transformers. The public API, re-exported."""
+
+__version__ = "0.1.0"
+
+from lorakit.adapters import (  # noqa: E402
+    active_adapter,
+    delete_adapter,
+    disabled,
+    inject,
+    merge,
+    merge_and_unload,
+    parameter_report,
+    route_rows,
+    set_adapter,
+    unmerge,
+)
+from lorakit.config import LoraConfig  # noqa: E402
+from lorakit.errors import AdapterFileError, ConfigError, LorakitError, MergeError, TargetError  # noqa: E402
+from lorakit.files import load_adapter, read_adapter, save_adapter  # noqa: E402
+
+__all__ = [
+    "AdapterFileError",
+    "ConfigError",
+    "LoraConfig",
+    "LorakitError",
+    "MergeError",
+    "TargetError",
+    "__version__",
+    "active_adapter",
+    "delete_adapter",
+    "disabled",
+    "inject",
+    "load_adapter",
+    "merge",
+    "merge_and_unload",
+    "parameter_report",
+    "read_adapter",
+    "route_rows",
+    "save_adapter",
+    "set_adapter",
+    "unmerge",
+]

@@ -1,0 +1,319 @@
+"""Named adapters on a model: inject, switch, disable, delete, merge, and route rows of a batch.
+
+All state lives in the LoraLayer / ModuleCopies modules; the model only carries a registry of configs
+(``model.lorakit_configs``) so files can be written and read back faithfully.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.config import LoraConfig
+from lorakit.errors import MergeError, TargetError
+from lorakit.layers import AdapterSpec, LoraLayer, ModuleCopies
+from lorakit.targets import resolve_targets
+
+DEFAULT = "default"
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def _copies(model: nn.Module) -> Iterator[tuple[str, ModuleCopies]]:
+    for name, module in model.named_modules():
+        if isinstance(module, ModuleCopies):
+            yield name, module
+
+
+def configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """The adapters injected into ``model``, by name."""
+    registry = getattr(model, "lorakit_configs", None)
+    if registry is None:
+        registry = {}
+        model.lorakit_configs = registry  # type: ignore[assignment]
+    return registry
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _resolve_saved_modules(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    names = [n for n, _ in model.named_modules() if n]
+    found: list[str] = []
+    for pattern in patterns:
+        hits = [n for n in names if (n == pattern or n.endswith("." + pattern)) and ".copies." not in n
+                and not n.endswith(".original_module")]
+        # A module already wrapped by an earlier adapter is found under its own name.
+        hits = [n for n in hits if not any(n.startswith(h + ".") for h in hits)]
+        if not hits:
+            raise TargetError(f"modules_to_save entry {pattern!r} matched no module")
+        found += hits
+    return found
+
+
+def inject(
+    model: nn.Module,
+    config: LoraConfig,
+    name: str = DEFAULT,
+    *,
+    activate: bool = True,
+    modules: dict[str, tuple[str, ...] | None] | None = None,
+) -> nn.Module:
+    """Add adapter ``name`` to every module ``config.targets`` resolves to; freeze everything else.
+
+    ``modules`` bypasses target resolution with an exact ``{module_name: slices}`` map (used when loading
+    files). Returns the same model, modified in place.
+    """
+    if name in configs(model):
+        raise TargetError(f"adapter {name!r} is already injected; delete_adapter() it or pick another name")
+    if not name.isidentifier():
+        raise TargetError(f"adapter name {name!r} must be a Python identifier (it names sub-modules)")
+    resolved = modules if modules is not None else resolve_targets(model, config.targets)
+    saved = _resolve_saved_modules(model, config.modules_to_save)
+    for module_name, slices in resolved.items():
+        module = model.get_submodule(module_name)
+        layer = module if isinstance(module, LoraLayer) else LoraLayer(module)
+        if slices is not None and layer.kind != "conv1d" and layer.kind != "linear":
+            raise TargetError(f"{module_name}: fused slices apply to linear layers only")
+        layer.add_adapter(
+            name,
+            AdapterSpec(
+                r=config.rank_for(module_name),
+                scaling=config.scaling_for(module_name),
+                dropout=config.dropout,
+                slices=slices,
+                init=config.init,
+                init_std=config.std_for(module_name),
+            ),
+        )
+        if layer is not module:
+            _replace(model, module_name, layer)
+    for module_name in saved:
+        module = model.get_submodule(module_name)
+        wrapper = module if isinstance(module, ModuleCopies) else ModuleCopies(module)
+        wrapper.add_copy(name)
+        if wrapper is not module:
+            _replace(model, module_name, wrapper)
+    configs(model)[name] = config
+    if activate:
+        set_adapter(model, name)
+    return model
+
+
+def set_adapter(model: nn.Module, name: str | None) -> None:
+    """Make ``name`` the active adapter (None: the base model). Only its parameters are trainable."""
+    if name is not None and name not in configs(model):
+        raise KeyError(f"no adapter named {name!r}; loaded: {sorted(configs(model))}")
+    for _, layer in lora_layers(model):
+        if layer.merged_adapter is not None and layer.merged_adapter != name:
+            layer.unmerge()
+        layer.active_adapter = name if name in layer.adapters else None
+    for _, wrapper in _copies(model):
+        wrapper.active_adapter = name
+    _set_trainable(model, name)
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    for _, layer in lora_layers(model):
+        if layer.active_adapter is not None:
+            return layer.active_adapter
+    return None
+
+
+def _set_trainable(model: nn.Module, name: str | None) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if name is None:
+        return
+    config = configs(model)[name]
+    for _, layer in lora_layers(model):
+        if name in layer.adapters:
+            for p in layer.adapters[name].parameters():
+                p.requires_grad_(True)
+            if config.bias == "lora_only" and layer.bias is not None:
+                layer.bias.requires_grad_(True)
+    if config.bias == "all":
+        for param_name, p in model.named_parameters():
+            if param_name.endswith("bias") and ".copies." not in param_name:
+                p.requires_grad_(True)
+    for _, wrapper in _copies(model):
+        if name in wrapper.copies:
+            for p in wrapper.copies[name].parameters():
+                p.requires_grad_(True)
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[None]:
+    """Run the base model: adapters off (and unmerged) inside the block, restored after."""
+    previous = active_adapter(model)
+    merged = any(layer.merged_adapter for _, layer in lora_layers(model))
+    set_adapter(model, None)
+    try:
+        yield
+    finally:
+        set_adapter(model, previous)
+        if merged and previous is not None:
+            merge(model, check=False)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    if name not in configs(model):
+        raise KeyError(f"no adapter named {name!r}; loaded: {sorted(configs(model))}")
+    was_active = active_adapter(model) == name
+    for _, layer in lora_layers(model):
+        if name in layer.adapters:
+            layer.delete_adapter(name)
+    for _, wrapper in _copies(model):
+        if name in wrapper.copies:
+            del wrapper.copies[name]
+            if wrapper.active_adapter == name:
+                wrapper.active_adapter = None
+    del configs(model)[name]
+    if was_active:
+        set_adapter(model, None)
+
+
+@torch.no_grad()
+def merge(
+    model: nn.Module,
+    name: str | None = None,
+    *,
+    check: bool = True,
+    probe: Callable[[], Tensor] | None = None,
+    atol: float = 1e-4,
+) -> None:
+    """Fold s·B·A of the active adapter (or ``name``) into the base weights: no added latency.
+
+    With ``check``: refuses non-finite results, and if ``probe`` (a function running the model on a fixed
+    batch and returning a tensor) is given, verifies merged outputs equal unmerged ones within ``atol``.
+    Any failure restores the unmerged model before raising.
+    """
+    name = name or active_adapter(model)
+    if name is None:
+        raise MergeError("no active adapter to merge")
+    set_adapter(model, name)
+    reference = probe() if (check and probe is not None) else None
+    done: list[LoraLayer] = []
+    try:
+        for layer_name, layer in lora_layers(model):
+            if name not in layer.adapters:
+                continue
+            if check and not torch.isfinite(layer.delta_weight(name)).all():
+                raise MergeError(f"{layer_name}: adapter {name!r} has non-finite weights; refusing to merge")
+            layer.merge(name)
+            done.append(layer)
+            if check and not torch.isfinite(layer.base_layer.weight).all():
+                raise MergeError(f"{layer_name}: merged weight is not finite (overflow in {layer.weight.dtype})")
+        if reference is not None:
+            merged_out = probe()  # type: ignore[misc]
+            diff = (merged_out.float() - reference.float()).abs().max().item()
+            if not diff <= atol:
+                raise MergeError(f"merged outputs differ from unmerged by {diff:.3g} > atol {atol:g}")
+    except Exception:
+        for layer in done:
+            layer.unmerge()
+        raise
+
+
+@torch.no_grad()
+def unmerge(model: nn.Module) -> None:
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Merge, then replace every wrapper by its plain module: a model transformers alone understands."""
+    merge(model, name)
+    for layer_name, layer in list(lora_layers(model)):
+        _replace(model, layer_name, layer.base_layer)
+    for wrapper_name, wrapper in list(_copies(model)):
+        _replace(model, wrapper_name, wrapper.current())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if hasattr(model, "lorakit_configs"):
+        del model.lorakit_configs
+    return model
+
+
+@contextmanager
+def route_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
+    """Each row of the next forward passes uses its own adapter (None: the base model).
+
+    Adapters are stacked per layer and applied with one gather and batched matmuls, so the cost barely
+    grows with the number of distinct adapters in the batch.
+    """
+    known = configs(model)
+    unknown = sorted({n for n in names if n is not None and n not in known})
+    if unknown:
+        raise KeyError(f"route_rows: unknown adapter(s) {unknown}; loaded: {sorted(known)}")
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.merged_adapter for layer in layers):
+        raise MergeError("route_rows needs unmerged adapters: call unmerge(model) first")
+    table = tuple(dict.fromkeys([None, *names]))
+    index = torch.tensor([table.index(n) for n in names], dtype=torch.long)
+    wrappers = [w for _, w in _copies(model)]
+    try:
+        for layer in layers:
+            layer.routing_names = table
+            layer.row_index = index.to(layer.weight.device)
+        for wrapper in wrappers:
+            wrapper.route(table, index)
+        yield
+    finally:
+        for layer in layers:
+            layer.row_index = None
+            layer.routing_names = ()
+        for wrapper in wrappers:
+            wrapper.route((), None)
+
+
+@dataclass
+class ParameterReport:
+    """Trainable vs total parameters, overall and per module type."""
+
+    trainable: int
+    total: int
+    by_type: dict[str, tuple[int, int]]  # type name → (trainable, total)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        lines = [f"{'module type':<28}{'trainable':>14}{'total':>14}"]
+        for kind, (t, n) in sorted(self.by_type.items(), key=lambda kv: -kv[1][1]):
+            lines.append(f"{kind:<28}{t:>14,}{n:>14,}")
+        lines.append(f"{'all':<28}{self.trainable:>14,}{self.total:>14,}  ({self.percent:.4f}% trainable)")
+        return "\n".join(lines)
+
+
+def parameter_report(model: nn.Module) -> ParameterReport:
+    """Counts each parameter once (tied weights too) under the type of the module that owns it."""
+    by_type: dict[str, list[int]] = {}
+    for param_name, p in model.named_parameters():  # named_parameters skips tied duplicates
+        owner_name = param_name.rpartition(".")[0]
+        if ".adapters." in param_name:
+            kind = "LoRA (A, B)"
+        elif ".copies." in param_name:
+            kind = "modules_to_save copy"
+        else:
+            owner = model.get_submodule(owner_name) if owner_name else model
+            kind = type(owner).__name__
+        entry = by_type.setdefault(kind, [0, 0])
+        entry[1] += p.numel()
+        if p.requires_grad:
+            entry[0] += p.numel()
+    trainable = sum(t for t, _ in by_type.values())
+    total = sum(n for _, n in by_type.values())
+    return ParameterReport(trainable, total, {k: (t, n) for k, (t, n) in by_type.items()})

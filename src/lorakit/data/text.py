@@ -1,0 +1,194 @@
+"""Shared example type, the data error, and a loader for plain text-classification files.
+
+Every loader here is strict: a malformed file raises :class:`DataError` naming the file, the line
+and the problem instead of silently dropping rows, because a quietly shrunken dataset produces
+plausible but wrong results.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorakit.errors import LorakitError
+
+__all__ = ["DataError", "Example", "load_text_classification", "read_delimited"]
+
+
+class DataError(LorakitError, ValueError):
+    """A data file is missing, unreadable or malformed (the message names the file and the line)."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One classification/regression example: a text, an optional second text, and a label.
+
+    ``label`` is the class index for classification and the float score for regression.
+    """
+
+    text: str
+    text_pair: str | None
+    label: int | float
+
+
+def _open_text(path: Path):
+    """Open ``path`` for csv reading; ``utf-8-sig`` strips the BOM GLUE's MRPC files carry."""
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file")
+    try:
+        return path.open("r", encoding="utf-8-sig", newline="")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+
+
+def read_delimited(path: str | Path, delimiter: str, *, quoting: int) -> Iterator[tuple[int, list[str]]]:
+    """Yield ``(line_number, fields)`` for every non-empty record of a CSV/TSV file.
+
+    Decoding errors become :class:`DataError` with the file name. Blank lines are skipped.
+    """
+    path = Path(path)
+    fh = _open_text(path)
+    try:
+        reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}: not valid UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+            except csv.Error as exc:
+                raise DataError(f"{path}, line {reader.line_num}: malformed record ({exc})") from exc
+            if not row or (len(row) == 1 and row[0] == ""):
+                continue
+            yield reader.line_num, row
+    finally:
+        fh.close()
+
+
+def _sort_label_names(values: Sequence[str]) -> list[str]:
+    """Sort inferred label names numerically when they are all integers ("2" after "10" would be odd)."""
+    uniq = set(values)
+    try:
+        return sorted(uniq, key=int)
+    except ValueError:
+        return sorted(uniq)
+
+
+def _label_to_str(value: object) -> str:
+    # JSON booleans would otherwise become "True"/"False" while a CSV holds "true"/"false".
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value).strip()
+
+
+def _records_from_jsonl(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
+    fh = _open_text(path)
+    try:
+        lineno = 0
+        while True:
+            try:
+                line = fh.readline()
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}: not valid UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+            if line == "":
+                return
+            lineno += 1
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}, line {lineno}: invalid JSON ({exc.msg})") from exc
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+    finally:
+        fh.close()
+
+
+def _records_from_table(
+    path: Path, delimiter: str, required: Sequence[str]
+) -> Iterator[tuple[int, dict[str, object]]]:
+    # TSV is read without quote handling (like GLUE): quotes inside sentences are literal text.
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    rows = read_delimited(path, delimiter, quoting=quoting)
+    first = next(rows, None)
+    if first is None:
+        raise DataError(f"{path}: file is empty (expected a header line)")
+    _, header = first
+    header = [h.strip() for h in header]
+    dupes = sorted({h for h in header if header.count(h) > 1})
+    if dupes:
+        raise DataError(f"{path}: duplicate column name(s) in header: {dupes}")
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DataError(f"{path}, header: missing column(s) {missing}; available: {header}")
+    for lineno, row in rows:
+        if len(row) != len(header):
+            raise DataError(
+                f"{path}, line {lineno}: expected {len(header)} fields (header {header}), got {len(row)}"
+            )
+        yield lineno, dict(zip(header, row))
+
+
+def load_text_classification(
+    path: str | Path,
+    text_column: str = "text",
+    text_pair_column: str | None = None,
+    label_column: str = "label",
+    label_names: Sequence[str] | None = None,
+) -> tuple[list[Example], list[str]]:
+    """Load a text-classification file (``.csv``, ``.tsv`` or ``.jsonl``) into examples.
+
+    CSV/TSV need a header row naming the columns. Labels are matched by their string form against
+    ``label_names``; when ``label_names`` is None they are inferred (sorted, numerically when all
+    labels are integers). Returns ``(examples, label_names)`` with ``Example.label`` the index into
+    ``label_names``.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    wanted = [c for c in (text_column, text_pair_column, label_column) if c is not None]
+    if suffix == ".csv":
+        records = _records_from_table(path, ",", wanted)
+    elif suffix == ".tsv":
+        records = _records_from_table(path, "\t", wanted)
+    elif suffix in (".jsonl", ".ndjson"):
+        records = _records_from_jsonl(path)
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix!r} (use .csv, .tsv or .jsonl)")
+
+    raw: list[tuple[int, str, str | None, str]] = []
+    for lineno, rec in records:
+        missing = [c for c in wanted if c not in rec]
+        if missing:
+            raise DataError(f"{path}, line {lineno}: missing key(s) {missing}; present: {sorted(rec)}")
+        text, label = rec[text_column], rec[label_column]
+        pair = rec[text_pair_column] if text_pair_column is not None else None
+        for col, val in ((text_column, text), (text_pair_column, pair)):
+            if col is not None and not isinstance(val, str):
+                raise DataError(f"{path}, line {lineno}: column {col!r} must be text, got {val!r}")
+        if label is None or _label_to_str(label) == "":
+            raise DataError(f"{path}, line {lineno}: empty label in column {label_column!r}")
+        raw.append((lineno, text, pair, _label_to_str(label)))  # type: ignore[arg-type]
+    if not raw:
+        raise DataError(f"{path}: no examples (the file has no data rows)")
+
+    if label_names is None:
+        names = _sort_label_names([r[3] for r in raw])
+    else:
+        names = [str(n) for n in label_names]
+        if len(set(names)) != len(names):
+            raise DataError(f"label_names contains duplicates: {names}")
+    index = {n: i for i, n in enumerate(names)}
+    examples = []
+    for lineno, text, pair, label in raw:
+        if label not in index:
+            raise DataError(f"{path}, line {lineno}: label {label!r} is not one of {names}")
+        examples.append(Example(text=text, text_pair=pair, label=index[label]))
+    return examples, names

@@ -1,0 +1,363 @@
+"""Adapter files: PEFT's directory layout (adapter_config.json + adapter_model.safetensors).
+
+lorakit writes exactly what PEFT writes, plus a ``lorakit`` section PEFT ignores (base-model fingerprint,
+the user's targets, fused slices, a checksum). Saves are atomic; loads validate everything against the
+model before touching it. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lorakit import __version__
+from lorakit.adapters import DEFAULT, active_adapter, configs, inject, lora_layers, set_adapter
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterFileError, ConfigError
+from lorakit.layers import WHOLE, LoraLayer, ModuleCopies
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+# PEFT reports an unknown target module by name, so a per-slice adapter fails loudly there instead of
+# silently loading into the whole fused projection.
+PEFT_UNSUPPORTED_TARGET = "lorakit-per-slice-fused-qkv-adapter-cannot-be-loaded-by-peft"
+
+_KEY = re.compile(
+    r"^(?P<module>.+?)\.(?:(?P<ab>lora_[AB])(?:\.(?P<slice>[qkv]))?\.weight|(?P<emb>lora_embedding_[AB]))$"
+)
+
+
+@dataclass
+class AdapterFile:
+    """A parsed adapter: config, per-module LoRA pairs, and the extra trained tensors."""
+
+    config: LoraConfig
+    raw_config: dict[str, Any]
+    # module → {slice key (WHOLE, q, k, v): (A, B)}
+    pairs: dict[str, dict[str, tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    embedding_modules: set[str] = field(default_factory=set)
+    biases: dict[str, Tensor] = field(default_factory=dict)  # module → bias of its base layer
+    saved_modules: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # module → its state
+
+    def lora_matrices(self) -> dict[str, tuple[Tensor, Tensor, float]]:
+        """{module[.slice]: (A, B, scaling)} for analysis."""
+        out = {}
+        for module, slices in self.pairs.items():
+            for key, (a, b) in slices.items():
+                out[module if key == WHOLE else f"{module}.{key}"] = (a, b, self.config.scaling_for(module))
+        return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fingerprint(model: nn.Module) -> dict[str, Any]:
+    cfg = getattr(model, "config", None)
+    return {
+        "model_type": getattr(cfg, "model_type", None),
+        "hidden_size": getattr(cfg, "hidden_size", getattr(cfg, "n_embd", None)),
+        "num_hidden_layers": getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", None)),
+        "architectures": getattr(cfg, "architectures", None),
+    }
+
+
+def _task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "CAUSAL_LM"
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    return None
+
+
+def _collect(model: nn.Module, name: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    config = configs(model)[name]
+    tensors: dict[str, Tensor] = {}
+    targets: list[str] = []
+    slices_of: dict[str, list[str]] = {}
+    shapes: dict[str, list[int]] = {}
+    for layer_name, layer in lora_layers(model):
+        if name not in layer.adapters:
+            continue
+        weights = layer.adapters[name]
+        targets.append(layer_name)
+        shapes[layer_name] = [layer.out_features, layer.in_features]
+        for key in weights.spans:
+            if layer.kind == "embedding":
+                tensors[f"{PREFIX}{layer_name}.lora_embedding_A"] = weights.A[key]
+                tensors[f"{PREFIX}{layer_name}.lora_embedding_B"] = weights.B[key]
+            else:
+                suffix = "" if key == WHOLE else f".{key}"
+                tensors[f"{PREFIX}{layer_name}.lora_A{suffix}.weight"] = weights.A[key]
+                tensors[f"{PREFIX}{layer_name}.lora_B{suffix}.weight"] = weights.B[key]
+        if weights.slices is not None:
+            slices_of[layer_name] = list(weights.slices)
+        if config.bias == "lora_only" and layer.bias is not None:
+            tensors[f"{PREFIX}{layer_name}.base_layer.bias"] = layer.bias
+    if config.bias == "all":
+        for param_name, p in model.named_parameters():
+            if param_name.endswith("bias") and ".copies." not in param_name and ".adapters." not in param_name:
+                tensors[PREFIX + param_name.replace(".original_module", "")] = p
+    saved_names = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, ModuleCopies) and name in module.copies:
+            saved_names.append(module_name)
+            for key, value in module.copies[name].state_dict().items():
+                tensors[f"{PREFIX}{module_name}.{key}"] = value
+    # The file must not alias model memory (safetensors refuses shared storage) and must be contiguous.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    raw = {
+        "peft_type": "LORA",
+        "task_type": _task_type(model),
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": [PEFT_UNSUPPORTED_TARGET] if slices_of else sorted(targets),
+        "bias": config.bias,
+        "modules_to_save": saved_names or None,
+        "use_rslora": config.use_rslora,
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
+        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "lorakit": {
+            "version": __version__,
+            "config": config.to_dict(),
+            "modules": sorted(targets),
+            "fused_slices": slices_of,
+            "shapes": shapes,
+            "base_model": _fingerprint(model),
+        },
+    }
+    return tensors, raw
+
+
+def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) -> Path:
+    """Write adapter ``name`` (default: the active one) to directory ``path``, atomically.
+
+    The new directory is written beside ``path`` and swapped in with renames, so an interrupted save
+    leaves either the old adapter or the new one, never a mix.
+    """
+    name = name or active_adapter(model) or DEFAULT
+    if name not in configs(model):
+        raise KeyError(f"no adapter named {name!r}; loaded: {sorted(configs(model))}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors, raw = _collect(model, name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        raw["lorakit"]["sha256"] = _sha256(tmp / WEIGHTS_NAME)
+        (tmp / CONFIG_NAME).write_text(json.dumps(raw, indent=2, sort_keys=True))
+        for f in (tmp / WEIGHTS_NAME, tmp / CONFIG_NAME):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _swap_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_adapter(path: str | Path) -> AdapterFile:
+    """Parse and check an adapter directory without touching any model."""
+    path = Path(path)
+    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not path.is_dir():
+        stale = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.exists() else []
+        hint = f" (an interrupted save left the previous adapter at {stale[0]})" if stale else ""
+        raise AdapterFileError(f"adapter directory {path} does not exist{hint}")
+    for required in (config_path, weights_path):
+        if not required.is_file():
+            raise AdapterFileError(f"{path} is not an adapter: {required.name} is missing")
+    try:
+        raw = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{config_path} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict) or raw.get("peft_type", "LORA") != "LORA":
+        raise AdapterFileError(f"{config_path}: not a LoRA adapter (peft_type={raw.get('peft_type')!r})")
+    meta = raw.get("lorakit") or {}
+    if meta.get("sha256") and meta["sha256"] != _sha256(weights_path):
+        raise AdapterFileError(
+            f"{weights_path} does not match the checksum in {CONFIG_NAME}: the file is corrupt or was "
+            "replaced without its config"
+        )
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterFileError(f"{weights_path} is corrupt or truncated: {exc}") from exc
+    try:
+        if "config" in meta:
+            config = LoraConfig.from_dict(meta["config"])
+        else:
+            config = LoraConfig(
+                r=int(raw["r"]),
+                alpha=float(raw.get("lora_alpha", raw["r"])),
+                targets=tuple(raw.get("target_modules") or ()) or ("(from file)",),
+                dropout=float(raw.get("lora_dropout") or 0.0),
+                use_rslora=bool(raw.get("use_rslora", False)),
+                bias=raw.get("bias", "none"),
+                modules_to_save=tuple(raw.get("modules_to_save") or ()),
+                rank_pattern=dict(raw.get("rank_pattern") or {}),
+                alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+            )
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise AdapterFileError(f"{config_path}: invalid LoRA config: {exc}") from exc
+    if raw.get("use_dora"):
+        raise AdapterFileError(f"{config_path}: DoRA adapters are not supported by lorakit")
+
+    parsed = AdapterFile(config=config, raw_config=raw)
+    saved_names = [m for m in (raw.get("modules_to_save") or []) if m]
+    for key, tensor in tensors.items():
+        if not key.startswith(PREFIX):
+            raise AdapterFileError(f"{weights_path}: unexpected tensor {key!r} (expected prefix {PREFIX!r})")
+        key = key[len(PREFIX):]
+        match = _KEY.match(key)
+        if match:
+            module = match["module"]
+            if match["emb"]:
+                parsed.embedding_modules.add(module)
+                slot, which = WHOLE, match["emb"][-1]
+            else:
+                slot, which = match["slice"] or WHOLE, match["ab"][-1]
+            pair = parsed.pairs.setdefault(module, {}).setdefault(slot, [None, None])  # type: ignore[arg-type]
+            pair[0 if which == "A" else 1] = tensor
+        elif key.endswith(".base_layer.bias"):
+            parsed.biases[key[: -len(".base_layer.bias")]] = tensor
+        else:
+            module, _, param = key.rpartition(".")
+            if any(module == m or module.endswith("." + m) for m in saved_names):
+                parsed.saved_modules.setdefault(module, {})[param] = tensor
+            elif param == "bias":  # bias="all": biases of modules that carry no LoRA
+                parsed.biases[module] = tensor
+            else:
+                raise AdapterFileError(f"{weights_path}: unrecognised tensor {key!r}")
+    for module, slots in parsed.pairs.items():
+        for slot, pair in slots.items():
+            if pair[0] is None or pair[1] is None:
+                missing = "A" if pair[0] is None else "B"
+                raise AdapterFileError(f"{weights_path}: {module} ({slot}) has no lora_{missing} tensor")
+            a, b = pair
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+                raise AdapterFileError(
+                    f"{weights_path}: {module}: A {tuple(a.shape)} and B {tuple(b.shape)} do not form B·A"
+                )
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise AdapterFileError(f"{weights_path}: {module} holds NaN or infinite values")
+            slots[slot] = (a, b)
+    if not parsed.pairs:
+        raise AdapterFileError(f"{weights_path} holds no LoRA tensors")
+    return parsed
+
+
+def _check_fits(model: nn.Module, parsed: AdapterFile, path: Path) -> dict[str, tuple[str, ...] | None]:
+    """Every tensor must fit the model; returns the {module: slices} map to inject."""
+    fingerprint = (parsed.raw_config.get("lorakit") or {}).get("base_model") or {}
+    mine = _fingerprint(model)
+    for key in ("model_type", "hidden_size", "num_hidden_layers"):
+        if fingerprint.get(key) is not None and mine.get(key) is not None and fingerprint[key] != mine[key]:
+            raise AdapterFileError(
+                f"{path} was trained on a base with {key}={fingerprint[key]!r}, this model has {mine[key]!r}"
+            )
+    modules: dict[str, tuple[str, ...] | None] = {}
+    names = dict(model.named_modules())
+    for module, slots in parsed.pairs.items():
+        target = names.get(module)
+        if target is None:
+            raise AdapterFileError(f"{path}: adapted module {module!r} does not exist in this model")
+        layer = target if isinstance(target, LoraLayer) else LoraLayer(target)
+        rank = parsed.config.rank_for(module)
+        for slot, (a, b) in slots.items():
+            width = layer.out_features if slot == WHOLE else layer.out_features // 3
+            if module in parsed.embedding_modules:
+                expected_a, expected_b = (rank, layer.in_features), (layer.out_features, rank)
+            else:
+                expected_a, expected_b = (rank, layer.in_features), (width, rank)
+            if tuple(a.shape) != expected_a or tuple(b.shape) != expected_b:
+                raise AdapterFileError(
+                    f"{path}: {module} ({slot}): file has A {tuple(a.shape)}, B {tuple(b.shape)}; this model "
+                    f"with r={rank} needs A {expected_a}, B {expected_b}"
+                )
+        modules[module] = None if WHOLE in slots else tuple(s for s in ("q", "k", "v") if s in slots)
+    for module, state in parsed.saved_modules.items():
+        target = names.get(module)
+        if target is None:
+            raise AdapterFileError(f"{path}: saved module {module!r} does not exist in this model")
+        own = (target.original_module if isinstance(target, ModuleCopies) else target).state_dict()
+        for key, value in state.items():
+            if key not in own or tuple(own[key].shape) != tuple(value.shape):
+                raise AdapterFileError(
+                    f"{path}: saved tensor {module}.{key} {tuple(value.shape)} does not fit the model's "
+                    f"{tuple(own[key].shape) if key in own else 'missing parameter'}"
+                )
+    for module, bias in parsed.biases.items():
+        target = names.get(module)
+        base = getattr(target, "base_layer", target)
+        if getattr(base, "bias", None) is None or tuple(base.bias.shape) != tuple(bias.shape):
+            raise AdapterFileError(f"{path}: bias for {module} does not fit the model")
+    return modules
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, path: str | Path, name: str = DEFAULT, *, activate: bool = True) -> nn.Module:
+    """Load an adapter directory (lorakit's or PEFT's) into ``model`` as adapter ``name``.
+
+    Everything is validated first; on any error the model is left exactly as it was.
+    """
+    path = Path(path)
+    parsed = read_adapter(path)
+    if name in configs(model):
+        raise AdapterFileError(f"adapter {name!r} is already loaded; pick another name or delete it")
+    modules = _check_fits(model, parsed, path)
+    previous = active_adapter(model)
+    config = parsed.config
+    saved = tuple(parsed.saved_modules)
+    config = LoraConfig(**{**config.to_dict(), "modules_to_save": saved})
+    inject(model, config, name, activate=False, modules=modules)
+    for layer_name, layer in lora_layers(model):
+        if name not in layer.adapters:
+            continue
+        weights = layer.adapters[name]
+        for slot, (a, b) in parsed.pairs[layer_name].items():
+            weights.A[slot].copy_(a)
+            weights.B[slot].copy_(b)
+    names = dict(model.named_modules())
+    for module, state in parsed.saved_modules.items():
+        wrapper = names[module]
+        assert isinstance(wrapper, ModuleCopies)
+        wrapper.copies[name].load_state_dict(state, strict=False)
+    for module, bias in parsed.biases.items():
+        layer = names[module]
+        getattr(layer, "base_layer", layer).bias.copy_(bias)
+    set_adapter(model, name if activate else previous)
+    return model

