@@ -203,16 +203,17 @@ def merge(
     if name is None:
         raise MergeError("no active adapter to merge")
     set_adapter(model, name)
-    reference = probe() if (check and probe is not None) else None
-    done: list[LoraLayer] = []
-    try:
-        for layer_name, layer in lora_layers(model):
-            if name not in layer.adapters:
-                continue
-            if check and not torch.isfinite(layer.delta_weight(name)).all():
+    layers = [(n, layer) for n, layer in lora_layers(model) if name in layer.adapters]
+    if check:
+        for layer_name, layer in layers:
+            if not torch.isfinite(layer.delta_weight(name)).all():
                 raise MergeError(f"{layer_name}: adapter {name!r} has non-finite weights; refusing to merge")
+    reference = probe() if (check and probe is not None) else None
+    # A checked merge keeps the adapted weights so a failure restores them bit for bit.
+    backup = [layer.base_layer.weight.detach().clone() for _, layer in layers] if check else []
+    try:
+        for layer_name, layer in layers:
             layer.merge(name)
-            done.append(layer)
             if check and not torch.isfinite(layer.base_layer.weight).all():
                 raise MergeError(f"{layer_name}: merged weight is not finite (overflow in {layer.weight.dtype})")
         if reference is not None:
@@ -220,9 +221,10 @@ def merge(
             diff = (merged_out.float() - reference.float()).abs().max().item()
             if not diff <= atol:
                 raise MergeError(f"merged outputs differ from unmerged by {diff:.3g} > atol {atol:g}")
-    except Exception:
-        for layer in done:
-            layer.unmerge()
+    except MergeError:
+        for (_, layer), weight in zip(layers, backup):
+            layer.base_layer.weight.copy_(weight)
+            layer.merged_adapter = None
         raise
 
 

@@ -1,0 +1,750 @@
+"""Parameter, file-size and training-memory arithmetic for LoRA versus full fine-tuning.
+
+Everything here is exact architecture arithmetic (no model is built): a LoRA pair on a frozen
+``d_out x d_in`` matrix trains ``r * (d_in + d_out)`` numbers (Hu et al. 2021, Section 5.1:
+``|Theta| = 2 * L_LoRA * d_model * r`` for square matrices). Memory figures are estimates under
+stated assumptions (``Estimate.assumptions``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "ffn")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16-mixed")
+DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
+_SAFETENSORS_DTYPE = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+_TARGET_ALIASES = {"attn": ("q", "k", "v", "o"), "all": TARGETS, "mlp": ("ffn",)}
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """The architecture facts the arithmetic needs.
+
+    ``family`` picks the layout: "gpt2" (fused c_attn, learned positions, LayerNorm), "llama"
+    (RMSNorm, gated MLP, grouped-query attention, rotary positions), "bert" (BERT/RoBERTa encoders,
+    counted with their pooler as in ``BertModel``) or "deberta-v2" (``DebertaV2Model``).
+    """
+
+    name: str
+    family: str
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    vocab: int
+    kv_heads: int | None = None
+    head_dim: int | None = None
+    max_positions: int = 0
+    type_vocab: int = 0
+    tied_embeddings: bool = True
+    qkv_bias: bool = True
+    o_bias: bool = True
+    mlp_bias: bool = True
+    pooler: bool = False
+    # DeBERTa-v2 only: disentangled relative attention and the encoder's extra modules.
+    relative_attention: bool = False
+    rel_positions: int = 0  # rows of encoder.rel_embeddings
+    share_att_key: bool = True
+    pos_att_type: tuple[str, ...] = ()
+    rel_layer_norm: bool = False
+    conv_kernel_size: int = 0
+    position_biased_input: bool = True
+
+    def __post_init__(self) -> None:
+        if self.family not in _LAYOUT:
+            raise ValueError(f"unknown family {self.family!r}; known: {sorted(_LAYOUT)}")
+        for attr in ("hidden", "layers", "heads", "intermediate", "vocab"):
+            if getattr(self, attr) <= 0:
+                raise ValueError(f"{attr} must be positive, got {getattr(self, attr)}")
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.kv_heads or self.heads
+
+    @property
+    def d_head(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.d_head
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.d_head
+
+    def matrices(self, target: str) -> list[tuple[str, int, int]]:
+        """(module path relative to a layer, d_in, d_out) of the weight matrices a target names."""
+        layout = _LAYOUT[self.family]
+        h, inner = self.hidden, self.intermediate
+        shapes = {
+            "q": [(h, self.q_dim)],
+            "k": [(h, self.kv_dim)],
+            "v": [(h, self.kv_dim)],
+            "o": [(self.q_dim, h)],
+            # Gated MLPs (Llama) have gate and up (h -> I) and down (I -> h); the others fc1/fc2.
+            "ffn": [(h, inner), (h, inner), (inner, h)]
+            if self.family == "llama"
+            else [(h, inner), (inner, h)],
+        }[target]
+        return [(name, d_in, d_out) for name, (d_in, d_out) in zip(layout[target], shapes, strict=True)]
+
+    def layer_prefix(self, i: int) -> str:
+        return _LAYOUT[self.family]["prefix"][0].format(i=i)
+
+
+# Module names as they appear in the base model (what PEFT keys are built from).
+_LAYOUT: dict[str, dict[str, list[str]]] = {
+    "gpt2": {
+        "prefix": ["transformer.h.{i}."],
+        # Fused c_attn: each slice is adapted as its own d -> d matrix (the paper's MergedLinear).
+        "q": ["attn.c_attn.q"],
+        "k": ["attn.c_attn.k"],
+        "v": ["attn.c_attn.v"],
+        "o": ["attn.c_proj"],
+        "ffn": ["mlp.c_fc", "mlp.c_proj"],
+    },
+    "llama": {
+        "prefix": ["model.layers.{i}."],
+        "q": ["self_attn.q_proj"],
+        "k": ["self_attn.k_proj"],
+        "v": ["self_attn.v_proj"],
+        "o": ["self_attn.o_proj"],
+        "ffn": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+    },
+    "bert": {
+        "prefix": ["encoder.layer.{i}."],
+        "q": ["attention.self.query"],
+        "k": ["attention.self.key"],
+        "v": ["attention.self.value"],
+        "o": ["attention.output.dense"],
+        "ffn": ["intermediate.dense", "output.dense"],
+    },
+    "deberta-v2": {
+        "prefix": ["encoder.layer.{i}."],
+        "q": ["attention.self.query_proj"],
+        "k": ["attention.self.key_proj"],
+        "v": ["attention.self.value_proj"],
+        "o": ["attention.output.dense"],
+        "ffn": ["intermediate.dense", "output.dense"],
+    },
+}
+
+
+def _gpt2(name: str, d: int, layers: int, heads: int, vocab: int = 50257, ctx: int = 1024) -> ArchSpec:
+    return ArchSpec(name, "gpt2", d, layers, heads, 4 * d, vocab, max_positions=ctx)
+
+
+def _bert(name: str, d: int, layers: int, heads: int, vocab: int, positions: int, types: int) -> ArchSpec:
+    return ArchSpec(
+        name, "bert", d, layers, heads, 4 * d, vocab, max_positions=positions, type_vocab=types, pooler=True
+    )
+
+
+# Architecture facts of the paper's models and of lorakit's two shipped models.
+PRESETS: dict[str, ArchSpec] = {
+    "gpt3-175b": _gpt2("gpt3-175b", 12288, 96, 96, ctx=2048),
+    "gpt2": _gpt2("gpt2", 768, 12, 12),
+    "gpt2-medium": _gpt2("gpt2-medium", 1024, 24, 16),
+    "gpt2-large": _gpt2("gpt2-large", 1280, 36, 20),
+    "roberta-base": _bert("roberta-base", 768, 12, 12, 50265, 514, 1),
+    "roberta-large": _bert("roberta-large", 1024, 24, 16, 50265, 514, 1),
+    # microsoft/deberta-v2-xxlarge config.json
+    "deberta-xxl": ArchSpec(
+        "deberta-xxl",
+        "deberta-v2",
+        1536,
+        48,
+        24,
+        6144,
+        128100,
+        max_positions=512,
+        relative_attention=True,
+        rel_positions=2 * 256,
+        share_att_key=True,
+        pos_att_type=("p2c", "c2p"),
+        rel_layer_norm=True,
+        conv_kernel_size=3,
+        position_biased_input=False,
+    ),
+    "smollm2-135m": ArchSpec(
+        "smollm2-135m",
+        "llama",
+        576,
+        30,
+        9,
+        1536,
+        49152,
+        kv_heads=3,
+        head_dim=64,
+        tied_embeddings=True,
+        qkv_bias=False,
+        o_bias=False,
+        mlp_bias=False,
+    ),
+    "minilm-l6": ArchSpec(
+        "minilm-l6", "bert", 384, 6, 12, 1536, 30522, max_positions=512, type_vocab=2, pooler=True
+    ),
+}
+ALIASES: dict[str, str] = {
+    "gpt3": "gpt3-175b",
+    "gpt-3": "gpt3-175b",
+    "gpt2-small": "gpt2",
+    "gpt2-m": "gpt2-medium",
+    "gpt2-l": "gpt2-large",
+    "deberta-v2-xxlarge": "deberta-xxl",
+    "roberta-base-125m": "roberta-base",
+    "all-minilm-l6-v2": "minilm-l6",
+}
+
+
+def arch_from_config(config: Mapping[str, Any], name: str = "config") -> ArchSpec:
+    """ArchSpec from a transformers ``config.json`` dictionary (gpt2, llama-like, bert-like, deberta-v2)."""
+    mt = str(config.get("model_type", "")).lower()
+    get = config.get
+    if mt == "gpt2":
+        d = int(get("n_embd", 768))
+        return ArchSpec(
+            name,
+            "gpt2",
+            d,
+            int(get("n_layer", 12)),
+            int(get("n_head", 12)),
+            int(get("n_inner") or 4 * d),
+            int(get("vocab_size", 50257)),
+            max_positions=int(get("n_positions", 1024)),
+            tied_embeddings=bool(get("tie_word_embeddings", True)),
+        )
+    if mt in ("llama", "mistral", "qwen2", "qwen3"):
+        attn_bias = bool(get("attention_bias", False))
+        return ArchSpec(
+            name,
+            "llama",
+            int(config["hidden_size"]),
+            int(config["num_hidden_layers"]),
+            int(config["num_attention_heads"]),
+            int(config["intermediate_size"]),
+            int(config["vocab_size"]),
+            kv_heads=int(get("num_key_value_heads") or config["num_attention_heads"]),
+            head_dim=get("head_dim") and int(get("head_dim")),
+            tied_embeddings=bool(get("tie_word_embeddings", False)),
+            # Qwen2 biases q/k/v but not o; Llama/Mistral follow attention_bias for all four.
+            qkv_bias=True if mt == "qwen2" else attn_bias,
+            o_bias=False if mt == "qwen2" else attn_bias,
+            mlp_bias=bool(get("mlp_bias", False)),
+        )
+    if mt in ("bert", "roberta", "xlm-roberta"):
+        return ArchSpec(
+            name,
+            "bert",
+            int(config["hidden_size"]),
+            int(config["num_hidden_layers"]),
+            int(config["num_attention_heads"]),
+            int(config["intermediate_size"]),
+            int(config["vocab_size"]),
+            max_positions=int(get("max_position_embeddings", 512)),
+            type_vocab=int(get("type_vocab_size", 2)),
+            pooler=True,
+        )
+    if mt == "deberta-v2":
+        pos_att = get("pos_att_type") or ()
+        if isinstance(pos_att, str):
+            pos_att = tuple(p.strip() for p in pos_att.lower().split("|") if p.strip())
+        max_pos = int(get("max_position_embeddings", 512))
+        max_rel = int(get("max_relative_positions", -1))
+        if max_rel < 1:
+            max_rel = max_pos
+        buckets = int(get("position_buckets", -1))
+        rel_rows = 2 * (buckets if buckets > 0 else max_rel)
+        relative = bool(get("relative_attention", False))
+        if get("embedding_size") not in (None, get("hidden_size")):
+            raise ValueError("deberta-v2 with embedding_size != hidden_size is not supported")
+        return ArchSpec(
+            name,
+            "deberta-v2",
+            int(config["hidden_size"]),
+            int(config["num_hidden_layers"]),
+            int(config["num_attention_heads"]),
+            int(config["intermediate_size"]),
+            int(config["vocab_size"]),
+            head_dim=get("attention_head_size") and int(get("attention_head_size")),
+            max_positions=max_pos,
+            type_vocab=int(get("type_vocab_size", 0)),
+            relative_attention=relative,
+            rel_positions=rel_rows if relative else 0,
+            share_att_key=bool(get("share_att_key", False)),
+            pos_att_type=tuple(pos_att),
+            rel_layer_norm=relative and "layer_norm" in str(get("norm_rel_ebd", "none")).lower(),
+            conv_kernel_size=int(get("conv_kernel_size", 0)),
+            position_biased_input=bool(get("position_biased_input", True)),
+        )
+    raise ValueError(
+        f"unsupported model_type {mt!r}; supported: gpt2, llama, mistral, qwen2, qwen3, bert, roberta, "
+        "xlm-roberta, deberta-v2"
+    )
+
+
+def load_arch(model: ArchSpec | str | Path) -> ArchSpec:
+    """An ArchSpec from itself, a preset name, a ``config.json`` file or a folder holding one."""
+    if isinstance(model, ArchSpec):
+        return model
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        with path.open() as f:
+            return arch_from_config(json.load(f), name=str(model))
+    key = str(model).lower()
+    key = ALIASES.get(key, key)
+    if key in PRESETS:
+        return PRESETS[key]
+    raise ValueError(f"{model!r} is neither a config.json/folder nor a preset; presets: {', '.join(PRESETS)}")
+
+
+def _linear(d_in: int, d_out: int, bias: bool) -> int:
+    return d_in * d_out + (d_out if bias else 0)
+
+
+def total_params(arch: ArchSpec) -> int:
+    """Parameter count of the model: backbone plus (untied) LM head for causal LMs; encoders with
+    their pooler (BERT/RoBERTa, as ``BertModel``); task heads excluded."""
+    a, h, inner = arch, arch.hidden, arch.intermediate
+    attn = (
+        _linear(h, a.q_dim, a.qkv_bias) + 2 * _linear(h, a.kv_dim, a.qkv_bias) + _linear(a.q_dim, h, a.o_bias)
+    )
+    if a.family == "gpt2":
+        per_layer = 2 * 2 * h + attn + _linear(h, inner, True) + _linear(inner, h, True)
+        embed = a.vocab * h + a.max_positions * h
+        final = 2 * h
+    elif a.family == "llama":
+        per_layer = 2 * h + attn + 2 * _linear(h, inner, a.mlp_bias) + _linear(inner, h, a.mlp_bias)
+        embed = a.vocab * h
+        final = h
+    elif a.family == "bert":
+        per_layer = attn + 2 * h + _linear(h, inner, True) + _linear(inner, h, True) + 2 * h
+        embed = (a.vocab + a.max_positions + a.type_vocab) * h + 2 * h
+        final = _linear(h, h, True) if a.pooler else 0
+    else:  # deberta-v2
+        pos_proj = 0
+        if a.relative_attention and not a.share_att_key:
+            pos_proj = sum(_linear(h, a.q_dim, True) for t in ("c2p", "p2c") if t in a.pos_att_type)
+        per_layer = attn + pos_proj + 2 * h + _linear(h, inner, True) + _linear(inner, h, True) + 2 * h
+        embed = a.vocab * h + 2 * h
+        embed += a.max_positions * h if a.position_biased_input else 0
+        embed += a.type_vocab * h
+        final = a.rel_positions * h + (2 * h if a.rel_layer_norm else 0)
+        if a.conv_kernel_size > 0:  # one ConvLayer after the first encoder layer: Conv1d + LayerNorm
+            final += h * h * a.conv_kernel_size + h + 2 * h
+    head = 0 if a.tied_embeddings or a.family not in ("gpt2", "llama") else a.vocab * h
+    return embed + a.layers * per_layer + final + head
+
+
+def parse_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
+    """Normalise "q,v" / ["q", "v"] / "attn" / "all" into an ordered tuple of known targets."""
+    items = targets.split(",") if isinstance(targets, str) else list(targets)
+    out: list[str] = []
+    for raw in items:
+        t = raw.strip().lower()
+        if not t:
+            continue
+        for x in _TARGET_ALIASES.get(t, (t,)):
+            if x not in TARGETS:
+                raise ValueError(f"unknown target {raw!r}; choose from {', '.join(TARGETS)} (or attn, all)")
+            if x not in out:
+                out.append(x)
+    if not out:
+        raise ValueError("no targets given")
+    return tuple(sorted(out, key=TARGETS.index))
+
+
+def parse_ranks(r: int | str | Mapping[str, int], targets: Sequence[str]) -> dict[str, int]:
+    """Per-target ranks from an int, "8", "q=8,v=4" or a mapping; every target needs a positive rank."""
+    if isinstance(r, str):
+        r = int(r) if "=" not in r else {k.strip(): int(v) for k, v in (p.split("=") for p in r.split(","))}
+    if isinstance(r, Mapping):
+        unknown = set(r) - set(targets)
+        if unknown:
+            raise ValueError(f"ranks given for targets not adapted: {sorted(unknown)}")
+        missing = [t for t in targets if t not in r]
+        if missing:
+            raise ValueError(f"no rank given for targets {missing}")
+        ranks = {t: int(r[t]) for t in targets}
+    else:
+        ranks = {t: int(r) for t in targets}
+    bad = {t: v for t, v in ranks.items() if v <= 0}
+    if bad:
+        raise ValueError(f"ranks must be positive: {bad}")
+    return ranks
+
+
+@dataclass(frozen=True)
+class MatrixCount:
+    """One kind of adapted matrix, repeated once per layer."""
+
+    target: str
+    module: str
+    d_in: int
+    d_out: int
+    rank: int
+    count: int
+
+    @property
+    def params(self) -> int:
+        return self.count * self.rank * (self.d_in + self.d_out)
+
+
+def lora_matrices(arch: ArchSpec, targets: Sequence[str], ranks: Mapping[str, int]) -> list[MatrixCount]:
+    return [
+        MatrixCount(t, module, d_in, d_out, ranks[t], arch.layers)
+        for t in targets
+        for module, d_in, d_out in arch.matrices(t)
+    ]
+
+
+def lora_trainable_params(
+    arch: ArchSpec | str | Path,
+    targets: str | Sequence[str] = ("q", "v"),
+    r: int | str | Mapping[str, int] = 8,
+) -> int:
+    """Sum over adapted matrices of r * (d_in + d_out)."""
+    arch = load_arch(arch)
+    tg = parse_targets(targets)
+    return sum(m.params for m in lora_matrices(arch, tg, parse_ranks(r, tg)))
+
+
+def safetensors_file_bytes(
+    shapes: Mapping[str, Sequence[int]], dtype: str, metadata: Mapping[str, str] | None = None
+) -> int:
+    """Exact size of a safetensors file with these tensors: 8-byte length, JSON header padded to 8, data."""
+    item = DTYPE_BYTES[dtype]
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    # safetensors lays tensors of one dtype out in name order.
+    for key in sorted(shapes):
+        n = math.prod(shapes[key]) * item
+        header[key] = {
+            "dtype": _SAFETENSORS_DTYPE[dtype],
+            "shape": list(shapes[key]),
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+    text = json.dumps(header, separators=(",", ":"))
+    padded = -(-len(text.encode()) // 8) * 8
+    return 8 + padded + offset
+
+
+def peft_tensor_shapes(arch: ArchSpec, matrices: Sequence[MatrixCount]) -> dict[str, tuple[int, int]]:
+    """The lora_A/lora_B keys and shapes a PEFT-layout adapter file of this method would hold."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for m in matrices:
+        for i in range(arch.layers):
+            module = arch.layer_prefix(i) + m.module
+            base, _, sl = module.rpartition(".")
+            for ab, shape in (("A", (m.rank, m.d_in)), ("B", (m.d_out, m.rank))):
+                if arch.family == "gpt2" and sl in ("q", "k", "v") and base.endswith("c_attn"):
+                    key = f"base_model.model.{base}.lora_{ab}.{sl}.weight"
+                else:
+                    key = f"base_model.model.{module}.lora_{ab}.weight"
+                shapes[key] = shape
+    return shapes
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Training memory in bytes for one method; ``activations`` is None unless batch and seq were given."""
+
+    method: str
+    precision: str
+    weights: int
+    gradients: int
+    optimizer: int
+    master_weights: int
+    activations: int | None
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.master_weights + (self.activations or 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["total"] = self.total
+        return d
+
+
+def activation_bytes(arch: ArchSpec, batch: int, seq: int, precision: str) -> int:
+    """Korthikanti et al. 2022 (Reducing Activation Recomputation, Sec. 4.1): per layer
+    s*b*h*(34 + 5*a*s/h) bytes with 16-bit activations, no recomputation, no sequence/tensor
+    parallelism and materialised attention scores (no flash attention). fp32 doubles it (approx.)."""
+    s, b, h, a = seq, batch, arch.hidden, arch.heads
+    per_layer = s * b * h * 34 + 5 * a * s * s * b
+    scale = 2 if precision == "fp32" else 1
+    return arch.layers * per_layer * scale
+
+
+def memory_estimate(
+    arch: ArchSpec,
+    method: str,
+    total: int,
+    trainable: int,
+    precision: str,
+    batch: int | None = None,
+    seq: int | None = None,
+    lora_rank_sum: int = 0,
+) -> MemoryEstimate:
+    """Adam: 2 fp32 moments per trainable parameter. fp32: 4-byte weights and grads, no master copy.
+    bf16-mixed: 2-byte weights (frozen and trainable) and grads, plus a 4-byte fp32 master copy of
+    the trainable parameters (the 16 bytes/param of ZeRO, Rajbhandari et al. 2020)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    w, g, master = (4, 4, 0) if precision == "fp32" else (2, 2, 4)
+    acts = None
+    if batch is not None and seq is not None:
+        acts = activation_bytes(arch, batch, seq, precision)
+        if method == "lora":
+            # Each adapted matrix also keeps its r-wide intermediate A·x (lora_dropout = 0 assumed).
+            acts += batch * seq * lora_rank_sum * (4 if precision == "fp32" else 2)
+    return MemoryEstimate(
+        method, precision, w * total, g * trainable, 8 * trainable, master * trainable, acts
+    )
+
+
+@dataclass
+class Estimate:
+    """Result of :func:`estimate`; ``to_dict()`` is what ``--json`` prints."""
+
+    arch: ArchSpec
+    method: str
+    targets: tuple[str, ...]
+    ranks: dict[str, int]
+    total_params: int
+    trainable_params: int
+    matrices: list[MatrixCount]
+    adapter_bytes: dict[str, int]
+    adapter_file_bytes: dict[str, int]
+    checkpoint_bytes: dict[str, int]
+    memory: dict[str, MemoryEstimate]
+    precision: str
+    batch: int | None = None
+    seq: int | None = None
+    assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def trainable_ratio(self) -> float:
+        return self.trainable_params / self.total_params
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.arch.name,
+            "arch": asdict(self.arch),
+            "method": self.method,
+            "targets": list(self.targets),
+            "ranks": dict(self.ranks),
+            "total_params": self.total_params,
+            "trainable_params": self.trainable_params,
+            "trainable_ratio": self.trainable_ratio,
+            "matrices": [asdict(m) | {"params": m.params} for m in self.matrices],
+            "adapter_bytes": dict(self.adapter_bytes),
+            "adapter_file_bytes": dict(self.adapter_file_bytes),
+            "checkpoint_bytes": dict(self.checkpoint_bytes),
+            "memory": {k: v.to_dict() for k, v in self.memory.items()},
+            "precision": self.precision,
+            "batch": self.batch,
+            "seq": self.seq,
+            "assumptions": list(self.assumptions),
+        }
+
+
+def estimate(
+    arch: ArchSpec | str | Path,
+    method: str = "lora",
+    targets: str | Sequence[str] = ("q", "v"),
+    r: int | str | Mapping[str, int] = 8,
+    *,
+    batch: int | None = None,
+    seq: int | None = None,
+    precision: str = "bf16-mixed",
+) -> Estimate:
+    """Trainable parameters, file sizes and Adam training memory for LoRA (or full fine-tuning)."""
+    spec = load_arch(arch)
+    if method not in ("lora", "full"):
+        raise ValueError(f"method must be 'lora' or 'full', got {method!r}")
+    if (batch is None) != (seq is None):
+        raise ValueError("give both batch and seq for an activation estimate, or neither")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    total = total_params(spec)
+    assumptions = [
+        "sizes in SI units (1 MB = 1e6 bytes, 1 GB = 1e9 bytes)",
+        "total parameters: backbone + LM head if untied (causal LMs); BERT-family with pooler; no task head",
+        "optimizer Adam/AdamW: two fp32 moments (8 bytes) per trainable parameter",
+        "fp32: 4-byte weights and gradients; bf16-mixed: 2-byte weights and gradients + fp32 master "
+        "copy of trainable parameters (16 bytes per trainable parameter, as in ZeRO)",
+        "LoRA: frozen base weights stored once in the training precision; no gradient, optimizer "
+        "state or master copy for them",
+    ]
+    if batch is not None and seq is not None:
+        assumptions.append(
+            "activations: Korthikanti et al. 2022, per layer s*b*h*(34 + 5*a*s/h) bytes (16-bit "
+            "activations, no recomputation, no flash attention); x2 for fp32; embeddings/logits "
+            "excluded; LoRA adds b*s*r per adapted matrix (lora_dropout = 0)"
+        )
+    if method == "full":
+        tg: tuple[str, ...] = ()
+        ranks: dict[str, int] = {}
+        mats: list[MatrixCount] = []
+        trainable = total
+        adapter_bytes: dict[str, int] = {}
+        adapter_file: dict[str, int] = {}
+    else:
+        tg = parse_targets(targets)
+        ranks = parse_ranks(r, tg)
+        mats = lora_matrices(spec, tg, ranks)
+        trainable = sum(m.params for m in mats)
+        adapter_bytes = {dt: trainable * nb for dt, nb in DTYPE_BYTES.items()}
+        shapes = peft_tensor_shapes(spec, mats)
+        adapter_file = {dt: safetensors_file_bytes(shapes, dt, {"format": "pt"}) for dt in DTYPE_BYTES}
+        assumptions.append(
+            "adapter file: safetensors in PEFT key layout (base_model.model.<module>.lora_A/B.weight), "
+            "header included"
+        )
+    memory = {"full": memory_estimate(spec, "full", total, total, precision, batch, seq)}
+    if method == "lora":
+        rank_sum = sum(m.rank * m.count for m in mats)
+        memory["lora"] = memory_estimate(spec, "lora", total, trainable, precision, batch, seq, rank_sum)
+    return Estimate(
+        arch=spec,
+        method=method,
+        targets=tg,
+        ranks=ranks,
+        total_params=total,
+        trainable_params=trainable,
+        matrices=mats,
+        adapter_bytes=adapter_bytes,
+        adapter_file_bytes=adapter_file,
+        checkpoint_bytes={dt: total * nb for dt, nb in DTYPE_BYTES.items()},
+        memory=memory,
+        precision=precision,
+        batch=batch,
+        seq=seq,
+        assumptions=assumptions,
+    )
+
+
+def human_count(n: float) -> str:
+    """4718592 -> '4.72M' (three significant figures, SI prefixes)."""
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{suffix}"
+    return str(int(n))
+
+
+def human_bytes(n: float) -> str:
+    for div, suffix in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if abs(n) >= div:
+            return f"{n / div:.3g} {suffix}"
+    return f"{int(n)} B"
+
+
+def format_estimate(est: Estimate) -> str:
+    """The human-readable table ``lorakit estimate`` prints."""
+    a = est.arch
+    lines = [
+        f"model      {a.name}  ({a.family}, {a.layers} layers, d={a.hidden}, {a.heads} heads"
+        + (f", {a.n_kv_heads} kv heads" if a.n_kv_heads != a.heads else "")
+        + f", ffn {a.intermediate}, vocab {a.vocab})",
+        f"total      {est.total_params:,} params ({human_count(est.total_params)})",
+    ]
+    if est.method == "lora":
+        rk = ", ".join(f"{t}={r}" for t, r in est.ranks.items())
+        lines.append(f"method     LoRA on {','.join(est.targets)} (r: {rk})")
+        lines.append(
+            f"trainable  {est.trainable_params:,} ({human_count(est.trainable_params)}), "
+            f"{100 * est.trainable_ratio:.4g}% of the model, 1/{est.total_params / est.trainable_params:,.0f}"
+        )
+        for m in est.matrices:
+            lines.append(
+                f"  {m.count} x {m.module:<24} {m.d_in:>6} -> {m.d_out:<6} r={m.rank:<4} {m.params:>14,}"
+            )
+        sizes = " | ".join(
+            f"{dt} {human_bytes(est.adapter_file_bytes[dt])}" for dt in ("fp32", "fp16", "bf16")
+        )
+        lines.append(f"adapter    {sizes}  (safetensors incl. header)")
+    else:
+        lines.append("method     full fine-tuning")
+        lines.append(f"trainable  {est.trainable_params:,} (100%)")
+    ck = " | ".join(f"{dt} {human_bytes(est.checkpoint_bytes[dt])}" for dt in ("fp32", "fp16", "bf16"))
+    lines.append(f"checkpoint {ck}  (full model)")
+    cols = list(est.memory)
+    lines.append("")
+    lines.append(
+        f"training memory, Adam, {est.precision}"
+        + (f", batch {est.batch} x seq {est.seq}" if est.batch else "")
+    )
+    lines.append("  " + " " * 18 + "".join(f"{('full FT' if c == 'full' else 'LoRA'):>14}" for c in cols))
+    rows = [
+        ("weights", "weights"),
+        ("gradients", "gradients"),
+        ("optimizer (m, v)", "optimizer"),
+        ("fp32 master", "master_weights"),
+    ]
+    if est.batch is not None:
+        rows.append(("activations", "activations"))
+    for label, attr in rows:
+        vals = "".join(f"{human_bytes(getattr(est.memory[c], attr) or 0):>14}" for c in cols)
+        lines.append(f"  {label:<18}{vals}")
+    lines.append(f"  {'total':<18}" + "".join(f"{human_bytes(est.memory[c].total):>14}" for c in cols))
+    lines.append("")
+    lines.append("assumptions:")
+    lines.extend(f"  - {s}" for s in est.assumptions)
+    return "\n".join(lines)
+
+
+def estimate_main(argv: list[str]) -> int:
+    """``lorakit estimate MODEL_OR_CONFIG [...]``; returns a process exit code."""
+    parser = argparse.ArgumentParser(
+        prog="lorakit estimate",
+        description="Trainable parameters, adapter size and Adam training memory: LoRA vs full fine-tuning.",
+    )
+    parser.add_argument("model", nargs="?", help="preset name, config.json or model folder")
+    parser.add_argument("--method", choices=("lora", "full"), default="lora")
+    parser.add_argument("--targets", default="q,v", help="comma list of q,k,v,o,ffn (or attn, all)")
+    parser.add_argument("--r", default="8", help="rank, or per target: q=8,v=4")
+    parser.add_argument("--batch", type=int, help="batch size (with --seq: adds an activation estimate)")
+    parser.add_argument("--seq", type=int, help="sequence length")
+    parser.add_argument("--precision", choices=PRECISIONS, default="bf16-mixed")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--list-presets", action="store_true", help="list built-in architectures and exit")
+    args = parser.parse_args(argv)
+    if args.list_presets:
+        for name, spec in PRESETS.items():
+            print(f"{name:<14} {spec.family:<11} {spec.layers:>3} layers  d={spec.hidden}")
+        return 0
+    if args.model is None:
+        parser.print_usage(sys.stderr)
+        print("lorakit estimate: error: MODEL_OR_CONFIG is required", file=sys.stderr)
+        return 2
+    try:
+        est = estimate(
+            args.model,
+            method=args.method,
+            targets=args.targets,
+            r=args.r,
+            batch=args.batch,
+            seq=args.seq,
+            precision=args.precision,
+        )
+    except (ValueError, OSError) as exc:
+        print(f"lorakit estimate: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(est.to_dict(), indent=2) if args.json else format_estimate(est))
+    return 0

@@ -1,0 +1,446 @@
+"""What did the adapter learn? Spectra of ΔW, subspace similarity between adapters, ΔW versus W.
+
+The math follows Hu et al. 2021, Section 7 and Appendix G/H:
+
+* ΔW = s·B·A. Its SVD is taken from the r×r core: with B = Q_B R_B and Aᵀ = Q_A R_A (thin QR),
+  ΔW = Q_B (s R_B R_Aᵀ) Q_Aᵀ, so only an r×r SVD is needed, never the d_out×d_in product.
+* φ(A₁, A₂, i, j) = ‖U₁ᵢᵀ U₂ⱼ‖²_F / min(i, j) with U the right-singular vectors of A (its row
+  space), eq. (4). For a uniformly random j-dimensional subspace E[U₂ⱼU₂ⱼᵀ] = (j/d)·I, hence
+  E‖U₁ᵢᵀU₂ⱼ‖²_F = i·j/d and E[φ] = max(i, j)/d (:func:`expected_random_similarity`).
+* Table 7: ‖UᵀWV‖_F with U, V the top-r singular vectors of ΔW, of W itself, or random; the
+  amplification factor is ‖ΔW‖_F / ‖UᵀWV‖_F (Appendix H.4).
+
+Only :func:`analyze_main` touches a real model (lazily, through ``lorakit.models.load_model``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+_DT = torch.float64  # the analysis is about small singular values; float32 blurs them
+_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<sub>[^.]+))?\.weight$")
+_SLICES = ("q", "k", "v")
+_LAYER = re.compile(r"\.(\d+)\.")
+
+WeightSource = Mapping[str, Tensor] | Callable[[str], Tensor | None]
+
+
+class LoraFactors(NamedTuple):
+    """One adapted matrix: ΔW = scaling · B @ A with A (r×d_in) and B (d_out×r)."""
+
+    A: Tensor
+    B: Tensor
+    scaling: float
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str) -> Any | None:
+    # Same rule as PEFT's get_pattern_key: the key, as a regex, must match a dotted suffix.
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return None
+
+
+def read_lora_matrices(adapter_dir: str | Path) -> dict[str, LoraFactors]:
+    """Parse a PEFT-layout adapter directory into {module name: (A, B, scaling)}.
+
+    Module names drop the ``base_model.model.`` prefix; GPT-2 fused c_attn slices stored as
+    ``c_attn.lora_A.q.weight`` become ``<...>.c_attn.q``. scaling = α/r, or α/√r with
+    ``use_rslora``; ``rank_pattern``/``alpha_pattern`` are matched like PEFT does.
+    """
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    weights_path = adapter_dir / "adapter_model.safetensors"
+    if not config_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(f"{adapter_dir} needs adapter_config.json and adapter_model.safetensors")
+    config = json.loads(config_path.read_text())
+    tensors = load_file(str(weights_path))
+    parts: dict[str, dict[str, Tensor]] = {}
+    bases: dict[str, str] = {}  # slice name -> the module PEFT's patterns are matched against
+    for key, tensor in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            continue  # biases, modules_to_save, DoRA magnitudes: not part of ΔW = BA
+        module = m["module"].removeprefix("base_model.model.")
+        base = module
+        if m["sub"] in _SLICES:
+            module = f"{module}.{m['sub']}"
+        # any other infix is an adapter name ("default"), which saved files normally omit
+        parts.setdefault(module, {})[m["ab"]] = tensor
+        bases[module] = base
+    r_default = int(config.get("r", 8))
+    alpha_default = float(config.get("lora_alpha", r_default))
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora", False))
+    out: dict[str, LoraFactors] = {}
+    for module in sorted(parts):
+        p = parts[module]
+        if "A" not in p or "B" not in p:
+            raise ValueError(f"{adapter_dir}: module {module} has only lora_{'A' if 'A' in p else 'B'}")
+        A, B = p["A"].to(_DT), p["B"].to(_DT)
+        base = bases[module]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(f"{adapter_dir}: {module} has A {tuple(A.shape)} and B {tuple(B.shape)}")
+        r = _pattern_value(rank_pattern, base)
+        r = r_default if r is None else int(r)
+        if A.shape[0] != r:
+            raise ValueError(f"{adapter_dir}: {module} has rank {A.shape[0]} but the config says r={r}")
+        alpha = _pattern_value(alpha_pattern, base)
+        alpha = alpha_default if alpha is None else float(alpha)
+        out[module] = LoraFactors(A, B, alpha / math.sqrt(r) if rslora else alpha / r)
+    if not out:
+        raise ValueError(f"{adapter_dir}: no lora_A/lora_B weights found")
+    return out
+
+
+def delta_w_svd(A: Tensor, B: Tensor, scaling: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD (U, S, Vh) of ΔW = scaling·B@A via QR of B and Aᵀ and an SVD of the small core."""
+    A, B = A.to(_DT), B.to(_DT)
+    qb, rb = torch.linalg.qr(B)  # B = Qb Rb, Qb: d_out×k
+    qa, ra = torch.linalg.qr(A.T)  # Aᵀ = Qa Ra, Qa: d_in×k'
+    core = scaling * rb @ ra.T  # ΔW = Qb core Qaᵀ
+    uc, s, vhc = torch.linalg.svd(core, full_matrices=False)
+    return qb @ uc, s, vhc @ qa.T
+
+
+def energy_captured(s: Tensor) -> Tensor:
+    """Cumulative fraction of ‖ΔW‖²_F captured by the top-k singular directions, k = 1..len(s)."""
+    e = s.to(_DT) ** 2
+    total = e.sum()
+    return torch.cumsum(e, 0) / total if total > 0 else torch.zeros_like(e)
+
+
+def top_right_singular_vectors(A: Tensor, k: int | None = None) -> Tensor:
+    """Orthonormal columns (d_in×k) spanning the top-k right-singular directions of A (r×d_in)."""
+    _, _, vh = torch.linalg.svd(A.to(_DT), full_matrices=False)
+    return vh[: k if k is not None else vh.shape[0]].T
+
+
+def subspace_similarity(U1: Tensor, U2: Tensor) -> float:
+    """ψ(U1, U2) = ‖U1ᵀU2‖²_F / min(i, j) for column-orthonormal U1 (d×i) and U2 (d×j)."""
+    m = U1.to(_DT).T @ U2.to(_DT)
+    return float((m**2).sum() / min(U1.shape[1], U2.shape[1]))
+
+
+def _grid_from_overlap(m: Tensor) -> Tensor:
+    # φ(i, j) for all i, j at once: prefix sums of the squared overlaps ⟨u1_a, u2_b⟩².
+    c = torch.cumsum(torch.cumsum(m**2, 0), 1)
+    i = torch.arange(1, m.shape[0] + 1, dtype=_DT)[:, None]
+    j = torch.arange(1, m.shape[1] + 1, dtype=_DT)[None, :]
+    return c / torch.minimum(i, j)
+
+
+def subspace_similarity_grid(A1: Tensor, A2: Tensor) -> Tensor:
+    """φ(A1, A2, i, j) for 1 ≤ i ≤ r1, 1 ≤ j ≤ r2 (row i-1, column j-1), paper eq. (4)."""
+    if A1.shape[1] != A2.shape[1]:
+        raise ValueError(f"A matrices act on different input sizes: {A1.shape[1]} vs {A2.shape[1]}")
+    u1 = top_right_singular_vectors(A1)
+    u2 = top_right_singular_vectors(A2)
+    return _grid_from_overlap(u1.T @ u2)
+
+
+def random_similarity_grid(r1: int, r2: int, d: int, draws: int = 5, seed: int = 0) -> Tensor:
+    """Mean φ-grid between independent Gaussian matrices of shapes r1×d and r2×d (Figure 4, right)."""
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.zeros(min(r1, d), min(r2, d), dtype=_DT)
+    for _ in range(draws):
+        a1 = torch.randn(r1, d, generator=g, dtype=_DT)
+        a2 = torch.randn(r2, d, generator=g, dtype=_DT)
+        acc += subspace_similarity_grid(a1, a2)
+    return acc / draws
+
+
+def expected_random_similarity(i: int, j: int, d: int) -> float:
+    """E[φ] for independent uniformly random subspaces of dims i and j in R^d: max(i, j)/d."""
+    return max(i, j) / d
+
+
+def projection_norm(W: Tensor, U: Tensor, V: Tensor) -> float:
+    """‖UᵀWV‖_F for U (d_out×r), V (d_in×r); the paper writes UᵀWVᵀ with V holding rows."""
+    return float(torch.linalg.matrix_norm(U.to(_DT).T @ W.to(_DT) @ V.to(_DT)))
+
+
+def _random_orthonormal(d: int, r: int, g: torch.Generator) -> Tensor:
+    q, _ = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=_DT))
+    return q
+
+
+def delta_w_vs_w(
+    W: Tensor, A: Tensor, B: Tensor, scaling: float = 1.0, *, draws: int = 5, seed: int = 0
+) -> dict[str, float | int | None]:
+    """Paper Table 7 for one matrix: ‖UᵀWV‖_F with U, V from ΔW, from W's top-r, and random.
+
+    r is the adapter rank. W's own top-r projection needs only singular values:
+    ‖U_rᵀWV_r‖_F = √(σ₁² + … + σ_r²). ``amplification`` = ‖ΔW‖_F / ‖UᵀWV‖_F with U, V from ΔW.
+    """
+    W = W.to(_DT)
+    d_out, d_in = W.shape
+    if B.shape[0] != d_out or A.shape[1] != d_in:
+        raise ValueError(f"ΔW is {B.shape[0]}×{A.shape[1]} but W is {d_out}×{d_in}")
+    r = A.shape[0]
+    u, s, vh = delta_w_svd(A, B, scaling)
+    k = min(r, u.shape[1])
+    proj_dw = projection_norm(W, u[:, :k], vh[:k].T)
+    sw = torch.linalg.svdvals(W)
+    proj_w = float(torch.sqrt((sw[:k] ** 2).sum()))
+    g = torch.Generator().manual_seed(seed)
+    rand = [
+        projection_norm(W, _random_orthonormal(d_out, k, g), _random_orthonormal(d_in, k, g))
+        for _ in range(draws)
+    ]
+    dw_norm = float(torch.sqrt((s**2).sum()))
+    return {
+        "rank": r,
+        "delta_w_fro": dw_norm,
+        "w_fro": float(torch.sqrt((sw**2).sum())),
+        "proj_delta_w": proj_dw,
+        "proj_w_top": proj_w,
+        "proj_random": sum(rand) / len(rand) if rand else None,
+        "amplification": dw_norm / proj_dw if proj_dw > 0 else None,
+    }
+
+
+def weight_from_model(model: torch.nn.Module, module_name: str) -> Tensor:
+    """W (d_out×d_in) of a module; GPT-2 Conv1D weights are transposed and c_attn.q/.k/.v sliced."""
+    base, _, last = module_name.rpartition(".")
+    sl = None
+    if last in _SLICES and base:
+        try:
+            model.get_submodule(module_name)
+        except AttributeError:
+            sl, module_name = _SLICES.index(last), base
+    module = model.get_submodule(module_name)
+    w = module.weight.detach()
+    if type(module).__name__ == "Conv1D":  # transformers' Conv1D stores (d_in, d_out)
+        w = w.T
+    if sl is not None:
+        if w.shape[0] % 3:
+            raise ValueError(f"{module_name}: cannot split {w.shape[0]} output rows into q, k, v thirds")
+        third = w.shape[0] // 3
+        w = w[sl * third : (sl + 1) * third]
+    return w
+
+
+def split_module(name: str) -> tuple[int | None, str]:
+    """'model.layers.3.self_attn.q_proj' -> (3, 'self_attn.q_proj'); no index -> (None, name)."""
+    matches = list(_LAYER.finditer(f"{name}."))
+    if not matches:
+        return None, name
+    m = matches[-1]
+    return int(m[1]), f"{name}."[m.end() :].rstrip(".")
+
+
+def _get_weight(source: WeightSource, name: str) -> Tensor | None:
+    if callable(source):
+        return source(name)
+    return source.get(name)
+
+
+def _rounded(t: Tensor, nd: int = 5) -> list:
+    return torch.round(t.to(_DT), decimals=nd).tolist()
+
+
+def analyze_adapters(
+    adapter_dirs: Sequence[str | Path],
+    base_weights: WeightSource | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    layers: Sequence[int] | None = None,
+    draws: int = 5,
+    seed: int = 0,
+    plots: bool = True,
+    heatmap_layers: int = 4,
+) -> dict[str, Any]:
+    """Spectra, pairwise φ-grids (with a random-Gaussian baseline) and ΔW-vs-W per adapted matrix.
+
+    Writes ``analysis.json`` and PNGs (``similarity_<a>_<b>.png``, ``spectrum_<a>.png``,
+    ``amplification.png``) to ``out_dir`` when given; returns the JSON-able result either way.
+    ``layers`` keeps only modules with those layer indices; ``heatmap_layers`` caps the rows per
+    similarity figure (evenly spaced layers, as in the paper's Figures 6/7).
+    """
+    keep = set(layers) if layers is not None else None
+    adapters: list[dict[str, LoraFactors]] = []
+    for d in adapter_dirs:
+        mats = read_lora_matrices(d)
+        if keep is not None:
+            mats = {n: f for n, f in mats.items() if split_module(n)[0] in keep}
+        adapters.append(mats)
+    result: dict[str, Any] = {
+        "adapters": [str(d) for d in adapter_dirs],
+        "per_adapter": [],
+        "similarity": [],
+        "random_draws": draws,
+    }
+    for mats in adapters:
+        modules: dict[str, Any] = {}
+        for name, (A, B, s) in mats.items():
+            _, sv, _ = delta_w_svd(A, B, s)
+            entry: dict[str, Any] = {
+                "rank": A.shape[0],
+                "shape": [B.shape[0], A.shape[1]],
+                "scaling": s,
+                "singular_values": _rounded(sv, 8),
+                "energy": _rounded(energy_captured(sv)),
+            }
+            if base_weights is not None:
+                W = _get_weight(base_weights, name)
+                if W is not None:
+                    entry["vs_w"] = delta_w_vs_w(W, A, B, s, draws=draws, seed=seed)
+            modules[name] = entry
+        result["per_adapter"].append(modules)
+    baselines: dict[tuple[int, int, int], Tensor] = {}
+    for a in range(len(adapters)):
+        for b in range(a + 1, len(adapters)):
+            common = [n for n in adapters[a] if n in adapters[b]]
+            pair: dict[str, Any] = {"a": a, "b": b, "modules": {}}
+            for name in common:
+                A1, A2 = adapters[a][name].A, adapters[b][name].A
+                if A1.shape[1] != A2.shape[1]:
+                    continue
+                grid = subspace_similarity_grid(A1, A2)
+                key = (A1.shape[0], A2.shape[0], A1.shape[1])
+                if key not in baselines:
+                    baselines[key] = random_similarity_grid(*key, draws=draws, seed=seed)
+                rand = baselines[key]
+                n = min(grid.shape)
+                pair["modules"][name] = {
+                    "phi": _rounded(grid),
+                    "random": _rounded(rand),
+                    "phi_top1": float(grid[0, 0]),
+                    "phi_diag_mean": float(torch.diagonal(grid)[:n].mean()),
+                    "random_diag_mean": float(torch.diagonal(rand)[:n].mean()),
+                }
+            result["similarity"].append(pair)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        result["files"] = []
+        if plots:
+            from lorakit.analysis import plots as _plots
+
+            result["files"] = _plots.write_all(result, out, heatmap_layers=heatmap_layers)
+        (out / "analysis.json").write_text(json.dumps(_json_safe(result), indent=1))
+    return result
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def _parse_layers(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part:
+            lo, hi = part.split("-")
+            out.extend(range(int(lo), int(hi) + 1))
+        elif part:
+            out.append(int(part))
+    return out
+
+
+def format_analysis(result: Mapping[str, Any]) -> str:
+    """Short human summary: per-module ΔW vs W (Table 7 style) and per-pair φ summaries."""
+    lines: list[str] = []
+    for idx, (path, mods) in enumerate(zip(result["adapters"], result["per_adapter"])):
+        lines.append(f"[{idx}] {path}: {len(mods)} adapted matrices")
+        has_w = any("vs_w" in e for e in mods.values())
+        head = f"  {'module':<44}{'r':>4}{'top1 energy':>12}"
+        if has_w:
+            head += f"{'|dW|':>10}{'|UtWV| dW':>11}{'W top-r':>10}{'random':>9}{'|W|':>9}{'amplif.':>9}"
+        lines.append(head)
+        for name, e in mods.items():
+            row = f"  {name:<44}{e['rank']:>4}{e['energy'][0]:>12.3f}"
+            v = e.get("vs_w")
+            if v:
+                amp = v["amplification"] if v["amplification"] is not None else float("nan")
+                row += (
+                    f"{v['delta_w_fro']:>10.4g}{v['proj_delta_w']:>11.4g}{v['proj_w_top']:>10.4g}"
+                    f"{v['proj_random']:>9.4g}{v['w_fro']:>9.4g}{amp:>9.3g}"
+                )
+            lines.append(row)
+    for pair in result["similarity"]:
+        lines.append(f"similarity [{pair['a']}] vs [{pair['b']}]: {len(pair['modules'])} common matrices")
+        lines.append(f"  {'module':<44}{'phi(1,1)':>10}{'mean diag':>11}{'random':>9}")
+        for name, m in pair["modules"].items():
+            lines.append(
+                f"  {name:<44}{m['phi_top1']:>10.3f}{m['phi_diag_mean']:>11.3f}{m['random_diag_mean']:>9.3f}"
+            )
+    return "\n".join(lines)
+
+
+def _model_weights(name_or_path: str, task: str) -> Callable[[str], Tensor | None]:
+    """A weight source backed by ``lorakit.models.load_model`` (imported lazily: heavy, optional)."""
+    from lorakit.models import load_model
+
+    model, _ = load_model(name_or_path, task=task)
+
+    def get(name: str) -> Tensor | None:
+        try:
+            return weight_from_model(model, name)
+        except AttributeError:
+            return None  # the adapter names a module this model lacks: skip the comparison
+
+    return get
+
+
+def analyze_main(argv: list[str]) -> int:
+    """``lorakit analyze ADAPTER [ADAPTER2 ...] [--model MODEL] [--out DIR] [--layers ...] [--json]``."""
+    parser = argparse.ArgumentParser(
+        prog="lorakit analyze",
+        description="Spectra of ΔW, subspace similarity between adapters, and ΔW versus W (LoRA paper §7).",
+    )
+    parser.add_argument("adapters", nargs="+", help="adapter directories (PEFT layout)")
+    parser.add_argument("--model", help="base model (name or path) for the ΔW-vs-W comparison")
+    parser.add_argument("--task", default="causal-lm", help="task passed to lorakit.models.load_model")
+    parser.add_argument("--out", help="directory for analysis.json and PNG figures")
+    parser.add_argument("--layers", help="layer indices to keep, e.g. 0,5,10-12")
+    parser.add_argument("--draws", type=int, default=5, help="random draws for the baselines")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the full result as JSON")
+    args = parser.parse_args(argv)
+    errors: tuple[type[Exception], ...] = (ValueError, OSError, KeyError)
+    try:
+        from lorakit.errors import LorakitError
+
+        errors = (*errors, LorakitError)
+    except ImportError:  # the analysis does not need the core package
+        pass
+    try:
+        weights = _model_weights(args.model, args.task) if args.model else None
+        result = analyze_adapters(
+            args.adapters,
+            weights,
+            args.out,
+            layers=_parse_layers(args.layers),
+            draws=args.draws,
+            seed=args.seed,
+            plots=not args.no_plots,
+        )
+    except errors as exc:
+        print(f"lorakit analyze: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(_json_safe(result), indent=1) if args.json else format_analysis(result))
+    return 0

@@ -1,0 +1,60 @@
+"""The `lorakit` command: thin; parses arguments and calls the API.
+
+Subcommands live next to the code they drive and are imported lazily, so `lorakit info` does not pay
+for importing the trainer or the benchmark suite.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name → (module:function taking argv and returning an exit code, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("lorakit.demo:demo_main", "fine-tune minilm-l6 with LoRA on shipped movie reviews, end to end"),
+    "merge": ("lorakit.commands:merge_main", "merge an adapter into its base and save a plain transformers folder"),
+    "info": ("lorakit.commands:info_main", "show what an adapter directory holds"),
+    "train": ("lorakit.training.cli:train_main", "fine-tune a model on a task (LoRA or a baseline method)"),
+    "eval": ("lorakit.training.cli:eval_main", "score a base model + adapter on a task"),
+    "compare": ("lorakit.methods.compare:compare_main", "run methods x seeds on a task, write a table + plot"),
+    "latency": ("lorakit.methods.latency:latency_main", "inference latency of methods vs the base model"),
+    "estimate": ("lorakit.analysis.estimate:estimate_main", "trainable parameters, file sizes, memory"),
+    "analyze": ("lorakit.analysis.subspace:analyze_main", "spectra and subspace similarity of adapters"),
+    "bench": ("lorakit.bench.run:bench_main", "speed and memory benchmark, side by side with PEFT"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: lorakit COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<10}{help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "Run `lorakit COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from lorakit import __version__
+
+        print(f"lorakit {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in SUBCOMMANDS:
+        print(f"lorakit: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name = SUBCOMMANDS[command][0].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    from lorakit.errors import LorakitError
+
+    try:
+        return int(func(rest) or 0)
+    except LorakitError as exc:
+        print(f"lorakit {command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

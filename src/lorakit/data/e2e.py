@@ -1,0 +1,173 @@
+"""E2E NLG data: ``MR||reference`` text files (the LoRA repository's format) and their splits.
+
+Each line holds one meaning representation (MR) and one human reference separated by ``||``.
+An MR appears on several lines, once per reference. For training every (MR, reference) pair is
+one example; for evaluation every MR is scored once against all of its references.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorakit.data.text import DataError
+
+__all__ = ["E2E_PROMPT_SEPARATOR", "E2E_ROLES", "E2EItem", "e2e_prompt", "e2e_splits", "e2e_training_pairs", "load_e2e"]
+
+E2E_ROLES = ("train", "valid", "test")
+E2E_PROMPT_SEPARATOR = " ||"
+
+
+def e2e_prompt(mr: str) -> str:
+    """The conditioning text for an MR: ``"{mr} ||"``; the model continues with ``" {reference}<eos>"``.
+
+    Used both to build training inputs and as the generation prompt, so the two always match.
+    """
+    return f"{mr.strip()}{E2E_PROMPT_SEPARATOR}"
+
+
+@dataclass
+class E2EItem:
+    """One MR with all of its references, in file order."""
+
+    mr: str
+    references: list[str] = field(default_factory=list)
+
+
+def load_e2e(path: str | Path) -> list[E2EItem]:
+    """Read an ``MR||reference`` file, grouping references by MR in first-seen MR order.
+
+    Blank lines are skipped; a line without exactly one ``||``, or with an empty MR or reference,
+    raises :class:`DataError` naming the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: E2E file not found" if not path.exists() else f"{path}: not a regular file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+
+    items: dict[str, E2EItem] = {}
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split("||")
+        if len(parts) != 2:
+            raise DataError(
+                f"{path}, line {lineno}: expected exactly one '||' separating MR and reference, "
+                f"found {len(parts) - 1}"
+            )
+        mr, ref = parts[0].strip(), parts[1].strip()
+        if not mr or not ref:
+            raise DataError(f"{path}, line {lineno}: empty {'MR' if not mr else 'reference'}")
+        items.setdefault(mr, E2EItem(mr)).references.append(ref)
+    if not items:
+        raise DataError(f"{path}: no MR||reference lines (empty file)")
+    return list(items.values())
+
+
+def e2e_training_pairs(items: Sequence[E2EItem]) -> list[tuple[str, str]]:
+    """Flatten items into one ``(mr, reference)`` training pair per reference."""
+    return [(it.mr, ref) for it in items for ref in it.references]
+
+
+def _mr_rank(seed: int, mr: str) -> bytes:
+    # Hash rank: the split of an MR depends only on (seed, MR), not on file order or other MRs.
+    return hashlib.sha256(f"{seed}\x00{mr}".encode()).digest()
+
+
+def _carve(
+    items: list[E2EItem], roles: Sequence[str], fractions: dict[str, float], seed: int
+) -> dict[str, list[E2EItem]]:
+    """Partition items by MR into ``roles`` with sizes proportional to ``fractions`` (exact counts)."""
+    order = sorted(range(len(items)), key=lambda i: _mr_rank(seed, items[i].mr))
+    total = sum(fractions[r] for r in roles)
+    n = len(items)
+    out: dict[str, list[E2EItem]] = {}
+    start, acc = 0, 0.0
+    for k, role in enumerate(roles):
+        acc += fractions[role]
+        end = n if k == len(roles) - 1 else round(n * acc / total)
+        chosen = sorted(order[start:end])  # keep file order within a split
+        out[role] = [items[i] for i in chosen]
+        start = end
+    return out
+
+
+def e2e_splits(
+    data_dir: str | Path,
+    seed: int = 0,
+    train_file: str | Path | None = None,
+    valid_file: str | Path | None = None,
+    test_file: str | Path | None = None,
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+) -> dict[str, list[E2EItem]]:
+    """Return ``{"train", "valid", "test"}`` item lists: train on train, select on valid, report test.
+
+    Each role is served by its ``*_file`` argument (absolute, or relative to ``data_dir``) or else
+    by ``data_dir/<role>.txt`` when that exists. Missing roles are carved, MR-disjointly and
+    deterministically (by a hash of ``(seed, MR)``), out of the largest file present, with sizes in
+    proportion to ``fractions`` (train, valid, test); a ``UserWarning`` says so. With only
+    ``valid.txt`` present this gives an 80/10/10 split of its MRs.
+    """
+    data_dir = Path(data_dir)
+    if len(fractions) != 3 or any(f <= 0 for f in fractions):
+        raise DataError(f"fractions must be three positive numbers (train, valid, test), got {fractions}")
+    frac = dict(zip(E2E_ROLES, (float(f) for f in fractions)))
+    overrides = dict(zip(E2E_ROLES, (train_file, valid_file, test_file)))
+
+    files: dict[str, Path] = {}
+    for role, given in overrides.items():
+        if given is not None:
+            p = Path(given)
+            p = p if p.is_absolute() else data_dir / p
+            if not p.is_file():
+                raise DataError(f"{role}_file {p} not found")
+            files[role] = p
+        elif (data_dir / f"{role}.txt").is_file():
+            files[role] = data_dir / f"{role}.txt"
+    if not files:
+        raise DataError(
+            f"no E2E data in {data_dir}: expected train.txt / valid.txt / test.txt or explicit *_file paths"
+        )
+
+    loaded = {role: load_e2e(p) for role, p in files.items()}
+    splits: dict[str, list[E2EItem]] = dict(loaded)
+    missing = [r for r in E2E_ROLES if r not in files]
+    if missing:
+        source = max(loaded, key=lambda r: len(loaded[r]))
+        targets = [r for r in E2E_ROLES if r == source or r in missing]
+        carved = _carve(loaded[source], targets, frac, seed)
+        empty = [r for r, v in carved.items() if not v]
+        if empty:
+            raise DataError(
+                f"{files[source]} has only {len(loaded[source])} MRs: too few to carve non-empty {empty} splits"
+            )
+        splits.update(carved)
+        sizes = ", ".join(f"{r}={len(carved[r])}" for r in targets)
+        warnings.warn(
+            f"E2E: no file for {missing} in {data_dir}; split {files[source]} by MR (seed={seed}) into "
+            f"{sizes} MRs. These are not the official E2E splits.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+    seen: dict[str, str] = {}
+    for role in E2E_ROLES:
+        for it in splits[role]:
+            if it.mr in seen and seen[it.mr] != role:
+                warnings.warn(
+                    f"E2E: MR {it.mr!r} occurs in both the {seen[it.mr]} and {role} splits; "
+                    "scores on that split are optimistic",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                break
+            seen.setdefault(it.mr, role)
+    return {r: splits[r] for r in E2E_ROLES}

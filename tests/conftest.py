@@ -1,0 +1,58 @@
+"""Shared fixtures. Real models are converted once (cached on disk) and loaded fresh per test, since
+LoRA injection mutates a model; loading the converted safetensors takes well under a second."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# A per-checkout cache would re-convert SmolLM2 on every CI run; the user cache is the documented default,
+# and LORAKIT_CACHE still wins when set.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"benchmark data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    from lorakit.models import model_path
+
+    return model_path("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    from lorakit.models import model_path
+
+    return model_path("minilm-l6")
+
+
+@pytest.fixture
+def smollm2(smollm2_path):
+    """(model, tokenizer): a fresh SmolLM2-135M in fp32, eval mode."""
+    from lorakit.models import load_model
+
+    model, tok = load_model("smollm2-135m")
+    return model.eval(), tok
+
+
+@pytest.fixture
+def minilm_cls(minilm_path):
+    """(model, tokenizer): a fresh MiniLM-L6 sequence classifier (2 labels, head seeded)."""
+    from lorakit.models import load_model
+
+    torch.manual_seed(0)
+    model, tok = load_model("minilm-l6", task="seq-cls", num_labels=2)
+    return model.eval(), tok

@@ -1,0 +1,178 @@
+"""Many adapters on one base: switch, disable, delete, merge checks, export, mixed-adapter batches."""
+
+import pytest
+import torch
+from tiny import ids, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
+
+from lorakit import (
+    LoraConfig,
+    MergeError,
+    active_adapter,
+    delete_adapter,
+    disabled,
+    inject,
+    merge,
+    merge_and_unload,
+    parameter_report,
+    route_rows,
+    set_adapter,
+    unmerge,
+)
+from lorakit.adapters import lora_layers
+
+
+def _two_adapters(make=tiny_llama, **extra):
+    model = make()
+    x = ids()
+    base = model(x).logits
+    inject(model, LoraConfig(targets=("q", "v"), **extra), "a")
+    randomize_lora(model, seed=1)
+    inject(model, LoraConfig(targets=("q", "k", "o"), r=2, **extra), "b")
+    randomize_lora(model, seed=2)
+    return model, x, base
+
+
+def test_switch_disable_delete():
+    model, x, base = _two_adapters()
+    assert active_adapter(model) == "b"
+    out_b = model(x).logits
+    set_adapter(model, "a")
+    out_a = model(x).logits
+    assert not torch.allclose(out_a, out_b) and not torch.allclose(out_a, base)
+    with disabled(model):
+        torch.testing.assert_close(model(x).logits, base)
+    torch.testing.assert_close(model(x).logits, out_a)
+    # Only the active adapter trains.
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters.a." in n for n in trainable)
+    delete_adapter(model, "a")
+    assert active_adapter(model) is None
+    torch.testing.assert_close(model(x).logits, base)
+    set_adapter(model, "b")
+    torch.testing.assert_close(model(x).logits, out_b)
+    with pytest.raises(KeyError, match="no adapter named 'a'"):
+        set_adapter(model, "a")
+
+
+def test_switching_unmerges_the_merged_adapter():
+    model, x, base = _two_adapters()
+    set_adapter(model, "a")
+    out_a = model(x).logits
+    set_adapter(model, "b")
+    out_b = model(x).logits
+    merge(model)
+    set_adapter(model, "a")
+    assert all(layer.merged_adapter is None for _, layer in lora_layers(model))
+    torch.testing.assert_close(model(x).logits, out_a, atol=1e-5, rtol=0)
+    merge(model)
+    with disabled(model):
+        torch.testing.assert_close(model(x).logits, base, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model(x).logits, out_a, atol=1e-5, rtol=0)
+    assert all(layer.merged_adapter == "a" for _, layer in lora_layers(model) if "a" in layer.adapters)
+    del out_b
+
+
+def test_checked_merge_refuses_non_finite_weights_and_leaves_model_unmerged():
+    model, x, _ = _two_adapters()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.adapters["b"].B["whole"][0, 0] = float("nan")
+    w0 = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    with pytest.raises(MergeError, match=r"layers\.1\.self_attn\.q_proj.*non-finite"):
+        merge(model)
+    assert all(layer.merged_adapter is None for _, layer in lora_layers(model))
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, w0)
+
+
+def test_checked_merge_verifies_a_probe_batch():
+    model, x, _ = _two_adapters()
+    merge(model, probe=lambda: model(x).logits)  # passes: merged == unmerged
+    unmerge(model)
+    calls = iter([torch.zeros(1), torch.ones(1)])
+    with pytest.raises(MergeError, match="differ from unmerged"):
+        merge(model, probe=lambda: next(calls))
+    assert all(layer.merged_adapter is None for _, layer in lora_layers(model))
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_mixed_batch_equals_each_row_alone(make):
+    model, x, base = _two_adapters(make)
+    names = ["a", None, "b", "a"]
+    x = ids(batch=4)
+    per_row = []
+    for row, name in enumerate(names):
+        set_adapter(model, name)
+        per_row.append(model(x[row : row + 1]).logits)
+    with route_rows(model, names):
+        mixed = model(x).logits
+    torch.testing.assert_close(mixed, torch.cat(per_row), atol=1e-5, rtol=0)
+    # Routing ends with the block.
+    assert all(layer.row_index is None for _, layer in lora_layers(model))
+
+
+def test_mixed_batch_routes_saved_heads_and_embeddings():
+    model = tiny_bert()
+    x = ids(batch=3)
+    inject(model, LoraConfig(targets=("q", "word_embeddings"), modules_to_save=("classifier",)), "a")
+    randomize_lora(model, seed=1)
+    inject(model, LoraConfig(targets=("v",), modules_to_save=("classifier",)), "b")
+    randomize_lora(model, seed=2)
+    names = ["b", "a", None]
+    per_row = []
+    for row, name in enumerate(names):
+        set_adapter(model, name)
+        per_row.append(model(x[row : row + 1]).logits)
+    with route_rows(model, names):
+        mixed = model(x).logits
+    torch.testing.assert_close(mixed, torch.cat(per_row), atol=1e-5, rtol=0)
+
+
+def test_mixed_batch_many_adapters_in_generate_with_beams():
+    model = tiny_llama()
+    for i in range(5):
+        inject(model, LoraConfig(targets=("q", "v", "o"), r=1 + i), f"t{i}")
+        randomize_lora(model, seed=i)
+    prompt = ids(batch=3, seq=4)
+    names = ["t4", "t0", None]
+    kwargs = dict(max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=1)
+    with route_rows(model, names):
+        mixed = model.generate(prompt, **kwargs)
+    for row, name in enumerate(names):
+        set_adapter(model, name)
+        alone = model.generate(prompt[row : row + 1], **kwargs)
+        assert torch.equal(mixed[row : row + 1, : alone.shape[1]], alone)
+
+
+def test_route_rows_rejects_unknown_names_and_merged_models():
+    model, x, _ = _two_adapters()
+    with pytest.raises(KeyError, match="unknown adapter"), route_rows(model, ["a", "zzz"]):
+        pass
+    merge(model)
+    with pytest.raises(MergeError, match="unmerge"), route_rows(model, ["a", "b"]):
+        pass
+
+
+def test_merge_and_unload_exports_a_plain_transformers_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, x, _ = _two_adapters()
+    expected = model(x).logits
+    merge_and_unload(model)
+    assert not list(lora_layers(model))
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded(x).logits, expected, atol=1e-5, rtol=0)
+    assert not any("lora" in k or "adapters" in k for k in reloaded.state_dict())
+
+
+def test_parameter_report_counts():
+    model = tiny_bert()
+    total = sum(p.numel() for p in model.parameters())
+    inject(model, LoraConfig(targets=("q", "v"), modules_to_save=("classifier",)))
+    report = parameter_report(model)
+    lora = 2 * 2 * 8 * (32 + 32)
+    head = 32 * 3 + 3
+    assert report.by_type["LoRA (A, B)"] == (lora, lora)
+    assert report.by_type["modules_to_save copy"] == (head, head)
+    assert report.trainable == lora + head
+    assert report.total == total + lora + head
+    assert "trainable" in str(report) and f"{report.trainable:,}" in str(report)
