@@ -12,9 +12,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-# A per-checkout cache would re-convert SmolLM2 on every CI run; the user cache is the documented default,
-# and LORAKIT_CACHE still wins when set.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No network here or in CI: never let transformers/PEFT try a hub lookup.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

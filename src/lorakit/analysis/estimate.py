@@ -223,7 +223,7 @@ def arch_from_config(config: Mapping[str, Any], name: str = "config") -> ArchSpe
             max_positions=int(get("n_positions", 1024)),
             tied_embeddings=bool(get("tie_word_embeddings", True)),
         )
-    if mt in ("llama", "mistral", "qwen2", "qwen3"):
+    if mt in ("llama", "mistral", "qwen2"):
         attn_bias = bool(get("attention_bias", False))
         return ArchSpec(
             name,
@@ -287,7 +287,7 @@ def arch_from_config(config: Mapping[str, Any], name: str = "config") -> ArchSpe
             position_biased_input=bool(get("position_biased_input", True)),
         )
     raise ValueError(
-        f"unsupported model_type {mt!r}; supported: gpt2, llama, mistral, qwen2, qwen3, bert, roberta, "
+        f"unsupported model_type {mt!r}; supported: gpt2, llama, mistral, qwen2, bert, roberta, "
         "xlm-roberta, deberta-v2"
     )
 
@@ -513,8 +513,10 @@ def memory_estimate(
         if method == "lora":
             # Each adapted matrix also keeps its r-wide intermediate A·x (lora_dropout = 0 assumed).
             acts += batch * seq * lora_rank_sum * (4 if precision == "fp32" else 2)
+    # LoRA's own A/B matrices sit next to the frozen weights; full fine-tuning trains the weights.
+    stored = total + trainable if method == "lora" else total
     return MemoryEstimate(
-        method, precision, w * total, g * trainable, 8 * trainable, master * trainable, acts
+        method, precision, w * stored, g * trainable, 8 * trainable, master * trainable, acts
     )
 
 

@@ -15,7 +15,7 @@ def _figure(width: float, height: float) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
     return fig
 
@@ -29,7 +29,7 @@ def _heatmap(ax: Any, grid: Sequence[Sequence[float]], title: str) -> Any:
     ax.set_yticks(range(0, n_i, step_i), [str(k + 1) for k in range(0, n_i, step_i)], fontsize=6)
     ax.set_xticks(range(0, n_j, step_j), [str(k + 1) for k in range(0, n_j, step_j)], fontsize=6)
     ax.set_xlabel("j", fontsize=7)
-    ax.set_ylabel("i", fontsize=7)
+    ax.set_ylabel("i", fontsize=7, rotation=0, labelpad=6)
     return im
 
 
@@ -59,8 +59,10 @@ def plot_similarity(pair: Mapping[str, Any], path: Path, title: str, max_rows: i
     layers, kinds, table = _by_layer_and_kind(list(modules))
     rows = _evenly_spaced(layers, max_rows)
     ncols = len(kinds) + 1
-    fig = _figure(2.4 * ncols + 0.8, 2.1 * len(rows) + 0.4)
+    fig = _figure(2.4 * ncols + 1.0, 2.3 * len(rows) + 0.6)
     axes = fig.subplots(len(rows), ncols, squeeze=False)
+    # manual spacing: constrained layout is slow and this grid is regular
+    fig.subplots_adjust(left=0.07, right=0.86, bottom=0.1, top=0.88, wspace=0.35, hspace=0.55)
     im = None
     for ri, layer in enumerate(rows):
         baseline = None
@@ -78,7 +80,7 @@ def plot_similarity(pair: Mapping[str, Any], path: Path, title: str, max_rows: i
         else:
             axes[ri][-1].set_axis_off()
     if im is not None:
-        fig.colorbar(im, ax=axes, shrink=0.6, label="φ(i, j)")
+        fig.colorbar(im, cax=fig.add_axes((0.89, 0.25, 0.02, 0.5)), label="φ(i, j)")
     fig.suptitle(title, fontsize=9)
     fig.savefig(path)
     return True
@@ -93,10 +95,12 @@ def plot_spectrum(modules: Mapping[str, Any], path: Path, title: str) -> bool:
         curves.setdefault(split_module(name)[1], []).append(entry["energy"])
     fig = _figure(5.0, 3.4)
     ax = fig.subplots()
+    fig.subplots_adjust(left=0.13, bottom=0.15, right=0.97, top=0.9)
     for kind, energies in sorted(curves.items()):
         n = min(len(e) for e in energies)
         mean = [sum(e[k] for e in energies) / len(energies) for k in range(n)]
         ax.plot(range(1, n + 1), mean, marker="o", markersize=3, label=f"{kind} ({len(energies)} layers)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("k (top singular directions of ΔW)")
     ax.set_ylabel("fraction of ‖ΔW‖²_F")
     ax.set_ylim(0, 1.02)
@@ -110,6 +114,7 @@ def plot_amplification(per_adapter: Sequence[Mapping[str, Any]], labels: Sequenc
     """‖ΔW‖_F / ‖UᵀWV‖_F per layer (Appendix H.4), one line per adapter and module kind."""
     fig = _figure(6.0, 3.6)
     ax = fig.subplots()
+    fig.subplots_adjust(left=0.12, bottom=0.14, right=0.97, top=0.95)
     drawn = False
     for label, modules in zip(labels, per_adapter):
         series: dict[str, list[tuple[int, float]]] = {}
@@ -126,6 +131,7 @@ def plot_amplification(per_adapter: Sequence[Mapping[str, Any]], labels: Sequenc
             drawn = True
     if not drawn:
         return False
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("layer")
     ax.set_ylabel("amplification ‖ΔW‖ / ‖UᵀWV‖")
     ax.legend(fontsize=6)

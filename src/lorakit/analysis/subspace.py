@@ -183,8 +183,9 @@ def delta_w_vs_w(
 ) -> dict[str, float | int | None]:
     """Paper Table 7 for one matrix: ‖UᵀWV‖_F with U, V from ΔW, from W's top-r, and random.
 
-    r is the adapter rank. W's own top-r projection needs only singular values:
-    ‖U_rᵀWV_r‖_F = √(σ₁² + … + σ_r²). ``amplification`` = ‖ΔW‖_F / ‖UᵀWV‖_F with U, V from ΔW.
+    All three use k = rank of ΔW (the adapter rank r unless ΔW is degenerate, e.g. B = 0). W's own
+    top-k projection needs only singular values: ‖U_kᵀWV_k‖_F = √(σ₁² + … + σ_k²).
+    ``amplification`` = ‖ΔW‖_F / ‖UᵀWV‖_F with U, V from ΔW (None when ΔW = 0).
     """
     W = W.to(_DT)
     d_out, d_in = W.shape
@@ -192,18 +193,20 @@ def delta_w_vs_w(
         raise ValueError(f"ΔW is {B.shape[0]}×{A.shape[1]} but W is {d_out}×{d_in}")
     r = A.shape[0]
     u, s, vh = delta_w_svd(A, B, scaling)
-    k = min(r, u.shape[1])
+    # Directions with zero singular value are arbitrary, so use ΔW's numerical rank (≤ r).
+    k = int((s > s.max() * 1e-9).sum()) if s.numel() and s.max() > 0 else 0
     proj_dw = projection_norm(W, u[:, :k], vh[:k].T)
     sw = torch.linalg.svdvals(W)
     proj_w = float(torch.sqrt((sw[:k] ** 2).sum()))
     g = torch.Generator().manual_seed(seed)
     rand = [
         projection_norm(W, _random_orthonormal(d_out, k, g), _random_orthonormal(d_in, k, g))
-        for _ in range(draws)
+        for _ in range(draws if k else 0)
     ]
     dw_norm = float(torch.sqrt((s**2).sum()))
     return {
         "rank": r,
+        "k": k,
         "delta_w_fro": dw_norm,
         "w_fro": float(torch.sqrt((sw**2).sum())),
         "proj_delta_w": proj_dw,
@@ -284,6 +287,7 @@ def analyze_adapters(
         "similarity": [],
         "random_draws": draws,
     }
+    missing: list[str] = []  # adapted modules the base model could not supply W for
     for mats in adapters:
         modules: dict[str, Any] = {}
         for name, (A, B, s) in mats.items():
@@ -299,8 +303,12 @@ def analyze_adapters(
                 W = _get_weight(base_weights, name)
                 if W is not None:
                     entry["vs_w"] = delta_w_vs_w(W, A, B, s, draws=draws, seed=seed)
+                elif name not in missing:
+                    missing.append(name)
             modules[name] = entry
         result["per_adapter"].append(modules)
+    if base_weights is not None:
+        result["missing_weights"] = missing
     baselines: dict[tuple[int, int, int], Tensor] = {}
     for a in range(len(adapters)):
         for b in range(a + 1, len(adapters)):
@@ -380,6 +388,9 @@ def format_analysis(result: Mapping[str, Any]) -> str:
                     f"{v['proj_random']:>9.4g}{v['w_fro']:>9.4g}{amp:>9.3g}"
                 )
             lines.append(row)
+    if result.get("missing_weights"):
+        lines.append(f"no base weight found for {len(result['missing_weights'])} module(s), e.g.")
+        lines.append(f"  {result['missing_weights'][0]}")
     for pair in result["similarity"]:
         lines.append(f"similarity [{pair['a']}] vs [{pair['b']}]: {len(pair['modules'])} common matrices")
         lines.append(f"  {'module':<44}{'phi(1,1)':>10}{'mean diag':>11}{'random':>9}")

@@ -158,7 +158,7 @@ def encode_e2e_for_training(
                 f"E2E prompt is {len(prompt)} tokens, leaving no room for the reference within "
                 f"max_length={max_length}: {mr!r}"
             )
-        target = (tgt + [int(eos)])[:room]
+        target = [*tgt, int(eos)][:room]
         out["input_ids"].append(prompt + target)
         out["attention_mask"].append([1] * (len(prompt) + len(target)))
         out["labels"].append([IGNORE_INDEX] * len(prompt) + target)

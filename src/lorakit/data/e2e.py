@@ -15,7 +15,15 @@ from pathlib import Path
 
 from lorakit.data.text import DataError
 
-__all__ = ["E2E_PROMPT_SEPARATOR", "E2E_ROLES", "E2EItem", "e2e_prompt", "e2e_splits", "e2e_training_pairs", "load_e2e"]
+__all__ = [
+    "E2E_PROMPT_SEPARATOR",
+    "E2E_ROLES",
+    "E2EItem",
+    "e2e_prompt",
+    "e2e_splits",
+    "e2e_training_pairs",
+    "load_e2e",
+]
 
 E2E_ROLES = ("train", "valid", "test")
 E2E_PROMPT_SEPARATOR = " ||"
@@ -147,7 +155,8 @@ def e2e_splits(
         empty = [r for r, v in carved.items() if not v]
         if empty:
             raise DataError(
-                f"{files[source]} has only {len(loaded[source])} MRs: too few to carve non-empty {empty} splits"
+                f"{files[source]} has only {len(loaded[source])} MRs: "
+                f"too few to carve non-empty {empty} splits"
             )
         splits.update(carved)
         sizes = ", ".join(f"{r}={len(carved[r])}" for r in targets)

@@ -65,7 +65,9 @@ GLUE_TASKS: dict[str, GlueTask] = {
         ),
         # CoLA has no header: source, label, original acceptability mark, sentence.
         GlueTask("cola", "CoLA", None, 4, 3, None, 1, _BIN, ("matthews_corr",)),
-        GlueTask("rte", "RTE", ("index", "sentence1", "sentence2", "label"), 4, 1, 2, 3, _NLI2, ("accuracy",)),
+        GlueTask(
+            "rte", "RTE", ("index", "sentence1", "sentence2", "label"), 4, 1, 2, 3, _NLI2, ("accuracy",)
+        ),
         GlueTask(
             "stsb",
             "STS-B",
@@ -73,7 +75,9 @@ GLUE_TASKS: dict[str, GlueTask] = {
              "sentence1", "sentence2", "score"),
             10, 7, 8, 9, (), ("pearson", "spearman"), score_range=(0.0, 5.0),
         ),
-        GlueTask("qnli", "QNLI", ("index", "question", "sentence", "label"), 4, 1, 2, 3, _NLI2, ("accuracy",)),
+        GlueTask(
+            "qnli", "QNLI", ("index", "question", "sentence", "label"), 4, 1, 2, 3, _NLI2, ("accuracy",)
+        ),
         GlueTask(
             "qqp",
             "QQP",
@@ -123,7 +127,8 @@ def _check_header(spec: GlueTask, path: Path, header: list[str]) -> int:
     if spec.header is not None:
         if tuple(header) != spec.header:
             raise DataError(
-                f"{path}, line 1: unexpected header for {spec.name}: got {header}, expected {list(spec.header)}"
+                f"{path}, line 1: unexpected header for {spec.name}: "
+                f"got {header}, expected {list(spec.header)}"
             )
         return len(spec.header)
     for idx, name in spec.named_columns:
@@ -178,7 +183,9 @@ def load_glue(task: str, data_dir: str | Path, split: str) -> list[Example]:
     examples: list[Example] = []
     for lineno, row in rows:
         if len(row) != num_fields:
-            raise DataError(f"{path}, line {lineno}: expected {num_fields} tab-separated fields, got {len(row)}")
+            raise DataError(
+                f"{path}, line {lineno}: expected {num_fields} tab-separated fields, got {len(row)}"
+            )
         pair = row[spec.text_pair_col] if spec.text_pair_col is not None else None
         label = _parse_label(spec, path, lineno, row[spec.label_col])
         examples.append(Example(text=row[spec.text_col], text_pair=pair, label=label))

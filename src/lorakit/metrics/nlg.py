@@ -88,7 +88,9 @@ def _pycocoevalcap_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _check_inputs(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[list[str], list[list[str]]]:
+def _check_inputs(
+    hypotheses: Sequence[str], references: Sequence[Sequence[str]]
+) -> tuple[list[str], list[list[str]]]:
     if isinstance(hypotheses, str) or isinstance(references, str):
         raise MetricError("hypotheses must be a list of strings and references a list of lists of strings")
     if len(hypotheses) != len(references):
@@ -131,7 +133,7 @@ def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> floa
     width = max(len(rs) for rs in refs)
     # sacrebleu takes reference *streams*; None marks a segment with fewer references.
     streams = [[rs[j].translate(_ASCII_LOWER) if j < len(rs) else None for rs in refs] for j in range(width)]
-    scorer = BLEU(lowercase=False, tokenize="13a", smooth_method="exp")
+    scorer = BLEU(lowercase=False, tokenize="13a", smooth_method="exp", force=True)
     return scorer.corpus_score(hyps, streams).score / 100.0
 
 
@@ -206,7 +208,8 @@ def _ptb_java(sentences: list[str], java: str) -> list[str]:
                "-preserveLines", "-lowerCase", "-encoding", "UTF-8", str(src)]
         proc = subprocess.run(cmd, capture_output=True, timeout=600, check=False)
     if proc.returncode != 0:
-        raise MetricError(f"PTBTokenizer failed (exit {proc.returncode}): {proc.stderr.decode(errors='replace')[-500:]}")
+        err = proc.stderr.decode(errors="replace")[-500:]
+        raise MetricError(f"PTBTokenizer failed (exit {proc.returncode}): {err}")
     lines = proc.stdout.decode("utf-8").split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -222,7 +225,8 @@ _ALL_PUNCT = re.compile(r"^[.,:;!?'`\-]+$")
 
 def _ptb_python_token(word: str) -> list[str]:
     """Adjust one Treebank token towards Stanford PTBTokenizer's output (E2E-style text)."""
-    word = _PTB_BRACKETS.get(word, word)
+    if word in _PTB_BRACKETS:
+        return [_PTB_BRACKETS[word]]
     if _ALL_PUNCT.match(word):
         return ["."]  # any run of these is dropped as punctuation either way
     parts: list[str] = []
@@ -305,7 +309,8 @@ class MeteorScorer:
         jar = _pycocoevalcap_dir() / "meteor" / "meteor-1.5.jar"
         if not jar.is_file():
             raise MetricError(f"Meteor jar not found at {jar}")
-        self._stderr = tempfile.TemporaryFile()
+        # Kept open for the process's lifetime (closed in close()), so no context manager.
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
         self._proc: subprocess.Popen | None = subprocess.Popen(
             [java, "-jar", f"-Xmx{max_memory}", str(jar), "-", "-", "-stdio", "-l", "en", "-norm"],
             cwd=str(jar.parent),
@@ -335,7 +340,9 @@ class MeteorScorer:
         self._stderr.seek(0)
         return self._stderr.read().decode(errors="replace")[-500:]
 
-    def score(self, hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[float, list[float]]:
+    def score(
+        self, hypotheses: Sequence[str], references: Sequence[Sequence[str]]
+    ) -> tuple[float, list[float]]:
         """Corpus METEOR and per-segment scores for (already tokenized) text."""
         if len(hypotheses) != len(references) or not hypotheses:
             raise MetricError("METEOR needs as many non-empty reference lists as hypotheses (at least one)")
