@@ -1,0 +1,57 @@
+"""The `lorakit` command: help, info, merge, and a miniature demo run."""
+
+import json
+
+import torch
+from tiny import randomize_lora, tiny_gpt2
+
+from lorakit import LoraConfig, inject, save_adapter
+from lorakit.cli import main
+
+
+def test_help_and_unknown_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("demo", "merge", "info", "train", "eval", "estimate", "analyze", "bench"):
+        assert f"  {command}" in out
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_info_reports_what_the_file_holds(tmp_path, capsys):
+    model = tiny_gpt2()
+    inject(model, LoraConfig(targets=("q", "v", "o"), r=4))
+    save_adapter(model, tmp_path / "ad")
+    assert main(["info", str(tmp_path / "ad"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["ranks"] == [4] and info["adapted_modules"] == 4
+    assert info["fused_slices"]["transformer.h.1.attn.c_attn"] == ["q", "v"]
+    # 2 layers × (q and v slices of 32→32, plus c_proj 32→32) at r=4
+    assert info["lora_parameters"] == 2 * 3 * 4 * (32 + 32)
+    assert main(["info", str(tmp_path / "missing")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_merge_command_writes_a_plain_model(minilm_cls, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model, tok = minilm_cls
+    inject(model, LoraConfig(targets=("q", "v"), modules_to_save=("classifier",)))
+    randomize_lora(model, std=0.05)
+    batch = tok(["a fine film", "a dull film"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    save_adapter(model, tmp_path / "ad")
+    assert main(["merge", "--model", "minilm-l6", "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "m")]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_demo_runs_end_to_end_in_miniature(minilm_path, tmp_path, capsys):
+    argv = ["demo", "--train-size", "64", "--test-size", "32", "--epochs", "1", "--out", str(tmp_path / "demo")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "held-out accuracy" in out and "agree on 100.0%" in out
+    assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "demo" / "merged" / "config.json").is_file()
