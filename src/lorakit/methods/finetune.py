@@ -1,0 +1,103 @@
+"""Full fine-tuning and FTTop2, plus the architecture helpers every method shares.
+
+The helpers find a model's transformer blocks and task head by structure (a ``ModuleList`` of
+``num_hidden_layers`` blocks; a ``classifier``/``score`` child of a ``*For*Classification`` model), so the
+methods work on Llama-, BERT- and GPT-2-style models without per-model code paths.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lorakit.errors import ConfigError
+
+# Children that hold a freshly initialised task head on transformers' task models.
+HEAD_NAMES = ("classifier", "score", "qa_outputs")
+
+
+def num_layers(model: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    if not n:
+        raise ConfigError(f"{type(model).__name__} has no config.num_hidden_layers; cannot locate its blocks")
+    return int(n)
+
+
+def hidden_size(model: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    d = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    if not d:
+        raise ConfigError(f"{type(model).__name__} has no config.hidden_size")
+    return int(d)
+
+
+def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's transformer blocks in order, as (qualified name, block)."""
+    n = num_layers(model)
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if len(lists) != 1:
+        found = [name for name, _ in lists]
+        raise ConfigError(
+            f"expected exactly one ModuleList of {n} transformer blocks in {type(model).__name__}, "
+            f"found {found}"
+        )
+    prefix, blocks = lists[0]
+    return [(f"{prefix}.{i}", block) for i, block in enumerate(blocks)]
+
+
+def head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The task head of a classification / QA model (new weights every method must train); [] for LMs.
+
+    A causal LM's ``lm_head`` is not a task head: it is pretrained and usually tied to the input embedding.
+    """
+    kind = type(model).__name__
+    if "For" not in kind or kind.endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForPreTraining")):
+        return []
+    return [(name, m) for name, m in model.named_children() if name in HEAD_NAMES]
+
+
+def freeze_all(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def unfreeze(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(True)
+
+
+def unfreeze_head(model: nn.Module, train_head: bool) -> None:
+    if train_head:
+        for _, head in head_modules(model):
+            unfreeze(head)
+
+
+def check_fresh(model: nn.Module) -> None:
+    """Methods start from a plain transformers model: refuse one already carrying a method or LoRA."""
+    if getattr(model, "lorakit_method", None):
+        raise ConfigError(
+            f"this model already has method {model.lorakit_method['name']!r} applied; load a fresh base model"
+        )
+    if getattr(model, "lorakit_configs", None):
+        raise ConfigError(
+            "this model already carries LoRA adapters; apply baseline methods to a fresh base model"
+        )
+
+
+# -- the methods ---------------------------------------------------------------------------------------
+
+
+def apply_full(model: nn.Module) -> None:
+    """Full fine-tuning: every parameter trains (tied weights count once)."""
+    unfreeze(model)
+
+
+def apply_fttop(model: nn.Module, layers: int = 2, train_head: bool = True) -> None:
+    """FTTop-k (the paper's FTTop2): only the last ``layers`` transformer blocks (and the task head) train."""
+    blocks = transformer_blocks(model)
+    if not isinstance(layers, int) or not 1 <= layers <= len(blocks):
+        raise ConfigError(f"fttop2: layers must be an integer in [1, {len(blocks)}], got {layers!r}")
+    freeze_all(model)
+    for _, block in blocks[-layers:]:
+        unfreeze(block)
+    unfreeze_head(model, train_head)

@@ -1,0 +1,158 @@
+"""Save and load a method's trained state: ``method_config.json`` + ``method_model.safetensors``.
+
+The JSON names the method and its options (enough to rebuild the structure on a fresh base model), the
+base model's fingerprint, every tensor's shape and the checksum of the weights file. Saves are atomic
+(a sibling directory swapped in by rename); loads check everything they can before touching the model.
+No pickle anywhere. LoRA has its own PEFT-compatible files: use ``lorakit.save_adapter``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorakit import __version__
+from lorakit.errors import AdapterFileError, ConfigError
+from lorakit.files import _fingerprint, _sha256, _swap_into_place
+from lorakit.methods import METHODS, MethodResult, apply_method, method_of
+
+CONFIG_NAME = "method_config.json"
+WEIGHTS_NAME = "method_model.safetensors"
+FORMAT = "lorakit-method"
+
+
+def save_method(model: nn.Module, path: str | Path) -> Path:
+    """Write the applied method's trainable parameters (by name) and its config to directory ``path``."""
+    record = method_of(model)
+    if record is None:
+        raise ConfigError("no method applied to this model (apply_method first)")
+    if record["name"] == "lora":
+        raise ConfigError("LoRA adapters are saved in PEFT's layout: use lorakit.save_adapter(model, path)")
+    params = dict(model.named_parameters())
+    missing = [n for n in record["trainable"] if n not in params]
+    if missing:
+        raise ConfigError(f"the model no longer has parameter(s) {missing[:3]} of method {record['name']!r}")
+    # The file must not alias model memory (safetensors refuses shared storage) and must be contiguous.
+    tensors = {n: params[n].detach().to("cpu").contiguous().clone() for n in record["trainable"]}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        config = {
+            "format": FORMAT,
+            "version": __version__,
+            "method": record["name"],
+            "options": record["options"],
+            "base_model": _fingerprint(model),
+            "tensors": {n: list(t.shape) for n, t in tensors.items()},
+            "sha256": _sha256(tmp / WEIGHTS_NAME),
+        }
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        for f in (tmp / WEIGHTS_NAME, tmp / CONFIG_NAME):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _swap_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_method(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, tensors) of a method directory, checked for completeness and integrity."""
+    path = Path(path)
+    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not path.is_dir():
+        raise AdapterFileError(f"method directory {path} does not exist")
+    for required in (config_path, weights_path):
+        if not required.is_file():
+            raise AdapterFileError(f"{path} is not a saved method: {required.name} is missing")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{config_path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise AdapterFileError(f"{config_path}: not a lorakit method file (format={config.get('format')!r})")
+    for key in ("method", "options", "tensors"):
+        if key not in config:
+            raise AdapterFileError(f"{config_path}: missing field {key!r}")
+    if config["method"] not in METHODS:
+        raise AdapterFileError(
+            f"{config_path}: unknown method {config['method']!r}; known: {', '.join(METHODS)}"
+        )
+    if config.get("sha256") and config["sha256"] != _sha256(weights_path):
+        raise AdapterFileError(
+            f"{weights_path} does not match the checksum in {CONFIG_NAME}: corrupt, or replaced "
+            "without its config"
+        )
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterFileError(f"{weights_path} is corrupt or truncated: {exc}") from exc
+    listed = {n: tuple(s) for n, s in config["tensors"].items()}
+    stored = {n: tuple(t.shape) for n, t in tensors.items()}
+    if listed != stored:
+        raise AdapterFileError(f"{path}: the weights file and {CONFIG_NAME} list different tensors")
+    bad = [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise AdapterFileError(f"{weights_path}: {bad[0]} holds NaN or infinite values")
+    return config, tensors
+
+
+@torch.no_grad()
+def load_method(model: nn.Module, path: str | Path) -> MethodResult:
+    """Rebuild the saved method on a fresh base ``model`` and load its trained values.
+
+    The file is fully checked, and its fingerprint compared with the model, before the model is touched;
+    should the rebuilt method still not match the file (a different base of the same shape), the error
+    says so and the model must be reloaded.
+    """
+    path = Path(path)
+    config, tensors = read_method(path)
+    mine = _fingerprint(model)
+    theirs = config.get("base_model") or {}
+    for key in ("model_type", "hidden_size", "num_hidden_layers"):
+        if theirs.get(key) is not None and mine.get(key) is not None and theirs[key] != mine[key]:
+            raise AdapterFileError(
+                f"{path} was trained on a base with {key}={theirs[key]!r}, this model has {mine[key]!r}"
+            )
+    params = dict(model.named_parameters())
+    for name, tensor in tensors.items():  # base parameters (full, fttop2, bitfit) can be checked already
+        if name in params and tuple(params[name].shape) != tuple(tensor.shape):
+            raise AdapterFileError(
+                f"{path}: {name} is {tuple(tensor.shape)} in the file, {tuple(params[name].shape)} here"
+            )
+    options = dict(config["options"])
+    build = dict(options)
+    if "init" in build:
+        build["init"] = "normal"  # values are overwritten next: skip the data-dependent initialisation
+    result = apply_method(model, config["method"], **build)
+    model.lorakit_method["options"] = options
+    result.options = options
+    expected = set(result.trainable_names)
+    if expected != set(tensors):
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise AdapterFileError(
+            f"{path} does not fit this model's {config['method']!r}: missing {missing[:3]}, "
+            f"unexpected {extra[:3]} "
+            "(the model now carries the method untrained; reload it before retrying)"
+        )
+    params = dict(model.named_parameters())
+    for name, tensor in tensors.items():
+        if tuple(params[name].shape) != tuple(tensor.shape):
+            raise AdapterFileError(
+                f"{path}: {name} is {tuple(tensor.shape)} in the file, {tuple(params[name].shape)} here "
+                "(the model now carries the method untrained; reload it before retrying)"
+            )
+        params[name].copy_(tensor.to(device=params[name].device, dtype=params[name].dtype))
+    return result

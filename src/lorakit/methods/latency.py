@@ -1,0 +1,262 @@
+"""`lorakit latency`: forward latency of each method against the base model (the paper's Table 1 analogue).
+
+Every variant is built from one loaded base model (deep copies), so the weights are identical. Shapes are
+measured one at a time; within a shape the variants take turns, repeat by repeat, so background load on
+a shared machine hits all of them alike. The reported number is the median over repeats after warm-up.
+By default only the last position's logits are computed (as in a generation prefill): the LM head costs
+the same for every variant and would otherwise dominate memory at batch 16 x 512 on a large vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.errors import ConfigError
+
+DEFAULT_VARIANTS = ("base", "lora_merged", "lora_unmerged", "adapter_h", "adapter_l", "prefix_layer")
+RANDOM_MODELS = {
+    # name → GPT2Config kwargs: random weights, no download, for quick or offline runs
+    "gpt2-small-random": {},
+    "gpt2-tiny-random": {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 1024},
+}
+
+
+def load_base(name: str, device: str) -> nn.Module:
+    """A causal LM in eval mode: a random GPT-2 by name, else anything ``lorakit.models.load_model`` loads."""
+    if name in RANDOM_MODELS:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(**RANDOM_MODELS[name]))
+    else:
+        from lorakit.models import load_model
+
+        model, _ = load_model(name, "causal-lm")
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def _randomize(model: nn.Module, std: float = 0.01) -> None:
+    """Trained-looking values for the added parameters: a merged all-zero LoRA would not even change a weight.
+
+    Seeded, so merged and unmerged LoRA carry the same adapter.
+    """
+    gen = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def build_variant(
+    base: nn.Module, variant: str, *, r: int, targets: str, bottleneck: int, prefix: int
+) -> nn.Module:
+    """A deep copy of ``base`` carrying ``variant`` (any method name, or lora_merged / lora_unmerged)."""
+    from lorakit import LoraConfig, inject, merge
+    from lorakit.methods import METHODS, apply_method
+
+    model = copy.deepcopy(base)
+    if variant == "base":
+        return model
+    if variant in ("lora_merged", "lora_unmerged"):
+        inject(model, LoraConfig(r=r, alpha=2 * r, targets=targets))
+        _randomize(model)
+        if variant == "lora_merged":
+            merge(model)
+        return model
+    if variant not in METHODS:
+        known = ", ".join(["base", "lora_merged", "lora_unmerged", *METHODS])
+        raise ConfigError(f"unknown latency variant {variant!r}; known: {known}")
+    options: dict[str, Any] = {}
+    if variant.startswith("adapter_"):
+        options["bottleneck"] = bottleneck
+    elif variant == "prefix_layer":
+        options.update(length=prefix, init="normal")
+    elif variant == "prefix_embed":
+        options.update(lp=prefix, li=0, init="normal")
+    elif variant == "lora":
+        options.update(r=r, targets=targets)
+    apply_method(model, variant, **options)
+    _randomize(model)
+    return model
+
+
+def _forward(model: nn.Module, ids: torch.Tensor, full_logits: bool) -> Callable[[], Any]:
+    kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
+    if not full_logits:
+        kwargs["logits_to_keep"] = 1
+    return lambda: model(**kwargs)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def measure(
+    models: dict[str, nn.Module],
+    batch: int,
+    seq: int,
+    *,
+    warmup: int,
+    repeats: int,
+    device: str = "cpu",
+    full_logits: bool = False,
+    vocab: int | None = None,
+) -> dict[str, list[float]]:
+    """Milliseconds per forward for each model on one (batch, seq) input, variants interleaved."""
+    first = next(iter(models.values()))
+    vocab = vocab or int(first.get_input_embeddings().weight.shape[0])
+    gen = torch.Generator().manual_seed(batch * 100_003 + seq)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
+    calls = {name: _forward(m, ids, full_logits) for name, m in models.items()}
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            _sync(device)
+            start = time.perf_counter()
+            call()
+            _sync(device)
+            times[name].append(1000.0 * (time.perf_counter() - start))
+    return times
+
+
+def run_latency(
+    model_name: str = "smollm2-135m",
+    variants: Sequence[str] = DEFAULT_VARIANTS,
+    batch_sizes: Sequence[int] = (1, 4, 16),
+    seq_lens: Sequence[int] = (128, 512),
+    *,
+    repeats: int = 5,
+    warmup: int = 2,
+    r: int = 8,
+    targets: str = "q,v",
+    bottleneck: int = 16,
+    prefix: int = 10,
+    device: str = "cpu",
+    full_logits: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Measure every variant on every shape; returns a JSON-able report (see ``format_table``)."""
+    variants = ("base", *[v for v in variants if v != "base"])  # the reference, measured first
+    if repeats < 1 or warmup < 0:
+        raise ConfigError("repeats must be >= 1 and warmup >= 0")
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    base = load_base(model_name, device)
+    settings = {"r": r, "targets": targets, "bottleneck": bottleneck, "prefix": prefix}
+    models = {v: build_variant(base, v, **settings) for v in variants}
+    added = {v: sum(p.numel() for p in m.parameters() if p.requires_grad) for v, m in models.items()}
+    rows = []
+    for batch in batch_sizes:
+        for seq in seq_lens:
+            if log:
+                log(f"latency: batch {batch}, seq {seq} ...")
+            times = measure(models, batch, seq, warmup=warmup, repeats=repeats, device=device,
+                            full_logits=full_logits)
+            base_ms = statistics.median(times["base"])
+            for v in variants:
+                ms = statistics.median(times[v])
+                rows.append({"variant": v, "batch": batch, "seq": seq, "ms": ms,
+                             "pct_over_base": 100.0 * (ms / base_ms - 1.0), "all_ms": times[v]})
+    return {
+        "model": model_name,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "warmup": warmup,
+        "full_logits": full_logits,
+        "settings": {"lora_r": r, "lora_targets": targets, "bottleneck": bottleneck, "prefix_length": prefix},
+        "trainable_params": added,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "variants": list(variants),
+        "rows": rows,
+    }
+
+
+def format_table(report: dict[str, Any], stat: str = "median") -> str:
+    """Markdown: one row per (batch, seq), base in ms, every other variant as ms (+% over base).
+
+    ``stat="min"`` shows the fastest repeat instead of the median: on a machine shared with other jobs it
+    is the estimate least disturbed by them.
+    """
+    if stat not in ("median", "min"):
+        raise ConfigError(f"stat must be 'median' or 'min', got {stat!r}")
+    variants = ["base", *[v for v in report["variants"] if v != "base"]]
+    head = "| batch | seq | " + " | ".join(f"{v} (ms)" if v == "base" else v for v in variants) + " |"
+    lines = [head, "|" + "---:|" * (2 + len(variants))]
+    cells: dict[tuple[int, int], dict[str, float]] = {}
+    for row in report["rows"]:
+        ms = min(row["all_ms"]) if stat == "min" else row["ms"]
+        cells.setdefault((row["batch"], row["seq"]), {})[row["variant"]] = ms
+    for (batch, seq), by_variant in cells.items():
+        base = by_variant["base"]
+        parts = [f"{base:.1f}"]
+        for v in variants[1:]:
+            parts.append(f"{by_variant[v]:.1f} ({100 * (by_variant[v] / base - 1):+.1f}%)")
+        lines.append(f"| {batch} | {seq} | " + " | ".join(parts) + " |")
+    return "\n".join(lines)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def latency_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lorakit latency", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m",
+                        help=f"built-in name, folder or hub id; or {', '.join(RANDOM_MODELS)} (random)")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help="comma-separated: base, lora_merged, lora_unmerged, or any method name")
+    parser.add_argument("--batch-sizes", type=_ints, default=[1, 4, 16])
+    parser.add_argument("--seq-lens", type=_ints, default=[128, 512])
+    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per variant and shape")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed forwards per variant and shape first")
+    parser.add_argument("--r", type=int, default=8, help="LoRA rank")
+    parser.add_argument("--targets", default="q,v", help="LoRA targets")
+    parser.add_argument("--bottleneck", type=int, default=16, help="adapter bottleneck size")
+    parser.add_argument("--prefix-length", type=int, default=10, help="prefix_layer / prefix_embed length")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--full-logits", action="store_true", help="compute logits at every position")
+    parser.add_argument("--stat", choices=("median", "min"), default="median",
+                        help="table statistic over repeats (min: least disturbed by other jobs)")
+    parser.add_argument("--json", action="store_true", help="print the full report as JSON, not a table")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    report = run_latency(
+        args.model, variants, args.batch_sizes, args.seq_lens,
+        repeats=args.repeats, warmup=args.warmup, r=args.r, targets=args.targets, bottleneck=args.bottleneck,
+        prefix=args.prefix_length, device=args.device, full_logits=args.full_logits,
+        log=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        load = report["load_average_before"]
+        print(f"Forward latency, {report['model']} on {report['device']} ({report['threads']} threads), "
+              f"{args.stat} of {report['repeats']} after {report['warmup']} warm-up; load average: {load}\n")
+        print(format_table(report, args.stat))
+    return 0
