@@ -1,0 +1,175 @@
+"""`lorakit train` and `lorakit eval`: argument parsing only; the work is in trainer.py and evaluate.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import ConfigError
+from lorakit.training.config import (
+    TrainConfig,
+    add_config_arguments,
+    json_safe,
+    read_config_file,
+    resolve_config,
+)
+
+# Fields `lorakit eval` accepts (the rest only matter for training).
+EVAL_FIELDS = [
+    "model", "task", "data", "max_length", "max_eval_samples", "split_seed", "eval_split", "eval_file",
+    "train_file", "valid_file", "text_column", "text_pair_column", "label_column", "label_names",
+    "eval_batch_size", "num_beams", "length_penalty", "no_repeat_ngram_size", "max_new_tokens",
+    "device", "bf16", "seed",
+]  # fmt: skip
+
+
+def _format_table(metrics: dict[str, float]) -> str:
+    width = max(len(k) for k in metrics) if metrics else 6
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    for name, value in metrics.items():
+        shown = "nan" if isinstance(value, float) and math.isnan(value) else f"{value:.4f}"
+        lines.append(f"{name:<{width}}  {shown}")
+    return "\n".join(lines)
+
+
+def train_main(argv: list[str]) -> int:
+    """``lorakit train``: every TrainConfig field is a flag; ``--config`` reads a TOML/YAML file first."""
+    parser = argparse.ArgumentParser(
+        prog="lorakit train",
+        description="Fine-tune a model on a task (GLUE, text classification or E2E) with LoRA or a baseline. "
+        "Under torchrun (torchrun --nproc_per_node=N -m lorakit train ...) training is data-parallel.",
+    )
+    parser.add_argument("--config", metavar="FILE", help="TOML/YAML file of fields; flags override it")
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="delete a previous run's files in --out first"
+    )
+    parser.add_argument("--debug-kill-after-step", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names()}
+    cfg = resolve_config(args.config, overrides)
+
+    from lorakit.training.trainer import train
+
+    results = train(
+        cfg, resume=args.resume, overwrite=args.overwrite, kill_after_step=args.debug_kill_after_step
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{cfg.task} {cfg.eval_split or 'eval'} results ({cfg.out}):")
+        print(_format_table(results))
+    return 0
+
+
+@contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout, by Python or child processes (java), to stderr meanwhile."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _eval_defaults(adapter: str | None) -> dict[str, Any]:
+    """Settings a training run saved beside its adapter (task, data layout, labels, max length …)."""
+    if adapter is None:
+        return {}
+    from lorakit.training.trainer import TRAIN_CONFIG
+
+    saved = Path(adapter) / TRAIN_CONFIG
+    if not saved.is_file():
+        # A checkpoint folder: the run's config is two levels up.
+        saved = Path(adapter).parent.parent / TRAIN_CONFIG
+    if saved.is_file():
+        data = json.loads(saved.read_text())
+    else:
+        data = {}
+        adapter_cfg = Path(adapter) / "adapter_config.json"
+        if adapter_cfg.is_file():
+            base = json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
+            if base:
+                data["model"] = base
+    return {k: v for k, v in data.items() if k in EVAL_FIELDS}
+
+
+def eval_main(argv: list[str]) -> int:
+    """``lorakit eval``: score a base model + adapter (or a merged model folder) on a task."""
+    parser = argparse.ArgumentParser(
+        prog="lorakit eval",
+        description="Score a model on a task: a base model plus --adapter (a LoRA adapter or any trained "
+        "state from `lorakit train`), or a merged model folder as --model. Settings default to the ones the "
+        "adapter was trained with.",
+    )
+    parser.add_argument("--adapter", metavar="DIR", help="adapter / run directory from `lorakit train`")
+    parser.add_argument("--config", metavar="FILE", help="TOML/YAML file of fields; flags override it")
+    parser.add_argument("--json", action="store_true", help="print one JSON object metric -> value on stdout")
+    parser.add_argument("--predictions", metavar="FILE", help="also write each prediction (JSON lines)")
+    add_config_arguments(parser, only=EVAL_FIELDS)
+    args = parser.parse_args(argv)
+
+    data = _eval_defaults(args.adapter)
+    if args.config:
+        data.update({k.replace("-", "_"): v for k, v in read_config_file(args.config).items()})
+    data.update({k: v for k, v in vars(args).items() if k in EVAL_FIELDS})
+    if "model" not in data:
+        raise ConfigError("--model is required (the base model of the adapter, or a merged model folder)")
+    cfg = resolve_config(None, data)
+
+    redirect = _stdout_to_stderr() if args.json else _nothing()
+    with redirect:
+        metrics, predictions = evaluate_model(cfg, args.adapter)
+        if args.predictions:
+            with open(args.predictions, "w") as fh:
+                for pred in predictions:
+                    fh.write(json.dumps(pred) + "\n")
+    if args.json:
+        print(json.dumps(json_safe(metrics)))
+    else:
+        what = f"{cfg.model} + {args.adapter}" if args.adapter else cfg.model
+        print(f"{cfg.task} ({what}):")
+        print(_format_table(metrics))
+    return 0
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def evaluate_model(cfg: TrainConfig, adapter: str | None) -> tuple[dict[str, float], list[Any]]:
+    """Load the eval split, the model (+ adapter) and score it; returns (metrics, predictions)."""
+    import torch
+
+    from lorakit.models import load_model
+    from lorakit.training.distributed import pick_device
+    from lorakit.training.evaluate import load_task, score
+    from lorakit.training.trainer import load_trained, seed_everything
+
+    data = load_task(cfg, roles=("eval",))  # data errors before the model is loaded
+    spec = data.spec
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    model, tokenizer = load_model(cfg.model, spec.model_task, num_labels=spec.num_labels)
+    if adapter is not None:
+        load_trained(model, adapter)
+    model.to(device).eval()
+    predictions: list[Any] = []
+    with torch.no_grad():
+        metrics = score(
+            model, tokenizer, spec, data.eval, cfg, device, progress=True, predictions_out=predictions
+        )
+    return metrics, predictions

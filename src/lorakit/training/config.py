@@ -1,0 +1,373 @@
+"""TrainConfig: every knob of a training run, from a TOML/YAML file and command-line overrides.
+
+Precedence: dataclass defaults < config file < command line. Every field is a flag (``r`` → ``--r``,
+``weight_decay`` → ``--weight-decay``). An unknown key in a file is an error naming it, the closest known
+key and the full list, because a silently ignored typo ("learning_rate = 1e-5") wastes a whole run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import os
+import sys
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+SCHEDULES = ("linear", "cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _f(default: Any, help_: str) -> Any:
+    """A dataclass field (immutable default) carrying its command-line help text."""
+    return field(default=default, metadata={"help": help_})
+
+
+@dataclass
+class TrainConfig:
+    """One training run. ``batch_size`` is the *global* batch per optimizer step: it is split over
+    processes (data parallel) and then into ``grad_accum`` micro-batches, so changing either never
+    changes the optimisation."""
+
+    # -- what ------------------------------------------------------------------------------------------
+    model: str = _f("minilm-l6", "built-in model name (minilm-l6, smollm2-135m), local folder or hub id")
+    task: str = _f(
+        "", "glue task (sst2, mrpc, cola, rte, stsb, qnli, qqp, mnli), 'text' (CSV/TSV/JSONL) or 'e2e'"
+    )
+    data: str = _f(
+        "", "data directory (GLUE task folder, E2E folder) or, for 'text', a folder or a train file"
+    )
+    method: str = _f("lora", "training method: lora, full (all weights) or head (classifier head only)")
+    method_options: list[str] | None = field(
+        default=None,
+        metadata={"help": "method-specific settings as key=value pairs (baselines, docs/methods.md)"},
+    )
+    out: str = _f("runs/run", "output directory")
+    # -- LoRA ------------------------------------------------------------------------------------------
+    r: int = _f(8, "LoRA rank")
+    alpha: float = _f(16.0, "LoRA alpha (scaling = alpha / r)")
+    targets: list[str] = field(
+        default_factory=lambda: ["q", "v"],
+        metadata={"help": "modules to adapt: aliases (q,k,v,o,ffn), names, suffixes or regexes"},
+    )
+    dropout: float = _f(0.0, "LoRA dropout on the adapter input")
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "modules trained in full and saved with the adapter (default: the classifier head)"
+        },
+    )
+    use_rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")
+    init: str = _f("gaussian", "LoRA A init: gaussian (paper) or kaiming")
+    # -- optimisation ----------------------------------------------------------------------------------
+    lr: float = _f(5e-4, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights)")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    batch_size: int = _f(16, "global batch per optimizer step (split over processes and micro-batches)")
+    grad_accum: int = _f(1, "micro-batches per optimizer step (memory only; the optimisation is unchanged)")
+    epochs: float = _f(3.0, "passes over the training set (ignored when max_steps is set)")
+    max_steps: int | None = _f(None, "optimizer steps to run (overrides epochs)")
+    warmup_ratio: float = _f(0.06, "linear warm-up as a fraction of all steps")
+    warmup_steps: int | None = _f(None, "linear warm-up in steps (overrides warmup_ratio)")
+    schedule: str = _f("linear", "learning-rate schedule after warm-up: linear, cosine or constant")
+    clip_norm: float | None = _f(1.0, "clip the gradient norm to this value (none: no clipping)")
+    label_smoothing: float = _f(0.0, "label smoothing for classification losses")
+    seed: int = _f(0, "seed for initialisation, data order and dropout")
+    # -- data ------------------------------------------------------------------------------------------
+    max_length: int = _f(128, "maximum tokens per example (inputs are truncated)")
+    max_train_samples: int | None = _f(None, "use a fixed random subset of this many training examples")
+    max_eval_samples: int | None = _f(
+        None, "evaluate on a fixed random subset of this many examples (E2E: MRs)"
+    )
+    split_seed: int = _f(0, "seed for subsets and carved E2E splits (kept apart from 'seed' so runs compare)")
+    eval_split: str | None = _f(
+        None, "split scored at the end (default: dev for GLUE, test for E2E and text)"
+    )
+    train_file: str | None = _f(None, "training file, overriding the one found in 'data'")
+    valid_file: str | None = _f(None, "validation file used during training (E2E/text)")
+    eval_file: str | None = _f(None, "file scored at the end (GLUE: dev file; E2E: test file)")
+    text_column: str = _f("text", "text classification: column with the text")
+    text_pair_column: str | None = _f(None, "text classification: optional column with the second text")
+    label_column: str = _f("label", "text classification: column with the label")
+    label_names: list[str] | None = field(
+        default=None,
+        metadata={"help": "text classification: the label set (default: labels in the train file)"},
+    )
+    # -- evaluation and generation ---------------------------------------------------------------------
+    eval_interval: int = _f(0, "evaluate every N optimizer steps (0: at the end of each epoch only)")
+    eval_batch_size: int = _f(32, "batch size for evaluation (generation: MRs per batch)")
+    num_beams: int = _f(10, "beam size for generation (the LoRA paper: 10)")
+    length_penalty: float = _f(0.8, "beam-search length penalty (the LoRA paper: 0.8)")
+    no_repeat_ngram_size: int = _f(4, "forbid repeating n-grams of this size in generation (paper: 4)")
+    max_new_tokens: int = _f(64, "longest generated text, in tokens")
+    # -- checkpoints and logging -----------------------------------------------------------------------
+    save_interval: int = _f(0, "write a resumable checkpoint every N optimizer steps (0: each epoch end)")
+    keep_checkpoints: int = _f(2, "how many recent checkpoints to keep (0: keep all)")
+    log_interval: int = _f(10, "log the mean training loss every N optimizer steps")
+    tensorboard: bool = _f(False, "also write TensorBoard event files (needs the tensorboard package)")
+    plot: bool = _f(True, "write a loss/metric plot (training.png) at the end")
+    # -- hardware --------------------------------------------------------------------------------------
+    device: str = _f("auto", "auto, cpu or cuda")
+    bf16: bool = _f(False, "bfloat16 autocast for the forward pass (weights and optimizer stay fp32)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+    fsdp: bool = _f(False, "shard the model with FSDP across processes (for bases too big for one device)")
+
+    def __post_init__(self) -> None:
+        for name in ("targets", "modules_to_save", "label_names", "method_options"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if value is not None:
+                setattr(self, name, [str(v) for v in value])
+        self.validate()
+
+    def validate(self) -> None:
+        """Range checks that need no files; the trainer checks data and model before training."""
+        if not self.task:
+            raise ConfigError("task is required (e.g. --task rte, --task e2e or --task text)")
+        if not self.data and not self.train_file:
+            raise ConfigError("data is required: --data DIR (or --train-file FILE for task 'text')")
+        positive = (
+            "r",
+            "batch_size",
+            "grad_accum",
+            "max_length",
+            "eval_batch_size",
+            "num_beams",
+            "max_new_tokens",
+            "log_interval",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("max_steps", "max_train_samples", "max_eval_samples", "warmup_steps"):
+            value = getattr(self, name)
+            if value is not None and value < (0 if name == "warmup_steps" else 1):
+                raise ConfigError(f"{name} must be positive, got {value!r}")
+        for name in ("eval_interval", "save_interval", "keep_checkpoints", "no_repeat_ngram_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.max_steps is None and not self.epochs > 0:
+            raise ConfigError(f"epochs must be positive (or set max_steps), got {self.epochs!r}")
+        if not (self.lr > 0 and self.alpha > 0):
+            raise ConfigError("lr and alpha must be positive")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError("dropout and label_smoothing must be in [0, 1)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ConfigError(f"clip_norm must be positive or none, got {self.clip_norm!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {list(DEVICES)}, got {self.device!r}")
+        if self.init not in ("gaussian", "kaiming"):
+            raise ConfigError(f"init must be 'gaussian' or 'kaiming', got {self.init!r}")
+
+    # -- (de)serialisation -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a mapping; keys may use '-' or '_'. Unknown keys are an error naming them."""
+        data = {str(k).replace("-", "_"): v for k, v in data.items()}
+        check_keys(data, source)
+        hints = _hints()
+        return cls(**{k: _coerce(k, v, hints[k], source) for k, v in data.items()})
+
+    def save(self, path: str | Path) -> Path:
+        """Write the resolved config as JSON, atomically (temp file + rename)."""
+        return write_json_atomic(path, self.to_dict())
+
+
+# Names users bring from transformers/PEFT scripts, and ours.
+FAMILIAR_NAMES = {
+    "learning_rate": "lr", "lora_alpha": "alpha", "lora_r": "r", "rank": "r", "lora_dropout": "dropout",
+    "target_modules": "targets", "output_dir": "out", "num_train_epochs": "epochs", "num_epochs": "epochs",
+    "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size",
+    "max_grad_norm": "clip_norm", "warmup": "warmup_ratio", "lr_scheduler_type": "schedule",
+    "model_name_or_path": "model", "data_dir": "data", "max_seq_length": "max_length",
+}  # fmt: skip
+
+
+def check_keys(data: dict[str, Any], source: str) -> None:
+    known = TrainConfig.field_names()
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = (
+                [FAMILIAR_NAMES[key]] if key in FAMILIAR_NAMES else difflib.get_close_matches(key, known, n=1)
+            )
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(hints)}; known keys: {', '.join(known)}")
+
+
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _base_type(hint: Any) -> tuple[Any, bool]:
+    """(the non-None type, whether None is allowed) of an annotation like ``int | None``."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return hint, False
+
+
+def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
+    """Convert a file/CLI value to the field's type, with an error that names the field."""
+    base, optional = _base_type(hint)
+    if value is None or (
+        optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "")
+    ):
+        if not optional:
+            raise ConfigError(f"{source}: {name} cannot be empty")
+        return None
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if typing.get_origin(base) is list:
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(value)
+            return [str(v) for v in value]
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{source}: {name} = {value!r} is not a valid {getattr(base, '__name__', base)}"
+        ) from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML (.toml) or YAML (.yaml/.yml) file into a flat mapping.
+
+    A ``[train]`` table (TOML) or ``train:`` mapping (YAML) is accepted as the root, so one file can hold
+    other sections too.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError(
+                    f"{path}: YAML configs need PyYAML (pip install pyyaml), or use TOML"
+                ) from None
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        elif suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            raise ConfigError(f"{path}: config files must be .toml, .yaml/.yml or .json")
+    except ConfigError:
+        raise
+    except Exception as exc:  # each parser has its own error type; all mean "this file is malformed"
+        raise ConfigError(f"{path}: cannot parse: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key = value at the top level")
+    if set(data) == {"train"} and isinstance(data["train"], dict):
+        data = data["train"]
+    nested = [k for k, v in data.items() if isinstance(v, dict)]
+    if nested:
+        raise ConfigError(f"{path}: unexpected section(s) {nested}; put training keys at the top level")
+    return data
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, only: list[str] | None = None) -> None:
+    """One ``--flag`` per TrainConfig field. Defaults are suppressed so only given flags override."""
+    hints = _hints()
+    for f in fields(TrainConfig):
+        if only is not None and f.name not in only:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        base, _ = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_ = f"{f.metadata.get('help', '')} (default: {default})"
+        if base is bool:
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_,
+            )
+        else:
+            metavar = "LIST" if typing.get_origin(base) is list else f.name.upper()
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar, help=help_)
+
+
+def resolve_config(config_file: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults < file < overrides (strings from the command line, coerced per field)."""
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        data.update({str(k).replace("-", "_"): v for k, v in read_config_file(config_file).items()})
+        check_keys(data, str(config_file))
+    data.update(overrides)
+    return TrainConfig.from_dict(data, source=str(config_file or "command line"))
+
+
+def json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
+    """NaN (an undefined score) → None, so the JSON written is strict JSON (``null``, not ``NaN``)."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """JSON to ``path`` via a temp file in the same folder and os.replace: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

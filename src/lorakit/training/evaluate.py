@@ -1,0 +1,430 @@
+"""Tasks for training and evaluation: what a task is, its data splits, and how it is scored.
+
+Three kinds of task:
+
+* GLUE (``sst2 mrpc cola rte stsb qnli qqp mnli``): sequence classification (STS-B: regression) from
+  GLUE's TSV files, scored with GLUE's metrics on ``dev.tsv``.
+* ``text``: classification from the user's CSV/TSV/JSONL files, scored with accuracy and macro-F1.
+* ``e2e``: a causal LM continues ``"<MR> ||"`` with the reference; scored by beam-search generation
+  (left-padded batches) with BLEU, NIST, METEOR, ROUGE-L and CIDEr against all references of each MR.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lorakit.data import (
+    IGNORE_INDEX,
+    DataError,
+    E2EItem,
+    Example,
+    collate_causal_lm,
+    collate_classification,
+    e2e_splits,
+    encode_classification,
+    encode_e2e_for_training,
+    encode_e2e_prompt,
+    encoded_rows,
+    get_glue_task,
+    glue_task_names,
+    load_glue,
+    load_text_classification,
+)
+from lorakit.errors import ConfigError
+from lorakit.training.config import TrainConfig
+
+TEXT_TASKS = ("text", "text-classification")
+TEXT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
+
+
+@dataclass
+class TaskSpec:
+    """What the trainer needs to know about a task."""
+
+    name: str  # canonical: a GLUE name, "text" or "e2e"
+    kind: str  # "classification", "regression" or "generation"
+    model_task: str  # lorakit.models.load_model task: "seq-cls" or "causal-lm"
+    num_labels: int | None = None
+    label_names: list[str] = field(default_factory=list)
+
+    @property
+    def is_glue(self) -> bool:
+        return self.name in glue_task_names()
+
+
+@dataclass
+class TaskData:
+    """Raw examples per role: ``train`` (fit), ``valid`` (scored during training), ``eval`` (final score)."""
+
+    spec: TaskSpec
+    train: list[Any] = field(default_factory=list)
+    valid: list[Any] = field(default_factory=list)
+    eval: list[Any] = field(default_factory=list)
+
+
+# -- loading -----------------------------------------------------------------------------------------------
+def subsample(items: Sequence[Any], limit: int | None, seed: int) -> list[Any]:
+    """A fixed random subset (original order kept); the same for every training seed."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in keep]
+
+
+def _find_text_file(folder: Path, stems: Sequence[str]) -> Path | None:
+    for stem in stems:
+        for suffix in TEXT_SUFFIXES:
+            if (folder / f"{stem}{suffix}").is_file():
+                return folder / f"{stem}{suffix}"
+    return None
+
+
+def load_task(cfg: TrainConfig, roles: Sequence[str] = ("train", "valid", "eval")) -> TaskData:
+    """Load and check the data of ``roles``; every problem is a DataError/ConfigError raised here,
+    before a model is loaded or a step is taken."""
+    task = cfg.task.lower()
+    if task in TEXT_TASKS:
+        return _load_text(cfg, roles)
+    if task == "e2e":
+        return _load_e2e(cfg, roles)
+    try:
+        glue = get_glue_task(task)
+    except DataError:
+        raise ConfigError(
+            f"unknown task {cfg.task!r}; choose a GLUE task ({', '.join(glue_task_names())}), 'text' or 'e2e'"
+        ) from None
+    for name in ("train_file", "valid_file", "eval_file"):
+        if getattr(cfg, name):
+            raise ConfigError(f"{name} is not used for GLUE tasks: point --data at the task folder instead")
+    spec = TaskSpec(
+        name=glue.name,
+        kind="regression" if glue.is_regression else "classification",
+        model_task="seq-cls",
+        num_labels=glue.num_labels,
+        label_names=list(glue.labels),
+    )
+    eval_split = cfg.eval_split or glue.splits[1]  # dev (MNLI: dev_matched)
+    out = TaskData(spec)
+    if "train" in roles:
+        out.train = subsample(load_glue(glue.name, cfg.data, "train"), cfg.max_train_samples, cfg.split_seed)
+    if "valid" in roles or "eval" in roles:
+        # GLUE reports dev; selecting on dev is what the paper and GLUE baselines do.
+        scored = subsample(load_glue(glue.name, cfg.data, eval_split), cfg.max_eval_samples, cfg.split_seed)
+        out.valid = scored if "valid" in roles else []
+        out.eval = scored if "eval" in roles else []
+    return out
+
+
+def _load_text(cfg: TrainConfig, roles: Sequence[str]) -> TaskData:
+    given = Path(cfg.data) if cfg.data else None
+    if given is not None and not given.exists():
+        raise DataError(f"data path {given} not found")
+    # --data may be a folder (train.csv, dev.csv …) or the train file itself.
+    folder = given.parent if given is not None and given.is_file() else given
+
+    def pick(explicit: str | None, stems: Sequence[str]) -> Path | None:
+        if explicit:
+            p = Path(explicit)
+            return p if p.is_absolute() or p.exists() or folder is None else folder / p
+        return _find_text_file(folder, stems) if folder is not None else None
+
+    train_path = given if given is not None and given.is_file() else pick(cfg.train_file, ("train",))
+    if train_path is None:
+        raise DataError(f"no train file in {folder}: expected train.csv/.tsv/.jsonl (or --train-file)")
+    eval_path = pick(cfg.eval_file, ("test", "dev", "valid", "validation"))
+    valid_path = pick(cfg.valid_file, ("dev", "valid", "validation")) or eval_path
+    if ("eval" in roles or "valid" in roles) and eval_path is None:
+        raise DataError(
+            f"no evaluation file in {folder}: expected test/dev/valid .csv/.tsv/.jsonl (or --eval-file)"
+        )
+
+    def read(path: Path, names: list[str] | None) -> tuple[list[Example], list[str]]:
+        return load_text_classification(path, cfg.text_column, cfg.text_pair_column, cfg.label_column, names)
+
+    names = cfg.label_names
+    train: list[Example] = []
+    if "train" in roles or names is None:
+        train, names = read(train_path, names)
+    if names is not None and len(names) < 2:
+        raise DataError(f"{train_path}: only one label ({names}); classification needs at least two")
+    spec = TaskSpec(
+        "text", "classification", "seq-cls", num_labels=len(names or []), label_names=list(names or [])
+    )
+    out = TaskData(
+        spec, train=subsample(train, cfg.max_train_samples, cfg.split_seed) if "train" in roles else []
+    )
+    if "eval" in roles:
+        out.eval = subsample(read(eval_path, names)[0], cfg.max_eval_samples, cfg.split_seed)  # type: ignore[arg-type]
+    if "valid" in roles:
+        out.valid = subsample(read(valid_path, names)[0], cfg.max_eval_samples, cfg.split_seed)  # type: ignore[arg-type]
+    return out
+
+
+def _load_e2e(cfg: TrainConfig, roles: Sequence[str]) -> TaskData:
+    splits = e2e_splits(
+        cfg.data,
+        seed=cfg.split_seed,
+        train_file=cfg.train_file,
+        valid_file=cfg.valid_file,
+        test_file=cfg.eval_file,
+    )
+    eval_role = cfg.eval_split or "test"
+    if eval_role not in splits:
+        raise ConfigError(f"eval_split for e2e must be one of {list(splits)}, got {eval_role!r}")
+    out = TaskData(TaskSpec("e2e", "generation", "causal-lm"))
+    if "train" in roles:
+        # One training example per (MR, reference) pair; max_train_samples counts pairs.
+        pairs = [E2EItem(it.mr, [ref]) for it in splits["train"] for ref in it.references]
+        out.train = subsample(pairs, cfg.max_train_samples, cfg.split_seed)
+    if "valid" in roles:
+        out.valid = subsample(splits["valid"], cfg.max_eval_samples, cfg.split_seed)
+    if "eval" in roles:
+        out.eval = subsample(splits[eval_role], cfg.max_eval_samples, cfg.split_seed)
+    for role in roles:
+        if not getattr(out, role):
+            raise DataError(f"e2e: the {role} split is empty")
+    return out
+
+
+# -- encoding ----------------------------------------------------------------------------------------------
+def encode(spec: TaskSpec, items: Sequence[Any], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+    """Tokenized rows (unpadded); each row also carries ``n_targets``, the number of loss terms it adds."""
+    if spec.kind == "generation":
+        rows = encoded_rows(encode_e2e_for_training(items, tokenizer, max_length))
+        for row in rows:
+            # Position t predicts token t+1, so a label at position 0 never enters the loss.
+            row["n_targets"] = sum(1 for label in row["labels"][1:] if label != IGNORE_INDEX)
+    else:
+        rows = encoded_rows(encode_classification(items, tokenizer, max_length))
+        for row in rows:
+            if spec.kind == "regression":
+                row["labels"] = float(row["labels"])
+            row["n_targets"] = 1
+    return rows
+
+
+def collate(spec: TaskSpec, rows: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Tensor]:
+    rows = [{k: v for k, v in r.items() if k != "n_targets"} for r in rows]
+    if spec.kind == "generation":
+        return collate_causal_lm(rows, pad_token_id)
+    return collate_classification(rows, pad_token_id)
+
+
+def loss_sum(
+    spec: TaskSpec, model: nn.Module, batch: dict[str, Tensor], label_smoothing: float = 0.0
+) -> Tensor:
+    """Sum (not mean) of per-target losses, so the trainer can normalise by the global target count."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"]
+    logits = model(**inputs).logits.float()
+    if spec.kind == "regression":
+        return F.mse_loss(logits.squeeze(-1), labels.float(), reduction="sum")
+    if spec.kind == "classification":
+        return F.cross_entropy(logits, labels, reduction="sum", label_smoothing=label_smoothing)
+    shifted_logits, shifted_labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
+        shifted_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+        label_smoothing=label_smoothing,
+    )
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# -- scoring -----------------------------------------------------------------------------------------------
+def text_metrics(predictions: Sequence[int], references: Sequence[int], num_labels: int) -> dict[str, float]:
+    """Accuracy and macro-F1 (mean of per-class F1 over the label set) for text classification."""
+    from lorakit.metrics.glue import accuracy, binary_f1
+
+    result = {"accuracy": accuracy(predictions, references)}
+    result["macro_f1"] = float(
+        np.mean([binary_f1(predictions, references, positive=c) for c in range(num_labels)])
+    )
+    return result
+
+
+@torch.no_grad()
+def predict_classification(
+    model: nn.Module,
+    tokenizer: Any,
+    spec: TaskSpec,
+    examples: Sequence[Example],
+    cfg: TrainConfig,
+    device: torch.device,
+    progress: bool = False,
+) -> list[int] | list[float]:
+    """Class indices (or regression scores) for ``examples``."""
+    from tqdm.auto import tqdm
+
+    rows = encode(spec, examples, tokenizer, cfg.max_length)
+    was_training = model.training
+    model.eval()
+    preds: list[Any] = []
+    try:
+        for chunk in tqdm(
+            list(_chunks(rows, cfg.eval_batch_size)), desc="eval", disable=not progress, leave=False
+        ):
+            batch = _to(collate(spec, chunk, tokenizer.pad_token_id), device)
+            batch.pop("labels")
+            with _autocast(device, cfg.bf16):
+                logits = model(**batch).logits.float()
+            if spec.kind == "regression":
+                preds += logits.squeeze(-1).tolist()
+            else:
+                preds += logits.argmax(-1).tolist()
+    finally:
+        model.train(was_training)
+    return preds
+
+
+@torch.no_grad()
+def mean_loss(
+    model: nn.Module,
+    tokenizer: Any,
+    spec: TaskSpec,
+    items: Sequence[Any],
+    cfg: TrainConfig,
+    device: torch.device,
+) -> float:
+    """Mean per-target loss (teacher forcing), the cheap validation signal for generation tasks."""
+    rows = encode(spec, items, tokenizer, cfg.max_length)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for chunk in _chunks(rows, cfg.eval_batch_size):
+            batch = _to(collate(spec, chunk, tokenizer.pad_token_id), device)
+            with _autocast(device, cfg.bf16):
+                total += float(loss_sum(spec, model, batch))
+            count += sum(r["n_targets"] for r in chunk)
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate_e2e(
+    model: nn.Module,
+    tokenizer: Any,
+    items: Sequence[E2EItem],
+    cfg: TrainConfig,
+    device: torch.device,
+    progress: bool = False,
+) -> list[str]:
+    """Beam-search continuations of each MR's prompt (left-padded batches), cut at EOS / newline."""
+    from tqdm.auto import tqdm
+
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    prompts = [encode_e2e_prompt(it.mr, tokenizer) for it in items]
+    was_training = model.training
+    model.eval()
+    outputs: list[str] = []
+    try:
+        for chunk in tqdm(
+            list(_chunks(prompts, cfg.eval_batch_size)), desc="generate", disable=not progress, leave=False
+        ):
+            width = max(len(p) for p in chunk)
+            # Left padding: every prompt ends at the same position, so generation continues each one.
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, p in enumerate(chunk):
+                input_ids[i, width - len(p) :] = torch.tensor(p)
+                attention[i, width - len(p) :] = 1
+            with _autocast(device, cfg.bf16):
+                generated = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention.to(device),
+                    num_beams=cfg.num_beams,
+                    length_penalty=cfg.length_penalty,
+                    no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+                    max_new_tokens=cfg.max_new_tokens,
+                    early_stopping=True,
+                    do_sample=False,
+                    use_cache=True,  # training turns the model's default off
+                    pad_token_id=pad_id,
+                    eos_token_id=eos_id,
+                )
+            for row in generated[:, width:].tolist():
+                if eos_id in row:
+                    row = row[: row.index(eos_id)]
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                outputs.append(text.strip().split("\n")[0].strip())
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+def score(
+    model: nn.Module,
+    tokenizer: Any,
+    spec: TaskSpec,
+    items: Sequence[Any],
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    progress: bool = False,
+    predictions_out: list | None = None,
+) -> dict[str, float]:
+    """The task's metrics on ``items`` (the final evaluation). ``predictions_out`` collects raw outputs."""
+    if not items:
+        raise DataError(f"{spec.name}: nothing to evaluate (empty split)")
+    if spec.kind == "generation":
+        from lorakit.metrics.nlg import nlg_metrics
+
+        hyps = generate_e2e(model, tokenizer, items, cfg, device, progress=progress)
+        if predictions_out is not None:
+            predictions_out.extend(hyps)
+        # An empty hypothesis would make several scorers fail; score it as a single unknown token.
+        return nlg_metrics([h or "<empty>" for h in hyps], [it.references for it in items])
+    preds = predict_classification(model, tokenizer, spec, items, cfg, device, progress=progress)
+    if predictions_out is not None:
+        predictions_out.extend(preds)
+    refs = [ex.label for ex in items]
+    if spec.is_glue:
+        from lorakit.metrics.glue import glue_metrics
+
+        result = glue_metrics(spec.name, preds, refs)
+    else:
+        result = text_metrics(preds, refs, spec.num_labels or 2)
+    # Plain floats for JSON; an undefined score (e.g. a correlation of constant predictions) stays NaN.
+    return {k: float("nan") if v is None else float(v) for k, v in result.items()}
+
+
+def validate(
+    model: nn.Module,
+    tokenizer: Any,
+    spec: TaskSpec,
+    items: Sequence[Any],
+    cfg: TrainConfig,
+    device: torch.device,
+) -> dict[str, float]:
+    """The signal logged during training: task metrics for classification, loss for generation (beam search
+    over the validation set at every interval would dominate the run's time)."""
+    if spec.kind == "generation":
+        loss = mean_loss(model, tokenizer, spec, items, cfg, device)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    return score(model, tokenizer, spec, items, cfg, device)

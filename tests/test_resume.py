@@ -1,0 +1,97 @@
+"""--resume after a real SIGKILL mid-epoch ends with the same adapter and metrics as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from lorakit import ConfigError
+from lorakit.training import checkpoint as ckpt
+from lorakit.training.trainer import train
+from test_training import base_cfg, make_tiny_bert, one_thread, write_sentiment_csv  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    # Dropout in the base model and in LoRA: the resumed run must also continue the same random stream.
+    model = make_tiny_bert(root / "tiny-bert-dropout", dropout=0.1)
+    data = write_sentiment_csv(root / "data", n_train=40, n_test=8)
+    return root, model, data
+
+
+def run_config(model: Path, data: Path, out: Path):
+    # 5 steps per epoch; checkpoints at 3 and 6; valid at 4 and 8; the kill after step 7 loses step 7's
+    # work and its log line, in the second epoch.
+    return base_cfg(
+        model=str(model), task="text", data=str(data), out=str(out), max_steps=9, save_interval=3,
+        eval_interval=4, dropout=0.1, lr=2e-3, log_interval=1, keep_checkpoints=0,
+    )  # fmt: skip
+
+
+def cli_args(cfg) -> list[str]:
+    return [
+        "--model", cfg.model, "--task", cfg.task, "--data", cfg.data, "--out", cfg.out,
+        "--max-steps", str(cfg.max_steps), "--save-interval", str(cfg.save_interval),
+        "--eval-interval", str(cfg.eval_interval), "--dropout", str(cfg.dropout), "--lr", str(cfg.lr),
+        "--log-interval", "1", "--keep-checkpoints", "0", "--batch-size", str(cfg.batch_size),
+        "--eval-batch-size", str(cfg.eval_batch_size), "--max-length", str(cfg.max_length), "--no-plot",
+    ]  # fmt: skip
+
+
+def train_records(out: Path) -> list[dict]:
+    keep = ("split", "step", "loss", "lr", "accuracy", "macro_f1")  # not timings
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in keep if k in r} for r in records]
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(setup, one_thread):  # noqa: F811
+    root, model, data = setup
+    reference = train(run_config(model, data, root / "reference"))
+
+    killed = run_config(model, data, root / "killed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", *cli_args(killed), "--debug-kill-after-step", "7"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    out = root / "killed"
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [3, 6]
+    assert not (out / "eval_results.json").exists() and not (out / "adapter_model.safetensors").exists()
+    assert max(r["step"] for r in train_records(out)) == 7  # work after the last checkpoint, to be redone
+
+    resumed = train(killed, resume=True)
+
+    assert resumed == pytest.approx(reference, abs=1e-6)
+    a = load_file(root / "reference" / "adapter_model.safetensors")
+    b = load_file(out / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b) and any("classifier" in k for k in a)
+    for key in a:
+        assert (a[key] - b[key]).abs().max().item() <= 1e-6, key
+    assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)  # the adapters did train
+    ref_log, res_log = train_records(root / "reference"), train_records(out)
+    assert [(r["split"], r["step"]) for r in res_log] == [(r["split"], r["step"]) for r in ref_log]
+    for r, s in zip(ref_log, res_log):
+        assert s == pytest.approx(r, abs=1e-6)
+
+
+def test_resume_refuses_changed_settings_and_returns_a_finished_run(setup, one_thread):  # noqa: F811
+    root, model, data = setup
+    cfg = run_config(model, data, root / "finished")
+    cfg.max_steps = 2
+    result = train(cfg)
+    changed = run_config(model, data, root / "finished")
+    changed.max_steps, changed.lr = 2, 1e-2
+    with pytest.raises(ConfigError, match=r"different settings \(lr: 0.002 -> 0.01\)"):
+        train(changed, resume=True)
+    assert train(cfg, resume=True) == result  # nothing left to do
