@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from tiny import ids, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 
 from lorakit import (
     LoraConfig,
@@ -19,6 +18,7 @@ from lorakit import (
     unmerge,
 )
 from lorakit.adapters import lora_layers
+from tiny import ids, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def _two_adapters(make=tiny_llama, **extra):
@@ -73,7 +73,7 @@ def test_switching_unmerges_the_merged_adapter():
 
 
 def test_checked_merge_refuses_non_finite_weights_and_leaves_model_unmerged():
-    model, x, _ = _two_adapters()
+    model, _, _ = _two_adapters()
     with torch.no_grad():
         model.model.layers[1].self_attn.q_proj.adapters["b"].B["whole"][0, 0] = float("nan")
     w0 = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
@@ -95,7 +95,7 @@ def test_checked_merge_verifies_a_probe_batch():
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
 def test_mixed_batch_equals_each_row_alone(make):
-    model, x, base = _two_adapters(make)
+    model, _, _ = _two_adapters(make)
     names = ["a", None, "b", "a"]
     x = ids(batch=4)
     per_row = []
@@ -143,7 +143,7 @@ def test_mixed_batch_many_adapters_in_generate_with_beams():
 
 
 def test_route_rows_rejects_unknown_names_and_merged_models():
-    model, x, _ = _two_adapters()
+    model, _, _ = _two_adapters()
     with pytest.raises(KeyError, match="unknown adapter"), route_rows(model, ["a", "zzz"]):
         pass
     merge(model)

@@ -3,10 +3,10 @@
 import json
 
 import torch
-from tiny import randomize_lora, tiny_gpt2
 
 from lorakit import LoraConfig, inject, save_adapter
 from lorakit.cli import main
+from tiny import randomize_lora, tiny_gpt2
 
 
 def test_help_and_unknown_command(capsys):

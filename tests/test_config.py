@@ -49,5 +49,5 @@ def test_round_trip_and_unknown_keys():
     cfg = LoraConfig(r=4, targets="q, v ,o", modules_to_save=["classifier"])
     assert cfg.targets == ("q", "v", "o")
     assert LoraConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ConfigError, match="unknown LoraConfig field.*rank"):
+    with pytest.raises(ConfigError, match=r"unknown LoraConfig field.*rank"):
         LoraConfig.from_dict({"rank": 4})

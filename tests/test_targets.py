@@ -1,9 +1,9 @@
 import pytest
-from tiny import tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
 from lorakit import LoraConfig, TargetError, inject
 from lorakit.targets import resolve_targets
+from tiny import tiny_bert, tiny_gpt2, tiny_llama
 
 
 def test_llama_aliases():
@@ -50,7 +50,7 @@ def test_unmatched_target_is_an_error_listing_candidates():
 
 
 def test_unsupported_module_type_is_named():
-    with pytest.raises(TargetError, match="RMSNorm.*cannot adapt"):
+    with pytest.raises(TargetError, match=r"RMSNorm.*cannot adapt"):
         resolve_targets(tiny_llama(), ["input_layernorm"])
 
 

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from lorakit.adapters import (  # noqa: E402
+from lorakit.adapters import (
     active_adapter,
     delete_adapter,
     disabled,
@@ -14,9 +14,9 @@ from lorakit.adapters import (  # noqa: E402
     set_adapter,
     unmerge,
 )
-from lorakit.config import LoraConfig  # noqa: E402
-from lorakit.errors import AdapterFileError, ConfigError, LorakitError, MergeError, TargetError  # noqa: E402
-from lorakit.files import load_adapter, read_adapter, save_adapter  # noqa: E402
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterFileError, ConfigError, LorakitError, MergeError, TargetError
+from lorakit.files import load_adapter, read_adapter, save_adapter
 
 __all__ = [
     "AdapterFileError",

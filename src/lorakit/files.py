@@ -11,8 +11,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,38 +153,32 @@ def _collect(model: nn.Module, name: str) -> tuple[dict[str, Tensor], dict[str, 
 def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) -> Path:
     """Write adapter ``name`` (default: the active one) to directory ``path``, atomically.
 
-    The new directory is written beside ``path`` and swapped in with renames, so an interrupted save
-    leaves either the old adapter or the new one, never a mix.
+    Each file is written under a temporary name in ``path`` and renamed over the old one, so an interrupted
+    save never leaves a half-written file; the config records the weights' checksum, so a crash between the
+    two renames is reported on load instead of pairing a config with the wrong weights. Other files in
+    ``path`` (a training run's logs, say) are left alone.
     """
     name = name or active_adapter(model) or DEFAULT
     if name not in configs(model):
         raise KeyError(f"no adapter named {name!r}; loaded: {sorted(configs(model))}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
     tensors, raw = _collect(model, name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp_weights = path / f".{WEIGHTS_NAME}.tmp-{os.getpid()}"
+    tmp_config = path / f".{CONFIG_NAME}.tmp-{os.getpid()}"
     try:
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        raw["lorakit"]["sha256"] = _sha256(tmp / WEIGHTS_NAME)
-        (tmp / CONFIG_NAME).write_text(json.dumps(raw, indent=2, sort_keys=True))
-        for f in (tmp / WEIGHTS_NAME, tmp / CONFIG_NAME):
+        save_file(tensors, tmp_weights, metadata={"format": "pt"})
+        raw["lorakit"]["sha256"] = _sha256(tmp_weights)
+        tmp_config.write_text(json.dumps(raw, indent=2, sort_keys=True))
+        for f in (tmp_weights, tmp_config):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        _swap_into_place(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        os.replace(tmp_weights, path / WEIGHTS_NAME)
+        os.replace(tmp_config, path / CONFIG_NAME)
+    finally:
+        for f in (tmp_weights, tmp_config):
+            f.unlink(missing_ok=True)
     return path
-
-
-def _swap_into_place(tmp: Path, path: Path) -> None:
-    if not path.exists():
-        os.replace(tmp, path)
-        return
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_adapter(path: str | Path) -> AdapterFile:
@@ -194,9 +186,7 @@ def read_adapter(path: str | Path) -> AdapterFile:
     path = Path(path)
     config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not path.is_dir():
-        stale = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.exists() else []
-        hint = f" (an interrupted save left the previous adapter at {stale[0]})" if stale else ""
-        raise AdapterFileError(f"adapter directory {path} does not exist{hint}")
+        raise AdapterFileError(f"adapter directory {path} does not exist")
     for required in (config_path, weights_path):
         if not required.is_file():
             raise AdapterFileError(f"{path} is not an adapter: {required.name} is missing")

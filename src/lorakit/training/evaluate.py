@@ -227,6 +227,12 @@ def loss_sum(
     """Sum (not mean) of per-target losses, so the trainer can normalise by the global target count."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     labels = batch["labels"]
+    if spec.kind == "generation":
+        from lorakit.methods.prefix import INFIX_KWARG, needs_labels
+
+        if needs_labels(model):
+            # prefix_embed puts its infix tokens where the prompt ends: the first labelled position.
+            inputs[INFIX_KWARG] = (labels != IGNORE_INDEX).int().argmax(dim=1)
     logits = model(**inputs).logits.float()
     if spec.kind == "regression":
         return F.mse_loss(logits.squeeze(-1), labels.float(), reduction="sum")

@@ -214,7 +214,7 @@ def save_trained(model: nn.Module, path: str | Path, cfg: TrainConfig) -> Path:
 def publish_trained(model: nn.Module, out: Path, cfg: TrainConfig) -> None:
     """Put the trained files into ``out`` beside the run's other files.
 
-    ``save_adapter`` replaces a whole directory, so it writes to a sibling first and the files are then
+    ``save_trainable_state`` swaps in a whole directory, so both kinds are written to a staging folder and
     renamed into ``out`` one by one (each rename is atomic; the adapter's checksum ties the pair together).
     """
     staging = out / ".trained-staging"
