@@ -206,10 +206,6 @@ def merge(
         raise MergeError("no active adapter to merge")
     set_adapter(model, name)
     layers = [(n, layer) for n, layer in lora_layers(model) if name in layer.adapters]
-    if check:
-        for layer_name, layer in layers:
-            if not torch.isfinite(layer.delta_weight(name)).all():
-                raise MergeError(f"{layer_name}: adapter {name!r} has non-finite weights; refusing to merge")
     reference = probe() if (check and probe is not None) else None
     # A checked merge keeps the adapted weights so a failure restores them bit for bit.
     backup = [layer.base_layer.weight.detach().clone() for _, layer in layers] if check else []
@@ -217,7 +213,10 @@ def merge(
         for layer_name, layer in layers:
             layer.merge(name)
             if check and not torch.isfinite(layer.base_layer.weight).all():
-                raise MergeError(f"{layer_name}: merged weight is not finite (overflow in {layer.weight.dtype})")
+                raise MergeError(
+                    f"{layer_name}: merging adapter {name!r} gives non-finite weights (NaN/inf in the adapter, "
+                    f"or overflow in {layer.weight.dtype}); refusing to merge"
+                )
         if reference is not None:
             merged_out = probe()  # type: ignore[misc]
             diff = (merged_out.float() - reference.float()).abs().max().item()

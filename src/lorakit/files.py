@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,17 @@ def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) ->
         for f in (tmp_weights, tmp_config):
             f.unlink(missing_ok=True)
     return path
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Move a finished directory into place; an existing one is swapped out, never deleted first."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
 
 
 def read_adapter(path: str | Path) -> AdapterFile:

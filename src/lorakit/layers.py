@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.errors import TargetError
+from lorakit.fast import fused_eligible, lora_linear, routed_delta
 from lorakit.targets import FUSED_SLICE_NAMES
 
 WHOLE = "whole"  # key of the single (A, B) pair of an unsliced adapter
@@ -164,26 +165,47 @@ class LoraLayer(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        out = self.base_layer(x, *args, **kwargs)
         if self.row_index is not None:
-            return out + self._routed_delta(x).to(out.dtype)
+            out = self.base_layer(x, *args, **kwargs)
+            delta = self._routed_delta(x).to(out.dtype)
+            # Serving (no autograd): accumulate into the fresh base output instead of allocating a sum.
+            return out.add_(delta) if not torch.is_grad_enabled() else out + delta
         name = self.active_adapter
         if name is None or name == self.merged_adapter:
-            return out
+            return self.base_layer(x, *args, **kwargs)
         weights = self.adapters[name]
+        if not args and not kwargs and fused_eligible(self, x, weights):
+            # The common case (frozen Linear/Conv1D, no dropout): one fused op, see lorakit.fast.
+            return lora_linear(
+                x,
+                self.base_layer.weight,
+                self.base_layer.bias,
+                [weights.A[k] for k in weights.spans],
+                [weights.B[k] for k in weights.spans],
+                list(weights.spans.values()),
+                weights.scaling,
+                transposed=self.kind == "conv1d",
+            )
+        out = self.base_layer(x, *args, **kwargs)
         x_lora = x if self.kind == "embedding" else x.to(weights.A[next(iter(weights.A))].dtype)
         return out + weights.delta(x_lora, self.out_features).to(out.dtype)
 
     def _stacks(self) -> tuple[Tensor, Tensor]:
-        """Adapters of the routing table stacked as (n, R, in) and (n, out, R); index 0 is the base (zeros)."""
-        params = [p for name in self.routing_names if name in self.adapters for p in self.adapters[name].parameters()]
-        key = (self.routing_names, tuple(p._version for p in params), tuple(id(p) for p in params))
-        if self._stack_cache is not None and self._stack_cache[0] == key:
-            return self._stack_cache[1], self._stack_cache[2]
-        pairs = [
-            self.adapters[name].stacked(self.out_features) if name is not None and name in self.adapters else None
-            for name in self.routing_names
-        ]
+        """Adapters of the routing table stacked as (n, R, in) and (n, out, R); index 0 is the base (0)."""
+        names = self.routing_names
+        cache = self._stack_cache
+        # Cache key: (names, params, their versions). The params of a table only change through
+        # add/delete_adapter (which drop the cache), so a hit needs just one _version sweep.
+        # Only without grad: stacks reused under autograd would carry no graph back to A and B.
+        if cache is not None and cache[0][0] == names and not torch.is_grad_enabled():
+            params = cache[0][1]
+            if tuple(p._version for p in params) == cache[0][2]:
+                return cache[1], cache[2]
+        params = tuple(p for name in names if name in self.adapters for p in self.adapters[name].parameters())
+        key = (names, params, tuple(p._version for p in params))
+        out_features = self.out_features
+        adapters = self.adapters
+        pairs = [adapters[name].stacked(out_features) if name in adapters else None for name in names]
         real = [p for p in pairs if p is not None]
         rank = max(a.shape[0] for a, _ in real) if real else 1
         ref = self.base_layer.weight
@@ -196,6 +218,7 @@ class LoraLayer(nn.Module):
                 a_stack[i, : a.shape[0]] = a
                 b_stack[i, :, : b.shape[1]] = b
         if not torch.is_grad_enabled():
+            # Stacks built with grad enabled carry the autograd graph of training; never reuse those.
             self._stack_cache = (key, a_stack, b_stack)
         return a_stack, b_stack
 
@@ -209,17 +232,11 @@ class LoraLayer(nn.Module):
             if x.shape[0] % index.shape[0]:
                 raise ValueError(f"batch of {x.shape[0]} rows does not fit {index.shape[0]} routed rows")
             index = index.repeat_interleave(x.shape[0] // index.shape[0])
-        squeeze = x.dim() == 2 and self.kind != "embedding"
-        if squeeze:
-            x = x.unsqueeze(1)
         if self.kind == "embedding":
             # ax[b, t] = A_stack[index[b]][:, ids[b, t]]
             ax = a_stack.transpose(1, 2)[index[:, None], x]
-        else:
-            ax = torch.bmm(x.to(a_stack.dtype).flatten(1, -2), a_stack[index].transpose(1, 2))
-            ax = ax.view(*x.shape[:-1], -1)
-        delta = torch.bmm(ax.flatten(1, -2), b_stack[index].transpose(1, 2)).view(*ax.shape[:-1], -1)
-        return delta.squeeze(1) if squeeze else delta
+            return torch.bmm(ax.flatten(1, -2), b_stack[index].transpose(1, 2)).view(*ax.shape[:-1], -1)
+        return routed_delta(x, index, a_stack, b_stack)
 
     # -- merge ---------------------------------------------------------------------------------------
     def delta_weight(self, name: str) -> Tensor:
@@ -286,7 +303,7 @@ class ModuleCopies(nn.Module):
             return self.current()(*args, **kwargs)
         # Saved modules are small heads: run each distinct copy once, then pick each row's output.
         outs = torch.stack([
-            (self.copies[n] if n in self.copies else self.original_module)(*args, **kwargs)
+            self.copies[n](*args, **kwargs) if n in self.copies else self.original_module(*args, **kwargs)
             for n in self.routing_names
         ])
         index = self.row_index.to(outs.device)

@@ -22,7 +22,7 @@ from torch import nn
 
 from lorakit import __version__
 from lorakit.errors import AdapterFileError, ConfigError
-from lorakit.files import _fingerprint, _sha256, _swap_into_place
+from lorakit.files import _fingerprint, _sha256, replace_dir
 from lorakit.methods import METHODS, MethodResult, apply_method, method_of
 
 CONFIG_NAME = "method_config.json"
@@ -61,7 +61,7 @@ def save_method(model: nn.Module, path: str | Path) -> Path:
         for f in (tmp / WEIGHTS_NAME, tmp / CONFIG_NAME):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        _swap_into_place(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

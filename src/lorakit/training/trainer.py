@@ -39,7 +39,7 @@ from lorakit.adapters import configs, inject, parameter_report
 from lorakit.config import LoraConfig
 from lorakit.data import DataError
 from lorakit.errors import AdapterFileError, ConfigError
-from lorakit.files import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
+from lorakit.files import CONFIG_NAME, WEIGHTS_NAME, load_adapter, replace_dir, save_adapter
 from lorakit.training import checkpoint as ckpt
 from lorakit.training import distributed as dist_util
 from lorakit.training.config import TrainConfig, json_safe, write_json_atomic
@@ -168,17 +168,6 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
 
 
 # == saving the trained state ============================================================================
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Move a finished directory into place; an existing one is swapped out, never deleted first."""
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-
-
 def save_trainable_state(model: nn.Module, path: str | Path, cfg: TrainConfig) -> Path:
     """Any method's trainable parameters, by name, as safetensors + JSON (with the config to rebuild it)."""
     path = Path(path)
@@ -197,7 +186,7 @@ def save_trainable_state(model: nn.Module, path: str | Path, cfg: TrainConfig) -
             "train_config": cfg.to_dict(),
         }
         write_json_atomic(tmp / TRAINABLE_CONFIG, meta)
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,0 +1,669 @@
+"""Run one benchmark case in this process: ``python -m lorakit.bench.worker CASE_JSON`` prints one JSON line.
+
+Memory: ``peak_rss_mb`` is this process's ru_maxrss (loading included); ``delta_rss_mb`` is the peak during
+the measured steps over the resident size once the model was loaded and set up (the high-water mark is
+reset through /proc/self/clear_refs where Linux allows, so a transient peak while loading does not hide
+it). On CUDA, ``cuda_peak_mb`` is torch's max_memory_allocated over the measured steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import gc
+import itertools
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.bench.cases import Case
+
+IGNORE_INDEX = -100
+# PEFT module names for lorakit's target aliases (GPT-2 has no separate q/v: PEFT adapts the whole c_attn).
+PEFT_TARGETS = {
+    "llama": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"},
+    "gpt2": {"q": "c_attn", "k": "c_attn", "v": "c_attn", "o": "attn.c_proj"},
+}
+
+
+# -- memory ----------------------------------------------------------------------------------------------
+def maxrss_mb() -> float:
+    """ru_maxrss of this process in MiB (Linux reports KiB, macOS bytes)."""
+    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return value / (1024 * 1024) if sys.platform == "darwin" else value / 1024
+
+
+def _status_mb(field_name: str) -> float | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    m = re.search(rf"^{field_name}:\s+(\d+) kB", text, re.M)
+    return int(m.group(1)) / 1024 if m else None
+
+
+def rss_mb() -> float:
+    """Current resident set size in MiB (falls back to the peak where /proc is missing)."""
+    value = _status_mb("VmRSS")
+    return value if value is not None else maxrss_mb()
+
+
+def settle_memory() -> None:
+    """Return freed heap to the OS, so the baseline RSS is what is really held."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def reset_peak() -> bool:
+    """Reset the RSS high-water mark (Linux ≥ 4.0); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+# -- models and data -------------------------------------------------------------------------------------
+def build_model(name: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """(model, tokenizer or None). GPT-2 configs are randomly initialised (seed 0): timing needs no
+    trained weights."""
+    m = re.fullmatch(r"gpt2-(?:124m|L(\d+)-D(\d+))", name)
+    if m:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        layers, width = (int(m.group(1)), int(m.group(2))) if m.group(1) else (12, 768)
+        torch.manual_seed(0)
+        cfg = GPT2Config(n_layer=layers, n_embd=width, n_head=max(1, width // 64))
+        return GPT2LMHeadModel(cfg).to(dtype), None
+    from lorakit.models import load_model
+
+    model, tokenizer = load_model(name, dtype=dtype)
+    # safetensors weights may still be mmap-backed file pages that only become resident when first
+    # touched (inside the measured steps); own copies make the loaded baseline hold every weight.
+    with torch.no_grad():
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            t.data = t.data.clone()
+    return model, tokenizer
+
+
+def _e2e_file() -> Path | None:
+    env = os.environ.get("LORAKIT_BENCH_E2E")
+    candidates = [Path(env)] if env else []
+    repo = Path(__file__).resolve().parents[3]
+    candidates += [repo.parent / "shared" / "data" / "e2e" / name for name in ("train.txt", "valid.txt")]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def make_batches(case: Case, tokenizer: Any, vocab: int, count: int = 1) -> list[dict[str, torch.Tensor]]:
+    """``count`` distinct batches of batch x seq tokens; labels only on E2E references (prompts -100),
+    packed without padding.
+
+    With the E2E data and a tokenizer the tokens are real; otherwise random ids take the label layout of
+    E2E (about 54% prompt tokens), so the labelled fraction is alike for every model.
+    """
+    gen = torch.Generator().manual_seed(0)
+    n = case.batch * case.seq
+    ids = torch.randint(3, vocab, (n * count,), generator=gen)
+    labels = ids.clone()
+    path = _e2e_file()
+    segments: list[tuple[list[int] | None, list[int] | None, int, int]] = []
+    if path is not None and tokenizer is not None:
+        from lorakit.data.collate import encode_e2e_for_training
+        from lorakit.data.e2e import load_e2e
+
+        enc = encode_e2e_for_training(load_e2e(path)[: 80 * count], tokenizer, 128)
+        for x, y in zip(enc["input_ids"], enc["labels"]):
+            prompt = sum(1 for v in y if v == IGNORE_INDEX)
+            segments.append((x, y, prompt, len(x) - prompt))
+    else:
+        # Mean E2E prompt / reference lengths under SmolLM2's tokenizer (34 / 29), shrunk to fit short rows.
+        length = min(63, case.seq)
+        segments = [(None, None, round(length * 34 / 63), length - round(length * 34 / 63))]
+    pos = 0
+    for x, y, prompt, target in itertools.cycle(segments):
+        if pos >= n * count:
+            break
+        take = min(prompt + target, n * count - pos)
+        if x is not None and y is not None:
+            ys = torch.tensor(y[:take])
+            ids[pos : pos + take] = torch.tensor(x[:take]) % vocab
+            labels[pos : pos + take] = torch.where(ys == IGNORE_INDEX, IGNORE_INDEX, ys % vocab)
+        else:
+            labels[pos : pos + min(prompt, take)] = IGNORE_INDEX
+        pos += take
+    shape = (count, case.batch, case.seq)
+    ids, labels = ids.view(shape), labels.view(shape)
+    mask = torch.ones(case.batch, case.seq, dtype=torch.long)
+    return [{"input_ids": ids[i], "attention_mask": mask, "labels": labels[i]} for i in range(count)]
+
+
+def make_batch(case: Case, tokenizer: Any, vocab: int) -> dict[str, torch.Tensor]:
+    return make_batches(case, tokenizer, vocab)[0]
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A second module tree using the very same parameter and buffer tensors (no extra weight memory)."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _family(model: nn.Module) -> str:
+    return "gpt2" if model.config.model_type == "gpt2" else "llama"
+
+
+def apply_method(model: nn.Module, method: str, r: int, targets: tuple[str, ...], name: str = "default") -> nn.Module:
+    """Make ``model`` trainable by ``method``; returns the module to call (PEFT wraps the model)."""
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if method == "base":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+    if method == "lorakit":
+        from lorakit import LoraConfig, inject
+
+        return inject(model, LoraConfig(r=r, alpha=2 * r, targets=targets), name)
+    if method == "peft":
+        return peft_add(model, r, targets, name)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def _peft_config(model: nn.Module, r: int, targets: tuple[str, ...]) -> Any:
+    import peft
+
+    family = _family(model)
+    modules = sorted({PEFT_TARGETS[family][t] for t in targets})
+    return peft.LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        lora_dropout=0.0,
+        target_modules=modules,
+        fan_in_fan_out=family == "gpt2",
+        task_type="CAUSAL_LM",
+    )
+
+
+def peft_add(model: nn.Module, r: int, targets: tuple[str, ...], name: str = "default") -> nn.Module:
+    """get_peft_model for the first adapter, add_adapter after (``model`` may already be a PeftModel)."""
+    import peft
+
+    if isinstance(model, peft.PeftModel):
+        model.add_adapter(name, _peft_config(model.get_base_model(), r, targets))
+        return model
+    return peft.get_peft_model(model, _peft_config(model, r, targets), adapter_name=name)
+
+
+def randomize_adapters(model: nn.Module, seed: int = 1) -> None:
+    """Non-zero LoRA weights (B starts at 0), so merges and mixed batches do real work."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or ".adapters." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+# -- timing ----------------------------------------------------------------------------------------------
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# CPU seconds of this process per call, next to wall time: on a shared machine, time spent waiting for a
+# core inflates wall time but not CPU time (with one torch thread; more threads add their spin-waits).
+CPU_TIMES: dict[str, list[float]] = {}
+
+
+def time_one(fn: Callable[[], Any], device: str, cpu_key: str | None = None) -> float:
+    _sync(device)
+    cpu = time.process_time()
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    wall = time.perf_counter() - start
+    if cpu_key is not None:
+        CPU_TIMES.setdefault(cpu_key, []).append(time.process_time() - cpu)
+    return wall
+
+
+def time_alternating(
+    fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, device: str
+) -> dict[str, list[float]]:
+    """Run each function once per round, rotating the order (ABC, BCA, ...) so drift hits all alike."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(repeats):
+        order = names[i % len(names) :] + names[: i % len(names)]
+        for name in order:
+            times[name].append(time_one(fns[name], device, cpu_key=name))
+    return times
+
+
+def summary(times: list[float]) -> dict[str, float]:
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median of per-round ratios a_i / b_i: robust to load that changes between rounds."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def ratio_stats(times: dict[str, list[float]], a: str, b: str) -> dict[str, float]:
+    """a / b three ways: paired wall-time ratio, ratio of the fastest runs, paired CPU-time ratio."""
+    out = {"paired": paired_ratio(times[a], times[b]), "of_min": min(times[a]) / min(times[b])}
+    if a in CPU_TIMES and b in CPU_TIMES:
+        out["cpu_paired"] = paired_ratio(CPU_TIMES[a], CPU_TIMES[b])
+    return out
+
+
+# -- precision and steps ---------------------------------------------------------------------------------
+def autocast_ctx(precision: str, device: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16-autocast":
+        return torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The transformers model under a PeftModel wrapper (for lorakit.fast.causal_lm_loss)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def make_train_step(
+    model: nn.Module,
+    batches: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]],
+    precision: str,
+    loss: str,
+    device: str,
+    lr: float = 1e-4,
+) -> Callable[[], float]:
+    """forward + backward + AdamW over the trainable parameters; returns the loss. Cycles through
+    ``batches`` when given a list."""
+    from lorakit.fast import causal_lm_loss
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    feed = itertools.cycle(batches if isinstance(batches, list) else [batches])
+
+    def step() -> float:
+        batch = next(feed)
+        opt.zero_grad(set_to_none=True)
+        with autocast_ctx(precision, device):
+            if loss == "labels":
+                value = causal_lm_loss(_inner(model), batch["input_ids"], batch["attention_mask"], batch["labels"])
+            else:
+                value = model(**batch).loss
+        value.backward()
+        opt.step()
+        return float(value.detach())
+
+    return step
+
+
+# -- case kinds ------------------------------------------------------------------------------------------
+class Measure:
+    """Baseline memory after set-up, then the peak over the measured block."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.result: dict[str, Any] = {}
+
+    @contextlib.contextmanager
+    def block(self) -> Iterator[None]:
+        settle_memory()
+        self.result["load_peak_rss_mb"] = maxrss_mb()
+        self.result["rss_loaded_mb"] = rss_mb()
+        self.result["peak_reset"] = reset_peak()
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            self.result["cuda_loaded_mb"] = torch.cuda.memory_allocated() / 2**20
+        yield
+        run_peak = _status_mb("VmHWM") if self.result["peak_reset"] else None
+        self.result["peak_rss_mb"] = max(maxrss_mb(), self.result["load_peak_rss_mb"])
+        self.result["run_peak_rss_mb"] = run_peak if run_peak is not None else maxrss_mb()
+        self.result["delta_rss_mb"] = self.result["run_peak_rss_mb"] - self.result["rss_loaded_mb"]
+        if self.device.startswith("cuda"):
+            self.result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            self.result["cuda_delta_mb"] = self.result["cuda_peak_mb"] - self.result["cuda_loaded_mb"]
+
+
+def _base_dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16-base" else torch.float32
+
+
+def run_train(case: Case, measure: Measure) -> dict[str, Any]:
+    model, tok = build_model(case.model, _base_dtype(case.precision))
+    model = apply_method(model.to(case.device), case.method, case.r, case.targets)
+    batch = {k: v.to(case.device) for k, v in make_batch(case, tok, model.config.vocab_size).items()}
+    step = make_train_step(model, batch, case.precision, case.loss, case.device)
+    out: dict[str, Any] = {
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "params": sum(p.numel() for p in model.parameters()),
+        "labelled_fraction": float((batch["labels"][:, 1:] != IGNORE_INDEX).float().mean()),
+    }
+    with measure.block():
+        times = time_alternating({"step": step}, case.warmup, case.repeats, case.device)["step"]
+    out.update(summary(times), times=times)
+    return out
+
+
+def run_pair(case: Case, measure: Measure) -> dict[str, Any]:
+    """Two trainers on one set of frozen weights, stepped alternately; ratio = lorakit / other."""
+    other = case.other
+    precisions = {case.precision, other["precision"]}
+    if "bf16-base" in precisions and len(precisions) > 1:
+        raise ValueError("a pair shares frozen weights, so both sides need the same base dtype")
+    base, tok = build_model(case.model, _base_dtype(case.precision))
+    base = base.to(case.device)
+    mine = apply_method(shared_copy(base), case.method, case.r, case.targets)
+    theirs = apply_method(base, other["method"], case.r, case.targets)
+    batch = {k: v.to(case.device) for k, v in make_batch(case, tok, base.config.vocab_size).items()}
+    steps = {
+        "mine": make_train_step(mine, batch, case.precision, case.loss, case.device),
+        "other": make_train_step(theirs, batch, other["precision"], other["loss"], case.device),
+    }
+    with measure.block():
+        times = time_alternating(steps, case.warmup, case.repeats, case.device)
+    stats = ratio_stats(times, "mine", "other")
+    return {
+        "mine": summary(times["mine"]),
+        "other": summary(times["other"]),
+        "times": times,
+        "ratio": stats["paired"],
+        "ratio_stats": stats,
+        **summary(times["mine"]),
+    }
+
+
+def run_infer(case: Case, measure: Measure) -> dict[str, Any]:
+    """Forward of the variant, interleaved with the plain model (same weight tensors) for the overhead."""
+    from lorakit import merge
+
+    base, _ = build_model(case.model, _base_dtype(case.precision))
+    base = base.to(case.device).eval()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    variant = base if case.method == "base" else apply_method(shared_copy(base), case.method, case.r, case.targets)
+    variant.eval()
+    randomize_adapters(variant)
+    if case.mode == "merged":
+        if case.method == "lorakit":
+            merge(variant)
+        elif case.method == "peft":
+            variant.merge_adapter()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, base.config.vocab_size, (case.batch, case.seq), generator=gen).to(case.device)
+    mask = torch.ones_like(ids)
+
+    def forward(m: nn.Module) -> Callable[[], Any]:
+        def run() -> Any:
+            with torch.inference_mode(), autocast_ctx(case.precision, case.device):
+                return m(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+        return run
+
+    with measure.block():
+        times = time_alternating(
+            {"variant": forward(variant), "base": forward(base)}, case.warmup, case.repeats, case.device
+        )
+    stats = ratio_stats(times, "variant", "base")
+    return {
+        **summary(times["variant"]),
+        "times": times,
+        "base": summary(times["base"]),
+        "overhead": stats["paired"] - 1.0,
+        "ratio_stats": stats,
+    }
+
+
+def run_mixed(case: Case, measure: Measure) -> dict[str, Any]:
+    """n adapters, each row of the batch on adapter i % n; vs all rows on one adapter; vs the plain model."""
+    from lorakit import route_rows, set_adapter
+
+    base, _ = build_model(case.model, _base_dtype(case.precision))
+    base = base.to(case.device).eval()
+    model = shared_copy(base)
+    names = [f"a{i}" for i in range(case.n_adapters)]
+    for name in names:
+        model = apply_method(model, case.method, case.r, case.targets, name)
+    model.eval()
+    randomize_adapters(model)
+    if case.method == "peft":
+        model.set_adapter(names[0])
+    else:
+        set_adapter(model, names[0])
+    rows = [names[i % len(names)] for i in range(case.batch)]
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, base.config.vocab_size, (case.batch, case.seq), generator=gen).to(case.device)
+    mask = torch.ones_like(ids)
+
+    def run(m: nn.Module, **kw: Any) -> Callable[[], Any]:
+        def go() -> Any:
+            with torch.inference_mode(), autocast_ctx(case.precision, case.device):
+                return m(input_ids=ids, attention_mask=mask, use_cache=False, **kw).logits
+
+        return go
+
+    def mixed_lorakit() -> Any:
+        with route_rows(model, rows):
+            return run(model)()
+
+    fns = {
+        "mixed": run(model, adapter_names=rows) if case.method == "peft" else mixed_lorakit,
+        "single": run(model),
+        "base": run(base),
+    }
+    with measure.block():
+        times = time_alternating(fns, case.warmup, case.repeats, case.device)
+    stats = {
+        f"{a}_over_{b}": ratio_stats(times, a, b)
+        for a, b in (("mixed", "single"), ("mixed", "base"), ("single", "base"))
+    }
+    return {
+        **summary(times["mixed"]),
+        "times": times,
+        "single": summary(times["single"]),
+        "base": summary(times["base"]),
+        **{k: v["paired"] for k, v in stats.items()},
+        "ratio_stats": stats,
+    }
+
+
+def run_merge(case: Case, measure: Measure) -> dict[str, Any]:
+    """Merge then unmerge every adapted layer, timed separately."""
+    from lorakit import merge, unmerge
+
+    model, _ = build_model(case.model, _base_dtype(case.precision))
+    model = apply_method(model.to(case.device), case.method, case.r, case.targets)
+    randomize_adapters(model)
+    if case.method == "peft":
+        fns = {"merge": model.merge_adapter, "unmerge": model.unmerge_adapter}
+        cycle = [("merge", "unmerge")]
+    else:
+        # merge() checks for non-finite values by default; check=False is PEFT's plain merge_adapter().
+        fns = {
+            "merge": lambda: merge(model),
+            "unmerge": lambda: unmerge(model),
+            "merge_unchecked": lambda: merge(model, check=False),
+        }
+        cycle = [("merge", "unmerge"), ("merge_unchecked", "unmerge")]
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with measure.block():
+        for i in range(case.warmup + case.repeats):
+            for pair in cycle:
+                for name in pair:  # strictly alternating: a merge needs an unmerged model
+                    t = time_one(fns[name], case.device)
+                    if i >= case.warmup:
+                        times[name].append(t)
+    extra = {"merge_unchecked": summary(times["merge_unchecked"])} if "merge_unchecked" in times else {}
+    return {**summary(times["merge"]), "times": times, "unmerge": summary(times["unmerge"]), **extra}
+
+
+def run_switch(case: Case, measure: Measure) -> dict[str, Any]:
+    """Load an adapter file as a new name and make it active; the delete after each is not timed."""
+    from lorakit import delete_adapter, load_adapter, save_adapter, set_adapter
+
+    model, _ = build_model(case.model, _base_dtype(case.precision))
+    model = apply_method(model.to(case.device), case.method, case.r, case.targets)
+    randomize_adapters(model)
+    model.eval()
+    tmp = tempfile.TemporaryDirectory(prefix="lorakit-bench-")
+    path = Path(tmp.name) / "adapter"
+    if case.method == "peft":
+        model.save_pretrained(str(path))
+        saved = path
+    else:
+        saved = save_adapter(model, path)
+    counter = itertools.count()
+    loaded: list[str] = []
+
+    def load_and_switch() -> None:
+        name = f"s{next(counter)}"
+        if case.method == "peft":
+            model.load_adapter(str(saved), adapter_name=name)
+            model.set_adapter(name)
+        else:
+            load_adapter(model, saved, name)
+            set_adapter(model, name)
+        loaded.append(name)
+
+    def drop() -> None:
+        name = loaded.pop()
+        if case.method == "peft":
+            model.set_adapter("default")
+            model.delete_adapter(name)
+        else:
+            set_adapter(model, "default")
+            delete_adapter(model, name)
+
+    times: list[float] = []
+    with measure.block():
+        for i in range(case.warmup + case.repeats):
+            t = time_one(load_and_switch, case.device)
+            drop()
+            if i >= case.warmup:
+                times.append(t)
+    tmp.cleanup()
+    return {**summary(times), "times": times}
+
+
+def _copy_peft_init(peft_model: nn.Module, lorakit_model: nn.Module) -> None:
+    """Give lorakit's adapters PEFT's initial A (B is zero in both), so both runs start identically."""
+    from lorakit.adapters import lora_layers
+
+    peft_modules = dict(peft_model.get_base_model().named_modules())
+    with torch.no_grad():
+        for name, layer in lora_layers(lorakit_model):
+            weights = layer.adapters["default"]
+            if weights.slices is not None:
+                raise ValueError("quality runs need whole-module adapters (PEFT cannot slice c_attn)")
+            weights.A["whole"].copy_(peft_modules[name].lora_A["default"].weight)
+
+
+def run_quality(case: Case, measure: Measure) -> dict[str, Any]:
+    """Same start, same batches, ``repeats`` steps: lorakit (case precision, loss) vs ``other`` (PEFT).
+
+    Reports the loss of every step for both and the fp32 loss of both on a held-out batch at the end.
+    """
+    other = case.other
+    base, tok = build_model(case.model)
+    base = base.to(case.device)
+    mine = apply_method(shared_copy(base), case.method, case.r, case.targets)
+    theirs = apply_method(base, other["method"], case.r, case.targets)
+    _copy_peft_init(theirs, mine)
+    batches = [
+        {k: v.to(case.device) for k, v in b.items()}
+        for b in make_batches(case, tok, base.config.vocab_size, case.repeats + 1)
+    ]
+    held_out = batches.pop()
+    step_mine = make_train_step(mine, batches, case.precision, case.loss, case.device, lr=1e-3)
+    step_theirs = make_train_step(theirs, batches, other["precision"], other["loss"], case.device, lr=1e-3)
+    with measure.block():
+        losses = {"mine": [], "other": []}
+        for _ in range(case.repeats):
+            losses["mine"].append(step_mine())
+            losses["other"].append(step_theirs())
+    held: dict[str, float] = {}
+    for key, model in (("mine", mine), ("other", theirs)):
+        model.eval()
+        with torch.no_grad():
+            held[key] = float(model(**held_out).loss)
+    tail = max(1, min(5, case.repeats))
+    final = {k: statistics.mean(v[-tail:]) for k, v in losses.items()}
+    return {
+        "median_s": 0.0,
+        "min_s": 0.0,
+        "max_s": 0.0,
+        "losses": losses,
+        "final_train_loss": final,
+        "held_out_loss": held,
+        "final_rel_diff": final["mine"] / final["other"] - 1.0,
+        "held_out_rel_diff": held["mine"] / held["other"] - 1.0,
+        "start_loss": losses["other"][0],
+    }
+
+
+RUNNERS: dict[str, Callable[[Case, Measure], dict[str, Any]]] = {
+    "quality": run_quality,
+    "train": run_train,
+    "pair": run_pair,
+    "infer": run_infer,
+    "mixed": run_mixed,
+    "merge": run_merge,
+    "switch": run_switch,
+}
+
+
+def run_case(case: Case) -> dict[str, Any]:
+    if case.threads:
+        torch.set_num_threads(case.threads)
+    measure = Measure(case.device)
+    load_before = os.getloadavg()
+    started = time.time()
+    result = RUNNERS[case.kind](case, measure)
+    return {
+        "cpu_times": dict(CPU_TIMES),
+        "id": case.id,
+        "case": json.loads(case.to_json()),
+        **result,
+        **measure.result,
+        "threads": torch.get_num_threads(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "wall_s": time.time() - started,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m lorakit.bench.worker CASE_JSON", file=sys.stderr)
+        return 2
+    result = run_case(Case.from_json(argv[0]))
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
