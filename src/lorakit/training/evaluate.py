@@ -228,11 +228,15 @@ def loss_sum(
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     labels = batch["labels"]
     if spec.kind == "generation":
+        from lorakit.fast import causal_lm_loss
         from lorakit.methods.prefix import INFIX_KWARG, needs_labels
 
         if needs_labels(model):
             # prefix_embed puts its infix tokens where the prompt ends: the first labelled position.
             inputs[INFIX_KWARG] = (labels != IGNORE_INDEX).int().argmax(dim=1)
+        elif label_smoothing == 0.0 and (targets := (labels[:, 1:] != IGNORE_INDEX).sum()) > 0:
+            # The LM head only where there are labels: prompt tokens need no vocabulary-sized logits.
+            return causal_lm_loss(model, labels=labels, **inputs) * targets
     logits = model(**inputs).logits.float()
     if spec.kind == "regression":
         return F.mse_loss(logits.squeeze(-1), labels.float(), reduction="sum")
