@@ -32,7 +32,8 @@ for pair in data["similarity"]:
 
 print()
 print("ΔW against W (paper's Table 7 quantities), for a middle and the last layer:")
-print("| adapter | matrix | ‖ΔW‖_F | ‖UᵀWV‖_F, ΔW's directions | W's own top-r directions | random | ‖W‖_F | amplification |")
+print("| adapter | matrix | ‖ΔW‖_F | ‖UᵀWV‖_F, ΔW's directions | W's own top-r directions | random | ‖W‖_F "
+      "| amplification |")
 print("|---|---|---:|---:|---:|---:|---:|---:|")
 last = max(layer(m) for m in data["per_adapter"][0])
 for i, per in enumerate(data["per_adapter"]):
