@@ -274,6 +274,13 @@ def read_adapter(path: str | Path) -> AdapterFile:
                 raise AdapterFileError(
                     f"{weights_path}: {module}: A {tuple(a.shape)} and B {tuple(b.shape)} do not form B·A"
                 )
+            rank = config.rank_for(module)
+            if a.shape[0] != rank:
+                # A file whose tensors disagree with its own config is corrupt, whatever model it meets.
+                raise AdapterFileError(
+                    f"{weights_path}: {module} has rank {a.shape[0]}, but its config with r={rank} needs "
+                    f"rank {rank}"
+                )
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                 raise AdapterFileError(f"{weights_path}: {module} holds NaN or infinite values")
             slots[slot] = (a, b)

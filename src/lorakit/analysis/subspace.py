@@ -28,7 +28,6 @@ import torch
 from torch import Tensor
 
 _DT = torch.float64  # the analysis is about small singular values; float32 blurs them
-_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<sub>[^.]+))?\.weight$")
 _SLICES = ("q", "k", "v")
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -43,67 +42,17 @@ class LoraFactors(NamedTuple):
     scaling: float
 
 
-def _pattern_value(patterns: Mapping[str, Any], module: str) -> Any | None:
-    # Same rule as PEFT's get_pattern_key: the key, as a regex, must match a dotted suffix.
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return None
-
-
 def read_lora_matrices(adapter_dir: str | Path) -> dict[str, LoraFactors]:
-    """Parse a PEFT-layout adapter directory into {module name: (A, B, scaling)}.
+    """{module name: (A, B, scaling)} of a lorakit or PEFT adapter directory, in float64.
 
-    Module names drop the ``base_model.model.`` prefix; GPT-2 fused c_attn slices stored as
-    ``c_attn.lora_A.q.weight`` become ``<...>.c_attn.q``. scaling = α/r, or α/√r with
-    ``use_rslora``; ``rank_pattern``/``alpha_pattern`` are matched like PEFT does.
+    Parsing and validation are ``lorakit.files.read_adapter``'s (one reader of the format): module names
+    drop the ``base_model.model.`` prefix, fused c_attn slices become ``<...>.c_attn.q``, and scaling
+    honours ``use_rslora`` and ``rank_pattern``/``alpha_pattern`` as PEFT reads them.
     """
-    from safetensors.torch import load_file
+    from lorakit.files import read_adapter
 
-    adapter_dir = Path(adapter_dir)
-    config_path = adapter_dir / "adapter_config.json"
-    weights_path = adapter_dir / "adapter_model.safetensors"
-    if not config_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(f"{adapter_dir} needs adapter_config.json and adapter_model.safetensors")
-    config = json.loads(config_path.read_text())
-    tensors = load_file(str(weights_path))
-    parts: dict[str, dict[str, Tensor]] = {}
-    bases: dict[str, str] = {}  # slice name -> the module PEFT's patterns are matched against
-    for key, tensor in tensors.items():
-        m = _KEY.match(key)
-        if m is None:
-            continue  # biases, modules_to_save, DoRA magnitudes: not part of ΔW = BA
-        module = m["module"].removeprefix("base_model.model.")
-        base = module
-        if m["sub"] in _SLICES:
-            module = f"{module}.{m['sub']}"
-        # any other infix is an adapter name ("default"), which saved files normally omit
-        parts.setdefault(module, {})[m["ab"]] = tensor
-        bases[module] = base
-    r_default = int(config.get("r", 8))
-    alpha_default = float(config.get("lora_alpha", r_default))
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    rslora = bool(config.get("use_rslora", False))
-    out: dict[str, LoraFactors] = {}
-    for module in sorted(parts):
-        p = parts[module]
-        if "A" not in p or "B" not in p:
-            raise ValueError(f"{adapter_dir}: module {module} has only lora_{'A' if 'A' in p else 'B'}")
-        A, B = p["A"].to(_DT), p["B"].to(_DT)
-        base = bases[module]
-        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-            raise ValueError(f"{adapter_dir}: {module} has A {tuple(A.shape)} and B {tuple(B.shape)}")
-        r = _pattern_value(rank_pattern, base)
-        r = r_default if r is None else int(r)
-        if A.shape[0] != r:
-            raise ValueError(f"{adapter_dir}: {module} has rank {A.shape[0]} but the config says r={r}")
-        alpha = _pattern_value(alpha_pattern, base)
-        alpha = alpha_default if alpha is None else float(alpha)
-        out[module] = LoraFactors(A, B, alpha / math.sqrt(r) if rslora else alpha / r)
-    if not out:
-        raise ValueError(f"{adapter_dir}: no lora_A/lora_B weights found")
-    return out
+    matrices = read_adapter(adapter_dir).lora_matrices()
+    return {name: LoraFactors(a.to(_DT), b.to(_DT), s) for name, (a, b, s) in sorted(matrices.items())}
 
 
 def delta_w_svd(A: Tensor, B: Tensor, scaling: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
