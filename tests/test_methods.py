@@ -319,8 +319,9 @@ def test_files_are_checked(tmp_path):
     model = gpt2()
     apply_method(model, "adapter_p", bottleneck=4)
     save_method(model, tmp_path / "m")
-    save_method(model, tmp_path / "m")  # overwriting swaps atomically
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    (tmp_path / "m" / "notes.txt").write_text("kept")
+    save_method(model, tmp_path / "m")  # overwriting replaces each file atomically, keeps other files
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME, "notes.txt"]
     with pytest.raises(AdapterFileError, match="model_type='gpt2', this model has 'llama'"):
         load_method(tiny_llama(), tmp_path / "m")
     with pytest.raises(AdapterFileError, match="hidden_size=64, this model has 32"):

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from lorakit import ConfigError
 from lorakit.data import DataError
+from lorakit.errors import AdapterFileError
 from lorakit.training import checkpoint as ckpt
 from lorakit.training.config import TrainConfig, read_config_file, resolve_config
 from lorakit.training.evaluate import TaskSpec, encode, generate_e2e, load_task
@@ -248,6 +249,20 @@ def test_a_registered_method_trains_saves_and_loads(tiny_bert, tmp_path):
         load_trained(fresh, tmp_path / "state")
         ids = torch.tensor([[101, 2023, 2003, 102]])
         torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+
+        # The pair is tied by a checksum: replaced weights, NaNs and a foreign JSON are named errors.
+        with torch.no_grad():
+            next(p for _, p in ckpt.trainable_parameters(model)).fill_(float("nan"))
+        save_trained(model, tmp_path / "nan", cfg)
+        with pytest.raises(AdapterFileError, match="NaN or infinite"):
+            load_trained(load_model(tiny_bert, "seq-cls", num_labels=2)[0], tmp_path / "nan")
+        weights = tmp_path / "state" / "trainable_state.safetensors"
+        weights.write_bytes((tmp_path / "nan" / "trainable_state.safetensors").read_bytes())
+        with pytest.raises(AdapterFileError, match="checksum"):
+            load_trained(load_model(tiny_bert, "seq-cls", num_labels=2)[0], tmp_path / "state")
+        (tmp_path / "nan" / "trainable_state.json").write_text('{"format": "something else"}')
+        with pytest.raises(AdapterFileError, match="not a lorakit trained state"):
+            load_trained(load_model(tiny_bert, "seq-cls", num_labels=2)[0], tmp_path / "nan")
     finally:
         METHODS.pop("test-bias-only")
 

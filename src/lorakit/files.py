@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import re
-import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,35 +162,45 @@ def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) ->
     name = name or active_adapter(model) or DEFAULT
     if name not in configs(model):
         raise KeyError(f"no adapter named {name!r}; loaded: {sorted(configs(model))}")
+    tensors, raw = _collect(model, name)
+
+    def config_with(sha256: str) -> dict[str, Any]:
+        raw["lorakit"]["sha256"] = sha256
+        return raw
+
+    return write_weights_and_config(path, tensors, WEIGHTS_NAME, config_with, CONFIG_NAME)
+
+
+def write_weights_and_config(
+    path: str | Path,
+    tensors: dict[str, Tensor],
+    weights_name: str,
+    config_with: Callable[[str], dict[str, Any]],
+    config_name: str,
+) -> Path:
+    """The one writer of lorakit's safetensors + JSON pairs (adapters, method files, trained states).
+
+    Each file is written under a temporary name in ``path`` and renamed over the old one, weights first:
+    an interrupted save never leaves a half-written file, and since ``config_with(sha256)`` records the
+    weights' checksum, a crash between the two renames is caught on load instead of pairing a config with
+    the wrong weights. Other files in ``path`` are left alone.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors, raw = _collect(model, name)
-    tmp_weights = path / f".{WEIGHTS_NAME}.tmp-{os.getpid()}"
-    tmp_config = path / f".{CONFIG_NAME}.tmp-{os.getpid()}"
+    tmp_weights = path / f".{weights_name}.tmp-{os.getpid()}"
+    tmp_config = path / f".{config_name}.tmp-{os.getpid()}"
     try:
         save_file(tensors, tmp_weights, metadata={"format": "pt"})
-        raw["lorakit"]["sha256"] = _sha256(tmp_weights)
-        tmp_config.write_text(json.dumps(raw, indent=2, sort_keys=True))
+        tmp_config.write_text(json.dumps(config_with(_sha256(tmp_weights)), indent=2, sort_keys=True))
         for f in (tmp_weights, tmp_config):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        os.replace(tmp_weights, path / WEIGHTS_NAME)
-        os.replace(tmp_config, path / CONFIG_NAME)
+        os.replace(tmp_weights, path / weights_name)
+        os.replace(tmp_config, path / config_name)
     finally:
         for f in (tmp_weights, tmp_config):
             f.unlink(missing_ok=True)
     return path
-
-
-def replace_dir(tmp: Path, path: Path) -> None:
-    """Move a finished directory into place; an existing one is swapped out, never deleted first."""
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
 
 
 def read_adapter(path: str | Path) -> AdapterFile:

@@ -1,28 +1,25 @@
 """Save and load a method's trained state: ``method_config.json`` + ``method_model.safetensors``.
 
 The JSON names the method and its options (enough to rebuild the structure on a fresh base model), the
-base model's fingerprint, every tensor's shape and the checksum of the weights file. Saves are atomic
-(a sibling directory swapped in by rename); loads check everything they can before touching the model.
+base model's fingerprint, every tensor's shape and the checksum of the weights file. Saves are atomic per
+file (``lorakit.files.write_weights_and_config``); loads check everything they can before touching the model.
 No pickle anywhere. LoRA has its own PEFT-compatible files: use ``lorakit.save_adapter``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lorakit import __version__
 from lorakit.errors import AdapterFileError, ConfigError
-from lorakit.files import _fingerprint, _sha256, replace_dir
+from lorakit.files import _fingerprint, _sha256, write_weights_and_config
 from lorakit.methods import METHODS, MethodResult, apply_method, method_of
 
 CONFIG_NAME = "method_config.json"
@@ -43,29 +40,19 @@ def save_method(model: nn.Module, path: str | Path) -> Path:
         raise ConfigError(f"the model no longer has parameter(s) {missing[:3]} of method {record['name']!r}")
     # The file must not alias model memory (safetensors refuses shared storage) and must be contiguous.
     tensors = {n: params[n].detach().to("cpu").contiguous().clone() for n in record["trainable"]}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        config = {
+
+    def config_with(sha256: str) -> dict[str, Any]:
+        return {
             "format": FORMAT,
             "version": __version__,
             "method": record["name"],
             "options": record["options"],
             "base_model": _fingerprint(model),
             "tensors": {n: list(t.shape) for n, t in tensors.items()},
-            "sha256": _sha256(tmp / WEIGHTS_NAME),
+            "sha256": sha256,
         }
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-        for f in (tmp / WEIGHTS_NAME, tmp / CONFIG_NAME):
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+
+    return write_weights_and_config(path, tensors, WEIGHTS_NAME, config_with, CONFIG_NAME)
 
 
 def read_method(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

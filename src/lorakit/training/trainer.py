@@ -22,7 +22,6 @@ import random
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -32,14 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lorakit.adapters import configs, inject, parameter_report
 from lorakit.config import LoraConfig
 from lorakit.data import DataError
 from lorakit.errors import AdapterFileError, ConfigError
-from lorakit.files import CONFIG_NAME, WEIGHTS_NAME, load_adapter, replace_dir, save_adapter
+from lorakit.files import CONFIG_NAME, WEIGHTS_NAME, _sha256, load_adapter, save_adapter, write_weights_and_config
 from lorakit.training import checkpoint as ckpt
 from lorakit.training import distributed as dist_util
 from lorakit.training.config import TrainConfig, json_safe, write_json_atomic
@@ -61,6 +60,7 @@ PLOT = "training.png"
 PREDICTIONS = "eval_predictions.jsonl"
 TRAINABLE_WEIGHTS = "trainable_state.safetensors"
 TRAINABLE_CONFIG = "trainable_state.json"
+TRAINABLE_FORMAT = "lorakit-trainable-state"
 TENSORBOARD_DIR = "tensorboard"
 # Files a run writes into its output directory (removed by --overwrite, nothing else is touched).
 RUN_FILES = (
@@ -169,51 +169,58 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
 
 # == saving the trained state ============================================================================
 def save_trainable_state(model: nn.Module, path: str | Path, cfg: TrainConfig) -> Path:
-    """Any method's trainable parameters, by name, as safetensors + JSON (with the config to rebuild it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Any method's trainable parameters, by name, as safetensors + JSON (with the config to rebuild it).
+
+    Written per file beside whatever else ``path`` holds (a run's logs), like an adapter."""
     tensors = {
         n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        save_file(tensors, tmp / TRAINABLE_WEIGHTS, metadata={"format": "pt"})
-        meta = {
-            "format": "lorakit-trainable-state",
+
+    def config_with(sha256: str) -> dict[str, Any]:
+        return {
+            "format": TRAINABLE_FORMAT,
             "method": cfg.method,
             "base_model": cfg.model,
             "parameters": {n: list(t.shape) for n, t in tensors.items()},
+            "sha256": sha256,
             "train_config": cfg.to_dict(),
         }
-        write_json_atomic(tmp / TRAINABLE_CONFIG, meta)
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+
+    return write_weights_and_config(path, tensors, TRAINABLE_WEIGHTS, config_with, TRAINABLE_CONFIG)
 
 
 def save_trained(model: nn.Module, path: str | Path, cfg: TrainConfig) -> Path:
-    """Write what training produced into a new directory ``path``: a LoRA adapter, or the trainable state."""
+    """Write what training produced into directory ``path``: a LoRA adapter, or the trainable state.
+    Other files in ``path`` are kept, so a run's final files go straight into its output folder."""
     if configs(model):
         return save_adapter(model, path)
     return save_trainable_state(model, path, cfg)
 
 
-def publish_trained(model: nn.Module, out: Path, cfg: TrainConfig) -> None:
-    """Put the trained files into ``out`` beside the run's other files.
-
-    ``save_trainable_state`` swaps in a whole directory, so both kinds are written to a staging folder and
-    renamed into ``out`` one by one (each rename is atomic; the adapter's checksum ties the pair together).
-    """
-    staging = out / ".trained-staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    save_trained(model, staging, cfg)
-    names = [WEIGHTS_NAME, TRAINABLE_WEIGHTS, CONFIG_NAME, TRAINABLE_CONFIG]  # weights before their config
-    for name in names:
-        if (staging / name).is_file():
-            os.replace(staging / name, out / name)
-    shutil.rmtree(staging, ignore_errors=True)
+def read_trainable_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, tensors) of a saved trainable state, checked for integrity before any model is touched."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / TRAINABLE_CONFIG).read_text())
+    except (OSError, ValueError) as exc:
+        raise AdapterFileError(f"{path / TRAINABLE_CONFIG}: unreadable trained state: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != TRAINABLE_FORMAT or "train_config" not in meta:
+        raise AdapterFileError(f"{path / TRAINABLE_CONFIG} is not a lorakit trained state")
+    weights = path / TRAINABLE_WEIGHTS
+    if not weights.is_file():
+        raise AdapterFileError(f"{path} is missing {TRAINABLE_WEIGHTS}")
+    if meta.get("sha256") != _sha256(weights):
+        raise AdapterFileError(
+            f"{weights} does not match the checksum in {TRAINABLE_CONFIG}: corrupt, or replaced without its config"
+        )
+    try:
+        tensors = load_file(weights)
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise AdapterFileError(f"{weights} is corrupt or truncated: {exc}") from exc
+    bad = [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise AdapterFileError(f"{weights}: {bad[0]} holds NaN or infinite values")
+    return meta, tensors
 
 
 def load_trained(model: nn.Module, path: str | Path) -> None:
@@ -226,11 +233,7 @@ def load_trained(model: nn.Module, path: str | Path) -> None:
         raise AdapterFileError(
             f"{path} holds neither a LoRA adapter ({CONFIG_NAME}) nor a trained state ({TRAINABLE_CONFIG})"
         )
-    try:
-        meta = json.loads((path / TRAINABLE_CONFIG).read_text())
-        tensors = load_file(path / TRAINABLE_WEIGHTS)
-    except (OSError, ValueError, SafetensorError) as exc:
-        raise AdapterFileError(f"{path}: unreadable trained state: {exc}") from exc
+    meta, tensors = read_trainable_state(path)
     # Rebuild the method's structure (it may add modules), then fill in the trained values.
     cfg = TrainConfig.from_dict(meta["train_config"])
     prepare_model(model, cfg)
@@ -667,9 +670,9 @@ def _train(
 
     # -- 5. final adapter, final evaluation, plot -------------------------------------------------------
     if fsdp:
-        _save_fsdp(wrapped, build_cpu_copy, out, cfg, info, publish=True)
+        _save_fsdp(wrapped, build_cpu_copy, out, cfg, info)
     elif info.is_main:
-        publish_trained(model, out, cfg)
+        save_trained(model, out, cfg)
     valid_metrics = run_validation(total_steps)
     predictions: list[Any] = []
     if spec.kind != "generation" and data.valid is data.eval:
@@ -728,7 +731,6 @@ def _save_fsdp(
     path: Path,
     cfg: TrainConfig,
     info: dist_util.DistInfo,
-    publish: bool = False,
 ) -> None:
     """Gather the full state dict onto rank 0 (on CPU), copy the trained tensors into a CPU replica of the
     prepared model, and save the method's plain files from it (so FSDP runs yield ordinary adapters)."""
@@ -740,8 +742,5 @@ def _save_fsdp(
         with torch.no_grad():
             for name, p in ckpt.trainable_parameters(replica):
                 p.copy_(full[name])
-        if publish:
-            publish_trained(replica, path, cfg)
-        else:
-            save_trained(replica, path, cfg)
+        save_trained(replica, path, cfg)
     dist_util.barrier(info)
