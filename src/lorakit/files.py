@@ -203,31 +203,51 @@ def write_weights_and_config(
     return path
 
 
-def read_adapter(path: str | Path) -> AdapterFile:
-    """Parse and check an adapter directory without touching any model."""
+def read_pair(path: str | Path, config_name: str, weights_name: str, what: str) -> tuple[dict[str, Any], Path]:
+    """(parsed JSON, weights path) of a safetensors + JSON directory, or an error naming what is wrong."""
     path = Path(path)
-    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    config_path, weights_path = path / config_name, path / weights_name
     if not path.is_dir():
-        raise AdapterFileError(f"adapter directory {path} does not exist")
+        raise AdapterFileError(f"{what} directory {path} does not exist")
     for required in (config_path, weights_path):
         if not required.is_file():
-            raise AdapterFileError(f"{path} is not an adapter: {required.name} is missing")
+            raise AdapterFileError(f"{path} is not a saved {what}: {required.name} is missing")
     try:
-        raw = json.loads(config_path.read_text())
+        config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterFileError(f"{config_path} is not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict) or raw.get("peft_type", "LORA") != "LORA":
-        raise AdapterFileError(f"{config_path}: not a LoRA adapter (peft_type={raw.get('peft_type')!r})")
-    meta = raw.get("lorakit") or {}
-    if meta.get("sha256") and meta["sha256"] != _sha256(weights_path):
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{config_path} is not a JSON object")
+    return config, weights_path
+
+
+def read_weights(weights_path: Path, sha256: str | None, config_name: str) -> dict[str, Tensor]:
+    """The tensors of ``weights_path``, after checking them against the checksum its config recorded."""
+    if sha256 and sha256 != _sha256(weights_path):
         raise AdapterFileError(
-            f"{weights_path} does not match the checksum in {CONFIG_NAME}: the file is corrupt or was "
+            f"{weights_path} does not match the checksum in {config_name}: the file is corrupt or was "
             "replaced without its config"
         )
     try:
-        tensors = load_file(weights_path)
+        return load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterFileError(f"{weights_path} is corrupt or truncated: {exc}") from exc
+
+
+def non_finite(tensors: dict[str, Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf, if any."""
+    return next((n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+
+
+def read_adapter(path: str | Path) -> AdapterFile:
+    """Parse and check an adapter directory without touching any model."""
+    path = Path(path)
+    raw, weights_path = read_pair(path, CONFIG_NAME, WEIGHTS_NAME, "adapter")
+    config_path = path / CONFIG_NAME
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise AdapterFileError(f"{config_path}: not a LoRA adapter (peft_type={raw.get('peft_type')!r})")
+    meta = raw.get("lorakit") or {}
+    tensors = read_weights(weights_path, meta.get("sha256"), CONFIG_NAME)
     try:
         if "config" in meta:
             config = LoraConfig.from_dict(meta["config"])

@@ -8,18 +8,15 @@ No pickle anywhere. LoRA has its own PEFT-compatible files: use ``lorakit.save_a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from lorakit import __version__
 from lorakit.errors import AdapterFileError, ConfigError
-from lorakit.files import _fingerprint, _sha256, write_weights_and_config
+from lorakit.files import _fingerprint, non_finite, read_pair, read_weights, write_weights_and_config
 from lorakit.methods import METHODS, MethodResult, apply_method, method_of
 
 CONFIG_NAME = "method_config.json"
@@ -58,17 +55,9 @@ def save_method(model: nn.Module, path: str | Path) -> Path:
 def read_method(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config, tensors) of a method directory, checked for completeness and integrity."""
     path = Path(path)
-    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not path.is_dir():
-        raise AdapterFileError(f"method directory {path} does not exist")
-    for required in (config_path, weights_path):
-        if not required.is_file():
-            raise AdapterFileError(f"{path} is not a saved method: {required.name} is missing")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFileError(f"{config_path} is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
+    config, weights_path = read_pair(path, CONFIG_NAME, WEIGHTS_NAME, "method")
+    config_path = path / CONFIG_NAME
+    if config.get("format") != FORMAT:
         raise AdapterFileError(f"{config_path}: not a lorakit method file (format={config.get('format')!r})")
     for key in ("method", "options", "tensors"):
         if key not in config:
@@ -77,22 +66,14 @@ def read_method(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
         raise AdapterFileError(
             f"{config_path}: unknown method {config['method']!r}; known: {', '.join(METHODS)}"
         )
-    if config.get("sha256") and config["sha256"] != _sha256(weights_path):
-        raise AdapterFileError(
-            f"{weights_path} does not match the checksum in {CONFIG_NAME}: corrupt, or replaced "
-            "without its config"
-        )
-    try:
-        tensors = load_file(weights_path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterFileError(f"{weights_path} is corrupt or truncated: {exc}") from exc
+    tensors = read_weights(weights_path, config.get("sha256"), CONFIG_NAME)
     listed = {n: tuple(s) for n, s in config["tensors"].items()}
     stored = {n: tuple(t.shape) for n, t in tensors.items()}
     if listed != stored:
         raise AdapterFileError(f"{path}: the weights file and {CONFIG_NAME} list different tensors")
-    bad = [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = non_finite(tensors)
     if bad:
-        raise AdapterFileError(f"{weights_path}: {bad[0]} holds NaN or infinite values")
+        raise AdapterFileError(f"{weights_path}: {bad} holds NaN or infinite values")
     return config, tensors
 
 

@@ -30,15 +30,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from lorakit.adapters import configs, inject, parameter_report
 from lorakit.config import LoraConfig
 from lorakit.data import DataError
 from lorakit.errors import AdapterFileError, ConfigError
-from lorakit.files import CONFIG_NAME, WEIGHTS_NAME, _sha256, load_adapter, save_adapter, write_weights_and_config
+from lorakit.files import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    load_adapter,
+    non_finite,
+    read_pair,
+    read_weights,
+    save_adapter,
+    write_weights_and_config,
+)
 from lorakit.training import checkpoint as ckpt
 from lorakit.training import distributed as dist_util
 from lorakit.training.config import TrainConfig, json_safe, write_json_atomic
@@ -199,27 +206,15 @@ def save_trained(model: nn.Module, path: str | Path, cfg: TrainConfig) -> Path:
 
 def read_trainable_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config, tensors) of a saved trainable state, checked for integrity before any model is touched."""
-    path = Path(path)
-    try:
-        meta = json.loads((path / TRAINABLE_CONFIG).read_text())
-    except (OSError, ValueError) as exc:
-        raise AdapterFileError(f"{path / TRAINABLE_CONFIG}: unreadable trained state: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != TRAINABLE_FORMAT or "train_config" not in meta:
-        raise AdapterFileError(f"{path / TRAINABLE_CONFIG} is not a lorakit trained state")
-    weights = path / TRAINABLE_WEIGHTS
-    if not weights.is_file():
-        raise AdapterFileError(f"{path} is missing {TRAINABLE_WEIGHTS}")
-    if meta.get("sha256") != _sha256(weights):
-        raise AdapterFileError(
-            f"{weights} does not match the checksum in {TRAINABLE_CONFIG}: corrupt, or replaced without its config"
-        )
-    try:
-        tensors = load_file(weights)
-    except (OSError, ValueError, SafetensorError) as exc:
-        raise AdapterFileError(f"{weights} is corrupt or truncated: {exc}") from exc
-    bad = [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    meta, weights = read_pair(path, TRAINABLE_CONFIG, TRAINABLE_WEIGHTS, "trained state")
+    if meta.get("format") != TRAINABLE_FORMAT or "train_config" not in meta:
+        raise AdapterFileError(f"{Path(path) / TRAINABLE_CONFIG} is not a lorakit trained state")
+    if not meta.get("sha256"):  # always written: its absence means the pair was not saved whole
+        raise AdapterFileError(f"{Path(path) / TRAINABLE_CONFIG} records no checksum of its weights")
+    tensors = read_weights(weights, meta["sha256"], TRAINABLE_CONFIG)
+    bad = non_finite(tensors)
     if bad:
-        raise AdapterFileError(f"{weights}: {bad[0]} holds NaN or infinite values")
+        raise AdapterFileError(f"{weights}: {bad} holds NaN or infinite values")
     return meta, tensors
 
 
