@@ -45,6 +45,7 @@ class Case:
     repeats: int = 5
     device: str = "cpu"
     threads: int = 0  # 0: torch's default
+    compile: bool = False  # lorakit side only: lorakit.fast.compile_for_training, compiled before measuring
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -58,7 +59,7 @@ class Case:
 
 def _train(model: str, method: str, precision: str, loss: str = "model", **kw: Any) -> Case:
     return Case(
-        id=f"train/{model}/{method}/{precision}/{loss}-loss",
+        id=f"train/{model}/{method}/{precision}/{loss}-loss" + ("/compiled" if kw.get("compile") else ""),
         kind="train",
         model=model,
         method=method,
@@ -94,6 +95,8 @@ def default_cases(device: str = "cpu") -> list[Case]:
             cases.append(_train("smollm2-135m", "full", "fp32", **reps))
         for method, loss in (("peft", "model"), ("lorakit", "model"), ("lorakit", "labels")):
             cases.append(_train("smollm2-135m", method, precision, loss, **reps))
+    # The trainer's --compile (a one-off compile of a few minutes, outside the measurement).
+    cases.append(_train("smollm2-135m", "lorakit", "fp32", "labels", compile=True, **reps))
     for method, precision, loss in (
         ("full", "fp32", "model"),
         ("peft", "fp32", "model"),
@@ -118,6 +121,16 @@ def default_cases(device: str = "cpu") -> list[Case]:
                 )
             )
         cases.append(_pair(model, ("fp32", "labels"), ("fp32", "model"), "default-fp32-vs-default", **pair_reps))
+    cases.append(
+        _pair(
+            "smollm2-135m",
+            ("fp32", "labels"),
+            ("fp32", "model"),
+            "default-fp32-compiled-vs-default",
+            compile=True,
+            **pair_reps,
+        )
+    )
     cases.append(
         _pair(
             "smollm2-135m",

@@ -124,7 +124,7 @@ def compute_ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
         find = {"kind": "train", "group": "train", "model": c["model"], "method": "peft", "loss": "model"}
         peft_same = _find(results, **find, precision=c["precision"])
         peft_fp32 = _find(results, **find, precision="fp32")
-        key = f"{c['model']}/{c['precision']}/{c['loss']}-loss"
+        key = train_key(c)
         entry: dict[str, Any] = {}
         if peft_same:
             entry["vs_peft_same_precision"] = rel(r, peft_same)
@@ -137,7 +137,7 @@ def compute_ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
             check(f"like-for-like step memory, {key}", same["step_memory"], 1.0, "<=", "peak - loaded RSS")
         if c["loss"] == "labels" and peft_fp32:
             vs = entry["vs_peft_fp32"]
-            what = f"lorakit {c['precision']} + labels-only loss vs PEFT fp32, {c['model']}"
+            what = f"lorakit {c['precision']} + labels-only loss{_compiled(c)} vs PEFT fp32, {c['model']}"
             check(
                 f"default-vs-default peak RSS: {what}",
                 vs["peak_rss"],
@@ -161,13 +161,14 @@ def compute_ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
         ratios.setdefault("pair", {})[name] = r.get("ratio_stats", {"paired": r["ratio"]})
         if "default" in c["id"]:
             check(
-                f"default-vs-default speed-up (PEFT fp32 / lorakit {c['precision']}, {c['loss']} loss), {c['model']}",
+                f"default-vs-default speed-up (PEFT fp32 / lorakit {c['precision']}, {c['loss']} loss"
+                f"{_compiled(c)}), {c['model']}",
                 1 / r["ratio"],
                 TARGETS["default_speedup"],
                 ">=",
                 _cpu_note(r),
             )
-        if c["precision"] == c["other"]["precision"]:
+        if c["precision"] == c["other"]["precision"] and not c.get("compile"):  # compiled is not like for like
             check(
                 f"same-precision step time ({c['precision']}, lorakit {c['loss']} loss / PEFT model loss), "
                 f"{c['model']}",
@@ -278,9 +279,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         ratios = report["summary"]["ratios"].get("train", {})
         for r in train:
             c = r["case"]
-            entry = (
-                ratios.get(f"{c['model']}/{c['precision']}/{c['loss']}-loss", {}) if c["method"] == "lorakit" else {}
-            )
+            entry = ratios.get(train_key(c), {}) if c["method"] == "lorakit" else {}
             cols = []
             for k in ("vs_peft_same_precision", "vs_peft_fp32"):
                 v = entry.get(k)
@@ -322,7 +321,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             c, o = r["case"], r["case"]["other"]
             st = r.get("ratio_stats", {})
             out.append(
-                f"| {c['model']} | {c['id'].rsplit('/', 1)[-1]} | {c['precision']}, {c['loss']} loss | "
+                f"| {c['model']} | {c['id'].rsplit('/', 1)[-1]} | {c['precision']}, {c['loss']} loss{_compiled(c)} | "
                 f"{o['precision']}, {o['loss']} loss | {r['mine']['median_s']:.3f} | "
                 f"{r['other']['median_s']:.3f} | {r['ratio']:.3f} | {st.get('of_min', float('nan')):.3f} | "
                 f"{st.get('cpu_paired', float('nan')):.3f} | {_load(r)} |"
@@ -458,12 +457,21 @@ def _fmt_load(load: list[float]) -> str:
     return "/".join(f"{x:.2f}" for x in load)
 
 
+def train_key(c: dict[str, Any]) -> str:
+    return f"{c['model']}/{c['precision']}/{c['loss']}-loss" + ("/compiled" if c.get("compile") else "")
+
+
+def _compiled(c: dict[str, Any]) -> str:
+    return " + compile" if c.get("compile") else ""
+
+
 def _method_label(c: dict[str, Any]) -> str:
     if c["method"] == "full":
         return "full FT"
     label = f"{c['method']} LoRA"
     if c["method"] == "lorakit" and c["loss"] == "labels" and c["precision"] == "fp32":
-        label += " (default path)"  # the trainer's default precision is fp32
+        # the trainer's default precision is fp32; --compile is its opt-in for long runs
+        label += " (default path + --compile)" if c.get("compile") else " (default path)"
     return label
 
 

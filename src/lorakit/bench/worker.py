@@ -294,10 +294,12 @@ def make_train_step(
     loss: str,
     device: str,
     lr: float = 1e-4,
+    compile: bool = False,
 ) -> Callable[[], float]:
     """forward + backward + AdamW over the trainable parameters; returns the loss. Cycles through
-    ``batches`` when given a list."""
-    from lorakit.fast import causal_lm_loss
+    ``batches`` when given a list. ``compile``: compile the backbone as ``lorakit train --compile`` does
+    and take one step here, so that the compilation is neither timed nor in the step memory."""
+    from lorakit.fast import causal_lm_loss, compile_for_training
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
@@ -316,6 +318,9 @@ def make_train_step(
         opt.step()
         return float(value.detach())
 
+    if compile:
+        compile_for_training(_inner(model))
+        step()
     return step
 
 
@@ -354,7 +359,7 @@ def run_train(case: Case, measure: Measure) -> dict[str, Any]:
     model, tok = build_model(case.model, _base_dtype(case.precision))
     model = apply_method(model.to(case.device), case.method, case.r, case.targets)
     batch = {k: v.to(case.device) for k, v in make_batch(case, tok, model.config.vocab_size).items()}
-    step = make_train_step(model, batch, case.precision, case.loss, case.device)
+    step = make_train_step(model, batch, case.precision, case.loss, case.device, compile=case.compile)
     out: dict[str, Any] = {
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "params": sum(p.numel() for p in model.parameters()),
@@ -378,7 +383,7 @@ def run_pair(case: Case, measure: Measure) -> dict[str, Any]:
     theirs = apply_method(base, other["method"], case.r, case.targets)
     batch = {k: v.to(case.device) for k, v in make_batch(case, tok, base.config.vocab_size).items()}
     steps = {
-        "mine": make_train_step(mine, batch, case.precision, case.loss, case.device),
+        "mine": make_train_step(mine, batch, case.precision, case.loss, case.device, compile=case.compile),
         "other": make_train_step(theirs, batch, other["precision"], other["loss"], case.device),
     }
     with measure.block():

@@ -24,6 +24,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from lorakit.adapters import configs, inject, parameter_report
 from lorakit.config import LoraConfig
 from lorakit.data import DataError
 from lorakit.errors import AdapterFileError, ConfigError
+from lorakit.fast import compile_for_training
 from lorakit.files import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -82,7 +84,7 @@ RUN_FILES = (
     TRAINABLE_CONFIG,
 )
 # Fields that may differ when resuming: they do not change what is computed.
-RESUME_MAY_CHANGE = {"tensorboard", "plot", "eval_batch_size", "keep_checkpoints", "device"}
+RESUME_MAY_CHANGE = {"tensorboard", "plot", "eval_batch_size", "keep_checkpoints", "device", "compile"}
 
 
 # == methods ==============================================================================================
@@ -494,6 +496,8 @@ def _train(
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # no KV cache while training (generation turns it on per call)
     model.to(info.device)
+    if cfg.compile:
+        compile_for_training(model)
     wrapped = dist_util.wrap_model(model, info, fsdp=cfg.fsdp)
     fsdp = dist_util.is_fsdp(wrapped)
 
@@ -709,13 +713,15 @@ def _evaluate(
     others wait; under FSDP every rank runs the same evaluation in lockstep, because each forward gathers
     the sharded weights from all of them."""
     result: dict[str, float] = {}
-    if fsdp or info.is_main:
-        inner = dist_util.unwrap(model)
-        if final:
-            result = score(inner, tokenizer, spec, items, cfg, info.device, progress=info.is_main,
-                           predictions_out=predictions)  # fmt: skip
-        else:
-            result = validate(inner, tokenizer, spec, items, cfg, info.device)
+    # A compiled backbone (--compile) runs eagerly here: generation's growing shapes would recompile it.
+    with torch.compiler.set_stance("force_eager") if cfg.compile else nullcontext():
+        if fsdp or info.is_main:
+            inner = dist_util.unwrap(model)
+            if final:
+                result = score(inner, tokenizer, spec, items, cfg, info.device, progress=info.is_main,
+                               predictions_out=predictions)  # fmt: skip
+            else:
+                result = validate(inner, tokenizer, spec, items, cfg, info.device)
     dist_util.barrier(info)
     return dist_util.broadcast_object(info, result)
 
