@@ -32,9 +32,10 @@ def base():
 def test_variants_share_the_base_and_differ_as_designed(base):
     x = torch.randint(0, 1000, (2, 6))
     out = {v: build_variant(base, v, **SETTINGS)(input_ids=x).logits for v in
-           ("base", "lora_merged", "lora_unmerged", "adapter_h", "prefix_layer")}
+           ("base", "base_copy", "lora_merged", "lora_unmerged", "adapter_h", "prefix_layer")}
     assert base.transformer.h[0].attn.c_attn.weight.requires_grad  # the base itself was never modified
     torch.testing.assert_close(out["base"], base(input_ids=x).logits)
+    torch.testing.assert_close(out["base_copy"], out["base"], atol=0, rtol=0)  # the noise-floor column
     # Merged and unmerged LoRA compute the same function; trained-looking values make it differ from the base.
     torch.testing.assert_close(out["lora_merged"], out["lora_unmerged"], atol=1e-4, rtol=1e-4)
     for v in ("lora_merged", "adapter_h", "prefix_layer"):

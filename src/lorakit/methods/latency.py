@@ -24,7 +24,8 @@ from torch import nn
 
 from lorakit.errors import ConfigError
 
-DEFAULT_VARIANTS = ("base", "lora_merged", "lora_unmerged", "adapter_h", "adapter_l", "prefix_layer")
+# base_copy, a second copy of the base, computes exactly what base computes: its % is the noise floor.
+DEFAULT_VARIANTS = ("base", "base_copy", "lora_merged", "lora_unmerged", "adapter_h", "adapter_l", "prefix_layer")
 RANDOM_MODELS = {
     # name → GPT2Config kwargs: random weights, no download, for quick or offline runs
     "gpt2-small-random": {},
@@ -66,7 +67,7 @@ def build_variant(
     from lorakit.methods import METHODS, apply_method
 
     model = copy.deepcopy(base)
-    if variant == "base":
+    if variant in ("base", "base_copy"):
         return model
     if variant in ("lora_merged", "lora_unmerged"):
         inject(model, LoraConfig(r=r, alpha=2 * r, targets=targets))
@@ -75,7 +76,7 @@ def build_variant(
             merge(model)
         return model
     if variant not in METHODS:
-        known = ", ".join(["base", "lora_merged", "lora_unmerged", *METHODS])
+        known = ", ".join(["base", "base_copy", "lora_merged", "lora_unmerged", *METHODS])
         raise ConfigError(f"unknown latency variant {variant!r}; known: {known}")
     options: dict[str, Any] = {}
     if variant.startswith("adapter_"):
