@@ -234,9 +234,11 @@ def read_weights(weights_path: Path, sha256: str | None, config_name: str) -> di
         raise AdapterFileError(f"{weights_path} is corrupt or truncated: {exc}") from exc
 
 
-def non_finite(tensors: dict[str, Tensor]) -> str | None:
-    """The name of the first floating-point tensor holding NaN or inf, if any."""
-    return next((n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+def check_finite(tensors: dict[str, Tensor], weights_path: Path) -> None:
+    """Refuse a weights file with a floating-point tensor holding NaN or inf, naming the tensor."""
+    bad = next((n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise AdapterFileError(f"{weights_path}: {bad} holds NaN or infinite values")
 
 
 def read_adapter(path: str | Path) -> AdapterFile:

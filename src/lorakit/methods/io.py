@@ -16,7 +16,7 @@ from torch import nn
 
 from lorakit import __version__
 from lorakit.errors import AdapterFileError, ConfigError
-from lorakit.files import _fingerprint, non_finite, read_pair, read_weights, write_weights_and_config
+from lorakit.files import _fingerprint, check_finite, read_pair, read_weights, write_weights_and_config
 from lorakit.methods import METHODS, MethodResult, apply_method, method_of
 
 CONFIG_NAME = "method_config.json"
@@ -71,9 +71,7 @@ def read_method(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     stored = {n: tuple(t.shape) for n, t in tensors.items()}
     if listed != stored:
         raise AdapterFileError(f"{path}: the weights file and {CONFIG_NAME} list different tensors")
-    bad = non_finite(tensors)
-    if bad:
-        raise AdapterFileError(f"{weights_path}: {bad} holds NaN or infinite values")
+    check_finite(tensors, weights_path)
     return config, tensors
 
 

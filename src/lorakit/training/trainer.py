@@ -41,8 +41,8 @@ from lorakit.fast import compile_for_training
 from lorakit.files import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    check_finite,
     load_adapter,
-    non_finite,
     read_pair,
     read_weights,
     save_adapter,
@@ -214,9 +214,7 @@ def read_trainable_state(path: str | Path) -> tuple[dict[str, Any], dict[str, to
     if not meta.get("sha256"):  # always written: its absence means the pair was not saved whole
         raise AdapterFileError(f"{Path(path) / TRAINABLE_CONFIG} records no checksum of its weights")
     tensors = read_weights(weights, meta["sha256"], TRAINABLE_CONFIG)
-    bad = non_finite(tensors)
-    if bad:
-        raise AdapterFileError(f"{weights}: {bad} holds NaN or infinite values")
+    check_finite(tensors, weights)
     return meta, tensors
 
 
