@@ -440,6 +440,67 @@ def test_stsb_regression_fixture(tiny_bert, tmp_path, one_thread):
     assert all(-1.0 <= v <= 1.0 for v in result.values() if not math.isnan(v))
 
 
+def _stsb_folder(root, splits=(("train", 16), ("dev", 8))):
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+    folder = root / "STS-B"
+    folder.mkdir()
+    for split, n in splits:
+        rows = [header] + [
+            f"{i}\tmain-news\tf\t2012\t{i}\tnone\tnone\ta man plays {i}\ta man is playing {i}\t{i * 0.7 % 5:.3f}"
+            for i in range(n)
+        ]
+        (folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_stsb_targets_are_scaled_to_unit_range_and_predictions_back(tiny_bert, tmp_path):
+    """The STS-B collapse: raw 0-5 targets drove MiniLM's tanh pooler into saturation (Pearson 0.09).
+    Training sees scores in [0, 1]; predictions come back in 0-5."""
+    from transformers import AutoTokenizer
+
+    from lorakit.models import load_model
+    from lorakit.training.evaluate import predict_classification
+
+    data = load_task(base_cfg(task="stsb", data=str(_stsb_folder(tmp_path))))
+    assert data.spec.target_range == (0.0, 5.0)
+    rows = encode(data.spec, data.train, AutoTokenizer.from_pretrained(tiny_bert), 32)
+    labels = [r["labels"] for r in rows]
+    assert labels == pytest.approx([ex.label / 5.0 for ex in data.train]) and max(labels) <= 1.0
+    assert max(labels) > 0.5  # the fixture has scores above 2.5
+    model, tok = load_model(str(tiny_bert), "seq-cls", num_labels=1)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.fill_(0.5)  # the middle of the training scale …
+    cfg = base_cfg(task="stsb", data="x")
+    preds = predict_classification(model, tok, data.spec, data.eval, cfg, torch.device("cpu"))
+    assert preds == pytest.approx([2.5] * len(data.eval))  # … is the middle of STS-B's 0-5
+
+
+def test_glue_folder_without_dev_file_scores_a_carved_disjoint_split(tmp_path):
+    folder = _stsb_folder(tmp_path, splits=(("train", 40),))
+    data = load_task(base_cfg(task="stsb", data=str(folder)))
+    assert (len(data.train), len(data.eval)) == (36, 4) and data.valid is data.eval
+    train_texts = {ex.text for ex in data.train}
+    assert not train_texts & {ex.text for ex in data.eval} and len(train_texts | {e.text for e in data.eval}) == 40
+    assert "held out of train.tsv" in data.notes[0]
+    again = load_task(base_cfg(task="stsb", data=str(folder)))
+    assert [e.text for e in again.eval] == [e.text for e in data.eval]  # deterministic: eval rescores the same
+    other = load_task(base_cfg(task="stsb", data=str(folder), split_seed=5))
+    assert [e.text for e in other.eval] != [e.text for e in data.eval]
+    with pytest.raises(DataError, match="not found"):  # a split asked for by name must exist
+        load_task(base_cfg(task="stsb", data=str(folder), eval_split="dev"))
+
+
+@pytest.mark.slow
+def test_stsb_learns_on_minilm(shared_data, tmp_path):
+    """The issue's command at a smaller budget: lorakit's defaults must give a real correlation."""
+    cfg = TrainConfig(
+        model="minilm-l6", task="stsb", data=str(shared_data / "glue" / "STS-B"), max_train_samples=800,
+        epochs=2, batch_size=32, lr=1e-3, out=str(tmp_path / "run"), plot=False, seed=1,
+    )  # fmt: skip
+    assert train(cfg)["pearson"] > 0.6
+
+
 def test_e2e_loss_covers_reference_tokens_only(tiny_llama):
     from transformers import AutoTokenizer
 

@@ -12,7 +12,7 @@ from lorakit.data.collate import (
     encoded_rows,
 )
 from lorakit.data.e2e import E2E_ROLES, E2EItem, e2e_prompt, e2e_splits, e2e_training_pairs, load_e2e
-from lorakit.data.glue import GLUE_TASKS, GlueTask, get_glue_task, glue_task_names, load_glue
+from lorakit.data.glue import GLUE_TASKS, GlueTask, get_glue_task, glue_split_exists, glue_task_names, load_glue
 from lorakit.data.text import DataError, Example, load_text_classification
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "encode_e2e_prompt",
     "encoded_rows",
     "get_glue_task",
+    "glue_split_exists",
     "glue_task_names",
     "load_e2e",
     "load_glue",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lorakit.data.text import DataError, Example, read_delimited
 
-__all__ = ["GLUE_TASKS", "GlueTask", "get_glue_task", "glue_task_names", "load_glue"]
+__all__ = ["GLUE_TASKS", "GlueTask", "get_glue_task", "glue_split_exists", "glue_task_names", "load_glue"]
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,21 @@ def _resolve_file(spec: GlueTask, data_dir: Path, split: str) -> Path:
     if direct.exists() and data_dir.name.lower().replace("-", "") == spec.dir_name.lower().replace("-", ""):
         return direct
     raise DataError(f"{spec.name} {split} split not found: expected {in_root} (or {direct})")
+
+
+def glue_split_exists(task: str, data_dir: str | Path, split: str) -> bool:
+    """Whether ``split``'s TSV file is present for ``task`` under ``data_dir`` (root or task folder).
+
+    Args:
+        task: a GLUE task name (any spelling ``get_glue_task`` accepts).
+        data_dir: the GLUE root or the task's own folder.
+        split: a split name such as ``"dev"``.
+    """
+    try:
+        _resolve_file(get_glue_task(task), Path(data_dir), split)
+    except DataError:
+        return False
+    return True
 
 
 def _check_header(spec: GlueTask, path: Path, header: list[str]) -> int:

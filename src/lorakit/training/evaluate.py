@@ -37,6 +37,7 @@ from lorakit.data import (
     encode_e2e_prompt,
     encoded_rows,
     get_glue_task,
+    glue_split_exists,
     glue_task_names,
     load_glue,
     load_text_classification,
@@ -57,6 +58,23 @@ class TaskSpec:
     model_task: str  # lorakit.models.load_model task: "seq-cls" or "causal-lm"
     num_labels: int | None = None
     label_names: list[str] = field(default_factory=list)
+    # Regression: the score range, mapped to [0, 1] for training and back for predictions. An unscaled
+    # 0-5 target makes the tanh-bounded BERT pooler saturate and the model collapse onto the mean score.
+    target_range: tuple[float, float] | None = None
+
+    def scale_target(self, value: float) -> float:
+        """A regression label in the model's [0, 1] training scale (identity without a range)."""
+        if self.target_range is None:
+            return float(value)
+        lo, hi = self.target_range
+        return (float(value) - lo) / (hi - lo)
+
+    def unscale_prediction(self, value: float) -> float:
+        """A model output back in the task's own score range (the inverse of ``scale_target``)."""
+        if self.target_range is None:
+            return float(value)
+        lo, hi = self.target_range
+        return float(value) * (hi - lo) + lo
 
     @property
     def is_glue(self) -> bool:
@@ -71,6 +89,7 @@ class TaskData:
     train: list[Any] = field(default_factory=list)
     valid: list[Any] = field(default_factory=list)
     eval: list[Any] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # how splits were made, shown to the user
 
 
 # -- loading -----------------------------------------------------------------------------------------------
@@ -113,17 +132,39 @@ def load_task(cfg: TrainConfig, roles: Sequence[str] = ("train", "valid", "eval"
         model_task="seq-cls",
         num_labels=glue.num_labels,
         label_names=list(glue.labels),
+        target_range=glue.score_range,
     )
     eval_split = cfg.eval_split or glue.splits[1]  # dev (MNLI: dev_matched)
     out = TaskData(spec)
+    train, scored = _glue_train_and_scored(glue.name, cfg, eval_split, out.notes)
     if "train" in roles:
-        out.train = subsample(load_glue(glue.name, cfg.data, "train"), cfg.max_train_samples, cfg.split_seed)
-    if "valid" in roles or "eval" in roles:
-        # GLUE reports dev; selecting on dev is what the paper and GLUE baselines do.
-        scored = subsample(load_glue(glue.name, cfg.data, eval_split), cfg.max_eval_samples, cfg.split_seed)
-        out.valid = scored if "valid" in roles else []
-        out.eval = scored if "eval" in roles else []
+        out.train = subsample(train, cfg.max_train_samples, cfg.split_seed)
+    # GLUE reports dev; selecting on dev is what the paper and GLUE baselines do.
+    scored = subsample(scored, cfg.max_eval_samples, cfg.split_seed)
+    out.valid = scored if "valid" in roles else []
+    out.eval = scored if "eval" in roles else []
     return out
+
+
+GLUE_CARVE_FRACTION = 0.1  # of train, held out when a task folder has no dev file (STS-B here)
+GLUE_CARVE_MAX = 1000
+
+
+def _glue_train_and_scored(task: str, cfg: TrainConfig, eval_split: str, notes: list[str]):
+    """(train, scored) examples. Without a file for ``eval_split``, a fixed held-out part of train
+    (seeded by ``split_seed``) is scored and left out of training, so the two never overlap."""
+    if cfg.eval_split or glue_split_exists(task, cfg.data, eval_split):  # a named split must exist
+        return load_glue(task, cfg.data, "train"), load_glue(task, cfg.data, eval_split)
+    train = load_glue(task, cfg.data, "train")
+    n_held = min(GLUE_CARVE_MAX, max(1, round(GLUE_CARVE_FRACTION * len(train))))
+    if len(train) - n_held < 1:
+        raise DataError(f"{task}: {len(train)} training example(s) are too few to carve a {eval_split} split")
+    held = set(random.Random(cfg.split_seed).sample(range(len(train)), n_held))
+    notes.append(
+        f"no {task} {eval_split} file in {cfg.data}: scoring {n_held} examples held out of train.tsv "
+        f"(split_seed {cfg.split_seed}), training on the other {len(train) - n_held}"
+    )
+    return [ex for i, ex in enumerate(train) if i not in held], [ex for i, ex in enumerate(train) if i in held]
 
 
 def _load_text(cfg: TrainConfig, roles: Sequence[str]) -> TaskData:
@@ -209,7 +250,7 @@ def encode(spec: TaskSpec, items: Sequence[Any], tokenizer: Any, max_length: int
         rows = encoded_rows(encode_classification(items, tokenizer, max_length))
         for row in rows:
             if spec.kind == "regression":
-                row["labels"] = float(row["labels"])
+                row["labels"] = spec.scale_target(row["labels"])
             row["n_targets"] = 1
     return rows
 
@@ -303,7 +344,7 @@ def predict_classification(
             with _autocast(device, cfg.bf16):
                 logits = model(**batch).logits.float()
             if spec.kind == "regression":
-                preds += logits.squeeze(-1).tolist()
+                preds += [spec.unscale_prediction(v) for v in logits.squeeze(-1).tolist()]
             else:
                 preds += logits.argmax(-1).tolist()
     finally:

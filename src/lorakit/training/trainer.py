@@ -531,6 +531,8 @@ def _train(
         seed_everything(cfg.seed + info.rank)
 
     per_rank = cfg.batch_size // info.world_size
+    for note in data.notes:
+        _say(info, f"lorakit train: {note}")
     _say(
         info,
         (
