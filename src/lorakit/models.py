@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +96,36 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path, name: str) -> None
         raise
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' own logging (its multi-line load report) and loading bars for the duration of a
+    load; lorakit prints what matters itself (``_report_new_weights``)."""
+    from transformers.utils import logging as hf_logging
+
+    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars for a sub-second load
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _report_new_weights(name: str | Path, missing: list[str]) -> None:
+    """One line for weights the checkpoint lacks: a new task head is expected, anything else is news."""
+    if not missing:
+        return
+    heads = sorted({key.rsplit(".", 1)[0] for key in missing})
+    print(
+        f"lorakit: {name}: new {', '.join(heads)} ({len(missing)} tensor(s) not in the checkpoint, "
+        "initialised by transformers from the seed)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def load_model(
     name_or_path: str | Path,
     task: str = "causal-lm",
@@ -117,7 +150,9 @@ def load_model(
     auto = getattr(transformers, TASK_CLASSES[task])
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
-    model = auto.from_pretrained(path, dtype=dtype, **kwargs)
+    with quiet_transformers():
+        model, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
+    _report_new_weights(name_or_path, info.get("missing_keys") or [])
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.config._name_or_path = str(name_or_path)

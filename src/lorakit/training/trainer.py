@@ -50,7 +50,7 @@ from lorakit.files import (
 )
 from lorakit.training import checkpoint as ckpt
 from lorakit.training import distributed as dist_util
-from lorakit.training.config import TrainConfig, json_safe, write_json_atomic
+from lorakit.training.config import TrainConfig, json_safe, resolve_task_defaults, write_json_atomic
 from lorakit.training.evaluate import (
     TaskData,
     TaskSpec,
@@ -262,6 +262,8 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters only; no weight decay on biases and norm weights."""
+    if cfg.lr is None:
+        raise ConfigError("no learning rate: call resolve_task_defaults(cfg, kind) first (or set lr)")
     decay, no_decay = [], []
     for _, p in ckpt.trainable_parameters(model):
         (no_decay if p.ndim < 2 else decay).append(p)
@@ -463,6 +465,7 @@ def _train(
         )
     data: TaskData = load_task(cfg)
     spec: TaskSpec = data.spec
+    cfg = resolve_task_defaults(cfg, spec.kind)
     if len(data.train) < info.world_size:
         raise DataError(
             f"{len(data.train)} training example(s) cannot be shared by {info.world_size} processes"
