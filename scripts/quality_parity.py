@@ -50,11 +50,11 @@ class ParityCase:
 
 
 CASES = {
-    "sst2": ParityCase("sst2", "sst2", str(GLUE / "SST-2"), "accuracy", 2000, 2),
-    "mrpc": ParityCase("mrpc", "mrpc", str(GLUE / "MRPC"), "accuracy", 2000, 2),
+    "sst2": ParityCase("sst2", "sst2", str(GLUE / "SST-2"), "accuracy", 1000, 2),
+    "mrpc": ParityCase("mrpc", "mrpc", str(GLUE / "MRPC"), "accuracy", 1000, 2),
     "cola": ParityCase("cola", "cola", str(GLUE / "CoLA"), "matthews_corr", 2000, 2),
-    "rte": ParityCase("rte", "rte", str(GLUE / "RTE"), "accuracy", 2000, 2),
-    "stsb": ParityCase("stsb", "stsb", str(GLUE / "STS-B"), "pearson", 2000, 2),
+    "rte": ParityCase("rte", "rte", str(GLUE / "RTE"), "accuracy", 1000, 2),
+    "stsb": ParityCase("stsb", "stsb", str(GLUE / "STS-B"), "pearson", 1000, 2),
     "e2e": ParityCase("e2e", "e2e", str(E2E), "bleu", 0, 0, model="smollm2-135m", max_steps=60,
                       eval_samples=40),
 }
