@@ -206,10 +206,30 @@ def test_lora_method_trains_adapters_and_the_classifier_head(tiny_bert):
     model, _ = load_model(tiny_bert, "seq-cls", num_labels=2)
     prepare_model(model, base_cfg(task="rte", data="d", targets=["q", "v"]))
     names = _trainable(model)
-    assert names and all(".adapters." in n or n.startswith("classifier.copies.") for n in names)
+    heads = ("classifier.copies.", "bert.pooler.copies.")  # BERT's head reads the pretrained pooler: trained too
+    assert names and all(".adapters." in n or n.startswith(heads) for n in names)
     assert any("query" in n for n in names) and any("value" in n for n in names)
     assert not any("key" in n for n in names)
     assert {"classifier.copies.default.weight", "classifier.copies.default.bias"} <= names
+    assert {"bert.pooler.copies.default.dense.weight", "bert.pooler.copies.default.dense.bias"} <= names
+
+
+def test_task_heads_get_head_lr_ratio_times_the_lr(tiny_bert):
+    from lorakit.models import load_model
+
+    model, _ = load_model(tiny_bert, "seq-cls", num_labels=2)
+    cfg = base_cfg(task="rte", data="d", lr=1e-3, head_lr_ratio=10.0)
+    prepare_model(model, cfg)
+    optimizer = build_optimizer(model, cfg)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["classifier.copies.default.weight"])] == pytest.approx(1e-2)
+    assert lr_of[id(named["bert.pooler.copies.default.dense.bias"])] == pytest.approx(1e-2)
+    lora = [n for n in named if ".adapters." in n]
+    assert lora and all(lr_of[id(named[n])] == pytest.approx(1e-3) for n in lora)
+    assert len(lr_of) == len(_trainable(model))  # every trainable parameter is in exactly one group
+    with pytest.raises(ConfigError, match="head_lr_ratio"):
+        base_cfg(task="rte", data="d", head_lr_ratio=0.0)
 
 
 def test_head_and_full_methods(tiny_bert):
@@ -491,12 +511,54 @@ def test_glue_folder_without_dev_file_scores_a_carved_disjoint_split(tmp_path):
         load_task(base_cfg(task="stsb", data=str(folder), eval_split="dev"))
 
 
+def test_balanced_class_weights_closed_form_and_cola_default(tmp_path):
+    from lorakit.data import Example
+    from lorakit.training.evaluate import balanced_class_weights, set_class_weights
+
+    assert balanced_class_weights([1, 1, 1, 0], 2) == pytest.approx([2.0, 2 / 3])  # 4/(2*1), 4/(2*3)
+    with pytest.raises(DataError, match="label"):
+        balanced_class_weights([1, 1], 2)
+    train = [Example("a", None, 1)] * 7 + [Example("b", None, 0)] * 3
+    cola = TaskSpec("cola", "classification", "seq-cls", 2, ["0", "1"], metrics=("matthews_corr",))
+    set_class_weights(cola, train, "auto")  # MCC scores the majority class at 0: balance it
+    assert cola.class_weights == pytest.approx([10 / 6, 10 / 14])
+    sst2 = TaskSpec("sst2", "classification", "seq-cls", 2, ["0", "1"], metrics=("accuracy",))
+    set_class_weights(sst2, train, "auto")
+    assert sst2.class_weights is None
+    set_class_weights(sst2, train, "balanced")
+    assert sst2.class_weights == pytest.approx([10 / 6, 10 / 14])
+
+
+def test_weighted_loss_sum_equals_closed_form():
+    from lorakit.training.evaluate import loss_sum
+
+    class Fixed(torch.nn.Module):
+        def forward(self, input_ids):
+            return type("Out", (), {"logits": torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])})()
+
+    spec = TaskSpec("cola", "classification", "seq-cls", 2, ["0", "1"], class_weights=[3.0, 0.5])
+    batch = {"input_ids": torch.zeros(3, 1, dtype=torch.long), "labels": torch.tensor([0, 1, 1])}
+    logp = torch.log_softmax(torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), -1)
+    expected = -(3.0 * logp[0, 0] + 0.5 * logp[1, 1] + 0.5 * logp[2, 1])
+    assert float(loss_sum(spec, Fixed(), batch)) == pytest.approx(float(expected))
+
+
+@pytest.mark.slow
+def test_cola_beats_the_majority_class_on_minilm(shared_data, tmp_path):
+    """CoLA at lorakit's defaults: MCC 0.0 (every sentence "acceptable") before the recipe fix."""
+    cfg = TrainConfig(
+        model="minilm-l6", task="cola", data=str(shared_data / "glue" / "CoLA"), max_train_samples=2000,
+        epochs=2, batch_size=32, out=str(tmp_path / "run"), plot=False, seed=1,
+    )  # fmt: skip
+    assert train(cfg)["matthews_corr"] > 0.05
+
+
 @pytest.mark.slow
 def test_stsb_learns_on_minilm(shared_data, tmp_path):
     """The issue's command at a smaller budget: lorakit's defaults must give a real correlation."""
     cfg = TrainConfig(
         model="minilm-l6", task="stsb", data=str(shared_data / "glue" / "STS-B"), max_train_samples=800,
-        epochs=2, batch_size=32, lr=1e-3, out=str(tmp_path / "run"), plot=False, seed=1,
+        epochs=2, batch_size=32, out=str(tmp_path / "run"), plot=False, seed=1,
     )  # fmt: skip
     assert train(cfg)["pearson"] > 0.6
 

@@ -33,6 +33,15 @@ def _copies(model: nn.Module) -> Iterator[tuple[str, ModuleCopies]]:
             yield name, module
 
 
+def saved_module_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of every ``modules_to_save`` copy (task heads trained in full with an adapter).
+
+    Args:
+        model: a model with adapters injected (none: an empty list).
+    """
+    return [p for _, wrapper in _copies(model) for copy in wrapper.copies.values() for p in copy.parameters()]
+
+
 def configs(model: nn.Module) -> dict[str, LoraConfig]:
     """The adapters injected into ``model``, by name."""
     registry = getattr(model, "lorakit_configs", None)

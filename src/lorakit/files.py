@@ -241,6 +241,17 @@ def check_finite(tensors: dict[str, Tensor], weights_path: Path) -> None:
         raise AdapterFileError(f"{weights_path}: {bad} holds NaN or infinite values")
 
 
+def _split_saved_key(key: str, saved_names: list[str]) -> tuple[str, str] | None:
+    """(module, its state-dict key) for a tensor of a ``modules_to_save`` module, matched at a module-name
+    boundary: ``bert.pooler.dense.weight`` with saved ``bert.pooler`` → (``bert.pooler``, ``dense.weight``)."""
+    for name in sorted(saved_names, key=len, reverse=True):
+        at = 0 if key.startswith(name + ".") else key.find("." + name + ".") + 1
+        if at > 0 or key.startswith(name + "."):
+            end = at + len(name)
+            return key[:end], key[end + 1 :]
+    return None
+
+
 def read_adapter(path: str | Path) -> AdapterFile:
     """Parse and check an adapter directory without touching any model."""
     path = Path(path)
@@ -288,11 +299,11 @@ def read_adapter(path: str | Path) -> AdapterFile:
             pair[0 if which == "A" else 1] = tensor
         elif key.endswith(".base_layer.bias"):
             parsed.biases[key[: -len(".base_layer.bias")]] = tensor
+        elif (split := _split_saved_key(key, saved_names)) is not None:
+            parsed.saved_modules.setdefault(split[0], {})[split[1]] = tensor
         else:
             module, _, param = key.rpartition(".")
-            if any(module == m or module.endswith("." + m) for m in saved_names):
-                parsed.saved_modules.setdefault(module, {})[param] = tensor
-            elif param == "bias":  # bias="all": biases of modules that carry no LoRA
+            if param == "bias":  # bias="all": biases of modules that carry no LoRA
                 parsed.biases[module] = tensor
             else:
                 raise AdapterFileError(f"{weights_path}: unrecognised tensor {key!r}")

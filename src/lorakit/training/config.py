@@ -29,6 +29,7 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 SCHEDULES = ("linear", "cosine", "constant")
+CLASS_WEIGHTS = ("auto", "none", "balanced")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -78,6 +79,10 @@ class TrainConfig:
         None, "peak learning rate (AdamW); default: the task kind's (classification/regression 1e-3, "
         "generation 5e-4; full and fttop2 fine-tuning 5e-5), see docs/training.md"
     )
+    head_lr_ratio: float = _f(
+        10.0, "lr multiplier for task heads trained with an adapter (modules_to_save): a fresh head on a "
+        "pretrained pooler needs larger steps than the low-rank update (docs/training.md)"
+    )
     weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights)")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
@@ -91,6 +96,10 @@ class TrainConfig:
     schedule: str = _f("linear", "learning-rate schedule after warm-up: linear, cosine or constant")
     clip_norm: float | None = _f(1.0, "clip the gradient norm to this value (none: no clipping)")
     label_smoothing: float = _f(0.0, "label smoothing for classification losses")
+    class_weights: str = _f(
+        "auto", "classification loss weights: none, balanced (each class weighs the same) or auto "
+        "(balanced for tasks scored by Matthews correlation, i.e. CoLA)"
+    )
     seed: int = _f(0, "seed for initialisation, data order and dropout")
     # -- data ------------------------------------------------------------------------------------------
     max_length: int = _f(128, "maximum tokens per example (inputs are truncated)")
@@ -178,6 +187,8 @@ class TrainConfig:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError("dropout and label_smoothing must be in [0, 1)")
+        if not self.head_lr_ratio > 0:
+            raise ConfigError(f"head_lr_ratio must be positive, got {self.head_lr_ratio!r}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.clip_norm is not None and not self.clip_norm > 0:
@@ -188,6 +199,8 @@ class TrainConfig:
             raise ConfigError(f"device must be one of {list(DEVICES)}, got {self.device!r}")
         if self.compile and self.fsdp:
             raise ConfigError("compile and fsdp cannot be combined yet: drop --compile or --fsdp")
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise ConfigError(f"class_weights must be one of {list(CLASS_WEIGHTS)}, got {self.class_weights!r}")
         if self.init not in ("gaussian", "kaiming"):
             raise ConfigError(f"init must be 'gaussian' or 'kaiming', got {self.init!r}")
 

@@ -61,6 +61,9 @@ class TaskSpec:
     # Regression: the score range, mapped to [0, 1] for training and back for predictions. An unscaled
     # 0-5 target makes the tanh-bounded BERT pooler saturate and the model collapse onto the mean score.
     target_range: tuple[float, float] | None = None
+    # Classification: per-class loss weights (None: plain cross-entropy); see ``balanced_class_weights``.
+    class_weights: list[float] | None = None
+    metrics: tuple[str, ...] = ()  # GLUE: the task's official metrics
 
     def scale_target(self, value: float) -> float:
         """A regression label in the model's [0, 1] training scale (identity without a range)."""
@@ -133,6 +136,7 @@ def load_task(cfg: TrainConfig, roles: Sequence[str] = ("train", "valid", "eval"
         num_labels=glue.num_labels,
         label_names=list(glue.labels),
         target_range=glue.score_range,
+        metrics=glue.metrics,
     )
     eval_split = cfg.eval_split or glue.splits[1]  # dev (MNLI: dev_matched)
     out = TaskData(spec)
@@ -238,6 +242,40 @@ def _load_e2e(cfg: TrainConfig, roles: Sequence[str]) -> TaskData:
     return out
 
 
+# Metrics that score a majority-class predictor at 0 whatever the class balance: a model trained on the
+# plain loss for them sits at that 0 for most of a short run (CoLA, ~70 % acceptable).
+BALANCE_FOR_METRICS = ("matthews_corr",)
+
+
+def set_class_weights(spec: TaskSpec, train: Sequence[Example], mode: str) -> None:
+    """Fill ``spec.class_weights`` for ``mode``: "none", "balanced", or "auto" (balanced for tasks scored
+    by a metric in ``BALANCE_FOR_METRICS``, else none).
+
+    Args:
+        spec: a classification task (other kinds are left alone).
+        train: its training examples.
+        mode: the ``class_weights`` setting.
+    """
+    auto = mode == "auto" and any(m in BALANCE_FOR_METRICS for m in spec.metrics)
+    if spec.kind == "classification" and (mode == "balanced" or auto):
+        spec.class_weights = balanced_class_weights([int(ex.label) for ex in train], spec.num_labels or 2)
+
+
+def balanced_class_weights(labels: Sequence[int], num_labels: int) -> list[float]:
+    """n / (K * n_c) per class c: every class weighs the same in the loss, and the weights average to 1
+    over the training examples (so the loss keeps its scale).
+
+    Args:
+        labels: the training labels (class indices).
+        num_labels: K, the number of classes.
+    """
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels)
+    if (counts == 0).any():
+        missing = [i for i, c in enumerate(counts) if c == 0]
+        raise DataError(f"class weights: no training example has label(s) {missing}")
+    return [float(len(labels) / (num_labels * c)) for c in counts]
+
+
 # -- encoding ----------------------------------------------------------------------------------------------
 def encode(spec: TaskSpec, items: Sequence[Any], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
     """Tokenized rows (unpadded); each row also carries ``n_targets``, the number of loss terms it adds."""
@@ -282,7 +320,8 @@ def loss_sum(
     if spec.kind == "regression":
         return F.mse_loss(logits.squeeze(-1), labels.float(), reduction="sum")
     if spec.kind == "classification":
-        return F.cross_entropy(logits, labels, reduction="sum", label_smoothing=label_smoothing)
+        weight = None if spec.class_weights is None else torch.tensor(spec.class_weights, device=logits.device)
+        return F.cross_entropy(logits, labels, weight=weight, reduction="sum", label_smoothing=label_smoothing)
     shifted_logits, shifted_labels = logits[:, :-1], labels[:, 1:]
     return F.cross_entropy(
         shifted_logits.reshape(-1, shifted_logits.shape[-1]),
