@@ -649,7 +649,7 @@ def _train(
             if cfg.clip_norm is not None:
                 trainable = [p for _, p in ckpt.trainable_parameters(wrapped)]
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_norm)  # global norm under FSDP too
-            lr = scheduler.get_last_lr()[0]
+            lr = cfg.lr * lr_factor(state.step, total_steps, warmup, cfg.schedule)  # the adapter lr, not a head's
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
