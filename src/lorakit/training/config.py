@@ -143,6 +143,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Range checks that need no files; the trainer checks data and model before training."""
+        check_finite_and_patterns(self)
         if not self.task:
             raise ConfigError("task is required (e.g. --task rte, --task e2e or --task text)")
         if not self.data and not self.train_file:
@@ -207,6 +208,27 @@ class TrainConfig:
     def save(self, path: str | Path) -> Path:
         """Write the resolved config as JSON, atomically (temp file + rename)."""
         return write_json_atomic(path, self.to_dict())
+
+
+def check_finite_and_patterns(cfg: TrainConfig) -> None:
+    """Every float field finite, every target a valid pattern: checked before the range checks, because
+    ``inf`` passes "> 0" (an lr of inf trains to NaN) and ``nan`` fails no comparison at all.
+
+    Args:
+        cfg: the config to check.
+
+    Raises:
+        ConfigError: naming the field and its value.
+        TargetError: naming a target that is not a valid regular expression.
+    """
+    from lorakit.targets import check_target_pattern
+
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+    for pattern in cfg.targets:
+        check_target_pattern(pattern)
 
 
 # Names users bring from transformers/PEFT scripts, and ours.
