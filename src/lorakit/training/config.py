@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import ConfigError
+from lorakit.fsutil import file_mode
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -379,8 +380,8 @@ def resolve_config(config_file: str | Path | None, overrides: dict[str, Any]) ->
 
 
 def json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
-    """NaN (an undefined score) → None, so the JSON written is strict JSON (``null``, not ``NaN``)."""
-    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
+    """NaN (an undefined score) or ±inf → None, so the JSON written is strict (``null``, not ``NaN``)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
@@ -389,6 +390,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())  # mkstemp's 0600 would make this file unlike the run's other files
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(obj, fh, indent=2, sort_keys=True)
             fh.write("\n")
