@@ -25,7 +25,7 @@ from lorakit import __version__
 from lorakit.adapters import DEFAULT, active_adapter, configs, inject, lora_layers, set_adapter
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, ConfigError
-from lorakit.fsutil import debug_kill_point, fsync_dir, stale_temps
+from lorakit.fsutil import debug_kill_point, file_mode, fsync_dir, stale_temps
 from lorakit.layers import WHOLE, LoraLayer, ModuleCopies
 
 CONFIG_NAME = "adapter_config.json"
@@ -204,6 +204,7 @@ def write_weights_and_config(
     tmp_config = path / f".{config_name}.tmp-{os.getpid()}"
     try:
         save_file(tensors, tmp_weights, metadata={"format": "pt"})
+        os.chmod(tmp_weights, file_mode())  # safetensors creates 0600; the JSON beside it gets the umask's
         debug_kill_point("pair:weights-written")
         tmp_config.write_text(json.dumps(config_with(_sha256(tmp_weights)), indent=2, sort_keys=True))
         debug_kill_point("pair:config-written")

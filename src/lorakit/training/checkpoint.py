@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lorakit.errors import LorakitError, TrainingDivergedError
-from lorakit.fsutil import debug_kill_point, replace_path
+from lorakit.fsutil import debug_kill_point, file_mode, replace_path
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
@@ -171,6 +171,7 @@ def save_checkpoint(
             tensors.update(rng_tensors)
             rng_meta.append(meta)
         save_file(tensors, tmp / STATE_TENSORS, metadata={"format": "pt"})
+        os.chmod(tmp / STATE_TENSORS, file_mode())  # safetensors creates 0600: one mode for all files
         sched = scheduler.state_dict()
         sched.pop("lr_lambdas", None)  # functions, rebuilt from the config on resume
         meta_json = {
