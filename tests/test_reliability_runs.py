@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,14 @@ def _killed_during(point: str, fn) -> None:
             fn()
         finally:
             os._exit(17)
-    _, status = os.waitpid(pid, 0)
+    deadline = time.monotonic() + 120
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:  # never hang the suite on a stuck child
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"{point}: the forked save did not finish")
+        time.sleep(0.01)
+    status = done[1]
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"{point}: not killed ({status})"
 
 

@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from lorakit.errors import ConfigError
+
 # Settings that name files or folders: compared as resolved paths, so ./runs/x and runs/x are one folder.
 PATH_FIELDS = ("out", "data", "train_file", "valid_file", "eval_file", "model")
 
@@ -23,12 +25,16 @@ def what_it_holds(
 ) -> str | None:
     """A description of the results in ``out`` a new run would replace, or None if there are none.
 
+    Raises ConfigError if ``out`` is a file.
+
     Args:
         out: the run folder.
         trained_files: names of trained-state files (an adapter, a trainable state).
         run_files: names of files only a run that trained writes (metrics, results).
         folders: sub-folders a run that trained writes (checkpoints).
     """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
     if not out.is_dir():
         return None
     trained = [n for n in trained_files if (out / n).is_file()]
