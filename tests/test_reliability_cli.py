@@ -79,6 +79,7 @@ def test_merge_refuses_an_existing_out_unless_overwrite(base_and_adapter, tmp_pa
     assert not (out / "model-00001-of-00002.safetensors").exists()  # replaced whole, nothing stale mixed in
     torch.testing.assert_close(_merged_logits(out), expected, atol=1e-5, rtol=0)
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folder left
+    assert len({f.stat().st_mode & 0o777 for f in out.iterdir()}) == 1  # one file mode, not 0600 and 0644
 
 
 @pytest.mark.parametrize("window", ["folder:written", "folder:replaced"])

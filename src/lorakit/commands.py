@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lorakit.errors import ConfigError
 from lorakit.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter
-from lorakit.fsutil import debug_kill_point, remove, replace_path, stale_temps
+from lorakit.fsutil import debug_kill_point, file_mode, remove, replace_path, stale_temps
 
 
 def merge_main(argv: list[str]) -> int:
@@ -78,6 +78,7 @@ def write_folder_atomically(out: Path, write: Callable[[Path], object]) -> Path:
         write(tmp)
         for f in tmp.rglob("*"):
             if f.is_file():
+                os.chmod(f, file_mode())  # safetensors writes 0600, the JSON beside it 0644: one mode
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         debug_kill_point("folder:written")
