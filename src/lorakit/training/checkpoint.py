@@ -238,6 +238,8 @@ def check_finite_step(step: int, loss_sum: float, grad_norm: Tensor | float | No
     Raises:
         TrainingDivergedError: naming the step, the value and the checkpoint to resume from.
     """
+    if hasattr(grad_norm, "full_tensor"):  # FSDP returns the norm as a DTensor
+        grad_norm = grad_norm.full_tensor()
     norm = None if grad_norm is None else float(grad_norm)
     if math.isfinite(loss_sum) and (norm is None or math.isfinite(norm)):
         return
