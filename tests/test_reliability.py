@@ -91,7 +91,7 @@ def test_evil_target_is_resolved_in_bounded_time(watchdog):
 
 
 @pytest.mark.parametrize("section", ["peft", "lorakit"])
-def test_info_eval_merge_do_not_hang_on_evil_patterns_from_a_file(tmp_path, section):
+def test_info_eval_merge_do_not_hang_on_evil_patterns_from_a_file(tmp_path, section, watchdog):
     path = _saved(tmp_path / "ad")
 
     def plant(raw):
@@ -109,6 +109,10 @@ def test_info_eval_merge_do_not_hang_on_evil_patterns_from_a_file(tmp_path, sect
     assert json.loads(done.stdout)["ranks"] == [8]
     parsed = read_adapter(path)
     assert parsed.config.alpha_for("model.layers.0.self_attn.q_proj") == 16.0
+    # eval and merge load the adapter: injection computes every module's rank and scaling.
+    from lorakit import load_adapter, merge_and_unload
+
+    merge_and_unload(load_adapter(tiny_llama(), path))
 
 
 @pytest.mark.parametrize("bad", ["query[", "(?=q)_proj", "q_proj{1001}"])
@@ -185,3 +189,16 @@ def test_a_file_missing_its_modules_to_save_tensors_is_refused(tmp_path):
     _edit(path, tensors=lambda t: [t.pop(k) for k in list(t) if ".classifier." in k])
     with pytest.raises(AdapterFileError, match=r"no tensors for modules_to_save \['classifier'\]"):
         read_adapter(path)
+
+
+# == also: file-system failures read as one line ===========================================================
+def test_os_errors_are_described_in_one_line():
+    import errno
+
+    from lorakit.cli import describe_os_error
+
+    assert describe_os_error(OSError(errno.EROFS, os.strerror(errno.EROFS), "/mnt/ro/run")) == (
+        "Read-only file system: /mnt/ro/run"
+    )
+    assert describe_os_error(OSError(errno.EXDEV, os.strerror(errno.EXDEV), "/a", None, "/b")).endswith("/a -> /b")
+    assert describe_os_error(OSError("a library's\nmessage on\n two lines")) == "a library's message on two lines"
