@@ -124,6 +124,8 @@ def _bad_inputs(tmp: Path, base: Path, adapter: Path) -> list[tuple[str, list[st
         ("merge", ["--model", str(base), "--adapter", str(adapter), "--out", str(tmp / "a_file")], "already exists"),
         ("merge", ["--model", str(base), "--adapter", str(adapter), "--out", str(tmp / "a_file" / "m"),
                    "--overwrite"], "File exists"),
+        ("merge", ["--model", str(base), "--adapter", str(adapter), "--out", str(adapter.parent), "--overwrite"],
+         "holds the adapter being merged"),
         ("info", [str(tmp / "nope")], "does not exist"),
     ]  # fmt: skip
 

@@ -28,6 +28,9 @@ def merge_main(argv: list[str]) -> int:
     from lorakit.models import load_model
 
     check_new_output(args.out, args.overwrite)  # before minutes of loading and merging
+    for name, source in (("adapter", args.adapter), ("model", Path(args.model))):
+        if source.exists() and source.resolve().is_relative_to(args.out.resolve()):
+            raise ConfigError(f"--out {args.out} holds the {name} being merged: --overwrite would delete it")
     parsed = read_adapter(args.adapter)
     task = "seq-cls" if parsed.raw_config.get("task_type") == "SEQ_CLS" else "causal-lm"
     kwargs = {}
