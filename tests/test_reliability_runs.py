@@ -177,8 +177,10 @@ def test_a_kill_in_any_window_of_an_adapter_save_leaves_one_complete_generation(
 
 @pytest.mark.parametrize("window", ["checkpoint:built", "checkpoint:renamed", *PAIR_WINDOWS])
 def test_a_kill_in_any_window_of_a_checkpoint_save_keeps_a_loadable_checkpoint(tmp_path, window):
+    models = {seed: _adapter_model(seed) for seed in (1, 2)}  # built here: the forked child only saves
+
     def save(seed: int) -> None:
-        model = _adapter_model(seed)
+        model = models[seed]
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
         ckpt.save_checkpoint(tmp_path, 3, model=model, optimizer=optimizer, scheduler=scheduler, state={"step": 3},
