@@ -179,8 +179,9 @@ def test_mismatched_files_give_named_errors(tmp_path):
         (lambda t: t.__setitem__(key, torch.zeros(8, 31)), None, r"q_proj.*A \(8, 31\).*needs A \(8, 32\)"),
         (lambda t: t.pop(key), None, "has no lora_A"),
         (lambda t: t.__setitem__(key, torch.full((8, 32), float("nan"))), None, "NaN"),
-        (_move_layer_0_to_9, None, r"layers\.9\.self_attn\.q_proj' does not exist in this model"),
-        (None, lambda c: c["lorakit"]["config"].__setitem__("r", 4), r"with r=4 needs"),
+        # The config lists layer 0, the tensors moved to layer 9: the missing module is named first.
+        (_move_layer_0_to_9, None, r"no tensors for 1 of them: \['model\.layers\.0\.self_attn\.q_proj'\]"),
+        (None, lambda c: (c["lorakit"]["config"].__setitem__("r", 4), c.__setitem__("r", 4)), r"with r=4 needs"),
         (None, lambda c: c["lorakit"]["base_model"].__setitem__("hidden_size", 64), "hidden_size=64"),
         (None, lambda c: c.__setitem__("peft_type", "IA3"), "not a LoRA adapter"),
     ]

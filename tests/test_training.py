@@ -3,13 +3,15 @@ and short in-process runs for every task kind (text classification, STS-B regres
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from lorakit import ConfigError
 from lorakit.data import DataError
@@ -274,7 +276,18 @@ def test_a_registered_method_trains_saves_and_loads(tiny_bert, tmp_path):
         # The pair is tied by a checksum: replaced weights, NaNs and a foreign JSON are named errors.
         with torch.no_grad():
             next(p for _, p in ckpt.trainable_parameters(model)).fill_(float("nan"))
-        save_trained(model, tmp_path / "nan", cfg)
+        with pytest.raises(AdapterFileError, match="NaN or infinite"):
+            save_trained(model, tmp_path / "nan", cfg)  # a non-finite state is never written
+        # ... and one written by other means is refused on load.
+        shutil.copytree(tmp_path / "state", tmp_path / "nan")
+        nan_weights = tmp_path / "nan" / "trainable_state.safetensors"
+        tensors = load_file(nan_weights)
+        first = next(iter(tensors))
+        tensors[first] = torch.full_like(tensors[first], float("nan"))
+        save_file(tensors, nan_weights)
+        meta = json.loads((tmp_path / "nan" / "trainable_state.json").read_text())
+        meta["sha256"] = hashlib.sha256(nan_weights.read_bytes()).hexdigest()
+        (tmp_path / "nan" / "trainable_state.json").write_text(json.dumps(meta))
         with pytest.raises(AdapterFileError, match="NaN or infinite"):
             load_trained(load_model(tiny_bert, "seq-cls", num_labels=2)[0], tmp_path / "nan")
         weights = tmp_path / "state" / "trainable_state.safetensors"
@@ -399,6 +412,7 @@ def test_output_dir_of_another_run_needs_resume_or_overwrite(tmp_path, no_model_
     out = tmp_path / "out"
     out.mkdir()
     (out / "train_config.json").write_text("{}")
+    (out / "metrics.jsonl").write_text('{"split": "train", "step": 1, "loss": 0.5}\n')
     with pytest.raises(ConfigError, match="already holds a run"):
         train(base_cfg(task="text", data=str(data), out=str(out)))
 

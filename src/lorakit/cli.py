@@ -54,6 +54,22 @@ def main(argv: list[str] | None = None) -> int:
     except LorakitError as exc:
         print(f"lorakit {command}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # disk full, read-only or missing paths: the user's to fix, not a lorakit bug
+        print(f"lorakit {command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for a file-system failure: what went wrong and on which path(s).
+
+    Args:
+        exc: the error an operating-system call raised.
+    """
+    if exc.strerror is None:  # raised by a library with its own message (e.g. transformers)
+        return " ".join(str(exc).split())
+    paths = [p for p in (exc.filename, exc.filename2) if p is not None]
+    where = ": " + " -> ".join(str(p) for p in paths) if paths else ""
+    return f"{exc.strerror}{where}"
 
 
 if __name__ == "__main__":

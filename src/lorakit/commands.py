@@ -4,23 +4,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 
+from lorakit.errors import ConfigError
 from lorakit.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter
+from lorakit.fsutil import debug_kill_point, file_mode, remove, replace_path, stale_temps
 
 
 def merge_main(argv: list[str]) -> int:
+    """``lorakit merge``: fold an adapter into its base and write a plain transformers folder atomically."""
     parser = argparse.ArgumentParser(prog="lorakit merge", description="Merge an adapter into its base model "
                                      "and save a plain transformers folder (loads without lorakit).")
     parser.add_argument("--model", required=True, help="built-in name, local folder or hub id of the base")
     parser.add_argument("--adapter", required=True, type=Path, help="adapter directory")
     parser.add_argument("--out", required=True, type=Path, help="output folder for the merged model")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (atomically)")
     args = parser.parse_args(argv)
 
     from lorakit.adapters import merge_and_unload
     from lorakit.files import load_adapter
     from lorakit.models import load_model
 
+    check_new_output(args.out, args.overwrite)  # before minutes of loading and merging
+    for name, source in (("adapter", args.adapter), ("model", Path(args.model))):
+        if source.exists() and source.resolve().is_relative_to(args.out.resolve()):
+            raise ConfigError(f"--out {args.out} holds the {name} being merged: --overwrite would delete it")
     parsed = read_adapter(args.adapter)
     task = "seq-cls" if parsed.raw_config.get("task_type") == "SEQ_CLS" else "causal-lm"
     kwargs = {}
@@ -30,10 +40,56 @@ def merge_main(argv: list[str]) -> int:
             kwargs["num_labels"] = heads[-1].shape[0]
     model, tokenizer = load_model(args.model, task=task, **kwargs)
     load_adapter(model, args.adapter)
-    merge_and_unload(model).save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
+    merged = merge_and_unload(model)
+    write_folder_atomically(args.out, lambda tmp: (merged.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     print(f"merged {args.adapter} into {args.model} → {args.out}")
     return 0
+
+
+def check_new_output(out: Path, overwrite: bool) -> None:
+    """Refuse to write over an existing file or folder unless ``overwrite``: a merged model mixed into
+    another model's folder (its config.json replaced, stale weight shards kept) loads as neither.
+
+    Args:
+        out: the output path.
+        overwrite: whether replacing it was asked for.
+    """
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        kind = "folder" if out.is_dir() else "file"
+        raise ConfigError(f"--out {out} already exists (a {kind}); pass --overwrite to replace it")
+
+
+def write_folder_atomically(out: Path, write: Callable[[Path], object]) -> Path:
+    """Let ``write(tmp)`` fill a fresh sibling folder of ``out``, then put it at ``out`` in one step.
+
+    A kill at any moment leaves ``out`` as it was (absent, or the old contents) or complete; the
+    temporary folder a killed writer leaves is removed by the next write to the same ``out``.
+
+    Args:
+        out: the folder to create or replace.
+        write: fills the folder it is given.
+    """
+    out = Path(os.path.abspath(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old.tmp-*"):
+        for leftover in stale_temps(out.parent, pattern):
+            remove(leftover)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    remove(tmp)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                os.chmod(f, file_mode())  # safetensors writes 0600, the JSON beside it 0644: one mode
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        debug_kill_point("folder:written")
+        replace_path(tmp, out)
+        debug_kill_point("folder:replaced")
+    finally:
+        remove(tmp)  # still there only if something failed
+    return out
 
 
 def info_main(argv: list[str]) -> int:

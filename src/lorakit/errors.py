@@ -19,3 +19,7 @@ class AdapterFileError(LorakitError, ValueError):
 
 class MergeError(LorakitError, RuntimeError):
     """A merge would produce non-finite weights or change the model's outputs."""
+
+
+class TrainingDivergedError(LorakitError, RuntimeError):
+    """Training produced a non-finite loss or gradient; the run stopped before publishing anything."""

@@ -25,6 +25,7 @@ from lorakit import __version__
 from lorakit.adapters import DEFAULT, active_adapter, configs, inject, lora_layers, set_adapter
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, ConfigError
+from lorakit.fsutil import debug_kill_point, file_mode, fsync_dir, stale_temps
 from lorakit.layers import WHOLE, LoraLayer, ModuleCopies
 
 CONFIG_NAME = "adapter_config.json"
@@ -180,42 +181,116 @@ def write_weights_and_config(
 ) -> Path:
     """The one writer of lorakit's safetensors + JSON pairs (adapters, method files, trained states).
 
-    Each file is written under a temporary name in ``path`` and renamed over the old one, weights first:
-    an interrupted save never leaves a half-written file, and since ``config_with(sha256)`` records the
-    weights' checksum, a crash between the two renames is caught on load instead of pairing a config with
-    the wrong weights. Other files in ``path`` are left alone.
+    Refuses non-finite tensors (a diverged run must not publish its weights). Each file is written and
+    fsynced under a temporary name in ``path``, then renamed over the old one, weights first. Since
+    ``config_with(sha256)`` records the weights' checksum, the pair is consistent at every moment a kill
+    can hit: before the first rename the old pair is whole; between the renames the new weights sit
+    beside the old config, and the new config waits complete under its temporary name, which
+    ``read_pair`` accepts (and the next save renames into place). Leftover temporary files of killed
+    writers are removed first. Other files in ``path`` are left alone.
+
+    Args:
+        path: the folder to write into (created if missing).
+        tensors: the tensors of the weights file.
+        weights_name: the weights file's name.
+        config_with: builds the JSON config from the weights' sha256.
+        config_name: the config file's name.
     """
     path = Path(path)
+    check_finite(tensors, path / weights_name)
     path.mkdir(parents=True, exist_ok=True)
+    settle_pair(path, config_name, weights_name)
     tmp_weights = path / f".{weights_name}.tmp-{os.getpid()}"
     tmp_config = path / f".{config_name}.tmp-{os.getpid()}"
     try:
         save_file(tensors, tmp_weights, metadata={"format": "pt"})
+        os.chmod(tmp_weights, file_mode())  # safetensors creates 0600; the JSON beside it gets the umask's
+        debug_kill_point("pair:weights-written")
         tmp_config.write_text(json.dumps(config_with(_sha256(tmp_weights)), indent=2, sort_keys=True))
+        debug_kill_point("pair:config-written")
         for f in (tmp_weights, tmp_config):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp_weights, path / weights_name)
+        debug_kill_point("pair:weights-renamed")
         os.replace(tmp_config, path / config_name)
+        debug_kill_point("pair:config-renamed")
+        fsync_dir(path)
     finally:
         for f in (tmp_weights, tmp_config):
             f.unlink(missing_ok=True)
     return path
 
 
+def _recorded_sha(config: dict[str, Any]) -> str | None:
+    """The weights checksum a config records: top level (method files, trained states) or ``lorakit``."""
+    meta = config.get("lorakit")
+    sha = config.get("sha256") or (meta.get("sha256") if isinstance(meta, dict) else None)
+    return sha if isinstance(sha, str) else None
+
+
+def _pending_config(path: Path, config_name: str, weights_path: Path) -> tuple[Path, dict[str, Any]] | None:
+    """A complete config left under its temporary name by a save killed between its two renames, if it
+    (and not the config in place) records the checksum of the weights in place."""
+    pending = sorted(path.glob(f".{config_name}.tmp-*"))
+    if not pending or not weights_path.is_file():
+        return None
+    actual = _sha256(weights_path)
+    for candidate in pending:
+        try:
+            config = json.loads(candidate.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # a config the kill cut short: not a complete generation
+        if isinstance(config, dict) and _recorded_sha(config) == actual:
+            return candidate, config
+    return None
+
+
+def settle_pair(path: Path, config_name: str, weights_name: str) -> None:
+    """Finish a pair switch a killed save left halfway, then delete killed writers' temporary files.
+
+    Args:
+        path: the folder holding the pair.
+        config_name: the config file's name.
+        weights_name: the weights file's name.
+    """
+    config_path, weights_path = path / config_name, path / weights_name
+    try:
+        current = _recorded_sha(json.loads(config_path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, AttributeError):
+        current = None
+    stale = stale_temps(path, f".{config_name}.tmp-*") + stale_temps(path, f".{weights_name}.tmp-*")
+    found = _pending_config(path, config_name, weights_path) if stale else None
+    if found is not None and found[0] in stale and current != _recorded_sha(found[1]):
+        os.replace(found[0], config_path)
+        fsync_dir(path)
+    for leftover in stale:
+        leftover.unlink(missing_ok=True)
+
+
 def read_pair(path: str | Path, config_name: str, weights_name: str, what: str) -> tuple[dict[str, Any], Path]:
-    """(parsed JSON, weights path) of a safetensors + JSON directory, or an error naming what is wrong."""
+    """(parsed JSON, weights path) of a safetensors + JSON directory, or an error naming what is wrong.
+
+    A save killed between its two renames leaves the new weights beside the old config, with the new
+    config complete under its temporary name: that generation is the one returned, so a pair is never
+    lost to a kill (the checksum decides which config belongs to the weights)."""
     path = Path(path)
     config_path, weights_path = path / config_name, path / weights_name
     if not path.is_dir():
         raise AdapterFileError(f"{what} directory {path} does not exist")
-    for required in (config_path, weights_path):
-        if not required.is_file():
-            raise AdapterFileError(f"{path} is not a saved {what}: {required.name} is missing")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFileError(f"{config_path} is not valid JSON: {exc}") from exc
+    if not weights_path.is_file():
+        raise AdapterFileError(f"{path} is not a saved {what}: {weights_path.name} is missing")
+    config = None
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise AdapterFileError(f"{config_path} is not valid JSON: {exc}") from exc
+    pending = _pending_config(path, config_name, weights_path)
+    if pending is not None and (not isinstance(config, dict) or _recorded_sha(config) != _recorded_sha(pending[1])):
+        config = pending[1]
+    if config is None:
+        raise AdapterFileError(f"{path} is not a saved {what}: {config_path.name} is missing")
     if not isinstance(config, dict):
         raise AdapterFileError(f"{config_path} is not a JSON object")
     return config, weights_path
@@ -260,7 +335,11 @@ def read_adapter(path: str | Path) -> AdapterFile:
     if raw.get("peft_type", "LORA") != "LORA":
         raise AdapterFileError(f"{config_path}: not a LoRA adapter (peft_type={raw.get('peft_type')!r})")
     meta = raw.get("lorakit") or {}
+    if not isinstance(meta, dict):
+        raise AdapterFileError(f"{config_path}: the 'lorakit' section is not a JSON object")
     tensors = read_weights(weights_path, meta.get("sha256"), CONFIG_NAME)
+    # Every tensor the file brings in (LoRA pairs, modules_to_save heads, biases) is checked alike.
+    check_finite(tensors, weights_path)
     try:
         if "config" in meta:
             config = LoraConfig.from_dict(meta["config"])
@@ -278,6 +357,8 @@ def read_adapter(path: str | Path) -> AdapterFile:
             )
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise AdapterFileError(f"{config_path}: invalid LoRA config: {exc}") from exc
+    if "config" in meta:
+        _check_sections_agree(raw, config, config_path)
     if raw.get("use_dora"):
         raise AdapterFileError(f"{config_path}: DoRA adapters are not supported by lorakit")
 
@@ -329,7 +410,46 @@ def read_adapter(path: str | Path) -> AdapterFile:
             slots[slot] = (a, b)
     if not parsed.pairs:
         raise AdapterFileError(f"{weights_path} holds no LoRA tensors")
+    _check_all_modules_present(parsed, meta, weights_path)
     return parsed
+
+
+# PEFT-visible key → the lorakit config field it must equal: PEFT scales by the former, lorakit by the latter.
+_MIRRORED = {"r": "r", "lora_alpha": "alpha", "use_rslora": "use_rslora", "rank_pattern": "rank_pattern",
+             "alpha_pattern": "alpha_pattern"}  # fmt: skip
+
+
+def _check_sections_agree(raw: dict[str, Any], config: LoraConfig, config_path: Path) -> None:
+    """Refuse a file whose PEFT-visible settings disagree with its ``lorakit`` section: PEFT and lorakit
+    would then apply the same weights with different scales."""
+    for peft_key, field_name in _MIRRORED.items():
+        if peft_key not in raw:
+            continue
+        mine, theirs = getattr(config, field_name), raw[peft_key]
+        if peft_key in ("rank_pattern", "alpha_pattern") and theirs is None:
+            theirs = {}  # PEFT writes null for "no patterns"
+        if theirs != mine:
+            raise AdapterFileError(
+                f"{config_path}: {peft_key}={theirs!r} disagrees with the lorakit section's "
+                f"{field_name}={mine!r}; PEFT and lorakit would scale this adapter differently"
+            )
+
+
+def _check_all_modules_present(parsed: AdapterFile, meta: dict[str, Any], weights_path: Path) -> None:
+    """The file must hold tensors for every module its config lists (a module whose tensors are absent
+    would silently run unadapted). Tensors for unknown modules are caught against the model."""
+    listed = meta.get("modules")
+    missing = sorted(set(listed) - set(parsed.pairs)) if isinstance(listed, list) else []
+    if missing:
+        raise AdapterFileError(
+            f"{weights_path}: the config lists {len(listed)} adapted modules, but there are no tensors for "
+            f"{len(missing)} of them: {missing[:5]}"
+        )
+    saved = [m for m in (parsed.raw_config.get("modules_to_save") or []) if m]
+    if meta.get("version"):  # lorakit writes the full names of the modules it saved
+        absent = [m for m in saved if m not in parsed.saved_modules]
+        if absent:
+            raise AdapterFileError(f"{weights_path}: no tensors for modules_to_save {absent}")
 
 
 def _check_fits(model: nn.Module, parsed: AdapterFile, path: Path) -> dict[str, tuple[str, ...] | None]:

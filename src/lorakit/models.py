@@ -126,6 +126,19 @@ def _report_new_weights(name: str | Path, missing: list[str]) -> None:
     )
 
 
+def _check_local_model(path: str) -> None:
+    """A path-like model name must be a transformers folder: otherwise transformers reports it as a bad
+    hub id (or fails deep in the tokenizer), which hides the real problem."""
+    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path)
+    if not looks_local:
+        return
+    folder = Path(os.path.expanduser(path))
+    if not folder.is_dir():
+        raise LorakitError(f"model {path!r}: no such folder (and not a built-in name: {', '.join(BUILTINS)})")
+    if not (folder / "config.json").is_file():
+        raise LorakitError(f"model folder {path} holds no config.json: it is not a transformers model")
+
+
 def load_model(
     name_or_path: str | Path,
     task: str = "causal-lm",
@@ -144,6 +157,7 @@ def load_model(
     if task not in TASK_CLASSES:
         raise LorakitError(f"unknown task {task!r}; choose from {sorted(TASK_CLASSES)}")
     path = model_path(name_or_path)
+    _check_local_model(path)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lorakit.errors import TargetError
+from lorakit.patterns import PatternError, compile_pattern
 
 FUSED_SLICE_NAMES = ("q", "k", "v")
 
@@ -100,9 +101,26 @@ def _summarise(names: list[str], limit: int = 40) -> str:
     return text + (f", ... ({len(collapsed) - limit} more)" if len(collapsed) > limit else "")
 
 
+def check_target_pattern(pattern: str) -> None:
+    """Refuse a target that is neither a plain name nor a valid (RE2) regular expression.
+
+    Args:
+        pattern: one entry of ``targets``.
+
+    Raises:
+        TargetError: naming the pattern and what is wrong with it.
+    """
+    if any(c in _REGEX_CHARS for c in pattern):
+        try:
+            compile_pattern(pattern)
+        except PatternError as exc:
+            raise TargetError(f"target {exc}") from None
+
+
 def _matches_plain(pattern: str, name: str) -> bool:
     if any(c in _REGEX_CHARS for c in pattern):
-        return re.fullmatch(pattern, name) is not None
+        # RE2: linear in the name, so a pattern like (.+)+X cannot hang target resolution.
+        return compile_pattern(pattern).fullmatch(name) is not None
     return name == pattern or name.endswith("." + pattern)
 
 
@@ -119,6 +137,7 @@ def resolve_targets(model: nn.Module, targets: tuple[str, ...] | list[str]) -> d
     resolved: dict[str, set[str] | None] = {}
 
     for pattern in targets:
+        check_target_pattern(pattern)
         hits: list[tuple[str, str | None]] = []
         if pattern in aliases:
             for rule in aliases[pattern]:

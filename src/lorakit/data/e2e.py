@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit.data.text import DataError
+from lorakit.data.text import DataError, utf8_error
 
 __all__ = [
     "E2E_PROMPT_SEPARATOR",
@@ -57,7 +57,7 @@ def load_e2e(path: str | Path) -> list[E2EItem]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        raise utf8_error(path, exc) from exc
     except OSError as exc:
         raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
 

@@ -34,6 +34,27 @@ class Example:
     label: int | float
 
 
+def utf8_error(path: Path, exc: UnicodeDecodeError) -> DataError:
+    """The error for a file that is not UTF-8, naming the line and the byte offset in the whole file.
+
+    A streaming decoder reports offsets within its current buffer, which deep in a file are wrong; the
+    file is decoded once more here (only on this error path) to find the real position.
+
+    Args:
+        path: the file.
+        exc: the decoder's error.
+    """
+    try:
+        data = path.read_bytes()
+        data.decode("utf-8")
+    except UnicodeDecodeError as real:
+        line = data.count(b"\n", 0, real.start) + 1
+        return DataError(f"{path}, line {line}: not valid UTF-8 text ({real.reason} at byte {real.start} of the file)")
+    except OSError:
+        pass
+    return DataError(f"{path}: not valid UTF-8 text ({exc.reason})")
+
+
 def _open_text(path: Path):
     """Open ``path`` for csv reading; ``utf-8-sig`` strips the BOM GLUE's MRPC files carry."""
     if not path.exists():
@@ -61,7 +82,7 @@ def read_delimited(path: str | Path, delimiter: str, *, quoting: int) -> Iterato
             except StopIteration:
                 return
             except UnicodeDecodeError as exc:
-                raise DataError(f"{path}: not valid UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+                raise utf8_error(path, exc) from exc
             except csv.Error as exc:
                 raise DataError(f"{path}, line {reader.line_num}: malformed record ({exc})") from exc
             if not row or (len(row) == 1 and row[0] == ""):
@@ -95,7 +116,7 @@ def _records_from_jsonl(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
             try:
                 line = fh.readline()
             except UnicodeDecodeError as exc:
-                raise DataError(f"{path}: not valid UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+                raise utf8_error(path, exc) from exc
             if line == "":
                 return
             lineno += 1

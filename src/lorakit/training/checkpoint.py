@@ -17,6 +17,7 @@ written: they are reloaded from the model name.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -31,7 +32,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, TrainingDivergedError
+from lorakit.fsutil import debug_kill_point, file_mode, replace_path
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
@@ -122,20 +124,6 @@ def _optimizer_from_flat(tensors: dict[str, Tensor], meta: dict[str, Any]) -> di
 
 
 # -- writing -----------------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    # Persist the rename itself; not every platform lets a directory be opened.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
@@ -183,6 +171,7 @@ def save_checkpoint(
             tensors.update(rng_tensors)
             rng_meta.append(meta)
         save_file(tensors, tmp / STATE_TENSORS, metadata={"format": "pt"})
+        os.chmod(tmp / STATE_TENSORS, file_mode())  # safetensors creates 0600: one mode for all files
         sched = scheduler.state_dict()
         sched.pop("lr_lambdas", None)  # functions, rebuilt from the config on resume
         meta_json = {
@@ -197,14 +186,10 @@ def save_checkpoint(
         for f in tmp.iterdir():
             if f.is_file():
                 _fsync_file(f)
-        if final.exists():  # a rerun of the same step: swap, never delete the good copy first
-            old = root / f".step-{step}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
+        debug_kill_point("checkpoint:built")
+        # A rerun of the same step swaps the two folders in one step: never delete the good copy first.
+        replace_path(tmp, final)
+        debug_kill_point("checkpoint:renamed")
     finally:
         shutil.rmtree(tmp_parent, ignore_errors=True)
     return final
@@ -238,6 +223,33 @@ def prune_checkpoints(out_dir: Path, keep: int) -> None:
     if keep > 0:
         for _, path in list_checkpoints(out_dir)[:-keep]:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def check_finite_step(step: int, loss_sum: float, grad_norm: Tensor | float | None, out_dir: Path) -> None:
+    """Stop a diverged run before its optimizer step: a NaN/inf loss or gradient norm would poison the
+    weights, and every later checkpoint with them. The checkpoints already written stay as they are.
+
+    Args:
+        step: the optimizer step about to be taken (1-based).
+        loss_sum: the step's summed loss (the same on every process).
+        grad_norm: the total gradient norm, when clipping computed it.
+        out_dir: the run folder, to name the last good checkpoint.
+
+    Raises:
+        TrainingDivergedError: naming the step, the value and the checkpoint to resume from.
+    """
+    if hasattr(grad_norm, "full_tensor"):  # FSDP returns the norm as a DTensor
+        grad_norm = grad_norm.full_tensor()
+    norm = None if grad_norm is None else float(grad_norm)
+    if math.isfinite(loss_sum) and (norm is None or math.isfinite(norm)):
+        return
+    what = f"loss is {loss_sum}" if not math.isfinite(loss_sum) else f"gradient norm is {norm}"
+    last = latest_checkpoint(out_dir)
+    kept = f"the last good checkpoint is {last}" if last is not None else "no checkpoint had been written yet"
+    raise TrainingDivergedError(
+        f"step {step}: the training {what}: training diverged (try a lower --lr, or --clip-norm); "
+        f"stopped before the update, no adapter was written, {kept}"
+    )
 
 
 # -- reading -----------------------------------------------------------------------------------------------

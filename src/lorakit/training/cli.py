@@ -100,10 +100,20 @@ def _eval_defaults(adapter: str | None) -> dict[str, Any]:
         data = {}
         adapter_cfg = Path(adapter) / "adapter_config.json"
         if adapter_cfg.is_file():
-            base = json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
-            if base:
-                data["model"] = base
+            data.update(_trusted_base(json.loads(adapter_cfg.read_text(encoding="utf-8"))))
     return {k: v for k, v in data.items() if k in EVAL_FIELDS}
+
+
+def _trusted_base(adapter_config: dict[str, Any]) -> dict[str, Any]:
+    """``{"model": name}`` if the adapter file names a built-in base, else nothing.
+
+    ``base_model_name_or_path`` is data written by whoever made the file: a path like ``../../x`` would
+    be resolved against the working directory, and a hub id would be fetched. Only built-in names are
+    taken from it; anything else needs ``--model`` from the user."""
+    from lorakit.models import BUILTINS
+
+    base = adapter_config.get("base_model_name_or_path") if isinstance(adapter_config, dict) else None
+    return {"model": base} if isinstance(base, str) and base in BUILTINS else {}
 
 
 def eval_main(argv: list[str]) -> int:
@@ -126,7 +136,10 @@ def eval_main(argv: list[str]) -> int:
         data.update({k.replace("-", "_"): v for k, v in read_config_file(args.config).items()})
     data.update({k: v for k, v in vars(args).items() if k in EVAL_FIELDS})
     if "model" not in data:
-        raise ConfigError("--model is required (the base model of the adapter, or a merged model folder)")
+        raise ConfigError(
+            "--model is required (the base model of the adapter, or a merged model folder); an adapter's "
+            "base_model_name_or_path is used only when it is a built-in name"
+        )
     cfg = resolve_config(None, data)
 
     redirect = _stdout_to_stderr() if args.json else _nothing()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import ConfigError
+from lorakit.fsutil import file_mode
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -155,6 +156,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Range checks that need no files; the trainer checks data and model before training."""
+        check_finite_and_patterns(self)
         if not self.task:
             raise ConfigError("task is required (e.g. --task rte, --task e2e or --task text)")
         if not self.data and not self.train_file:
@@ -243,6 +245,27 @@ def resolve_task_defaults(cfg: TrainConfig, kind: str) -> TrainConfig:
         return cfg
     lr = FULL_WEIGHT_LR if cfg.method in FULL_WEIGHT_METHODS else DEFAULT_LR[kind]
     return dataclasses.replace(cfg, lr=lr)
+
+
+def check_finite_and_patterns(cfg: TrainConfig) -> None:
+    """Every float field finite, every target a valid pattern: checked before the range checks, because
+    ``inf`` passes "> 0" (an lr of inf trains to NaN) and ``nan`` fails no comparison at all.
+
+    Args:
+        cfg: the config to check.
+
+    Raises:
+        ConfigError: naming the field and its value.
+        TargetError: naming a target that is not a valid regular expression.
+    """
+    from lorakit.targets import check_target_pattern
+
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+    for pattern in cfg.targets:
+        check_target_pattern(pattern)
 
 
 # Names users bring from transformers/PEFT scripts, and ours.
@@ -393,8 +416,8 @@ def resolve_config(config_file: str | Path | None, overrides: dict[str, Any]) ->
 
 
 def json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
-    """NaN (an undefined score) → None, so the JSON written is strict JSON (``null``, not ``NaN``)."""
-    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
+    """NaN (an undefined score) or ±inf → None, so the JSON written is strict (``null``, not ``NaN``)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
@@ -403,6 +426,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())  # mkstemp's 0600 would make this file unlike the run's other files
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(obj, fh, indent=2, sort_keys=True)
             fh.write("\n")

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -50,6 +49,7 @@ from lorakit.files import (
 )
 from lorakit.training import checkpoint as ckpt
 from lorakit.training import distributed as dist_util
+from lorakit.training import rundir
 from lorakit.training.config import TrainConfig, json_safe, resolve_task_defaults, write_json_atomic
 from lorakit.training.evaluate import (
     TaskData,
@@ -84,6 +84,8 @@ RUN_FILES = (
     TRAINABLE_WEIGHTS,
     TRAINABLE_CONFIG,
 )
+# The trained state: kept by --overwrite until the new run's final save replaces it.
+TRAINED_FILES = (CONFIG_NAME, WEIGHTS_NAME, TRAINABLE_WEIGHTS, TRAINABLE_CONFIG)
 # Fields that may differ when resuming: they do not change what is computed.
 RESUME_MAY_CHANGE = {"tensorboard", "plot", "eval_batch_size", "keep_checkpoints", "device", "compile"}
 
@@ -216,8 +218,12 @@ def save_trained(model: nn.Module, path: str | Path, cfg: TrainConfig) -> Path:
     """Write what training produced into directory ``path``: a LoRA adapter, or the trainable state.
     Other files in ``path`` are kept, so a run's final files go straight into its output folder."""
     if configs(model):
-        return save_adapter(model, path)
-    return save_trainable_state(model, path, cfg)
+        saved, other = save_adapter(model, path), (TRAINABLE_CONFIG, TRAINABLE_WEIGHTS)
+    else:
+        saved, other = save_trainable_state(model, path, cfg), (CONFIG_NAME, WEIGHTS_NAME)
+    for name in other:  # a folder holds one trained state: the other kind is an overwritten run's (config first)
+        (Path(path) / name).unlink(missing_ok=True)
+    return saved
 
 
 def read_trainable_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -373,7 +379,7 @@ class MetricsLog:
         if not self.enabled:
             return
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps(json_safe(record), allow_nan=False) + "\n")  # strict JSON: null, never NaN
         if self.writer is not None:
             prefix = record.get("split", "train")
             for key, value in record.items():
@@ -418,28 +424,23 @@ def plot_history(records: list[dict[str, Any]], path: Path, title: str) -> None:
 def _check_output_dir(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> Path | None:
     """Refuse to mix runs in one folder; on resume, check the settings match and find the checkpoint."""
     saved_cfg = out / TRAIN_CONFIG
-    has_run = saved_cfg.is_file() or ckpt.latest_checkpoint(out) is not None
     if resume:
         if saved_cfg.is_file():
             old = json.loads(saved_cfg.read_text())
             new = cfg.to_dict()
-            changed = [k for k in new if k not in RESUME_MAY_CHANGE and old.get(k) != new[k]]
+            changed = rundir.changed_settings(old, new, RESUME_MAY_CHANGE)
             if changed:
                 details = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
                 raise ConfigError(f"--resume: {out} was started with different settings ({details})")
         return ckpt.latest_checkpoint(out)
-    if has_run and not overwrite:
-        raise ConfigError(
-            f"{out} already holds a run: pass --resume to continue it or --overwrite to start over"
-        )
+    held = rundir.what_it_holds(out, TRAINED_FILES, (METRICS_LOG, EVAL_RESULTS), (ckpt.CHECKPOINTS,))
+    if held and not overwrite:
+        raise ConfigError(f"{out} already holds {held}: pass --resume to continue it or --overwrite to start over")
     return None
 
 
 def _clear_run(out: Path) -> None:
-    for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
-    for folder in (ckpt.CHECKPOINTS, TENSORBOARD_DIR):
-        shutil.rmtree(out / folder, ignore_errors=True)
+    rundir.clear_run(out, tuple(n for n in RUN_FILES if n not in TRAINED_FILES), (ckpt.CHECKPOINTS, TENSORBOARD_DIR))
 
 
 def _say(info: dist_util.DistInfo, message: str) -> None:
@@ -646,9 +647,11 @@ def _train(
                     (summed * info.world_size / global_count).backward()
                 step_stats += torch.tensor([summed.item(), float(batch["attention_mask"].sum())])
             dist_util.all_reduce_sum(info, step_stats)
+            grad_norm = None
             if cfg.clip_norm is not None:
                 trainable = [p for _, p in ckpt.trainable_parameters(wrapped)]
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_norm)  # global norm under FSDP too
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_norm)  # global under FSDP too
+            ckpt.check_finite_step(state.step + 1, float(step_stats[0]), grad_norm, out)
             lr = cfg.lr * lr_factor(state.step, total_steps, warmup, cfg.schedule)  # the adapter lr, not a head's
             optimizer.step()
             scheduler.step()
