@@ -762,3 +762,18 @@ def test_compiled_training_matches_eager_and_evaluates_eagerly(
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
     assert max((eager[k] - compiled[k]).abs().max().item() for k in eager) < 1e-4
     assert any(eager[k].abs().max() > 0 for k in eager if "lora_B" in k)  # B moved off zero: it trained
+
+
+def test_task_kind_defaults_fill_only_what_the_user_left_unset():
+    from lorakit.training.config import resolve_task_defaults
+
+    cls = resolve_task_defaults(base_cfg(task="rte", data="d"), "classification")
+    assert (cls.lr, cls.head_lr_ratio) == (1e-3, 10.0)
+    reg = resolve_task_defaults(base_cfg(task="stsb", data="d"), "regression")
+    assert (reg.lr, reg.head_lr_ratio) == (1e-3, 1.0)
+    gen = resolve_task_defaults(base_cfg(task="e2e", data="d"), "generation")
+    assert gen.lr == 5e-4
+    full = resolve_task_defaults(base_cfg(task="rte", data="d", method="full"), "classification")
+    assert full.lr == 5e-5
+    mine = resolve_task_defaults(base_cfg(task="rte", data="d", lr=3e-4, head_lr_ratio=2.0), "classification")
+    assert (mine.lr, mine.head_lr_ratio) == (3e-4, 2.0)

@@ -283,7 +283,7 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters only; no weight decay on biases and norm weights; task heads
     trained with an adapter (``modules_to_save``) at ``head_lr_ratio`` times the lr."""
-    if cfg.lr is None:
+    if cfg.lr is None or cfg.head_lr_ratio is None:
         raise ConfigError("no learning rate: call resolve_task_defaults(cfg, kind) first (or set lr)")
     heads = {id(p) for p in saved_module_parameters(model)}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
