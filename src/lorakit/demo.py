@@ -29,7 +29,7 @@ import torch
 
 from lorakit import load_adapter, merge, merge_and_unload, route_rows, set_adapter, unmerge
 from lorakit.errors import LorakitError
-from lorakit.models import load_model
+from lorakit.models import load_model, quiet_transformers
 from lorakit.training.config import TrainConfig
 from lorakit.training.trainer import train
 
@@ -136,8 +136,9 @@ def merge_check(model, tokenizer, task: DemoTask, out: Path) -> tuple[float, flo
     agree = (merged.argmax(-1) == unmerged.argmax(-1)).float().mean().item()
     max_diff = (merged - unmerged).abs().max().item()
     unmerge(model)
-    merge_and_unload(model, task.name).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with quiet_transformers():  # no "Writing model shards" bar
+        merge_and_unload(model, task.name).save_pretrained(out)
+        tokenizer.save_pretrained(out)
     return agree, max_diff, out
 
 

@@ -75,8 +75,9 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path, name: str) -> None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"lorakit: converting {name} from GGUF to safetensors in {target} (once)", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     # The dequantized weights are plain fp32 now; drop the GGUF quantizer so transformers can save them.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -85,8 +86,9 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path, name: str) -> None
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with quiet_transformers():
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         if target.exists():  # another process finished first
             shutil.rmtree(tmp)
         else:
