@@ -57,7 +57,7 @@ CASES = {
     "stsb": ParityCase("stsb", "stsb", str(GLUE / "STS-B"), "pearson", 1000, 2),
     # The demo's sentiment task at the demo's budget (its data: `lorakit demo` writes runs/demo/data/).
     "demo": ParityCase("demo", "text", "runs/demo/data/sentiment", "accuracy", 0, 1),
-    "e2e": ParityCase("e2e", "e2e", str(E2E), "bleu", 0, 0, model="smollm2-135m", max_steps=60,
+    "e2e": ParityCase("e2e", "e2e", str(E2E), "BLEU", 0, 0, model="smollm2-135m", max_steps=60,
                       eval_samples=40),
 }
 
@@ -137,7 +137,8 @@ def _metric(task: str) -> str:
 def run_case(case: ParityCase, side: str, seed: int, out: Path) -> dict[str, float]:
     cfg = case_config(case, seed, out / f"{case.name}-{side}-s{seed}")
     if side == "lorakit":
-        return train(cfg, overwrite=True)
+        finished = Path(cfg.out) / "eval_results.json"  # a run that ended before this script was stopped
+        return json.loads(finished.read_text()) if finished.is_file() else train(cfg, overwrite=True)
     data = load_task(cfg)
     return run_peft(resolve_task_defaults(cfg, data.spec.kind))
 

@@ -114,6 +114,7 @@ def logits_for(model, tokenizer, texts: list[str], adapters: list[str] | None = 
 def serve_mixed(tasks: list[DemoTask], runs: Path) -> tuple[dict[str, float], object, object]:
     """Both adapters on one base; the two test sets interleaved, each row routed to its task's adapter."""
     model, tokenizer = load_model("minilm-l6", task="seq-cls", num_labels=2)
+    model.base_parameters = sum(p.numel() for p in model.parameters())  # before any adapter is loaded
     for task in tasks:
         load_adapter(model, runs / task.name, task.name, activate=False)
     rows = [(task, text, label) for pair in zip(*(t.test for t in tasks)) for task, (text, label) in
@@ -146,6 +147,19 @@ def adapter_kib(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.glob("adapter_*")) / 1024
 
 
+def trained_counts(folder: Path) -> tuple[int, int]:
+    """(LoRA, head) parameter counts of an adapter file, from its tensors' shapes."""
+    from safetensors import safe_open
+
+    lora = head = 0
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as fh:
+        for key in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            n = fh.get_slice(key).get_shape()
+            count = int(torch.tensor(n).prod()) if n else 1
+            lora, head = (lora + count, head) if ".lora_" in key else (lora, head + count)
+    return lora, head
+
+
 def demo_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lorakit demo", description=__doc__)
     parser.add_argument("--train-size", type=int, default=6000, help="sentiment training snippets")
@@ -173,6 +187,9 @@ def demo_main(argv: list[str]) -> int:
         print(f"{task.name + ' accuracy':<20}{results[task.name]['accuracy']:.1%} held out "
               f"({len(task.test)} snippets), {mixed[task.name]:.1%} in the mixed batch  → {args.out / task.name}"
               f" ({adapter_kib(args.out / task.name):.1f} KiB)")  # fmt: skip
+    lora, head = trained_counts(args.out / tasks[0].name)
+    print(f"{'trained per task':<20}{lora + head:,} parameters: LoRA {lora:,} (Wq, Wv, r={args.r}) + head {head:,} "
+          f"(classifier and pooler); the base has {model.base_parameters:,}")  # fmt: skip
     print(f"{'mixed batch':<20}{sum(len(t.test) for t in tasks)} rows, one adapter per row, one forward per 128")
     print(f"{'merged vs unmerged':<20}predictions agree on {agree:.1%} of snippets, max |Δlogit| {max_diff:.2e}")
     print(f"{'merged model':<20}{merged_dir} (plain transformers folder)")
