@@ -95,6 +95,10 @@ class TrainConfig:
     max_eval_samples: int | None = _f(
         None, "evaluate on a fixed random subset of this many examples (E2E: MRs)"
     )
+    max_valid_samples: int | None = _f(
+        200, "validate during training on a fixed random subset of this many examples (E2E: MRs; "
+        "none: all); GLUE validates on its dev set"
+    )
     split_seed: int = _f(0, "seed for subsets and carved E2E splits (kept apart from 'seed' so runs compare)")
     eval_split: str | None = _f(
         None, "split scored at the end (default: dev for GLUE, test for E2E and text)"
@@ -160,7 +164,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("max_steps", "max_train_samples", "max_eval_samples", "warmup_steps"):
+        for name in ("max_steps", "max_train_samples", "max_eval_samples", "max_valid_samples", "warmup_steps"):
             value = getattr(self, name)
             if value is not None and value < (0 if name == "warmup_steps" else 1):
                 raise ConfigError(f"{name} must be positive, got {value!r}")

@@ -95,9 +95,9 @@ def load_task(cfg: TrainConfig, roles: Sequence[str] = ("train", "valid", "eval"
     before a model is loaded or a step is taken."""
     task = cfg.task.lower()
     if task in TEXT_TASKS:
-        return _load_text(cfg, roles)
+        return _cap_valid(_load_text(cfg, roles), cfg)
     if task == "e2e":
-        return _load_e2e(cfg, roles)
+        return _cap_valid(_load_e2e(cfg, roles), cfg)
     try:
         glue = get_glue_task(task)
     except DataError:
@@ -124,6 +124,14 @@ def load_task(cfg: TrainConfig, roles: Sequence[str] = ("train", "valid", "eval"
         out.valid = scored if "valid" in roles else []
         out.eval = scored if "eval" in roles else []
     return out
+
+
+def _cap_valid(data: TaskData, cfg: TrainConfig) -> TaskData:
+    """Bound the validation split by ``max_valid_samples``: it is scored at every interval, so an uncapped
+    valid file (E2E's has 547 MRs, thousands of references) can cost more than the training itself."""
+    if cfg.max_valid_samples is not None and len(data.valid) > cfg.max_valid_samples:
+        data.valid = subsample(data.valid, cfg.max_valid_samples, cfg.split_seed)
+    return data
 
 
 def _load_text(cfg: TrainConfig, roles: Sequence[str]) -> TaskData:
@@ -319,14 +327,19 @@ def mean_loss(
     items: Sequence[Any],
     cfg: TrainConfig,
     device: torch.device,
+    progress: bool = False,
 ) -> float:
     """Mean per-target loss (teacher forcing), the cheap validation signal for generation tasks."""
+    from tqdm.auto import tqdm
+
     rows = encode(spec, items, tokenizer, cfg.max_length)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        for chunk in _chunks(rows, cfg.eval_batch_size):
+        for chunk in tqdm(
+            list(_chunks(rows, cfg.eval_batch_size)), desc="valid", disable=not progress, leave=False
+        ):
             batch = _to(collate(spec, chunk, tokenizer.pad_token_id), device)
             with _autocast(device, cfg.bf16):
                 total += float(loss_sum(spec, model, batch))
@@ -431,10 +444,11 @@ def validate(
     items: Sequence[Any],
     cfg: TrainConfig,
     device: torch.device,
+    progress: bool = False,
 ) -> dict[str, float]:
     """The signal logged during training: task metrics for classification, loss for generation (beam search
     over the validation set at every interval would dominate the run's time)."""
     if spec.kind == "generation":
-        loss = mean_loss(model, tokenizer, spec, items, cfg, device)
+        loss = mean_loss(model, tokenizer, spec, items, cfg, device, progress=progress)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-    return score(model, tokenizer, spec, items, cfg, device)
+    return score(model, tokenizer, spec, items, cfg, device, progress=progress)

@@ -719,7 +719,7 @@ def _evaluate(
                 result = score(inner, tokenizer, spec, items, cfg, info.device, progress=info.is_main,
                                predictions_out=predictions)  # fmt: skip
             else:
-                result = validate(inner, tokenizer, spec, items, cfg, info.device)
+                result = validate(inner, tokenizer, spec, items, cfg, info.device, progress=info.is_main)
     dist_util.barrier(info)
     return dist_util.broadcast_object(info, result)
 

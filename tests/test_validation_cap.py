@@ -1,0 +1,50 @@
+"""Validation during training is bounded (max_valid_samples) and shows a progress bar."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lorakit.training.config import TrainConfig
+from lorakit.training.evaluate import load_task, validate
+from test_training import base_cfg, tiny_llama  # noqa: F401
+
+
+def _e2e_cfg(data, **kw) -> TrainConfig:
+    return base_cfg(task="e2e", data=str(data), **kw)
+
+
+def test_default_caps_validation_at_200_and_leaves_the_final_split_alone(tmp_path):
+    lines = [f"name : R{i} | food : F{i % 7}||R{i} serves F{i % 7} food ." for i in range(3000)]
+    (tmp_path / "valid.txt").write_text("\n".join(lines) + "\n")
+    assert TrainConfig.__dataclass_fields__["max_valid_samples"].default == 200
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        capped = load_task(_e2e_cfg(tmp_path))
+        full = load_task(_e2e_cfg(tmp_path, max_valid_samples=None))
+    assert len(full.valid) == 300 and len(capped.valid) == 200  # 10% of 3000 MRs carved as valid
+    assert {it.mr for it in capped.valid} <= {it.mr for it in full.valid}
+    assert len(capped.eval) == len(full.eval) == 300  # the final score is not capped by it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = load_task(_e2e_cfg(tmp_path, seed=5))
+    assert again.valid == capped.valid  # a fixed subset: split_seed, not the training seed, picks it
+
+
+def test_validation_shows_a_progress_bar(tiny_llama, tmp_path, capsys):  # noqa: F811
+    from lorakit.data import E2EItem
+    from lorakit.models import load_model
+    from lorakit.training.evaluate import TaskSpec
+
+    model, tok = load_model(tiny_llama)
+    items = [E2EItem(f"name : R{i}", [f"R{i} is nice ."]) for i in range(6)]
+    cfg = _e2e_cfg(tmp_path, eval_batch_size=2)
+    spec = TaskSpec("e2e", "generation", "causal-lm")
+    quiet = validate(model, tok, spec, items, cfg, torch.device("cpu"))
+    assert "valid" not in capsys.readouterr().err
+    shown = validate(model, tok, spec, items, cfg, torch.device("cpu"), progress=True)
+    err = capsys.readouterr().err
+    assert "valid" in err and "3/3" in err  # three batches of two
+    assert shown == pytest.approx(quiet)
