@@ -117,8 +117,8 @@ def _carve_source(loaded: dict[str, list[E2EItem]], files: dict[str, Path], miss
     if not candidates:
         raise DataError(
             f"only a test file ({files['test']}): the {missing} splits cannot be carved from it, because "
-            "training and validation data must never come from the test split; add train.txt or "
-            "valid.txt (or --train-file / --valid-file)"
+            "training and validation data must never come from the test split; add a train or valid "
+            "file (or --train-file / --valid-file)"
         )
     return max(candidates, key=lambda r: len(loaded[r]))
 

@@ -46,7 +46,8 @@ class TrainConfig:
     # -- what ------------------------------------------------------------------------------------------
     model: str = _f("minilm-l6", "built-in model name (minilm-l6, smollm2-135m), local folder or hub id")
     task: str = _f(
-        "", "glue task (sst2, mrpc, cola, rte, stsb, qnli, qqp, mnli), 'text' (CSV/TSV/JSONL) or 'e2e'"
+        "", "glue task (sst2, mrpc, cola, rte, stsb, qnli, qqp, mnli), 'text' (CSV/TSV/JSONL), 'e2e', "
+        "'webnlg', 'dart' or 'sft' (prompt/completion or chat JSONL/CSV/TSV)"
     )
     data: str = _f(
         "", "data directory (GLUE task folder, E2E folder) or, for 'text', a folder or a train file"
@@ -112,6 +113,17 @@ class TrainConfig:
     label_names: list[str] | None = field(
         default=None,
         metadata={"help": "text classification: the label set (default: labels in the train file)"},
+    )
+    # -- SFT (prompt/completion or chat records) -------------------------------------------------------
+    prompt_field: str = _f("prompt", "sft: key/column holding the prompt")
+    completion_field: str = _f("completion", "sft: key/column holding the completion")
+    messages_field: str = _f("messages", "sft: key holding a chat's [{role, content}] messages")
+    truncation: str = _f(
+        "left", "sft: a record over max_length loses prompt tokens from the left ('left') or stops the run "
+        "('refuse'); completions are never cut"
+    )
+    length_grouping: bool = _f(
+        False, "batch examples of similar length together (less padding; deterministic and resumable)"
     )
     # -- evaluation and generation ---------------------------------------------------------------------
     eval_interval: int = _f(0, "evaluate every N optimizer steps (0: at the end of each epoch only)")
@@ -189,6 +201,8 @@ class TrainConfig:
             raise ConfigError(f"device must be one of {list(DEVICES)}, got {self.device!r}")
         if self.compile and self.fsdp:
             raise ConfigError("compile and fsdp cannot be combined yet: drop --compile or --fsdp")
+        if self.truncation not in ("left", "refuse"):
+            raise ConfigError(f"truncation must be 'left' or 'refuse', got {self.truncation!r}")
         if self.init not in ("gaussian", "kaiming"):
             raise ConfigError(f"init must be 'gaussian' or 'kaiming', got {self.init!r}")
 

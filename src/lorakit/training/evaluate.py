@@ -43,6 +43,7 @@ from lorakit.data import (
 )
 from lorakit.errors import ConfigError
 from lorakit.training.config import TrainConfig
+from lorakit.training.nlg_tasks import NLG_TASKS, encode_sft_rows, load_nlg_task, score_nlg
 
 TEXT_TASKS = ("text", "text-classification")
 TEXT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
@@ -98,11 +99,14 @@ def load_task(cfg: TrainConfig, roles: Sequence[str] = ("train", "valid", "eval"
         return _cap_valid(_load_text(cfg, roles), cfg)
     if task == "e2e":
         return _cap_valid(_load_e2e(cfg, roles), cfg)
+    if task in NLG_TASKS:  # webnlg, dart, sft
+        return _cap_valid(load_nlg_task(cfg, roles), cfg)
     try:
         glue = get_glue_task(task)
     except DataError:
         raise ConfigError(
-            f"unknown task {cfg.task!r}; choose a GLUE task ({', '.join(glue_task_names())}), 'text' or 'e2e'"
+            f"unknown task {cfg.task!r}; choose a GLUE task ({', '.join(glue_task_names())}), 'text', 'e2e', "
+            "'webnlg', 'dart' or 'sft'"
         ) from None
     for name in ("train_file", "valid_file", "eval_file"):
         if getattr(cfg, name):
@@ -206,8 +210,12 @@ def _load_e2e(cfg: TrainConfig, roles: Sequence[str]) -> TaskData:
 
 
 # -- encoding ----------------------------------------------------------------------------------------------
-def encode(spec: TaskSpec, items: Sequence[Any], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+def encode(
+    spec: TaskSpec, items: Sequence[Any], tokenizer: Any, max_length: int, truncation: str = "left"
+) -> list[dict[str, Any]]:
     """Tokenized rows (unpadded); each row also carries ``n_targets``, the number of loss terms it adds."""
+    if spec.name == "sft":
+        return encode_sft_rows(items, tokenizer, max_length, truncation)
     if spec.kind == "generation":
         rows = encoded_rows(encode_e2e_for_training(items, tokenizer, max_length))
         for row in rows:
@@ -332,7 +340,7 @@ def mean_loss(
     """Mean per-target loss (teacher forcing), the cheap validation signal for generation tasks."""
     from tqdm.auto import tqdm
 
-    rows = encode(spec, items, tokenizer, cfg.max_length)
+    rows = encode(spec, items, tokenizer, cfg.max_length, cfg.truncation)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -415,6 +423,9 @@ def score(
     """The task's metrics on ``items`` (the final evaluation). ``predictions_out`` collects raw outputs."""
     if not items:
         raise DataError(f"{spec.name}: nothing to evaluate (empty split)")
+    if spec.name in NLG_TASKS:
+        return score_nlg(model, tokenizer, spec, items, cfg, device, progress=progress,
+                         predictions_out=predictions_out)  # fmt: skip
     if spec.kind == "generation":
         from lorakit.metrics.nlg import nlg_metrics
 

@@ -500,7 +500,7 @@ def _train(
     fsdp = dist_util.is_fsdp(wrapped)
 
     # -- 3. data, schedule, optimizer -------------------------------------------------------------------
-    rows = encode(spec, data.train, tokenizer, cfg.max_length)
+    rows = encode(spec, data.train, tokenizer, cfg.max_length, cfg.truncation)
     steps_per_epoch = len(global_batches(list(range(len(rows))), cfg.batch_size, info.world_size))
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
