@@ -61,6 +61,7 @@ from lorakit.training.evaluate import (
     score,
     validate,
 )
+from lorakit.training.sampler import epoch_batches
 
 TRAIN_CONFIG = "train_config.json"
 METRICS_LOG = "metrics.jsonl"
@@ -593,11 +594,9 @@ def _train(
         file=sys.stderr,
         dynamic_ncols=True,
     )
-    started, tokens_seen = time.perf_counter(), 0
+    started, tokens_seen, padding_seen = time.perf_counter(), 0, 0
     while state.step < total_steps:
-        batches = global_batches(
-            epoch_order(len(rows), cfg.seed, state.epoch), cfg.batch_size, info.world_size
-        )
+        batches = epoch_batches(rows, cfg, state.epoch, info.world_size)  # random or length-grouped
         while state.batch_in_epoch < len(batches) and state.step < total_steps:
             micro = local_micro_batches(
                 batches[state.batch_in_epoch], info.rank, info.world_size, cfg.grad_accum
@@ -605,7 +604,7 @@ def _train(
             # The loss is a mean over every target of the global batch, whichever process holds it.
             counts = torch.tensor([float(sum(rows[i]["n_targets"] for mb in micro for i in mb))])
             global_count = float(dist_util.all_reduce_sum(info, counts).item())
-            step_stats = torch.zeros(2)  # loss sum, tokens
+            step_stats = torch.zeros(3)  # loss sum, tokens, padded positions
             for k, mb in enumerate(micro):
                 batch = {
                     key: v.to(info.device)
@@ -616,7 +615,8 @@ def _train(
                     with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                         summed = loss_sum(spec, wrapped, batch, cfg.label_smoothing)
                     (summed * info.world_size / global_count).backward()
-                step_stats += torch.tensor([summed.item(), float(batch["attention_mask"].sum())])
+                n_tokens = float(batch["attention_mask"].sum())
+                step_stats += torch.tensor([summed.item(), n_tokens, batch["attention_mask"].numel() - n_tokens])
             dist_util.all_reduce_sum(info, step_stats)
             if cfg.clip_norm is not None:
                 trainable = [p for _, p in ckpt.trainable_parameters(wrapped)]
@@ -634,6 +634,7 @@ def _train(
             state.log_loss += float(step_stats[0])
             state.log_count += global_count
             tokens_seen += int(step_stats[1])
+            padding_seen += int(step_stats[2])
             elapsed = time.perf_counter() - started
             bar.update(1)
             bar.set_postfix(
@@ -649,7 +650,8 @@ def _train(
                         "epoch": round(state.step / steps_per_epoch, 4),
                         "loss": state.log_loss / max(state.log_count, 1.0),
                         "lr": lr,
-                        "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                        "tokens_per_s": tokens_seen / max(elapsed, 1e-9),  # useful (non-pad) tokens
+                        "pad_share": padding_seen / max(tokens_seen + padding_seen, 1),
                         "elapsed_s": elapsed,
                     }
                 )
