@@ -97,8 +97,8 @@ class TrainConfig:
         None, "evaluate on a fixed random subset of this many examples (E2E: MRs)"
     )
     max_valid_samples: int | None = _f(
-        200, "validate during training on a fixed random subset of this many examples (E2E: MRs; "
-        "none: all); GLUE validates on its dev set"
+        200, "validate during training on a fixed random subset of this many examples (generation tasks: "
+        "(input, reference) pairs; none: all); GLUE validates on its dev set"
     )
     split_seed: int = _f(0, "seed for subsets and carved E2E splits (kept apart from 'seed' so runs compare)")
     eval_split: str | None = _f(

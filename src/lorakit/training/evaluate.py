@@ -15,7 +15,7 @@ import math
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -131,10 +131,16 @@ def load_task(cfg: TrainConfig, roles: Sequence[str] = ("train", "valid", "eval"
 
 
 def _cap_valid(data: TaskData, cfg: TrainConfig) -> TaskData:
-    """Bound the validation split by ``max_valid_samples``: it is scored at every interval, so an uncapped
-    valid file (E2E's has 547 MRs, thousands of references) can cost more than the training itself."""
-    if cfg.max_valid_samples is not None and len(data.valid) > cfg.max_valid_samples:
-        data.valid = subsample(data.valid, cfg.max_valid_samples, cfg.split_seed)
+    """Bound the validation split by ``max_valid_samples`` examples: it is scored at every interval, so an
+    uncapped valid file (E2E's has 547 MRs, 4,672 references) can cost more than the training itself.
+    Generation tasks validate on the teacher-forced loss of (input, reference) pairs, so pairs are counted."""
+    if cfg.max_valid_samples is None:
+        return data
+    valid = data.valid
+    if data.spec.kind == "generation" and valid and isinstance(valid[0], E2EItem):
+        valid = [replace(it, references=[ref]) for it in valid for ref in it.references]
+    if len(valid) > cfg.max_valid_samples:
+        data.valid = subsample(valid, cfg.max_valid_samples, cfg.split_seed)
     return data
 
 
