@@ -18,9 +18,17 @@ IGNORE = -100
 
 @pytest.fixture(scope="module")
 def tok(smollm2_path):
+    """SmolLM2's tokenizer as lorakit.models.load_model gives it: converted from the GGUF file."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+def test_smollm2_chat_template_survives_the_gguf_conversion(tok):
+    assert "<|im_start|>" in tok.chat_template and tok.eos_token == "<|im_end|>"
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.convert_ids_to_tokens(tok("<|im_start|>", add_special_tokens=False)["input_ids"]) == ["<|im_start|>"]
 
 
 def _jsonl(path: Path, records: list) -> Path:

@@ -259,11 +259,14 @@ def _read_records(source: str | None, prompts: Sequence[str]) -> list[tuple[str,
     """(where, record) per input: positional prompts, or JSONL / plain lines from a file or stdin."""
     import json
     import sys
+    from pathlib import Path
 
     if prompts:
         return [(f"argument {i + 1}", {"prompt": p}) for i, p in enumerate(prompts)]
-    text = sys.stdin.read() if source in (None, "-") else open(source, encoding="utf-8").read()  # noqa: SIM115
-    name = "stdin" if source in (None, "-") else source
+    name = "stdin" if source in (None, "-") else str(source)
+    if name != "stdin" and not Path(name).is_file():
+        raise ConfigError(f"--input {name}: file not found")
+    text = sys.stdin.read() if name == "stdin" else Path(name).read_text(encoding="utf-8")
     out = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

@@ -101,10 +101,14 @@ def load_nlg_task(cfg: TrainConfig, roles: Sequence[str]) -> Any:
     return out
 
 
-def encode_sft_rows(records: Sequence[SftRecord], tokenizer: Any, cfg_max_length: int,
+def encode_sft_rows(records: Sequence[SftRecord], tokenizer: Any, max_length: int,
                     truncation: str = "left") -> list[dict[str, Any]]:  # fmt: skip
-    """SFT rows with ``n_targets`` (the loss terms each adds: labelled positions after the first)."""
-    rows = encode_sft(records, tokenizer, cfg_max_length, truncation)
+    """SFT rows with ``n_targets`` (the loss terms each adds: labelled positions after the first).
+
+    Args:
+        records / tokenizer / max_length / truncation: as for :func:`lorakit.data.sft.encode_sft`.
+    """
+    rows = encode_sft(records, tokenizer, max_length, truncation)
     for row in rows:
         row["n_targets"] = sum(1 for label in row["labels"][1:] if label != -100)
     return rows
