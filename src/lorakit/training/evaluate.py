@@ -7,6 +7,7 @@ Three kinds of task:
 * ``text``: classification from the user's CSV/TSV/JSONL files, scored with accuracy and macro-F1.
 * ``e2e``: a causal LM continues ``"<MR> ||"`` with the reference; scored by beam-search generation
   (left-padded batches) with BLEU, NIST, METEOR, ROUGE-L and CIDEr against all references of each MR.
+* ``webnlg``, ``dart`` and ``sft``: causal-LM tasks loaded and scored in ``nlg_tasks.py``.
 """
 
 from __future__ import annotations
