@@ -153,3 +153,25 @@ def test_short_run_scores_generations_with_the_d2t_metrics(
     assert all(" : " in p["mr"] for p in preds)
     assert got["seen"] == ([True] * 3 if task == "webnlg" else None)
     assert not math.isnan(json.loads((out / "metrics.jsonl").read_text().splitlines()[-2])["loss"])
+
+
+def test_official_files_are_used_as_is_and_unseen_categories_are_kept(tmp_path):
+    from lorakit.training.evaluate import load_task
+
+    def entries(prefix: str, category: str, n: int) -> list[dict]:
+        return [_entry(category, [(f"{prefix}{i}", "p", "o")], [(f"{prefix}{i} is o.", "good")]) for i in range(n)]
+
+    _webnlg(tmp_path / "train.json", entries("T", "Airport", 4))
+    _webnlg(tmp_path / "dev.json", entries("V", "Food", 2))
+    _webnlg(tmp_path / "test.json", entries("S", "City", 1) + entries("U", "Politician", 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing carved, nothing to warn about
+        data = load_task(base_cfg(task="webnlg", data=str(tmp_path), max_valid_samples=None))
+    assert [it.mr for it in data.train] == [f"T{i} : p : o" for i in range(4)]
+    assert [it.mr for it in data.valid] == ["V0 : p : o", "V1 : p : o"]
+    expected = [("City", True), ("Politician", False), ("Politician", False)]
+    assert [(it.category, it.seen) for it in data.eval] == expected
+    (tmp_path / "train.json").unlink()
+    (tmp_path / "dev.json").unlink()
+    with pytest.raises(DataError, match=r"only a test file"):
+        load_task(base_cfg(task="webnlg", data=str(tmp_path)))
