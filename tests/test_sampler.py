@@ -75,7 +75,7 @@ def test_sigkill_then_resume_with_length_grouping_matches_an_uninterrupted_run(t
     proc = subprocess.run(
         [sys.executable, "-m", "lorakit", "train", *cli_args(killed), "--length-grouping",
          "--debug-kill-after-step", "7"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,  # slow only on a saturated machine
     )  # fmt: skip
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "killed")] == [3, 6]
