@@ -154,6 +154,29 @@ def test_missing_test_is_carved_from_largest_file(tmp_path):
     assert not {it.mr for it in splits["train"]} & {it.mr for it in splits["test"]}
 
 
+def test_train_is_never_carved_from_the_test_file(tmp_path):
+    # test.txt is the largest file, yet the missing train split must come from valid.txt.
+    _write(tmp_path / "valid.txt", [f"V{i}||v" for i in range(20)])
+    _write(tmp_path / "test.txt", [f"X{i}||x" for i in range(200)])
+    with pytest.warns(UserWarning, match=r"no file for \['train'\].*valid\.txt"):
+        splits = e2e_splits(tmp_path)
+    test_mrs = {f"X{i}" for i in range(200)}
+    assert [it.mr for it in splits["test"]] == [f"X{i}" for i in range(200)]
+    assert {it.mr for it in splits["train"]} | {it.mr for it in splits["valid"]} == {f"V{i}" for i in range(20)}
+    assert not ({it.mr for it in splits["train"]} & test_mrs)
+    assert (len(splits["train"]), len(splits["valid"])) == (18, 2)  # 0.8 : 0.1 of 20 MRs
+
+
+def test_a_test_file_alone_is_refused(tmp_path):
+    _write(tmp_path / "test.txt", [f"X{i}||x" for i in range(50)])
+    with pytest.raises(DataError, match=r"only a test file .*never come from the test split"):
+        e2e_splits(tmp_path)
+    # Named explicitly as the test split, a file is refused as a carving source as well.
+    _write(tmp_path / "other.txt", [f"Y{i}||y" for i in range(50)])
+    with pytest.raises(DataError, match=r"only a test file .*other\.txt"):
+        e2e_splits(tmp_path / "nowhere", test_file=tmp_path / "other.txt")
+
+
 def test_file_flags_override_roles(tmp_path):
     _write(tmp_path / "a.txt", ["A||a"])
     _write(tmp_path / "b.txt", ["B||b"])

@@ -307,7 +307,7 @@ def test_a_registered_method_trains_saves_and_loads(tiny_bert, tmp_path):
 def test_checkpoint_round_trip_restores_optimizer_scheduler_and_rng(tiny_bert, tmp_path):
     from lorakit.models import load_model
 
-    cfg = base_cfg(task="rte", data="d", dropout=0.1, lr=1e-3)
+    cfg = base_cfg(task="rte", data="d", dropout=0.1, lr=1e-3, head_lr_ratio=10.0)
 
     def setup():
         torch.manual_seed(0)

@@ -17,6 +17,7 @@ from lorakit.adapters import (
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, ConfigError, LorakitError, MergeError, TargetError
 from lorakit.files import load_adapter, read_adapter, save_adapter
+from lorakit.generation import generate
 
 __all__ = [
     "AdapterFileError",
@@ -29,6 +30,7 @@ __all__ = [
     "active_adapter",
     "delete_adapter",
     "disabled",
+    "generate",
     "inject",
     "load_adapter",
     "merge",

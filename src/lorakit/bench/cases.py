@@ -15,7 +15,7 @@ import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-KINDS = ("train", "pair", "infer", "mixed", "merge", "switch", "scaling", "quality")
+KINDS = ("train", "pair", "infer", "mixed", "merge", "switch", "scaling", "quality", "tokens")
 PRECISIONS = ("fp32", "bf16-autocast", "bf16-base")
 # Scaling sweep: GPT-2 (layers, width) from ~12M to ~354M parameters (GPT-2 medium is 24 x 1024).
 SCALING_SIZES: tuple[tuple[int, int], ...] = ((6, 192), (8, 384), (12, 512), (12, 768), (24, 1024))
@@ -46,6 +46,7 @@ class Case:
     device: str = "cpu"
     threads: int = 0  # 0: torch's default
     compile: bool = False  # lorakit side only: lorakit.fast.compile_for_training, compiled before measuring
+    data: str = "e2e"  # tokens: e2e (MR, reference) pairs, or sft (the same pairs as chats)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -30,6 +30,7 @@ from lorakit.bench.cases import (
     scaling_cases,
     select,
 )
+from lorakit.bench.tokens import tokens_cases
 
 TARGETS = {
     "like_for_like_time": 0.85,  # lorakit step / PEFT step, same precision and loss
@@ -38,6 +39,7 @@ TARGETS = {
     "unmerged_overhead": 0.03,
     "merged_overhead": 0.02,  # plus the measured noise floor (base vs base)
     "mixed_over_single": 1.10,
+    "tokens_over_peft": 1.3,  # useful tokens/s, lorakit length-grouped / PEFT plain loop
     "quality_rel_diff": 0.01,  # held-out loss within 1% of PEFT's after the same steps from the same start
 }
 
@@ -229,6 +231,14 @@ def compute_ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
                 TARGETS["quality_rel_diff"],
                 "<=",
                 "absolute relative difference",
+            )
+        if c["kind"] == "tokens":
+            check(
+                f"useful tokens/s, lorakit length-grouped / PEFT random batches, {c['model']} {c['data']}",
+                r["grouped_over_peft"],
+                TARGETS["tokens_over_peft"],
+                ">=",
+                "same steps from the same start; held-out losses in the tokens table",
             )
     for kind in ("merge", "switch"):
         mine = _find(results, kind=kind, method="lorakit")
@@ -439,6 +449,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             "final train loss = mean of the last 5 steps; held-out loss in fp32 on an unseen batch.",
             "",
         ]
+    out += _tokens_table(results)
     checks = report["summary"]["targets"]
     if checks:
         out += ["### Targets", "", "| target | value | limit | met | note |", "|---|---|---|---|---|"]
@@ -586,7 +597,8 @@ def bench_main(argv: list[str] | None = None) -> int:
     if args.quick:
         cases: list[Case] = select(quick_cases(device), patterns)
     elif patterns:  # --cases picks from every section, the slow optional ones included
-        cases = select(default_cases(device) + scaling_cases(device) + quality_cases(device), patterns)
+        cases = select(default_cases(device) + scaling_cases(device) + quality_cases(device) + tokens_cases(device),
+                       patterns)  # fmt: skip
     else:
         cases = default_cases(device)
     if args.scaling and not args.quick:
@@ -644,3 +656,19 @@ def _write(report: dict[str, Any], out: Path) -> int:
     print(text)
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}" + (f", {plot}" if plot else ""), file=sys.stderr)
     return 0
+
+
+def _tokens_table(results: list[dict[str, Any]]) -> list[str]:
+    """The useful-tokens section: tokens/s, padding and held-out loss of each side."""
+    rows = [r for r in _ok(results) if r["case"]["kind"] == "tokens"]
+    if not rows:
+        return []
+    out = ["### Useful tokens per second: length-grouped vs random batches vs PEFT (same start, same steps)", "",
+           "| model | data | side | useful tok/s | padding | median step s | held-out loss |",
+           "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        c = r["case"]
+        for side, v in r["sides"].items():
+            out.append(f"| {c['model']} | {c['data']} | {side} | {v['useful_tok_s']:.0f} | {v['pad_share']:.1%} | "
+                       f"{v['median_s']:.2f} | {v['held_out_loss']:.4f} |")  # fmt: skip
+    return [*out, "", "PEFT runs its plain loop (model(labels=...).loss); lorakit its default path.", ""]

@@ -638,6 +638,15 @@ RUNNERS: dict[str, Callable[[Case, Measure], dict[str, Any]]] = {
 }
 
 
+def _run_tokens(case: Case, measure: Measure) -> dict[str, Any]:
+    from lorakit.bench.tokens import run_tokens
+
+    return run_tokens(case, measure)
+
+
+RUNNERS["tokens"] = _run_tokens
+
+
 def run_case(case: Case) -> dict[str, Any]:
     if case.threads:
         torch.set_num_threads(case.threads)

@@ -108,6 +108,21 @@ def _carve(
     return out
 
 
+def _carve_source(loaded: dict[str, list[E2EItem]], files: dict[str, Path], missing: list[str]) -> str:
+    """The role whose file missing roles are carved from: the largest file not serving as the test split.
+
+    Carving train (or valid) out of the test file would put test MRs in the training data, so a folder
+    whose only file is the test split is refused."""
+    candidates = [r for r in loaded if r != "test"]
+    if not candidates:
+        raise DataError(
+            f"only a test file ({files['test']}): the {missing} splits cannot be carved from it, because "
+            "training and validation data must never come from the test split; add a train or valid "
+            "file (or --train-file / --valid-file)"
+        )
+    return max(candidates, key=lambda r: len(loaded[r]))
+
+
 def e2e_splits(
     data_dir: str | Path,
     seed: int = 0,
@@ -120,9 +135,11 @@ def e2e_splits(
 
     Each role is served by its ``*_file`` argument (absolute, or relative to ``data_dir``) or else
     by ``data_dir/<role>.txt`` when that exists. Missing roles are carved, MR-disjointly and
-    deterministically (by a hash of ``(seed, MR)``), out of the largest file present, with sizes in
-    proportion to ``fractions`` (train, valid, test); a ``UserWarning`` says so. With only
-    ``valid.txt`` present this gives an 80/10/10 split of its MRs.
+    deterministically (by a hash of ``(seed, MR)``), out of the largest file present that is not the test
+    file, with sizes in proportion to ``fractions`` (train, valid, test); a ``UserWarning`` says so. With
+    only ``valid.txt`` present this gives an 80/10/10 split of its MRs; with ``valid.txt`` and ``test.txt``
+    the train split is carved from ``valid.txt`` and ``test.txt`` is used as is. A test file alone is
+    refused: its MRs may never become training data.
     """
     data_dir = Path(data_dir)
     if len(fractions) != 3 or any(f <= 0 for f in fractions):
@@ -149,7 +166,7 @@ def e2e_splits(
     splits: dict[str, list[E2EItem]] = dict(loaded)
     missing = [r for r in E2E_ROLES if r not in files]
     if missing:
-        source = max(loaded, key=lambda r: len(loaded[r]))
+        source = _carve_source(loaded, files, missing)
         targets = [r for r in E2E_ROLES if r == source or r in missing]
         carved = _carve(loaded[source], targets, frac, seed)
         empty = [r for r, v in carved.items() if not v]

@@ -26,7 +26,7 @@ EVAL_FIELDS = [
     "model", "task", "data", "max_length", "max_eval_samples", "split_seed", "eval_split", "eval_file",
     "train_file", "valid_file", "text_column", "text_pair_column", "label_column", "label_names",
     "eval_batch_size", "num_beams", "length_penalty", "no_repeat_ngram_size", "max_new_tokens",
-    "device", "bf16", "seed",
+    "device", "bf16", "seed", "prompt_field", "completion_field", "messages_field", "truncation",
 ]  # fmt: skip
 
 
@@ -39,6 +39,12 @@ def _format_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def _test_file_alias(parser: argparse.ArgumentParser) -> None:
+    # The file scored at the end is the test split; --test-file is the name data folders suggest.
+    parser.add_argument("--test-file", dest="eval_file", default=argparse.SUPPRESS, metavar="EVAL_FILE",
+                        help="same as --eval-file")  # fmt: skip
+
+
 def train_main(argv: list[str]) -> int:
     """``lorakit train``: every TrainConfig field is a flag; ``--config`` reads a TOML/YAML file first."""
     parser = argparse.ArgumentParser(
@@ -48,6 +54,7 @@ def train_main(argv: list[str]) -> int:
     )
     parser.add_argument("--config", metavar="FILE", help="TOML/YAML file of fields; flags override it")
     add_config_arguments(parser)
+    _test_file_alias(parser)
     parser.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
     )
@@ -129,6 +136,7 @@ def eval_main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object metric -> value on stdout")
     parser.add_argument("--predictions", metavar="FILE", help="also write each prediction (JSON lines)")
     add_config_arguments(parser, only=EVAL_FIELDS)
+    _test_file_alias(parser)
     args = parser.parse_args(argv)
 
     data = _eval_defaults(args.adapter)

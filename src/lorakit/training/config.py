@@ -48,7 +48,8 @@ class TrainConfig:
     # -- what ------------------------------------------------------------------------------------------
     model: str = _f("minilm-l6", "built-in model name (minilm-l6, smollm2-135m), local folder or hub id")
     task: str = _f(
-        "", "glue task (sst2, mrpc, cola, rte, stsb, qnli, qqp, mnli), 'text' (CSV/TSV/JSONL) or 'e2e'"
+        "", "glue task (sst2, mrpc, cola, rte, stsb, qnli, qqp, mnli), 'text' (CSV/TSV/JSONL), 'e2e', "
+        "'webnlg', 'dart' or 'sft' (prompt/completion or chat JSONL/CSV/TSV)"
     )
     data: str = _f(
         "", "data directory (GLUE task folder, E2E folder) or, for 'text', a folder or a train file"
@@ -108,6 +109,10 @@ class TrainConfig:
     max_eval_samples: int | None = _f(
         None, "evaluate on a fixed random subset of this many examples (E2E: MRs)"
     )
+    max_valid_samples: int | None = _f(
+        200, "validate during training on a fixed random subset of this many examples (generation tasks: "
+        "(input, reference) pairs; none: all); GLUE validates on its dev set"
+    )
     split_seed: int = _f(0, "seed for subsets and carved E2E splits (kept apart from 'seed' so runs compare)")
     eval_split: str | None = _f(
         None, "split scored at the end (default: dev for GLUE, test for E2E and text)"
@@ -121,6 +126,17 @@ class TrainConfig:
     label_names: list[str] | None = field(
         default=None,
         metadata={"help": "text classification: the label set (default: labels in the train file)"},
+    )
+    # -- SFT (prompt/completion or chat records) -------------------------------------------------------
+    prompt_field: str = _f("prompt", "sft: key/column holding the prompt")
+    completion_field: str = _f("completion", "sft: key/column holding the completion")
+    messages_field: str = _f("messages", "sft: key holding a chat's [{role, content}] messages")
+    truncation: str = _f(
+        "left", "sft: a record over max_length loses prompt tokens from the left ('left') or stops the run "
+        "('refuse'); completions are never cut"
+    )
+    length_grouping: bool = _f(
+        False, "batch examples of similar length together (less padding; deterministic and resumable)"
     )
     # -- evaluation and generation ---------------------------------------------------------------------
     eval_interval: int = _f(0, "evaluate every N optimizer steps (0: at the end of each epoch only)")
@@ -174,7 +190,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("max_steps", "max_train_samples", "max_eval_samples", "warmup_steps"):
+        for name in ("max_steps", "max_train_samples", "max_eval_samples", "max_valid_samples", "warmup_steps"):
             value = getattr(self, name)
             if value is not None and value < (0 if name == "warmup_steps" else 1):
                 raise ConfigError(f"{name} must be positive, got {value!r}")
@@ -203,6 +219,8 @@ class TrainConfig:
             raise ConfigError("compile and fsdp cannot be combined yet: drop --compile or --fsdp")
         if self.class_weights not in CLASS_WEIGHTS:
             raise ConfigError(f"class_weights must be one of {list(CLASS_WEIGHTS)}, got {self.class_weights!r}")
+        if self.truncation not in ("left", "refuse"):
+            raise ConfigError(f"truncation must be 'left' or 'refuse', got {self.truncation!r}")
         if self.init not in ("gaussian", "kaiming"):
             raise ConfigError(f"init must be 'gaussian' or 'kaiming', got {self.init!r}")
 

@@ -7,6 +7,7 @@ Three kinds of task:
 * ``text``: classification from the user's CSV/TSV/JSONL files, scored with accuracy and macro-F1.
 * ``e2e``: a causal LM continues ``"<MR> ||"`` with the reference; scored by beam-search generation
   (left-padded batches) with BLEU, NIST, METEOR, ROUGE-L and CIDEr against all references of each MR.
+* ``webnlg``, ``dart`` and ``sft``: causal-LM tasks loaded and scored in ``nlg_tasks.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from lorakit.data import (
 )
 from lorakit.errors import ConfigError
 from lorakit.training.config import TrainConfig
+from lorakit.training.nlg_tasks import NLG_TASKS, encode_sft_rows, load_nlg_task, score_nlg
 
 TEXT_TASKS = ("text", "text-classification")
 TEXT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
@@ -117,14 +119,17 @@ def load_task(cfg: TrainConfig, roles: Sequence[str] = ("train", "valid", "eval"
     before a model is loaded or a step is taken."""
     task = cfg.task.lower()
     if task in TEXT_TASKS:
-        return _load_text(cfg, roles)
+        return _cap_valid(_load_text(cfg, roles), cfg)
     if task == "e2e":
-        return _load_e2e(cfg, roles)
+        return _cap_valid(_load_e2e(cfg, roles), cfg)
+    if task in NLG_TASKS:  # webnlg, dart, sft
+        return _cap_valid(load_nlg_task(cfg, roles), cfg)
     try:
         glue = get_glue_task(task)
     except DataError:
         raise ConfigError(
-            f"unknown task {cfg.task!r}; choose a GLUE task ({', '.join(glue_task_names())}), 'text' or 'e2e'"
+            f"unknown task {cfg.task!r}; choose a GLUE task ({', '.join(glue_task_names())}), 'text', 'e2e', "
+            "'webnlg', 'dart' or 'sft'"
         ) from None
     for name in ("train_file", "valid_file", "eval_file"):
         if getattr(cfg, name):
@@ -169,6 +174,20 @@ def _glue_train_and_scored(task: str, cfg: TrainConfig, eval_split: str, notes: 
         f"(split_seed {cfg.split_seed}), training on the other {len(train) - n_held}"
     )
     return [ex for i, ex in enumerate(train) if i not in held], [ex for i, ex in enumerate(train) if i in held]
+
+
+def _cap_valid(data: TaskData, cfg: TrainConfig) -> TaskData:
+    """Bound the validation split by ``max_valid_samples`` examples: it is scored at every interval, so an
+    uncapped valid file (E2E's has 547 MRs, 4,672 references) can cost more than the training itself.
+    Generation tasks validate on the teacher-forced loss of (input, reference) pairs, so pairs are counted."""
+    if cfg.max_valid_samples is None:
+        return data
+    valid = data.valid
+    if data.spec.kind == "generation" and valid and isinstance(valid[0], E2EItem):
+        valid = [replace(it, references=[ref]) for it in valid for ref in it.references]
+    if len(valid) > cfg.max_valid_samples:
+        data.valid = subsample(valid, cfg.max_valid_samples, cfg.split_seed)
+    return data
 
 
 def _load_text(cfg: TrainConfig, roles: Sequence[str]) -> TaskData:
@@ -277,8 +296,12 @@ def balanced_class_weights(labels: Sequence[int], num_labels: int) -> list[float
 
 
 # -- encoding ----------------------------------------------------------------------------------------------
-def encode(spec: TaskSpec, items: Sequence[Any], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+def encode(
+    spec: TaskSpec, items: Sequence[Any], tokenizer: Any, max_length: int, truncation: str = "left"
+) -> list[dict[str, Any]]:
     """Tokenized rows (unpadded); each row also carries ``n_targets``, the number of loss terms it adds."""
+    if spec.name == "sft":
+        return encode_sft_rows(items, tokenizer, max_length, truncation)
     if spec.kind == "generation":
         rows = encoded_rows(encode_e2e_for_training(items, tokenizer, max_length))
         for row in rows:
@@ -399,14 +422,19 @@ def mean_loss(
     items: Sequence[Any],
     cfg: TrainConfig,
     device: torch.device,
+    progress: bool = False,
 ) -> float:
     """Mean per-target loss (teacher forcing), the cheap validation signal for generation tasks."""
-    rows = encode(spec, items, tokenizer, cfg.max_length)
+    from tqdm.auto import tqdm
+
+    rows = encode(spec, items, tokenizer, cfg.max_length, cfg.truncation)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        for chunk in _chunks(rows, cfg.eval_batch_size):
+        for chunk in tqdm(
+            list(_chunks(rows, cfg.eval_batch_size)), desc="valid", disable=not progress, leave=False
+        ):
             batch = _to(collate(spec, chunk, tokenizer.pad_token_id), device)
             with _autocast(device, cfg.bf16):
                 total += float(loss_sum(spec, model, batch))
@@ -482,6 +510,9 @@ def score(
     """The task's metrics on ``items`` (the final evaluation). ``predictions_out`` collects raw outputs."""
     if not items:
         raise DataError(f"{spec.name}: nothing to evaluate (empty split)")
+    if spec.name in NLG_TASKS:
+        return score_nlg(model, tokenizer, spec, items, cfg, device, progress=progress,
+                         predictions_out=predictions_out)  # fmt: skip
     if spec.kind == "generation":
         from lorakit.metrics.nlg import nlg_metrics
 
@@ -511,10 +542,11 @@ def validate(
     items: Sequence[Any],
     cfg: TrainConfig,
     device: torch.device,
+    progress: bool = False,
 ) -> dict[str, float]:
     """The signal logged during training: task metrics for classification, loss for generation (beam search
     over the validation set at every interval would dominate the run's time)."""
     if spec.kind == "generation":
-        loss = mean_loss(model, tokenizer, spec, items, cfg, device)
+        loss = mean_loss(model, tokenizer, spec, items, cfg, device, progress=progress)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-    return score(model, tokenizer, spec, items, cfg, device)
+    return score(model, tokenizer, spec, items, cfg, device, progress=progress)

@@ -62,6 +62,7 @@ from lorakit.training.evaluate import (
     set_class_weights,
     validate,
 )
+from lorakit.training.sampler import epoch_batches
 
 TRAIN_CONFIG = "train_config.json"
 METRICS_LOG = "metrics.jsonl"
@@ -527,7 +528,7 @@ def _train(
     fsdp = dist_util.is_fsdp(wrapped)
 
     # -- 3. data, schedule, optimizer -------------------------------------------------------------------
-    rows = encode(spec, data.train, tokenizer, cfg.max_length)
+    rows = encode(spec, data.train, tokenizer, cfg.max_length, cfg.truncation)
     steps_per_epoch = len(global_batches(list(range(len(rows))), cfg.batch_size, info.world_size))
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
@@ -622,11 +623,9 @@ def _train(
         file=sys.stderr,
         dynamic_ncols=True,
     )
-    started, tokens_seen = time.perf_counter(), 0
+    started, tokens_seen, padding_seen = time.perf_counter(), 0, 0
     while state.step < total_steps:
-        batches = global_batches(
-            epoch_order(len(rows), cfg.seed, state.epoch), cfg.batch_size, info.world_size
-        )
+        batches = epoch_batches(rows, cfg, state.epoch, info.world_size)  # random or length-grouped
         while state.batch_in_epoch < len(batches) and state.step < total_steps:
             micro = local_micro_batches(
                 batches[state.batch_in_epoch], info.rank, info.world_size, cfg.grad_accum
@@ -634,7 +633,7 @@ def _train(
             # The loss is a mean over every target of the global batch, whichever process holds it.
             counts = torch.tensor([float(sum(rows[i]["n_targets"] for mb in micro for i in mb))])
             global_count = float(dist_util.all_reduce_sum(info, counts).item())
-            step_stats = torch.zeros(2)  # loss sum, tokens
+            step_stats = torch.zeros(3)  # loss sum, tokens, padded positions
             for k, mb in enumerate(micro):
                 batch = {
                     key: v.to(info.device)
@@ -645,7 +644,8 @@ def _train(
                     with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                         summed = loss_sum(spec, wrapped, batch, cfg.label_smoothing)
                     (summed * info.world_size / global_count).backward()
-                step_stats += torch.tensor([summed.item(), float(batch["attention_mask"].sum())])
+                n_tokens = float(batch["attention_mask"].sum())
+                step_stats += torch.tensor([summed.item(), n_tokens, batch["attention_mask"].numel() - n_tokens])
             dist_util.all_reduce_sum(info, step_stats)
             grad_norm = None
             if cfg.clip_norm is not None:
@@ -665,6 +665,7 @@ def _train(
             state.log_loss += float(step_stats[0])
             state.log_count += global_count
             tokens_seen += int(step_stats[1])
+            padding_seen += int(step_stats[2])
             elapsed = time.perf_counter() - started
             bar.update(1)
             bar.set_postfix(
@@ -680,7 +681,8 @@ def _train(
                         "epoch": round(state.step / steps_per_epoch, 4),
                         "loss": state.log_loss / max(state.log_count, 1.0),
                         "lr": lr,
-                        "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                        "tokens_per_s": tokens_seen / max(elapsed, 1e-9),  # useful (non-pad) tokens
+                        "pad_share": padding_seen / max(tokens_seen + padding_seen, 1),
                         "elapsed_s": elapsed,
                     }
                 )
@@ -750,7 +752,7 @@ def _evaluate(
                 result = score(inner, tokenizer, spec, items, cfg, info.device, progress=info.is_main,
                                predictions_out=predictions)  # fmt: skip
             else:
-                result = validate(inner, tokenizer, spec, items, cfg, info.device)
+                result = validate(inner, tokenizer, spec, items, cfg, info.device, progress=info.is_main)
     dist_util.barrier(info)
     return dist_util.broadcast_object(info, result)
 

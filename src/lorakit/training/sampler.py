@@ -1,0 +1,67 @@
+"""The batches of one epoch: random (``epoch_order``), or grouped by length (``length_grouping``).
+
+Grouping sorts examples by length inside windows of ``GROUP_WINDOW`` batches of the shuffled order, cuts
+the result into global batches and shuffles the batches, so a batch holds examples of similar length (less
+padding) while the epoch stays random. Everything is a function of ``(seed, epoch, lengths)``: the position
+in the epoch is still all a checkpoint needs to continue the same sequence, and every example is seen once
+per epoch with the same number of batches as random batching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lorakit.training.config import TrainConfig
+
+GROUP_WINDOW = 50  # batches per sorting window: larger pads less, smaller keeps batches more random
+
+
+def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[int]:
+    """An epoch's example order in which consecutive ``batch_size`` slices have similar lengths.
+
+    Args:
+        lengths: tokens per example.
+        batch_size: the global batch.
+        seed / epoch: the order is a function of these (and ``lengths``) only.
+    """
+    from lorakit.training.trainer import epoch_order
+
+    order = epoch_order(len(lengths), seed, epoch)
+    window = batch_size * GROUP_WINDOW
+    grouped: list[int] = []
+    for start in range(0, len(order), window):
+        # Longest first within a window; ties keep the shuffled order (sorted is stable).
+        grouped += sorted(order[start : start + window], key=lambda i: -lengths[i])
+    return grouped
+
+
+def epoch_batches(rows: Sequence[dict[str, Any]], cfg: TrainConfig, epoch: int, world_size: int) -> list[list[int]]:
+    """The global batches of ``epoch`` (indices into ``rows``), random or length-grouped per ``cfg``.
+
+    Args:
+        rows: encoded training rows (``input_ids`` gives each length).
+        cfg: the run's config (``seed``, ``batch_size``, ``length_grouping``).
+        epoch: 0-based epoch.
+        world_size: processes sharing each batch (a last batch smaller than this is dropped).
+    """
+    from lorakit.training.trainer import epoch_order, global_batches
+
+    if not cfg.length_grouping:
+        return global_batches(epoch_order(len(rows), cfg.seed, epoch), cfg.batch_size, world_size)
+    lengths = [len(r["input_ids"]) for r in rows]
+    batches = global_batches(length_grouped_order(lengths, cfg.batch_size, cfg.seed, epoch), cfg.batch_size,
+                             world_size)  # fmt: skip
+    # Shuffle whole batches, so the epoch does not run from long to short within each window.
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch + 7_919)
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def padded_share(rows: Sequence[dict[str, Any]], batches: Sequence[Sequence[int]]) -> float:
+    """Share of positions in the padded batches that are padding (micro-batches pad on their own, so this
+    is a lower bound for grad_accum > 1)."""
+    useful = sum(len(rows[i]["input_ids"]) for b in batches for i in b)
+    total = sum(len(b) * max(len(rows[i]["input_ids"]) for i in b) for b in batches if b)
+    return 1.0 - useful / total if total else 0.0

@@ -1,0 +1,41 @@
+"""The useful-tokens bench case on a tiny random GPT-2: three sides from one start, padding, report."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lorakit.bench.cases import Case
+from lorakit.bench.run import compute_ratios, render_markdown
+from lorakit.bench.tokens import run_tokens, tokens_cases
+from lorakit.bench.worker import Measure
+from test_training import one_thread  # noqa: F401
+
+
+@pytest.mark.slow  # ~45 s on 2 shared cores: 3 sides x 4 steps of a 50k-vocabulary model
+def test_tokens_case_compares_grouped_random_and_peft(one_thread):  # noqa: F811
+    case = Case(id="tokens/tiny/e2e", kind="tokens", model="gpt2-L1-D32", batch=8, loss="labels",
+                group="tokens", warmup=1, repeats=3, targets=("o",))  # fmt: skip  (PEFT cannot slice c_attn)
+    result = run_tokens(case, Measure("cpu"))
+    sides = result["sides"]
+    assert set(sides) == {"lorakit-grouped", "lorakit-random", "peft-random"}
+    # Random sides see the same batches; grouping pads far less on the same rows.
+    assert sides["lorakit-random"]["pad_share"] == sides["peft-random"]["pad_share"] > 0.2
+    assert sides["lorakit-grouped"]["pad_share"] < 0.5 * sides["lorakit-random"]["pad_share"]
+    assert all(v["useful_tok_s"] > 0 and math.isfinite(v["held_out_loss"]) for v in sides.values())
+    # Same start and same batches: lorakit's default loss path and PEFT's plain loop learn alike.
+    assert abs(sides["lorakit-random"]["held_out_loss"] / sides["peft-random"]["held_out_loss"] - 1) < 1e-3
+    expected = sides["lorakit-grouped"]["useful_tok_s"] / sides["peft-random"]["useful_tok_s"]
+    assert math.isclose(result["grouped_over_peft"], expected)
+    record = {"id": case.id, "case": {**case.__dict__, "targets": list(case.targets)}, **result}
+    summary = compute_ratios([record])
+    assert [t["target"] for t in summary["targets"]] == [
+        "useful tokens/s, lorakit length-grouped / PEFT random batches, gpt2-L1-D32 e2e"
+    ]
+    report = {"meta": {"command": "t", "date": "d", "loadavg_start": [0, 0, 0], "loadavg_end": [0, 0, 0],
+                       "machine": {"cpu": "c", "cores": 2, "cpu_capability": "x", "device": "cpu", "torch": "t",
+                                   "transformers": "t", "peft": "p"}},
+              "results": [record], "summary": summary}  # fmt: skip
+    assert "| gpt2-L1-D32 | e2e | lorakit-grouped |" in render_markdown(report)
+    assert [c.data for c in tokens_cases()] == ["e2e", "sft"]
