@@ -47,6 +47,7 @@ class ParityCase:
     model: str = "minilm-l6"
     max_steps: int | None = None
     eval_samples: int | None = None
+    lr: float | None = None  # None: lorakit's default for the task kind (both sides use the resolved value)
 
 
 CASES = {
@@ -56,7 +57,7 @@ CASES = {
     "rte": ParityCase("rte", "rte", str(GLUE / "RTE"), "accuracy", 1000, 2),
     "stsb": ParityCase("stsb", "stsb", str(GLUE / "STS-B"), "pearson", 1000, 2),
     # The demo's sentiment task at the demo's budget (its data: `lorakit demo` writes runs/demo/data/).
-    "demo": ParityCase("demo", "text", "runs/demo/data/sentiment", "accuracy", 0, 1),
+    "demo": ParityCase("demo", "text", "runs/demo/data/sentiment", "accuracy", 0, 1, lr=3e-3),
     "e2e": ParityCase("e2e", "e2e", str(E2E), "BLEU", 0, 0, model="smollm2-135m", max_steps=60,
                       eval_samples=40),
 }
@@ -69,7 +70,7 @@ def case_config(case: ParityCase, seed: int, out: Path) -> TrainConfig:
         "max_train_samples": case.train_samples or None, "epochs": case.epochs, "batch_size": 32,
         "max_length": 64 if case.task == "text" else 128}
     return TrainConfig(model=case.model, task=case.task, data=case.data, seed=seed, out=str(out), plot=False,
-                       keep_checkpoints=1, **extra)  # fmt: skip
+                       keep_checkpoints=1, lr=case.lr, **extra)  # fmt: skip
 
 
 def peft_model(cfg: TrainConfig, spec: TaskSpec):
