@@ -293,8 +293,11 @@ def test_disconnect_cancels_the_sequence(server):
     wait_for(lambda: engine.stats["cancelled"] > before, 30, "the stream's sequence to be cancelled")
     wait_for(lambda: not engine.active, 30, "the batch to empty")
     # A non-streaming client that gives up while its request waits is cancelled too.
-    with Gate(engine), pytest.raises(TimeoutError):
-        raw(server.url, "POST", "/v1/completions", {"model": "a1", "prompt": "hi", "max_tokens": 64}, timeout=0.5)
+    with Gate(engine):
+        with pytest.raises(TimeoutError):
+            raw(server.url, "POST", "/v1/completions", {"model": "a1", "prompt": "hi", "max_tokens": 64}, timeout=0.5)
+        # Still gated: the handler notices the hang-up and flags the queued sequence before it could run.
+        wait_for(lambda: any(s.cancelled for s in engine.waiting), 30, "the handler to flag its sequence")
     wait_for(lambda: engine.stats["cancelled"] > before + 1, 30, "the waiting request to be cancelled")
 
 

@@ -22,25 +22,25 @@ def test_info_says_whether_vllm_can_serve_an_adapter(tmp_path, capsys):
     inject(llama, LoraConfig(targets=("q", "v"), r=4))
     save_adapter(llama, tmp_path / "plain")
     info = _info(tmp_path / "plain", capsys)
-    assert info["vllm_servable"] is True and info["vllm_not_servable_because"] == []
+    assert info["vllm_servable"] is True and info["vllm_why_not"] == []
 
     gpt2 = tiny_gpt2()
     inject(gpt2, LoraConfig(targets=("q", "v"), r=4))
     save_adapter(gpt2, tmp_path / "sliced")
     info = _info(tmp_path / "sliced", capsys)
-    assert info["vllm_servable"] is False and "per-slice fused" in info["vllm_not_servable_because"][0]
+    assert info["vllm_servable"] is False and "per-slice fused" in info["vllm_why_not"][0]
 
     bert = tiny_bert()
     inject(bert, LoraConfig(targets=("q", "v"), r=4, modules_to_save=("classifier",)))
     save_adapter(bert, tmp_path / "cls")
-    reasons = " | ".join(_info(tmp_path / "cls", capsys)["vllm_not_servable_because"])
+    reasons = " | ".join(_info(tmp_path / "cls", capsys)["vllm_why_not"])
     assert "modules_to_save" in reasons and "sequence-classification" in reasons
 
     biased = tiny_llama()
     inject(biased, LoraConfig(targets=("q", "v"), r=32, bias="all"))
     save_adapter(biased, tmp_path / "bias")
     info = _info(tmp_path / "bias", capsys)
-    assert "bias='all'" in info["vllm_not_servable_because"][0] and "--max-lora-rank" in info["vllm_notes"][0]
+    assert "bias='all'" in info["vllm_why_not"][0] and "--max-lora-rank" in info["vllm_notes"][0]
     assert main(["info", str(tmp_path / "plain")]) == 0
     assert "vllm_servable     True" in capsys.readouterr().out
 

@@ -67,7 +67,7 @@ def info_main(argv: list[str]) -> int:
     }
     from lorakit.serve.compat import vllm_report
 
-    info["vllm_servable"], info["vllm_not_servable_because"], info["vllm_notes"] = vllm_report(parsed)
+    info["vllm_servable"], info["vllm_why_not"], info["vllm_notes"] = vllm_report(parsed)
     if args.json:
         print(json.dumps(info))
         return 0

@@ -26,7 +26,10 @@ MODEL = "smollm2-135m"
 
 
 def e2e_prompts(path: Path, n: int) -> list[str]:
-    """The first ``n`` distinct meaning representations of E2E's valid.txt, as completion prompts."""
+    """The first ``n`` distinct meaning representations of E2E's valid.txt, as ``lorakit train --task e2e``
+    formats them."""
+    from lorakit.data.e2e import e2e_prompt
+
     seen: dict[str, None] = {}
     for line in path.read_text().splitlines():
         mr = line.split("||")[0].strip()
@@ -34,7 +37,7 @@ def e2e_prompts(path: Path, n: int) -> list[str]:
             seen.setdefault(mr, None)
         if len(seen) >= n:
             break
-    return [f"{mr}\nDescription:" for mr in seen]
+    return [e2e_prompt(mr) for mr in seen]
 
 
 def write_adapters(folder: Path, count: int) -> dict[str, str]:
@@ -67,13 +70,16 @@ class ServerProcess:
         for name, path in adapters.items():
             cmd += ["--adapter", f"{name}={path}"]
         self.port = port
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # A file, not a pipe: uvicorn logs every request, and an unread pipe would block the server.
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="lorakit-serve-", suffix=".log")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True)
 
     def wait_ready(self, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"lorakit serve exited: {self.proc.stderr.read()[-2000:]}")
+                self.log.seek(0)
+                raise RuntimeError(f"lorakit serve exited: {self.log.read()[-2000:]}")
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
                 conn.request("GET", "/health")
@@ -89,6 +95,7 @@ class ServerProcess:
             self.proc.wait(120)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        self.log.close()
 
 
 def one_request(port: int, model: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:

@@ -69,6 +69,9 @@ class Engine:
         self._cv = threading.Condition()
         self._accepting = True
         self._stop = False
+        # Adapter names as other threads see them: a snapshot refreshed by the engine thread after it changed
+        # the model, so no HTTP thread iterates the model's registry while a load mutates it.
+        self._loaded = frozenset(configs(model))
         self._batch: tuple[tuple[int, ...], DynamicCache, torch.Tensor] | None = None
         # Counters for tests and /health: finished, cancelled, failed sequences; the largest batch decoded.
         self.stats: collections.Counter[str] = collections.Counter()
@@ -86,14 +89,14 @@ class Engine:
     def adapters(self) -> list[str]:
         """Servable adapters: loaded and not being unloaded."""
         with self._cv:
-            return sorted(n for n in configs(self.model) if n not in self._unloading)
+            return sorted(n for n in self._loaded if n not in self._unloading)
 
     def submit(self, seq: Sequence) -> None:
         """Queue a sequence; raises ``QueueFull``, ``ShuttingDown`` or ``UnknownAdapter``."""
         with self._cv:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down")
-            if seq.adapter is not None and (seq.adapter not in configs(self.model) or seq.adapter in self._unloading):
+            if seq.adapter is not None and (seq.adapter not in self._loaded or seq.adapter in self._unloading):
                 raise UnknownAdapter(f"adapter {seq.adapter!r} is not loaded")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
@@ -123,7 +126,7 @@ class Engine:
         """
         future: Future = Future()
         with self._cv:
-            if name not in configs(self.model):
+            if name not in self._loaded:
                 raise UnknownAdapter(f"adapter {name!r} is not loaded")
             self._unloading.setdefault(name, []).append(future)
             self._cv.notify()
@@ -174,9 +177,15 @@ class Engine:
                     return
                 fn, future = self._commands.popleft()
             try:
-                future.set_result(fn())
+                result = fn()
             except Exception as exc:  # handed to the caller
+                with self._cv:
+                    self._loaded = frozenset(configs(self.model))
                 future.set_exception(exc)
+                continue
+            with self._cv:
+                self._loaded = frozenset(configs(self.model))
+            future.set_result(result)
 
     def _drop_cancelled(self) -> None:
         with self._cv:
@@ -196,6 +205,7 @@ class Engine:
             for name in ready:
                 futures = self._unloading.pop(name)
                 delete_adapter(self.model, name)
+                self._loaded = frozenset(configs(self.model))
                 self._batch = None
                 for future in futures:
                     future.set_result(name)
