@@ -89,6 +89,17 @@ class ServerProcess:
                 time.sleep(0.5)
         raise RuntimeError("lorakit serve did not become ready")
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time the server process has used (user + system, all threads); None off Linux.
+
+        On a shared CPU wall-clock rates mostly measure the neighbours; CPU time per token measures the work.
+        """
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -176,16 +187,18 @@ def peft_batched(adapters: dict[str, str], requests: list[tuple[str, str]], max_
     model.eval()
     tok.padding_side = "left"
     batch = tok([p for _, p in requests], return_tensors="pt", padding=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         out = model.generate(**batch, adapter_names=[m for m, _ in requests], max_new_tokens=max_tokens,
                              do_sample=False, pad_token_id=tok.pad_token_id)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     new = out[:, batch["input_ids"].shape[1]:]
     tokens = 0
     for row in new.tolist():  # count up to and including the first EOS, as the server does
         tokens += next((i + 1 for i, t in enumerate(row) if t == tok.eos_token_id), len(row))
-    return summarize([wall] * len(requests), [], tokens, wall)
+    row = summarize([wall] * len(requests), [], tokens, wall)
+    row["cpu_ms_per_token"] = 1000 * cpu / max(tokens, 1)
+    return row
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -202,9 +215,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cell(port: int, prompts: list[str], adapters: int, concurrency: int, n: int, max_tokens: int) -> dict:
+def _cell(server: ServerProcess, prompts: list[str], adapters: int, concurrency: int, n: int,
+          max_tokens: int) -> dict:
     requests = [(f"task{i % adapters}", prompts[i % len(prompts)]) for i in range(n)]
-    row = closed_loop(port, requests, concurrency, max_tokens)
+    cpu = server.cpu_seconds()
+    row = closed_loop(server.port, requests, concurrency, max_tokens)
+    after = server.cpu_seconds()
+    row["cpu_ms_per_token"] = None if cpu is None or after is None else 1000 * (after - cpu) / max(row["tokens"], 1)
     row.update(adapters=adapters, concurrency=concurrency)
     print(f"  {adapters:>2} adapters, concurrency {concurrency:>2}: {row['tokens_per_s']:7.1f} tok/s, "
           f"p50 {row['p50_s']:.2f} s, p99 {row['p99_s']:.2f} s, TTFT p50 {row['ttft_p50_s']:.2f} s", flush=True)
@@ -220,7 +237,7 @@ def _serve_grid(adapter_files: dict[str, str], prompts: list[str], args, counts,
         for concurrency in levels:
             for adapters in counts:
                 n = args.baseline_requests if not batching else max(concurrency * args.rounds, 4)
-                row = _cell(args.port, prompts, adapters, concurrency, n, args.max_tokens)
+                row = _cell(server, prompts, adapters, concurrency, n, args.max_tokens)
                 row["system"] = "lorakit serve" if batching else "(a) batching off"
                 rows.append(row)
         return rows
@@ -261,12 +278,13 @@ def bench_serve_main(argv: list[str]) -> int:
 
 def render_table(report: dict) -> str:
     """The markdown table docs/performance.md carries."""
-    lines = ["| system | adapters | concurrency | requests | tokens/s | p50 s | p99 s | TTFT p50 s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| system | adapters | concurrency | requests | tokens/s | p50 s | p99 s | TTFT p50 s | CPU ms/token |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         ttft = f"{r['ttft_p50_s']:.2f}" if r.get("ttft_p50_s") is not None else "—"
+        cpu = f"{r['cpu_ms_per_token']:.0f}" if r.get("cpu_ms_per_token") is not None else "—"
         lines.append(f"| {r['system']} | {r['adapters']} | {r['concurrency']} | {r['requests']} | "
-                     f"{r['tokens_per_s']:.1f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {ttft} |")
+                     f"{r['tokens_per_s']:.1f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {ttft} | {cpu} |")
     return "\n".join(lines) + "\n"
 
 
