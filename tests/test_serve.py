@@ -96,11 +96,11 @@ def _run_engine(engine: Engine, requests: list[tuple[list[int], str | None, int]
     for seq in first:
         engine.submit(seq)
     if late:
-        wait_for(lambda: any(s.completion_tokens >= 3 for s in first), 30, "the first requests to decode")
+        wait_for(lambda: any(s.completion_tokens >= 3 for s in first), 180, "the first requests to decode")
         for seq in seqs[len(first):]:
             engine.submit(seq)
     for _ in seqs:
-        assert done.acquire(timeout=60), "a sequence never finished"
+        assert done.acquire(timeout=180), "a sequence never finished"
     return seqs
 
 
