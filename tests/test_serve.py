@@ -93,8 +93,9 @@ def _run_engine(engine: Engine, requests: list[tuple[list[int], str | None, int]
     seqs = [Sequence(ids, a, SamplingParams(max_tokens=n, temperature=0.0),
                      lambda ev: ev.finish_reason and done.release()) for ids, a, n in requests]
     first = seqs[: len(seqs) - late]
-    for seq in first:
-        engine.submit(seq)
+    with Gate(engine):  # all of the first group is queued before the engine admits any: one batch
+        for seq in first:
+            engine.submit(seq)
     if late:
         wait_for(lambda: any(s.completion_tokens >= 3 for s in first), 180, "the first requests to decode")
         for seq in seqs[len(first):]:
