@@ -174,11 +174,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cases", default="sst2,mrpc,cola,rte,stsb,e2e")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--out", type=Path, default=Path("runs/parity"))
+    parser.add_argument("--merge-from", type=Path, nargs="*", default=[],
+                        help="other --out folders whose finished runs join this table (runs split over processes)")
     args = parser.parse_args(argv)
     cases = [CASES[c] for c in args.cases.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     store = args.out / "parity.json"
     results = json.loads(store.read_text()) if store.is_file() else {}
+    for folder in args.merge_from:
+        results.update(json.loads((folder / "parity.json").read_text()))
     args.out.mkdir(parents=True, exist_ok=True)
     for case in cases:
         if f"{case.name}/baseline" not in results:

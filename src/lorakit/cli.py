@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "estimate": ("lorakit.analysis.estimate:estimate_main", "trainable parameters, file sizes, memory"),
     "analyze": ("lorakit.analysis.subspace:analyze_main", "spectra and subspace similarity of adapters"),
     "bench": ("lorakit.bench.run:bench_main", "speed and memory benchmark, side by side with PEFT"),
+    "serve": ("lorakit.serve.server:serve_main", "OpenAI-compatible server: one base, many adapters, batched"),
 }
 
 

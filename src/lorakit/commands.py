@@ -121,6 +121,9 @@ def info_main(argv: list[str]) -> int:
         "file_bytes": (args.adapter / WEIGHTS_NAME).stat().st_size + (args.adapter / CONFIG_NAME).stat().st_size,
         "modules": sorted(parsed.pairs),
     }
+    from lorakit.serve.compat import vllm_report
+
+    info["vllm_servable"], info["vllm_why_not"], info["vllm_notes"] = vllm_report(parsed)
     if args.json:
         print(json.dumps(info))
         return 0

@@ -578,6 +578,10 @@ def _resolve_device(device: str) -> str:
 
 
 def bench_main(argv: list[str] | None = None) -> int:
+    if argv and argv[0] == "serve":  # `lorakit bench serve`: the server load generator (lorakit.serve.bench)
+        from lorakit.serve.bench import bench_serve_main
+
+        return bench_serve_main(argv[1:])
     args = _parser().parse_args(argv)
     out = Path(args.out)
     if args.render:

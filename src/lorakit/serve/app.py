@@ -1,0 +1,334 @@
+"""The HTTP layer: FastAPI routes speaking OpenAI's API over the engine.
+
+Handlers never touch the model: generation goes through ``Engine.submit``, adapter changes and
+classification through ``Engine.call``, all of which run on the engine thread between decode steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lorakit.serve import adapters_admin
+from lorakit.serve.engine import Engine, QueueFull, ShuttingDown, UnknownAdapter
+from lorakit.serve.protocol import (
+    AdapterBody,
+    APIError,
+    ChatBody,
+    ClassifyBody,
+    CompletionBody,
+    chat_text,
+    completion_object,
+    new_id,
+    sse,
+    stops,
+    usage,
+)
+from lorakit.serve.sequence import Event, SamplingParams, Sequence
+
+
+@dataclass
+class ServeSettings:
+    """Limits and identity of one server.
+
+    Args:
+        base_name: the model id of the base model (``--model``).
+        task: "causal-lm" (completions) or "seq-cls" (classify).
+        api_key: when set, /v1 and /metrics need ``Authorization: Bearer <api_key>``.
+        max_tokens_cap: the largest ``max_tokens`` a request may ask for.
+        max_model_len: prompt + max_tokens must fit in this many positions.
+        retry_after_s: the Retry-After a 429 carries.
+        max_classify_inputs: the most texts one /v1/classify request may hold.
+    """
+
+    base_name: str
+    task: str = "causal-lm"
+    api_key: str | None = None
+    max_tokens_cap: int = 512
+    max_model_len: int = 2048
+    retry_after_s: int = 1
+    max_classify_inputs: int = 64
+
+
+def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
+    """A FastAPI app over ``engine``; its lifespan starts the engine and, on shutdown, drains it.
+
+    Args:
+        engine: a not-yet-started engine over the loaded model and adapters.
+        settings: limits, identity and the API key.
+    """
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        # uvicorn has already waited for open requests; this finishes anything still queued.
+        await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(title="lorakit serve", lifespan=lifespan)
+    app.state.engine, app.state.settings = engine, settings
+    _install_error_handlers(app)
+    auth = [Depends(_auth_dependency(settings.api_key))]
+    app.add_api_route("/health", lambda: _health(engine, settings), methods=["GET"])
+    app.add_api_route("/metrics", lambda: Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST),
+                      methods=["GET"], dependencies=auth)
+    routes = Routes(engine, settings)
+    app.add_api_route("/v1/models", routes.models, methods=["GET"], dependencies=auth)
+    app.add_api_route("/v1/completions", routes.completions, methods=["POST"], dependencies=auth)
+    app.add_api_route("/v1/chat/completions", routes.chat, methods=["POST"], dependencies=auth)
+    app.add_api_route("/v1/classify", routes.classify, methods=["POST"], dependencies=auth)
+    app.add_api_route("/v1/adapters", routes.load_adapter, methods=["POST"], dependencies=auth)
+    app.add_api_route("/v1/adapters/{name}", routes.unload_adapter, methods=["DELETE"], dependencies=auth)
+    return app
+
+
+def _health(engine: Engine, settings: ServeSettings) -> dict[str, Any]:
+    return {"status": "ok" if engine.accepting else "draining", "model": settings.base_name,
+            "task": settings.task, "adapters": engine.adapters(), "active": len(engine.active),
+            "queued": len(engine.waiting)}
+
+
+def _auth_dependency(api_key: str | None):
+    def check(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # compare_digest: no timing side channel on the key.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "missing or incorrect API key: send Authorization: Bearer <key>",
+                           "authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    return check
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid body")
+        return APIError(400, message, param=where or None).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return APIError(exc.status_code, str(exc.detail), code=None).response()
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, exc: Exception) -> JSONResponse:
+        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
+
+
+class Routes:
+    """The /v1 handlers over one engine.
+
+    Args:
+        engine: the engine all requests go through.
+        settings: limits and identity.
+    """
+
+    def __init__(self, engine: Engine, settings: ServeSettings) -> None:
+        self.engine, self.settings = engine, settings
+        self.tokenizer = engine.tokenizer
+
+    # -- models and adapters -------------------------------------------------------------------------
+    async def models(self) -> dict[str, Any]:
+        created = int(time.time())
+        base = self.settings.base_name
+        data = [{"id": base, "object": "model", "created": created, "owned_by": "lorakit", "parent": None}]
+        data += [{"id": n, "object": "model", "created": created, "owned_by": "lorakit", "parent": base}
+                 for n in self.engine.adapters()]
+        return {"object": "list", "data": data}
+
+    def adapter_for(self, model: str) -> str | None:
+        """The adapter a request's ``model`` picks (None: the base); 404 for an unknown id."""
+        if model == self.settings.base_name:
+            return None
+        if model in self.engine.adapters():
+            return model
+        raise APIError(404, f"the model {model!r} does not exist; GET /v1/models lists "
+                       f"{[self.settings.base_name, *self.engine.adapters()]}", code="model_not_found",
+                       param="model")
+
+    async def load_adapter(self, body: AdapterBody) -> dict[str, Any]:
+        if body.name == self.settings.base_name:
+            raise APIError(400, f"{body.name!r} is the base model's id", param="name")
+        future = self.engine.call(lambda: adapters_admin.load(self.engine.model, body.name, body.path,
+                                                               self.settings.task))
+        await asyncio.wrap_future(future)  # AdapterFileError etc. become 400/409 in adapters_admin
+        return {"id": body.name, "object": "model", "owned_by": "lorakit", "parent": self.settings.base_name,
+                "path": body.path}
+
+    async def unload_adapter(self, name: str) -> dict[str, Any]:
+        try:
+            future = self.engine.unload(name)
+        except UnknownAdapter as exc:
+            raise APIError(404, str(exc), code="model_not_found") from exc
+        await asyncio.wrap_future(future)  # resolves once its accepted requests have finished
+        return {"id": name, "object": "model", "deleted": True}
+
+    # -- generation ----------------------------------------------------------------------------------
+    async def completions(self, body: CompletionBody, request: Request) -> Response:
+        self._need_task("causal-lm", "/v1/completions")
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            if len(prompt) != 1:
+                raise APIError(400, "prompt: one prompt per request (send a string)", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt, add_special_tokens=True).input_ids
+        else:
+            ids = [int(t) for t in prompt]
+            if any(t < 0 or t >= len(self.tokenizer) for t in ids):
+                raise APIError(400, "prompt: token id out of the vocabulary", param="prompt")
+        return await self._generate(body, ids, body.max_tokens, request, chat=False)
+
+    async def chat(self, body: ChatBody, request: Request) -> Response:
+        self._need_task("causal-lm", "/v1/chat/completions")
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise APIError(400, f"{self.settings.base_name} has no chat template; use /v1/completions")
+        try:
+            text = self.tokenizer.apply_chat_template(chat_text(body.messages), add_generation_prompt=True,
+                                                      tokenize=False)
+        except Exception as exc:  # a template error is the request's fault (bad roles, order)
+            raise APIError(400, f"messages: the chat template refused them: {exc}", param="messages") from exc
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        return await self._generate(body, ids, max_tokens, request, chat=True)
+
+    def _need_task(self, task: str, path: str) -> None:
+        if self.settings.task != task:
+            raise APIError(400, f"{path} needs a server started with --task {task}; this one serves "
+                           f"{self.settings.task}")
+
+    def _params(self, body: CompletionBody | ChatBody, prompt_len: int, max_tokens: int | None) -> SamplingParams:
+        s = self.settings
+        if body.n != 1:
+            raise APIError(400, "n: only n=1 is supported", param="n")
+        if prompt_len == 0:
+            raise APIError(400, "prompt: it is empty", param="prompt")
+        if max_tokens is None:
+            max_tokens = max(1, min(s.max_tokens_cap, s.max_model_len - prompt_len))
+        if max_tokens < 1 or max_tokens > s.max_tokens_cap:
+            raise APIError(400, f"max_tokens: {max_tokens} is outside 1..{s.max_tokens_cap} (this server's cap)",
+                           param="max_tokens")
+        if prompt_len + max_tokens > s.max_model_len:
+            raise APIError(400, f"this model's maximum context length is {s.max_model_len} tokens; you requested "
+                           f"{prompt_len + max_tokens} ({prompt_len} in the prompt, {max_tokens} to generate)",
+                           code="context_length_exceeded", param="prompt")
+        return SamplingParams(max_tokens, body.temperature, body.top_p, stops(body.stop), body.seed)
+
+    async def _generate(self, body: CompletionBody | ChatBody, ids: list[int], max_tokens: int | None,
+                        request: Request, *, chat: bool) -> Response:
+        params = self._params(body, len(ids), max_tokens)
+        adapter = self.adapter_for(body.model)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        seq = Sequence(ids, adapter, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+                       kind="chat" if chat else "completion")
+        self._submit(seq)
+        self.engine.metrics.requests.labels(body.model, seq.kind).inc()
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(self._stream(seq, events, rid, body.model, chat, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await self._collect(seq, events, rid, body.model, chat, request)
+
+    def _submit(self, seq: Sequence) -> None:
+        try:
+            self.engine.submit(seq)
+        except QueueFull as exc:
+            raise APIError(429, f"the server is busy: {exc}; retry later", "rate_limit_error",
+                           code="rate_limit_exceeded",
+                           headers={"Retry-After": str(self.settings.retry_after_s)}) from exc
+        except UnknownAdapter as exc:
+            raise APIError(404, str(exc), code="model_not_found", param="model") from exc
+        except ShuttingDown as exc:
+            raise APIError(503, str(exc), "server_error", headers={"Retry-After": "5"}) from exc
+
+    async def _collect(self, seq: Sequence, events: asyncio.Queue[Event], rid: str, model: str, chat: bool,
+                       request: Request) -> Response:
+        parts: list[str] = []
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(events.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    # Polled: a non-streaming client that hangs up cancels its sequence.
+                    if await request.is_disconnected():
+                        return Response(status_code=499)
+                    continue
+                if ev.error:
+                    raise APIError(500, ev.error, "server_error")
+                parts.append(ev.text)
+                if ev.finish_reason:
+                    break
+        finally:
+            if not seq.done:
+                self.engine.cancel(seq)
+        obj = completion_object(rid, model, "".join(parts), ev.finish_reason, chat=chat, chunk=False)
+        obj["usage"] = usage(ev.prompt_tokens, ev.completion_tokens)
+        return JSONResponse(obj)
+
+    async def _stream(self, seq: Sequence, events: asyncio.Queue[Event], rid: str, model: str, chat: bool,
+                      include_usage: bool) -> AsyncIterator[str]:
+        try:
+            if chat:
+                yield sse(completion_object(rid, model, "", None, chat=True, chunk=True, role=True))
+            while True:
+                ev = await events.get()
+                if ev.error:
+                    yield sse(APIError(500, ev.error, "server_error").body())
+                    break
+                finish = ev.finish_reason
+                if ev.text or finish:
+                    yield sse(completion_object(rid, model, ev.text, finish, chat=chat, chunk=True))
+                if finish:
+                    if include_usage:
+                        last = completion_object(rid, model, "", None, chat=chat, chunk=True)
+                        last["choices"], last["usage"] = [], usage(ev.prompt_tokens, ev.completion_tokens)
+                        yield sse(last)
+                    break
+            yield sse("[DONE]")
+        finally:
+            # A client that disconnects mid-stream ends up here (Starlette cancels the generator).
+            if not seq.done:
+                self.engine.cancel(seq)
+
+    # -- classification ------------------------------------------------------------------------------
+    async def classify(self, body: ClassifyBody) -> dict[str, Any]:
+        self._need_task("seq-cls", "/v1/classify")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        models = [body.model] * len(texts) if isinstance(body.model, str) else body.model
+        if not texts or len(texts) > self.settings.max_classify_inputs:
+            raise APIError(400, f"input: 1..{self.settings.max_classify_inputs} texts", param="input")
+        if len(models) != len(texts):
+            raise APIError(400, "model: a list of models needs one per input", param="model")
+        adapters = [self.adapter_for(m) for m in models]
+        for m in set(models):
+            self.engine.metrics.requests.labels(m, "classify").inc()
+        start = time.perf_counter()
+        try:
+            future = self.engine.call(lambda: adapters_admin.classify(self.engine.model, self.tokenizer, texts,
+                                                                      adapters, self.settings.max_model_len))
+        except ShuttingDown as exc:
+            raise APIError(503, str(exc), "server_error") from exc
+        rows, tokens = await asyncio.wrap_future(future)
+        self.engine.metrics.latency.observe(time.perf_counter() - start)
+        data = [{"index": i, "model": m, **row} for i, (m, row) in enumerate(zip(models, rows))]
+        return {"object": "list", "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

@@ -1,0 +1,40 @@
+"""Whether an adapter file can be served by vLLM (``--enable-lora --lora-modules name=path``) or LoRAX.
+
+Mirrors what vLLM's ``PEFTHelper`` checks on ``adapter_config.json`` (r, lora_alpha and target_modules
+required; modules_to_save must be None; no DoRA; bias "none") plus what its key parser and scaling cannot
+express: lorakit's per-slice fused adapters and per-module rank/alpha patterns.
+"""
+
+from __future__ import annotations
+
+from lorakit.files import AdapterFile
+
+VLLM_DEFAULT_MAX_LORA_RANK = 16
+
+
+def vllm_report(parsed: AdapterFile) -> tuple[bool, list[str], list[str]]:
+    """(servable, reasons it is not, notes) for a parsed adapter file.
+
+    Args:
+        parsed: ``lorakit.read_adapter(path)``.
+    """
+    raw, meta = parsed.raw_config, parsed.raw_config.get("lorakit") or {}
+    reasons, notes = [], []
+    if meta.get("fused_slices"):
+        reasons.append("per-slice fused q/k/v LoRA (GPT-2 c_attn thirds): vLLM adapts whole modules only, and "
+                       "the file's target_modules is a placeholder that PEFT and vLLM refuse")
+    if parsed.saved_modules or raw.get("modules_to_save"):
+        reasons.append(f"modules_to_save {sorted(parsed.saved_modules) or raw.get('modules_to_save')}: vLLM only "
+                       "supports modules_to_save being None (merge it with `lorakit merge` instead)")
+    if raw.get("bias", "none") != "none" or parsed.biases:
+        reasons.append(f"bias={raw.get('bias')!r} trains base-model biases; vLLM loads LoRA A/B only")
+    if raw.get("rank_pattern") or raw.get("alpha_pattern"):
+        reasons.append("rank_pattern/alpha_pattern: vLLM applies one scaling (lora_alpha/r) to every module")
+    if raw.get("task_type") == "SEQ_CLS":
+        reasons.append("a sequence-classification adapter: vLLM serves LoRA on generative models")
+    rank = max((a.shape[0] for slots in parsed.pairs.values() for a, _ in slots.values()), default=0)
+    if rank > VLLM_DEFAULT_MAX_LORA_RANK:
+        notes.append(f"rank above {VLLM_DEFAULT_MAX_LORA_RANK}: start vLLM with --max-lora-rank >= r")
+    if parsed.embedding_modules:
+        notes.append("LoRA on embeddings: support depends on the vLLM version and model")
+    return not reasons, reasons, notes

@@ -1,0 +1,315 @@
+"""The serving engine: a scheduler thread doing continuous batching over mixed adapters.
+
+One thread owns the model. Each iteration it runs queued commands (adapter load/unload, classification),
+admits waiting requests (each prefilled alone, into its own ``DynamicCache``), then advances every active
+sequence by one token in a single forward pass under ``lorakit.route_rows``: one batch, one adapter per row.
+
+The batched cache of a decode step is built from the sequences' own caches (left-padded to a common
+length, with an attention mask and per-row positions), and each sequence's cache is afterwards a view of
+its row. While the batch's membership does not change, the batched cache of the previous step is reused
+as is, so a steady step copies no KV beyond what ``DynamicCache.update`` itself does.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+
+from lorakit.adapters import configs, delete_adapter, route_rows, set_adapter
+from lorakit.errors import LorakitError
+from lorakit.serve.metrics import ServeMetrics
+from lorakit.serve.sequence import Sequence
+
+
+class QueueFull(LorakitError):
+    """The bounded wait queue is full (HTTP 429)."""
+
+
+class ShuttingDown(LorakitError):
+    """The engine is draining and accepts no new work (HTTP 503)."""
+
+
+class UnknownAdapter(LorakitError):
+    """No such adapter, or it is being unloaded (HTTP 404)."""
+
+
+class Engine:
+    """Continuous-batching scheduler over one model with any number of adapters.
+
+    Args:
+        model: a causal LM (or a sequence classifier for ``classify``) with adapters loaded, eval mode.
+        tokenizer: its tokenizer.
+        max_batch: the most sequences decoded together.
+        max_queue: the most requests waiting for a slot; more raise ``QueueFull``.
+        batching: False serves one request at a time with ``set_adapter`` switched per request (the
+            benchmark's baseline); True routes rows of one batch to their adapters.
+        metrics: where to count tokens, TTFT and latency; None makes a private one.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = 32, max_queue: int = 64,
+                 batching: bool = True, metrics: ServeMetrics | None = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch = max_batch if batching else 1
+        self.max_queue, self.batching = max_queue, batching
+        self.metrics = metrics or ServeMetrics(lambda: len(self.waiting), lambda: len(self.active))
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.active: list[Sequence] = []
+        self._commands: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._unloading: dict[str, list[Future]] = {}
+        self._cv = threading.Condition()
+        self._accepting = True
+        self._stop = False
+        # Adapter names as other threads see them: a snapshot refreshed by the engine thread after it changed
+        # the model, so no HTTP thread iterates the model's registry while a load mutates it.
+        self._loaded = frozenset(configs(model))
+        self._batch: tuple[tuple[int, ...], DynamicCache, torch.Tensor] | None = None
+        # Counters for tests and /health: finished, cancelled, failed sequences; the largest batch decoded.
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._thread = threading.Thread(target=self._run, name="lorakit-engine", daemon=True)
+
+    # -- the outside world (any thread) --------------------------------------------------------------
+    def start(self) -> Engine:
+        self._thread.start()
+        return self
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def adapters(self) -> list[str]:
+        """Servable adapters: loaded and not being unloaded."""
+        with self._cv:
+            return sorted(n for n in self._loaded if n not in self._unloading)
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue a sequence; raises ``QueueFull``, ``ShuttingDown`` or ``UnknownAdapter``."""
+        with self._cv:
+            if not self._accepting:
+                raise ShuttingDown("the server is shutting down")
+            if seq.adapter is not None and (seq.adapter not in self._loaded or seq.adapter in self._unloading):
+                raise UnknownAdapter(f"adapter {seq.adapter!r} is not loaded")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
+            self.waiting.append(seq)
+            self._cv.notify()
+
+    def cancel(self, seq: Sequence) -> None:
+        """Drop ``seq`` at the next step boundary (its client went away)."""
+        with self._cv:
+            seq.cancelled = True
+            self._cv.notify()
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` on the engine thread between two steps (model mutations, classification)."""
+        future: Future = Future()
+        with self._cv:
+            if self._stop:
+                raise ShuttingDown("the engine has stopped")
+            self._commands.append((fn, future))
+            self._cv.notify()
+        return future
+
+    def unload(self, name: str) -> Future:
+        """Stop admitting requests for ``name``; delete it once its running and queued requests finished.
+
+        The returned future resolves when the adapter is gone. Requests already accepted run to the end.
+        """
+        future: Future = Future()
+        with self._cv:
+            if name not in self._loaded:
+                raise UnknownAdapter(f"adapter {name!r} is not loaded")
+            self._unloading.setdefault(name, []).append(future)
+            self._cv.notify()
+        return future
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Refuse new requests, finish the accepted ones, then stop the thread."""
+        with self._cv:
+            self._accepting = False
+            self._stop = True
+            self._cv.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- the engine thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        # no_grad, not inference_mode: adapters hot-loaded here must stay normal tensors (lorakit caches
+        # routing stacks by parameter version counters, which inference tensors lack).
+        with torch.no_grad():
+            while True:
+                with self._cv:
+                    while not (self._commands or self.waiting or self.active or self._unloading or self._stop):
+                        self._cv.wait()
+                    if self._stop and not (self.waiting or self.active or self._commands or self._unloading):
+                        return
+                self._run_commands()
+                self._drop_cancelled()
+                self._reap_unloads()
+                self._admit()
+                if self.active:
+                    self._guarded(self._decode, self.active)
+
+    def _guarded(self, step: Callable[[], None], seqs: list[Sequence]) -> None:
+        """Run a model step; if it raises, fail the sequences involved instead of the server."""
+        try:
+            step()
+        except Exception as exc:  # one bad step must not kill the engine thread
+            for seq in list(seqs):
+                if not seq.done:
+                    seq.fail(f"internal error: {type(exc).__name__}: {exc}")
+            self.active = [s for s in self.active if not s.done]
+            self._batch = None
+
+    def _run_commands(self) -> None:
+        while True:
+            with self._cv:
+                if not self._commands:
+                    return
+                fn, future = self._commands.popleft()
+            try:
+                result = fn()
+            except Exception as exc:  # handed to the caller
+                with self._cv:
+                    self._loaded = frozenset(configs(self.model))
+                future.set_exception(exc)
+                continue
+            with self._cv:
+                self._loaded = frozenset(configs(self.model))
+            future.set_result(result)
+
+    def _drop_cancelled(self) -> None:
+        with self._cv:
+            gone = [s for s in self.waiting if s.cancelled]
+            self.waiting = collections.deque(s for s in self.waiting if not s.cancelled)
+        gone += [s for s in self.active if s.cancelled]
+        self.active = [s for s in self.active if not s.cancelled]
+        for seq in gone:
+            seq.cancel_done()
+            self._observe(seq)
+
+    def _reap_unloads(self) -> None:
+        """Delete adapters marked for unloading once no accepted request uses them."""
+        with self._cv:
+            busy = {s.adapter for s in (*self.waiting, *self.active)}
+            ready = [n for n in self._unloading if n not in busy]
+            for name in ready:
+                futures = self._unloading.pop(name)
+                delete_adapter(self.model, name)
+                self._loaded = frozenset(configs(self.model))
+                self._batch = None
+                for future in futures:
+                    future.set_result(name)
+
+    def _admit(self) -> None:
+        while len(self.active) < self.max_batch:
+            with self._cv:
+                if not self.waiting:
+                    return
+                seq = self.waiting.popleft()
+            self._guarded(lambda s=seq: self._prefill(s), [seq])
+            if seq.done:
+                self._observe(seq)
+            else:
+                self.active.append(seq)
+
+    def _routing(self, names: list[str | None]):
+        """Per-row routing, or (batching off) the one adapter switched in for the whole model."""
+        if self.batching:
+            return route_rows(self.model, names)
+        set_adapter(self.model, names[0])
+        return _nullcontext()
+
+    def _prefill(self, seq: Sequence) -> None:
+        ids = torch.tensor([seq.prompt_ids], dtype=torch.long)
+        cache = DynamicCache()
+        with self._routing([seq.adapter]):
+            out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        seq.cache, seq.cache_len = out.cache, len(seq.prompt_ids)
+        seq.accept(seq.sample(out.logits[0, -1]), self.eos_ids, self._decode_text)
+        self.metrics.generated(1)
+        self.metrics.ttft.observe(time.perf_counter() - seq.t_submit)
+
+    def _decode(self) -> None:
+        rows = self.active
+        self.stats["peak_batch"] = max(self.stats["peak_batch"], len(rows))
+        cache, mask = self._batched_cache(rows)
+        last = torch.tensor([[s.tokens[-1] if s.tokens else s.prompt_ids[-1]] for s in rows], dtype=torch.long)
+        positions = torch.tensor([[s.cache_len] for s in rows], dtype=torch.long)
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        with self._routing([s.adapter for s in rows]):
+            out = self.model(input_ids=last, attention_mask=mask, position_ids=positions, cache=cache,
+                             use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1]
+        for i, seq in enumerate(rows):
+            seq.batch_slot = (out.cache, i, mask.shape[1] - 1 - seq.cache_len)
+            seq.cache_len += 1
+            seq.accept(seq.sample(logits[i]), self.eos_ids, self._decode_text)
+        self.metrics.generated(len(rows))
+        finished = [s for s in rows if s.done]
+        self.active = [s for s in rows if not s.done]
+        self._batch = (tuple(s.id for s in self.active), out.cache, mask) if not finished else None
+        for seq in finished:
+            self._observe(seq)
+
+    def _batched_cache(self, rows: list[Sequence]) -> tuple[DynamicCache, torch.Tensor]:
+        """The previous step's batched cache when the rows are the same, else one built from each row's."""
+        if self._batch is not None and self._batch[0] == tuple(s.id for s in rows):
+            return self._batch[1], self._batch[2]
+        for seq in rows:
+            _materialize(seq)
+        length = max(s.cache_len for s in rows)
+        layers = []
+        for layer in range(len(rows[0].cache.layers)):
+            keys = [F.pad(s.cache.layers[layer].keys, (0, 0, length - s.cache_len, 0)) for s in rows]
+            values = [F.pad(s.cache.layers[layer].values, (0, 0, length - s.cache_len, 0)) for s in rows]
+            layers.append((torch.cat(keys), torch.cat(values)))
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        for i, seq in enumerate(rows):
+            mask[i, length - seq.cache_len :] = 1
+        return DynamicCache(ddp_cache_data=layers), mask
+
+    def _decode_text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _observe(self, seq: Sequence) -> None:
+        seq.cache = seq.batch_slot = None  # free its KV now, not when the HTTP side drops the object
+        self.stats[seq.finish_reason or "finished"] += 1
+        if seq.finish_reason not in ("error", "cancelled"):
+            self.metrics.latency.observe(time.perf_counter() - seq.t_submit)
+
+
+def _materialize(seq: Sequence) -> None:
+    """Make ``seq.cache`` hold its own KV again: views of its row of the batched cache it was last in."""
+    if seq.batch_slot is None:
+        return
+    batched, row, pad = seq.batch_slot
+    for own, shared in zip(seq.cache.layers, batched.layers):
+        own.keys = shared.keys[row : row + 1, :, pad:]
+        own.values = shared.values[row : row + 1, :, pad:]
+    seq.batch_slot = None
+
+
+def _eos_ids(model: nn.Module, tokenizer: Any) -> frozenset[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

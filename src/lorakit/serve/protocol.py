@@ -1,0 +1,134 @@
+"""OpenAI-compatible request bodies, response objects and the error JSON shape."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+
+    Args:
+        status: the HTTP status.
+        message: what went wrong, for a person.
+        type_: OpenAI's error type (invalid_request_error, authentication_error, ...).
+        code: a machine-readable code (model_not_found, rate_limit_exceeded, ...).
+        param: the request field at fault, if any.
+        headers: extra response headers (Retry-After, WWW-Authenticate).
+    """
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", *,
+                 code: str | None = None, param: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class _Body(BaseModel):
+    # OpenAI clients send fields we do not use (user, logprobs=None, ...): accept and ignore them.
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    model: str
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+
+
+class CompletionBody(_Sampling):
+    prompt: str | list[str] | list[int]
+    max_tokens: int | None = 16  # OpenAI's default for /v1/completions
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatBody(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+
+
+class AdapterBody(_Body):
+    name: str
+    path: str
+
+
+class ClassifyBody(_Body):
+    model: str | list[str]
+    input: str | list[str]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_object(rid: str, model: str, text: str, finish: str | None, *, chat: bool, chunk: bool,
+                      role: bool = False) -> dict[str, Any]:
+    """A (chat) completion or a streamed chunk of one, with a single choice."""
+    if not chat:
+        choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        obj = "text_completion"
+    elif chunk:
+        delta: dict[str, Any] = {"role": "assistant", "content": text} if role else {"content": text}
+        choice = {"index": 0, "delta": delta if (text or role) else {}, "logprobs": None, "finish_reason": finish}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish}
+        obj = "chat.completion"
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice]}
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    """The stop strings of a request; OpenAI allows up to 4."""
+    found = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if len(found) > 4:
+        raise APIError(400, "stop: at most 4 stop sequences", param="stop")
+    return tuple(s for s in found if s)
+
+
+def chat_text(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as the chat template wants them: content parts of type text joined."""
+    out = []
+    for message in messages:
+        content = message.content
+        if isinstance(content, list):
+            parts = [p.get("text") for p in content if p.get("type") == "text"]
+            if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):
+                raise APIError(400, "messages: only text content parts are supported", param="messages")
+            content = "".join(parts)  # type: ignore[arg-type]
+        out.append({"role": message.role, "content": content or ""})
+    return out

@@ -1,0 +1,142 @@
+"""One generation request inside the engine: its tokens, its own KV cache, its sampling and stop logic.
+
+Everything here runs on the engine thread; the outside world only sees the events a sequence emits through
+its ``sink`` callback and the ``cancelled`` flag it may set.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What a request asks for; validated by the HTTP layer before a sequence is made."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Event:
+    """Pushed to a request's sink: a text delta, and on the last event the finish reason and counts."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Sequence:
+    """A request being served. ``adapter`` None is the base model."""
+
+    prompt_ids: list[int]
+    adapter: str | None
+    params: SamplingParams
+    sink: Callable[[Event], None]
+    kind: str = "completion"  # metrics label: completion / chat
+    id: int = field(default_factory=lambda: next(_ids))
+    tokens: list[int] = field(default_factory=list)  # generated ids (no EOS)
+    completion_tokens: int = 0  # generated ids, EOS included (it was computed, so it is counted)
+    cache: object | None = None  # its own transformers DynamicCache, filled by prefill
+    cache_len: int = 0  # tokens the cache holds
+    batch_slot: tuple[object, int, int] | None = None  # (batched cache, row, left pad) while inside a batch
+    sent: int = 0  # characters of text already emitted
+    text: str = ""
+    finish_reason: str | None = None
+    cancelled: bool = False
+    generator: torch.Generator | None = None
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def sample(self, logits: Tensor) -> int:
+        """The next token from one row of logits (vocab,): argmax at temperature 0, else nucleus sampling."""
+        temperature, top_p = self.params.temperature, self.params.top_p
+        if temperature <= 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            keep = (sorted_p.cumsum(0) - sorted_p) < top_p
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def accept(self, token: int, eos_ids: Collection[int], decode: Callable[[list[int]], str]) -> None:
+        """Append a sampled token, apply EOS / stop strings / max_tokens, and emit the new text."""
+        self.completion_tokens += 1
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+        if token in eos_ids:
+            self._finish("stop")
+            return
+        self.tokens.append(token)
+        text = decode(self.tokens)
+        cut = _first_stop(text, self.params.stop)
+        if cut is not None:
+            self.text = text[:cut]
+            self._finish("stop")
+        elif self.completion_tokens >= self.params.max_tokens:
+            self.text = text
+            self._finish("length")
+        else:
+            self.text = text
+            # Hold back what might still become a stop string or is half a multi-byte character.
+            safe = len(text) - _holdback(text, self.params.stop)
+            if safe > self.sent:
+                self.sink(Event(text=text[self.sent : safe]))
+                self.sent = safe
+
+    def _finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        rest = self.text[self.sent :] if len(self.text) > self.sent else ""
+        self.sent = len(self.text)
+        self.sink(Event(rest, reason, len(self.prompt_ids), self.completion_tokens))
+
+    def fail(self, message: str) -> None:
+        """End with an error event (the HTTP layer turns it into an OpenAI error or a last SSE chunk)."""
+        self.finish_reason = "error"
+        self.sink(Event(finish_reason="error", prompt_tokens=len(self.prompt_ids),
+                        completion_tokens=self.completion_tokens, error=message))
+
+    def cancel_done(self) -> None:
+        self.finish_reason = "cancelled"
+        self.sink(Event(finish_reason="cancelled", prompt_tokens=len(self.prompt_ids),
+                        completion_tokens=self.completion_tokens))
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _holdback(text: str, stops: tuple[str, ...]) -> int:
+    """Characters at the end of ``text`` not safe to emit yet."""
+    n = len(text) - len(text.rstrip("\ufffd"))  # byte-level BPE: an incomplete UTF-8 character decodes as U+FFFD
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                n = max(n, k)
+                break
+    return n
