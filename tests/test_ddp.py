@@ -68,8 +68,11 @@ def test_two_gloo_processes_match_one_process(setup, one_thread):  # noqa: F811
 
 def test_gradient_accumulation_matches_one_big_batch(setup, one_thread):  # noqa: F811
     root, model, data = setup
-    train(run_config(model, data, root / "big", max_steps=3, epochs=1.0))
-    train(run_config(model, data, root / "accum", max_steps=3, epochs=1.0, grad_accum=4))
+    # The head at 1x lr: at the default 10x (lr 2e-2), Adam's first steps turn float rounding in near-zero
+    # pooler gradients into ~3e-5 differences, which says nothing about how the gradients are accumulated.
+    same = dict(max_steps=3, epochs=1.0, head_lr_ratio=1.0)
+    train(run_config(model, data, root / "big", **same))
+    train(run_config(model, data, root / "accum", grad_accum=4, **same))
     assert adapter_gap(root / "big", root / "accum") < 1e-6
     assert losses(root / "accum") == pytest.approx(losses(root / "big"), abs=1e-6)
 
