@@ -176,6 +176,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/parity"))
     parser.add_argument("--merge-from", type=Path, nargs="*", default=[],
                         help="other --out folders whose finished runs join this table (runs split over processes)")
+    parser.add_argument("--report-only", action="store_true", help="write the table of finished runs, run nothing")
     args = parser.parse_args(argv)
     cases = [CASES[c] for c in args.cases.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -184,7 +185,7 @@ def main(argv: list[str]) -> int:
     for folder in args.merge_from:
         results.update(json.loads((folder / "parity.json").read_text()))
     args.out.mkdir(parents=True, exist_ok=True)
-    for case in cases:
+    for case in [] if args.report_only else cases:
         if f"{case.name}/baseline" not in results:
             results[f"{case.name}/baseline"] = baseline(case_config(case, seeds[0], args.out / "tmp"))
         for seed in seeds:
