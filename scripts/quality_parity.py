@@ -88,6 +88,7 @@ def peft_model(cfg: TrainConfig, spec: TaskSpec):
 def run_peft(cfg: TrainConfig) -> dict[str, float]:
     """PEFT + a plain loop on exactly the lorakit side's examples, steps and lr; scored by the same code."""
     data = load_task(cfg)
+    cfg = resolve_task_defaults(cfg, data.spec.kind)  # the lr the lorakit side resolves
     model, tok = peft_model(cfg, data.spec)
     rows = encode(data.spec, data.train, tok, cfg.max_length)  # STS-B: scaled to 0-1 here too
     steps_per_epoch = len(rows) // cfg.batch_size
@@ -140,8 +141,7 @@ def run_case(case: ParityCase, side: str, seed: int, out: Path) -> dict[str, flo
     if side == "lorakit":
         finished = Path(cfg.out) / "eval_results.json"  # a run that ended before this script was stopped
         return json.loads(finished.read_text()) if finished.is_file() else train(cfg, overwrite=True)
-    data = load_task(cfg)
-    return run_peft(resolve_task_defaults(cfg, data.spec.kind))
+    return run_peft(cfg)
 
 
 def summarize(results: dict[str, dict], cases: list[ParityCase], seeds: list[int]) -> str:

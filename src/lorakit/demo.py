@@ -19,6 +19,7 @@ import csv
 import importlib.util
 import io
 import json
+import math
 import random
 import resource
 import time
@@ -111,10 +112,10 @@ def logits_for(model, tokenizer, texts: list[str], adapters: list[str] | None = 
     return torch.cat(out)
 
 
-def serve_mixed(tasks: list[DemoTask], runs: Path) -> tuple[dict[str, float], object, object]:
+def serve_mixed(tasks: list[DemoTask], runs: Path) -> tuple[dict[str, float], int, object, object]:
     """Both adapters on one base; the two test sets interleaved, each row routed to its task's adapter."""
     model, tokenizer = load_model("minilm-l6", task="seq-cls", num_labels=2)
-    model.base_parameters = sum(p.numel() for p in model.parameters())  # before any adapter is loaded
+    base_parameters = sum(p.numel() for p in model.parameters())  # before any adapter is loaded
     for task in tasks:
         load_adapter(model, runs / task.name, task.name, activate=False)
     rows = [(task, text, label) for pair in zip(*(t.test for t in tasks)) for task, (text, label) in
@@ -124,7 +125,7 @@ def serve_mixed(tasks: list[DemoTask], runs: Path) -> tuple[dict[str, float], ob
     for task in tasks:
         hits = [int(p) == task.labels.index(label) for (t, _, label), p in zip(rows, preds) if t is task]
         accuracy[task.name] = sum(hits) / len(hits)
-    return accuracy, model, tokenizer
+    return accuracy, base_parameters, model, tokenizer
 
 
 def merge_check(model, tokenizer, task: DemoTask, out: Path) -> tuple[float, float, Path]:
@@ -154,8 +155,7 @@ def trained_counts(folder: Path) -> tuple[int, int]:
     lora = head = 0
     with safe_open(str(folder / "adapter_model.safetensors"), "pt") as fh:
         for key in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
-            n = fh.get_slice(key).get_shape()
-            count = int(torch.tensor(n).prod()) if n else 1
+            count = math.prod(fh.get_slice(key).get_shape())
             lora, head = (lora + count, head) if ".lora_" in key else (lora, head + count)
     return lora, head
 
@@ -180,7 +180,7 @@ def demo_main(argv: list[str]) -> int:
               f"({' vs '.join(task.labels)})", flush=True)  # fmt: skip
         results[task.name] = train_task(task, write_task(task, args.out / "data" / task.name),
                                         args.out / task.name, args)  # fmt: skip
-    mixed, model, tokenizer = serve_mixed(tasks, args.out)
+    mixed, base_parameters, model, tokenizer = serve_mixed(tasks, args.out)
     agree, max_diff, merged_dir = merge_check(model, tokenizer, tasks[0], args.out / "merged")
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print()
@@ -190,7 +190,7 @@ def demo_main(argv: list[str]) -> int:
               f" ({adapter_kib(args.out / task.name):.1f} KiB)")  # fmt: skip
     lora, head = trained_counts(args.out / tasks[0].name)
     print(f"{'trained per task':<20}{lora + head:,} parameters: LoRA {lora:,} (Wq, Wv, r={args.r}) + head {head:,} "
-          f"(classifier and pooler); the base has {model.base_parameters:,}")  # fmt: skip
+          f"(classifier and pooler); the base has {base_parameters:,}")  # fmt: skip
     print(f"{'mixed batch':<20}{sum(len(t.test) for t in tasks)} rows, one adapter per row, one forward per 128")
     print(f"{'merged vs unmerged':<20}predictions agree on {agree:.1%} of snippets, max |Δlogit| {max_diff:.2e}")
     print(f"{'merged model':<20}{merged_dir} (plain transformers folder)")

@@ -320,10 +320,14 @@ def _split_saved_key(key: str, saved_names: list[str]) -> tuple[str, str] | None
     """(module, its state-dict key) for a tensor of a ``modules_to_save`` module, matched at a module-name
     boundary: ``bert.pooler.dense.weight`` with saved ``bert.pooler`` → (``bert.pooler``, ``dense.weight``)."""
     for name in sorted(saved_names, key=len, reverse=True):
-        at = 0 if key.startswith(name + ".") else key.find("." + name + ".") + 1
-        if at > 0 or key.startswith(name + "."):
-            end = at + len(name)
-            return key[:end], key[end + 1 :]
+        if key.startswith(name + "."):
+            start = 0
+        elif (found := key.find("." + name + ".")) >= 0:
+            start = found + 1
+        else:
+            continue
+        end = start + len(name)
+        return key[:end], key[end + 1 :]
     return None
 
 

@@ -145,7 +145,7 @@ def load_task(cfg: TrainConfig, roles: Sequence[str] = ("train", "valid", "eval"
     )
     eval_split = cfg.eval_split or glue.splits[1]  # dev (MNLI: dev_matched)
     out = TaskData(spec)
-    train, scored = _glue_train_and_scored(glue.name, cfg, eval_split, out.notes)
+    train, scored = _glue_train_and_scored(glue.name, cfg, eval_split, roles, out.notes)
     if "train" in roles:
         out.train = subsample(train, cfg.max_train_samples, cfg.split_seed)
     # GLUE reports dev; selecting on dev is what the paper and GLUE baselines do.
@@ -159,11 +159,16 @@ GLUE_CARVE_FRACTION = 0.1  # of train, held out when a task folder has no dev fi
 GLUE_CARVE_MAX = 1000
 
 
-def _glue_train_and_scored(task: str, cfg: TrainConfig, eval_split: str, notes: list[str]):
-    """(train, scored) examples. Without a file for ``eval_split``, a fixed held-out part of train
-    (seeded by ``split_seed``) is scored and left out of training, so the two never overlap."""
+def _glue_train_and_scored(
+    task: str, cfg: TrainConfig, eval_split: str, roles: Sequence[str], notes: list[str]
+) -> tuple[list[Example], list[Example]]:
+    """(train, scored) examples, each read only if ``roles`` need it. Without a file for ``eval_split``, a
+    fixed held-out part of train (seeded by ``split_seed``) is scored and left out of training, so the two
+    never overlap."""
+    wants_train, wants_scored = "train" in roles, "valid" in roles or "eval" in roles
     if cfg.eval_split or glue_split_exists(task, cfg.data, eval_split):  # a named split must exist
-        return load_glue(task, cfg.data, "train"), load_glue(task, cfg.data, eval_split)
+        train = load_glue(task, cfg.data, "train") if wants_train else []
+        return train, load_glue(task, cfg.data, eval_split) if wants_scored else []
     train = load_glue(task, cfg.data, "train")
     n_held = min(GLUE_CARVE_MAX, max(1, round(GLUE_CARVE_FRACTION * len(train))))
     if len(train) - n_held < 1:
