@@ -93,23 +93,31 @@ def train_task(task: DemoTask, data: Path, out: Path, args: argparse.Namespace) 
         model="minilm-l6", task="text", data=str(data), out=str(out), label_names=list(task.labels),
         r=args.r, alpha=2 * args.r, targets=["q", "v"], lr=args.lr, epochs=args.epochs,
         batch_size=args.batch_size, max_length=64, eval_batch_size=128, seed=args.seed, keep_checkpoints=1,
+        length_grouping=True,  # snippets vary 5-64 tokens: random batches are ~48 % padding, grouped ~2 %
     )  # fmt: skip
     return train(cfg, overwrite=True)
 
 
 @torch.no_grad()
 def logits_for(model, tokenizer, texts: list[str], adapters: list[str] | None = None) -> torch.Tensor:
-    """Logits in batches of 128; ``adapters`` routes each row to its own adapter (a mixed batch)."""
+    """Logits in batches of 128, in the order of ``texts``; ``adapters`` routes each row to its own adapter
+    (a mixed batch). Rows are batched by length (less padding), then put back in order."""
     model.eval()
-    out = []
-    for i in range(0, len(texts), 128):
-        batch = tokenizer(texts[i : i + 128], padding=True, truncation=True, max_length=64, return_tensors="pt")
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(0)
+    for i in range(0, len(order), 128):
+        rows = order[i : i + 128]
+        batch = tokenizer([texts[j] for j in rows], padding=True, truncation=True, max_length=64,
+                          return_tensors="pt")  # fmt: skip
         if adapters is None:
-            out.append(model(**batch).logits)
+            logits = model(**batch).logits
         else:
-            with route_rows(model, adapters[i : i + 128]):
-                out.append(model(**batch).logits)
-    return torch.cat(out)
+            with route_rows(model, [adapters[j] for j in rows]):
+                logits = model(**batch).logits
+        if not out.numel():
+            out = logits.new_empty(len(texts), logits.shape[-1])
+        out[rows] = logits
+    return out
 
 
 def serve_mixed(tasks: list[DemoTask], runs: Path) -> tuple[dict[str, float], int, object, object]:
