@@ -6,6 +6,7 @@ All state lives in the LoraLayer / ModuleCopies modules; the model only carries 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,8 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lorakit.arch import family_of, fused_slices
 from lorakit.config import LoraConfig
 from lorakit.errors import MergeError, TargetError
+from lorakit.kinds import adapter_hosts, adapter_param_names
 from lorakit.layers import AdapterSpec, LoraLayer, ModuleCopies
 from lorakit.targets import resolve_targets
 
@@ -22,6 +25,11 @@ DEFAULT = "default"
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """Every LoRA layer of ``model`` as (qualified name, layer), in module order.
+
+    Args:
+        model: any module (no adapters: nothing).
+    """
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             yield name, module
@@ -58,11 +66,12 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _resolve_saved_modules(model: nn.Module, patterns: Sequence[str]) -> list[str]:
-    names = [n for n, _ in model.named_modules() if n]
+    # Modules inside a saved-module wrapper (its original and its copies) are not the model's own.
+    inner = tuple(f"{n}." for n, host in adapter_hosts(model) if isinstance(host, ModuleCopies))
+    names = [n for n, _ in model.named_modules() if n and not n.startswith(inner)]
     found: list[str] = []
     for pattern in patterns:
-        hits = [n for n in names if (n == pattern or n.endswith("." + pattern)) and ".copies." not in n
-                and not n.endswith(".original_module")]
+        hits = [n for n in names if n == pattern or n.endswith("." + pattern)]
         # A module already wrapped by an earlier adapter is found under its own name.
         hits = [n for n in hits if not any(n.startswith(h + ".") for h in hits)]
         if not hits:
@@ -93,19 +102,19 @@ def inject(
     for module_name, slices in resolved.items():
         module = model.get_submodule(module_name)
         layer = module if isinstance(module, LoraLayer) else LoraLayer(module)
-        if slices is not None and layer.kind != "conv1d" and layer.kind != "linear":
+        if slices is not None and not layer.kind.sliceable:
             raise TargetError(f"{module_name}: fused slices apply to linear layers only")
-        layer.add_adapter(
-            name,
-            AdapterSpec(
-                r=config.rank_for(module_name),
-                scaling=config.scaling_for(module_name),
-                dropout=config.dropout,
-                slices=slices,
-                init=config.init,
-                init_std=config.std_for(module_name),
-            ),
+        spec = AdapterSpec(
+            r=config.rank_for(module_name),
+            scaling=config.scaling_for(module_name),
+            dropout=config.dropout,
+            slices=slices,
+            init=config.init,
+            init_std=config.std_for(module_name),
         )
+        if slices is not None and (fused := fused_slices(family_of(model), module_name)):
+            spec = dataclasses.replace(spec, fused=fused)
+        layer.add_adapter(name, spec)
         if layer is not module:
             _replace(model, module_name, layer)
     for module_name in saved:
@@ -153,8 +162,9 @@ def _set_trainable(model: nn.Module, name: str | None) -> None:
             if config.bias == "lora_only" and layer.bias is not None:
                 layer.bias.requires_grad_(True)
     if config.bias == "all":
+        adapter_state = adapter_param_names(model)
         for param_name, p in model.named_parameters():
-            if param_name.endswith("bias") and ".copies." not in param_name:
+            if param_name.endswith("bias") and param_name not in adapter_state:
                 p.requires_grad_(True)
     for _, wrapper in _copies(model):
         if name in wrapper.copies:
@@ -177,6 +187,15 @@ def disabled(model: nn.Module) -> Iterator[None]:
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` from every layer and saved module; the base model runs if it was active.
+
+    Args:
+        model: a model with adapters.
+        name: the adapter to delete.
+
+    Raises:
+        KeyError: when no adapter of that name is loaded.
+    """
     if name not in configs(model):
         raise KeyError(f"no adapter named {name!r}; loaded: {sorted(configs(model))}")
     was_active = active_adapter(model) == name
@@ -241,6 +260,11 @@ def merge(
 
 @torch.no_grad()
 def unmerge(model: nn.Module) -> None:
+    """Subtract every merged adapter from the base weights again (nothing merged: no-op).
+
+    Args:
+        model: a model with adapters.
+    """
     for _, layer in lora_layers(model):
         layer.unmerge()
 
@@ -314,12 +338,11 @@ class ParameterReport:
 def parameter_report(model: nn.Module) -> ParameterReport:
     """Counts each parameter once (tied weights too) under the type of the module that owns it."""
     by_type: dict[str, list[int]] = {}
+    adapter_state = adapter_param_names(model)  # adapter hosts declare theirs (lorakit.kinds.AdapterHost)
     for param_name, p in model.named_parameters():  # named_parameters skips tied duplicates
         owner_name = param_name.rpartition(".")[0]
-        if ".adapters." in param_name:
-            kind = "LoRA (A, B)"
-        elif ".copies." in param_name:
-            kind = "modules_to_save copy"
+        if param_name in adapter_state:
+            kind = adapter_state[param_name]
         else:
             owner = model.get_submodule(owner_name) if owner_name else model
             kind = type(owner).__name__

@@ -23,9 +23,11 @@ from torch import Tensor, nn
 
 from lorakit import __version__
 from lorakit.adapters import DEFAULT, active_adapter, configs, inject, lora_layers, set_adapter
+from lorakit.arch import QKV_SLICES, families, family_of, fused_slices, slice_span
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.fsutil import debug_kill_point, file_mode, fsync_dir, stale_temps
+from lorakit.kinds import LayerKind, adapter_param_names
 from lorakit.layers import WHOLE, LoraLayer, ModuleCopies
 
 CONFIG_NAME = "adapter_config.json"
@@ -35,9 +37,30 @@ PREFIX = "base_model.model."
 # silently loading into the whole fused projection.
 PEFT_UNSUPPORTED_TARGET = "lorakit-per-slice-fused-qkv-adapter-cannot-be-loaded-by-peft"
 
-_KEY = re.compile(
-    r"^(?P<module>.+?)\.(?:(?P<ab>lora_[AB])(?:\.(?P<slice>[qkv]))?\.weight|(?P<emb>lora_embedding_[AB]))$"
-)
+
+
+def _key_pattern() -> re.Pattern[str]:
+    """PEFT's tensor keys, with lorakit's per-slice keys for every fused slice a family declares."""
+    slices = sorted({s for f in families().values() for group in f.fused.values() for s in group} | set(QKV_SLICES))
+    alternatives = "|".join(re.escape(s) for s in slices)
+    return re.compile(
+        rf"^(?P<module>.+?)\.(?:(?P<ab>lora_[AB])(?:\.(?P<slice>{alternatives}))?\.weight|(?P<emb>lora_embedding_[AB]))$"
+    )
+
+
+def tensor_key(layer_name: str, kind: LayerKind, slot: str, which: str) -> str:
+    """The file key of one LoRA tensor, as PEFT names it (lorakit adds ``.q``-style keys for slices).
+
+    Args:
+        layer_name: the adapted module's name.
+        kind: its layer kind (embeddings use ``lora_embedding_A``, a bare parameter).
+        slot: ``WHOLE`` or a fused slice's name.
+        which: ``"A"`` or ``"B"``.
+    """
+    if kind.file_style == "embedding":
+        return f"{PREFIX}{layer_name}.lora_embedding_{which}"
+    suffix = "" if slot == WHOLE else f".{slot}"
+    return f"{PREFIX}{layer_name}.lora_{which}{suffix}.weight"
 
 
 @dataclass
@@ -101,20 +124,16 @@ def _collect(model: nn.Module, name: str) -> tuple[dict[str, Tensor], dict[str, 
         targets.append(layer_name)
         shapes[layer_name] = [layer.out_features, layer.in_features]
         for key in weights.spans:
-            if layer.kind == "embedding":
-                tensors[f"{PREFIX}{layer_name}.lora_embedding_A"] = weights.A[key]
-                tensors[f"{PREFIX}{layer_name}.lora_embedding_B"] = weights.B[key]
-            else:
-                suffix = "" if key == WHOLE else f".{key}"
-                tensors[f"{PREFIX}{layer_name}.lora_A{suffix}.weight"] = weights.A[key]
-                tensors[f"{PREFIX}{layer_name}.lora_B{suffix}.weight"] = weights.B[key]
+            tensors[tensor_key(layer_name, layer.kind, key, "A")] = weights.A[key]
+            tensors[tensor_key(layer_name, layer.kind, key, "B")] = weights.B[key]
         if weights.slices is not None:
             slices_of[layer_name] = list(weights.slices)
         if config.bias == "lora_only" and layer.bias is not None:
             tensors[f"{PREFIX}{layer_name}.base_layer.bias"] = layer.bias
     if config.bias == "all":
+        adapter_state = adapter_param_names(model)
         for param_name, p in model.named_parameters():
-            if param_name.endswith("bias") and ".copies." not in param_name and ".adapters." not in param_name:
+            if param_name.endswith("bias") and param_name not in adapter_state:
                 tensors[PREFIX + param_name.replace(".original_module", "")] = p
     saved_names = []
     for module_name, module in model.named_modules():
@@ -331,19 +350,19 @@ def _split_saved_key(key: str, saved_names: list[str]) -> tuple[str, str] | None
     return None
 
 
-def read_adapter(path: str | Path) -> AdapterFile:
-    """Parse and check an adapter directory without touching any model."""
-    path = Path(path)
-    raw, weights_path = read_pair(path, CONFIG_NAME, WEIGHTS_NAME, "adapter")
-    config_path = path / CONFIG_NAME
-    if raw.get("peft_type", "LORA") != "LORA":
-        raise AdapterFileError(f"{config_path}: not a LoRA adapter (peft_type={raw.get('peft_type')!r})")
-    meta = raw.get("lorakit") or {}
-    if not isinstance(meta, dict):
-        raise AdapterFileError(f"{config_path}: the 'lorakit' section is not a JSON object")
-    tensors = read_weights(weights_path, meta.get("sha256"), CONFIG_NAME)
-    # Every tensor the file brings in (LoRA pairs, modules_to_save heads, biases) is checked alike.
-    check_finite(tensors, weights_path)
+def _slot_width(layer: LoraLayer, fused: tuple[str, ...], slot: str, path: Path) -> int:
+    """Output rows of B for one (A, B) pair: the whole layer, or one slice of a fused projection."""
+    if slot == WHOLE:
+        return layer.out_features
+    try:
+        start, stop = slice_span(layer.out_features, fused, slot)
+    except ValueError as exc:
+        raise AdapterFileError(f"{path}: {exc}") from None
+    return stop - start
+
+
+def _parse_config(raw: dict[str, Any], meta: dict[str, Any], config_path: Path) -> LoraConfig:
+    """The LoraConfig of a file: lorakit's own section when present, else built from PEFT's keys."""
     try:
         if "config" in meta:
             config = LoraConfig.from_dict(meta["config"])
@@ -365,14 +384,18 @@ def read_adapter(path: str | Path) -> AdapterFile:
         _check_sections_agree(raw, config, config_path)
     if raw.get("use_dora"):
         raise AdapterFileError(f"{config_path}: DoRA adapters are not supported by lorakit")
+    return config
 
-    parsed = AdapterFile(config=config, raw_config=raw)
-    saved_names = [m for m in (raw.get("modules_to_save") or []) if m]
+
+def _sort_tensors(parsed: AdapterFile, tensors: dict[str, Tensor], weights_path: Path) -> None:
+    """File each tensor as a LoRA factor, a bias or a saved module's state; refuse anything else."""
+    saved_names = [m for m in (parsed.raw_config.get("modules_to_save") or []) if m]
+    pattern = _key_pattern()
     for key, tensor in tensors.items():
         if not key.startswith(PREFIX):
             raise AdapterFileError(f"{weights_path}: unexpected tensor {key!r} (expected prefix {PREFIX!r})")
         key = key[len(PREFIX):]
-        match = _KEY.match(key)
+        match = pattern.match(key)
         if match:
             module = match["module"]
             if match["emb"]:
@@ -386,12 +409,14 @@ def read_adapter(path: str | Path) -> AdapterFile:
             parsed.biases[key[: -len(".base_layer.bias")]] = tensor
         elif (split := _split_saved_key(key, saved_names)) is not None:
             parsed.saved_modules.setdefault(split[0], {})[split[1]] = tensor
+        elif key.rpartition(".")[2] == "bias":  # bias="all": biases of modules that carry no LoRA
+            parsed.biases[key.rpartition(".")[0]] = tensor
         else:
-            module, _, param = key.rpartition(".")
-            if param == "bias":  # bias="all": biases of modules that carry no LoRA
-                parsed.biases[module] = tensor
-            else:
-                raise AdapterFileError(f"{weights_path}: unrecognised tensor {key!r}")
+            raise AdapterFileError(f"{weights_path}: unrecognised tensor {key!r}")
+
+
+def _check_pairs(parsed: AdapterFile, weights_path: Path) -> None:
+    """Every module has both factors, forming B·A at the rank its config gives (values: ``check_finite``)."""
     for module, slots in parsed.pairs.items():
         for slot, pair in slots.items():
             if pair[0] is None or pair[1] is None:
@@ -402,18 +427,41 @@ def read_adapter(path: str | Path) -> AdapterFile:
                 raise AdapterFileError(
                     f"{weights_path}: {module}: A {tuple(a.shape)} and B {tuple(b.shape)} do not form B·A"
                 )
-            rank = config.rank_for(module)
+            rank = parsed.config.rank_for(module)
             if a.shape[0] != rank:
                 # A file whose tensors disagree with its own config is corrupt, whatever model it meets.
                 raise AdapterFileError(
                     f"{weights_path}: {module} has rank {a.shape[0]}, but its config with r={rank} needs "
                     f"rank {rank}"
                 )
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                raise AdapterFileError(f"{weights_path}: {module} holds NaN or infinite values")
             slots[slot] = (a, b)
     if not parsed.pairs:
         raise AdapterFileError(f"{weights_path} holds no LoRA tensors")
+
+
+def read_adapter(path: str | Path) -> AdapterFile:
+    """Parse and check an adapter directory (lorakit's or PEFT's) without touching any model.
+
+    Args:
+        path: the adapter directory.
+
+    Raises:
+        AdapterFileError: naming what is missing, corrupt or inconsistent.
+    """
+    path = Path(path)
+    raw, weights_path = read_pair(path, CONFIG_NAME, WEIGHTS_NAME, "adapter")
+    config_path = path / CONFIG_NAME
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise AdapterFileError(f"{config_path}: not a LoRA adapter (peft_type={raw.get('peft_type')!r})")
+    meta = raw.get("lorakit") or {}
+    if not isinstance(meta, dict):
+        raise AdapterFileError(f"{config_path}: the 'lorakit' section is not a JSON object")
+    tensors = read_weights(weights_path, meta.get("sha256"), CONFIG_NAME)
+    # Every tensor the file brings in (LoRA pairs, modules_to_save heads, biases) is checked alike.
+    check_finite(tensors, weights_path)
+    parsed = AdapterFile(config=_parse_config(raw, meta, config_path), raw_config=raw)
+    _sort_tensors(parsed, tensors, weights_path)
+    _check_pairs(parsed, weights_path)
     _check_all_modules_present(parsed, meta, weights_path)
     return parsed
 
@@ -473,18 +521,15 @@ def _check_fits(model: nn.Module, parsed: AdapterFile, path: Path) -> dict[str, 
             raise AdapterFileError(f"{path}: adapted module {module!r} does not exist in this model")
         layer = target if isinstance(target, LoraLayer) else LoraLayer(target)
         rank = parsed.config.rank_for(module)
+        fused = fused_slices(family_of(model), module) or QKV_SLICES
         for slot, (a, b) in slots.items():
-            width = layer.out_features if slot == WHOLE else layer.out_features // 3
-            if module in parsed.embedding_modules:
-                expected_a, expected_b = (rank, layer.in_features), (layer.out_features, rank)
-            else:
-                expected_a, expected_b = (rank, layer.in_features), (width, rank)
+            expected_a, expected_b = (rank, layer.in_features), (_slot_width(layer, fused, slot, path), rank)
             if tuple(a.shape) != expected_a or tuple(b.shape) != expected_b:
                 raise AdapterFileError(
                     f"{path}: {module} ({slot}): file has A {tuple(a.shape)}, B {tuple(b.shape)}; this model "
                     f"with r={rank} needs A {expected_a}, B {expected_b}"
                 )
-        modules[module] = None if WHOLE in slots else tuple(s for s in ("q", "k", "v") if s in slots)
+        modules[module] = None if WHOLE in slots else tuple(s for s in fused if s in slots)
     for module, state in parsed.saved_modules.items():
         target = names.get(module)
         if target is None:

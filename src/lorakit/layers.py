@@ -11,47 +11,50 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorakit.arch import QKV_SLICES, slice_span
 from lorakit.errors import TargetError
 from lorakit.fast import fused_eligible, lora_linear, routed_delta
-from lorakit.targets import FUSED_SLICE_NAMES
+from lorakit.kinds import AdapterHost, LayerKind, is_conv1d, kind_of
 
 WHOLE = "whole"  # key of the single (A, B) pair of an unsliced adapter
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2): a linear layer storing its weight transposed, (in, out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+__all__ = ["WHOLE", "AdapterSpec", "LoraLayer", "LoraWeights", "ModuleCopies", "is_conv1d", "layer_kind"]
 
 
 def layer_kind(module: nn.Module) -> str:
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if is_conv1d(module):
-        return "conv1d"
-    if isinstance(module, nn.Linear):
-        return "linear"
-    raise TargetError(f"lorakit cannot adapt a {type(module).__name__}")
+    """The name of ``module``'s layer kind (``linear``, ``conv1d``, ``embedding``).
+
+    Args:
+        module: a base layer.
+
+    Raises:
+        TargetError: when lorakit cannot adapt it.
+    """
+    return kind_of(module).name
 
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """Everything needed to build one adapter's weights for one layer."""
+    """Everything needed to build one adapter's weights for one layer.
+
+    ``init_std`` None means 1/r, ``LoraConfig``'s default. ``fused`` lists all slices of a fused
+    projection in output order when ``slices`` picks some of them.
+    """
 
     r: int
     scaling: float
     dropout: float = 0.0
     slices: tuple[str, ...] | None = None
     init: str = "gaussian"
-    init_std: float = 0.125
+    init_std: float | None = None
+    fused: tuple[str, ...] = QKV_SLICES
 
 
 class LoraWeights(nn.Module):
     """One adapter's (A, B) pairs for one base layer: one pair, or one per fused slice."""
 
-    def __init__(self, in_features: int, out_features: int, spec: AdapterSpec, kind: str) -> None:
+    def __init__(self, in_features: int, out_features: int, spec: AdapterSpec, kind: LayerKind) -> None:
         super().__init__()
         self.r = spec.r
         self.scaling = spec.scaling
@@ -65,29 +68,24 @@ class LoraWeights(nn.Module):
         if spec.slices is None:
             self.spans[WHOLE] = (0, out_features)
         else:
-            if out_features % len(FUSED_SLICE_NAMES):
-                raise TargetError(f"fused projection has {out_features} outputs, not divisible into q/k/v")
-            third = out_features // len(FUSED_SLICE_NAMES)
             for s in spec.slices:
-                i = FUSED_SLICE_NAMES.index(s)
-                self.spans[s] = (i * third, (i + 1) * third)
+                try:
+                    self.spans[s] = slice_span(out_features, spec.fused, s)
+                except ValueError as exc:
+                    raise TargetError(str(exc)) from None
         for key, (start, stop) in self.spans.items():
             a = torch.empty(spec.r, in_features)
             if spec.init == "kaiming":
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear's default, as PEFT and loralib use
             else:
-                nn.init.normal_(a, std=spec.init_std)
+                nn.init.normal_(a, std=spec.init_std if spec.init_std is not None else 1.0 / spec.r)
             self.A[key] = nn.Parameter(a)
             # B = 0: training starts exactly at the pretrained model.
             self.B[key] = nn.Parameter(torch.zeros(stop - start, spec.r))
 
     def delta(self, x: Tensor, out_features: int) -> Tensor:
         """s·B·A·dropout(x) for a batch, laid out like the base output."""
-        if self.kind == "embedding":
-            pieces = {k: F.embedding(x, self.A[k].t()) @ self.B[k].t() for k in self.spans}
-        else:
-            h = self.dropout(x)
-            pieces = {k: (h @ self.A[k].t()) @ self.B[k].t() for k in self.spans}
+        pieces = {k: self.kind.project_in(x, self.A[k], self.dropout) @ self.B[k].t() for k in self.spans}
         if self.slices is None:
             return pieces[WHOLE] * self.scaling
         out = x.new_zeros(*pieces[next(iter(pieces))].shape[:-1], out_features)
@@ -111,17 +109,21 @@ class LoraWeights(nn.Module):
         return a_cat, b_full * self.scaling
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(AdapterHost):
     """A base layer plus any number of named adapters; at most one active (or rows routed per adapter)."""
+
+    ADAPTER_CHILDREN = ("adapters",)
+    ADAPTER_LABEL = "LoRA (A, B)"
+    TARGETABLE = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        self.kind = layer_kind(base_layer)
+        self.kind = kind_of(base_layer)
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
-        # Mixed-batch routing, set by lorakit.adapters.route_rows: row → index into _routing_names (0 = base).
+        # Mixed-batch routing, set by lorakit.adapters.route_rows: row → index into routing_names (0 = base).
         self.row_index: Tensor | None = None
         self.routing_names: tuple[str | None, ...] = ()
         self._stack_cache: tuple[tuple, Tensor, Tensor] | None = None
@@ -137,15 +139,22 @@ class LoraLayer(nn.Module):
 
     @property
     def in_features(self) -> int:
-        w = self.base_layer.weight
-        return w.shape[0] if self.kind in ("conv1d", "embedding") else w.shape[1]
+        return self.kind.in_features(self.base_layer.weight)
 
     @property
     def out_features(self) -> int:
-        w = self.base_layer.weight
-        return w.shape[1] if self.kind in ("conv1d", "embedding") else w.shape[0]
+        return self.kind.out_features(self.base_layer.weight)
 
     def add_adapter(self, name: str, spec: AdapterSpec) -> None:
+        """Add adapter ``name`` (inactive) with freshly initialised weights.
+
+        Args:
+            name: the adapter's name (a Python identifier).
+            spec: its rank, scaling, dropout, slices and initialisation.
+
+        Raises:
+            TargetError: when this layer already has an adapter of that name, or the slices do not fit.
+        """
         if name in self.adapters:
             raise TargetError(f"adapter {name!r} is already injected into this layer")
         weights = LoraWeights(self.in_features, self.out_features, spec, self.kind)
@@ -156,6 +165,11 @@ class LoraLayer(nn.Module):
         self._stack_cache = None
 
     def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` from this layer, unmerging it first if it is merged.
+
+        Args:
+            name: an adapter of this layer.
+        """
         if self.merged_adapter == name:
             self.unmerge()
         del self.adapters[name]
@@ -184,10 +198,10 @@ class LoraLayer(nn.Module):
                 [weights.B[k] for k in weights.spans],
                 list(weights.spans.values()),
                 weights.scaling,
-                transposed=self.kind == "conv1d",
+                transposed=self.kind.transposed,
             )
         out = self.base_layer(x, *args, **kwargs)
-        x_lora = x if self.kind == "embedding" else x.to(weights.A[next(iter(weights.A))].dtype)
+        x_lora = self.kind.lora_input(x, weights.A[next(iter(weights.A))].dtype)
         return out + weights.delta(x_lora, self.out_features).to(out.dtype)
 
     def _stacks(self) -> tuple[Tensor, Tensor]:
@@ -232,33 +246,37 @@ class LoraLayer(nn.Module):
             if x.shape[0] % index.shape[0]:
                 raise ValueError(f"batch of {x.shape[0]} rows does not fit {index.shape[0]} routed rows")
             index = index.repeat_interleave(x.shape[0] // index.shape[0])
-        if self.kind == "embedding":
-            # ax[b, t] = A_stack[index[b]][:, ids[b, t]]
-            ax = a_stack.transpose(1, 2)[index[:, None], x]
+        ax = self.kind.routed_project_in(x, index, a_stack)
+        if ax is not None:
             return torch.bmm(ax.flatten(1, -2), b_stack[index].transpose(1, 2)).view(*ax.shape[:-1], -1)
         return routed_delta(x, index, a_stack, b_stack)
 
     # -- merge ---------------------------------------------------------------------------------------
     def delta_weight(self, name: str) -> Tensor:
         """ΔW of adapter ``name`` in fp32, in the base weight's own layout."""
-        dw = self.adapters[name].delta_weight(self.out_features, self.in_features)
-        return dw.t() if self.kind in ("conv1d", "embedding") else dw
+        return self.kind.to_base_layout(self.adapters[name].delta_weight(self.out_features, self.in_features))
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
+        """Fold adapter ``name``'s ΔW into the base weight (the layer kind decides how).
+
+        Args:
+            name: an adapter of this layer.
+
+        Raises:
+            RuntimeError: when another adapter is merged already.
+        """
         if self.merged_adapter is not None:
             raise RuntimeError(f"adapter {self.merged_adapter!r} is already merged; unmerge it first")
-        w = self.base_layer.weight
-        # fp32 arithmetic even for bf16/fp16 weights: rounding once instead of in the add.
-        w.copy_((w.float() + self.delta_weight(name).to(w.device)).to(w.dtype))
+        self.kind.add_to_weight(self.base_layer, self.delta_weight(name))
         self.merged_adapter = name
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """Subtract the merged adapter's ΔW from the base weight again (nothing merged: no-op)."""
         if self.merged_adapter is None:
             return
-        w = self.base_layer.weight
-        w.copy_((w.float() - self.delta_weight(self.merged_adapter).to(w.device)).to(w.dtype))
+        self.kind.add_to_weight(self.base_layer, self.delta_weight(self.merged_adapter), sign=-1.0)
         self.merged_adapter = None
 
     def extra_repr(self) -> str:
@@ -267,11 +285,14 @@ class LoraLayer(nn.Module):
         return f"kind={self.kind}, active={self.active_adapter!r}, merged={self.merged_adapter!r}; " + "; ".join(parts)
 
 
-class ModuleCopies(nn.Module):
+class ModuleCopies(AdapterHost):
     """A module trained and saved with an adapter (PEFT's modules_to_save), one copy per adapter.
 
     The original stays untouched so disabling adapters gives the base model back.
     """
+
+    ADAPTER_CHILDREN = ("copies",)
+    ADAPTER_LABEL = "modules_to_save copy"
 
     def __init__(self, original: nn.Module) -> None:
         super().__init__()

@@ -28,7 +28,6 @@ import torch
 from torch import Tensor
 
 _DT = torch.float64  # the analysis is about small singular values; float32 blurs them
-_SLICES = ("q", "k", "v")
 _LAYER = re.compile(r"\.(\d+)\.")
 
 WeightSource = Mapping[str, Tensor] | Callable[[str], Tensor | None]
@@ -166,23 +165,33 @@ def delta_w_vs_w(
 
 
 def weight_from_model(model: torch.nn.Module, module_name: str) -> Tensor:
-    """W (d_out×d_in) of a module; GPT-2 Conv1D weights are transposed and c_attn.q/.k/.v sliced."""
+    """W (d_out×d_in) of a module; Conv1D weights are transposed and fused slices (``c_attn.q``) cut out.
+
+    Args:
+        model: the base model.
+        module_name: a module name, or a fused module's name plus a slice (``...attn.c_attn.q``).
+    """
+    from lorakit.arch import QKV_SLICES, family_of, fused_slices, slice_span
+    from lorakit.kinds import is_conv1d
+
     base, _, last = module_name.rpartition(".")
+    slices = fused_slices(family_of(model), base) or QKV_SLICES
     sl = None
-    if last in _SLICES and base:
+    if last in slices and base:
         try:
             model.get_submodule(module_name)
         except AttributeError:
-            sl, module_name = _SLICES.index(last), base
+            sl, module_name = last, base
     module = model.get_submodule(module_name)
     w = module.weight.detach()
-    if type(module).__name__ == "Conv1D":  # transformers' Conv1D stores (d_in, d_out)
+    if is_conv1d(module):  # transformers' Conv1D stores (d_in, d_out)
         w = w.T
     if sl is not None:
-        if w.shape[0] % 3:
-            raise ValueError(f"{module_name}: cannot split {w.shape[0]} output rows into q, k, v thirds")
-        third = w.shape[0] // 3
-        w = w[sl * third : (sl + 1) * third]
+        try:
+            start, stop = slice_span(w.shape[0], slices, sl)
+        except ValueError as exc:
+            raise ValueError(f"{module_name}: {exc}") from None
+        w = w[start:stop]
     return w
 
 
