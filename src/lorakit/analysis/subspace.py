@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -27,8 +26,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from lorakit.analysis.plots import split_module
+
 _DT = torch.float64  # the analysis is about small singular values; float32 blurs them
-_LAYER = re.compile(r"\.(\d+)\.")
 
 WeightSource = Mapping[str, Tensor] | Callable[[str], Tensor | None]
 
@@ -193,15 +193,6 @@ def weight_from_model(model: torch.nn.Module, module_name: str) -> Tensor:
             raise ValueError(f"{module_name}: {exc}") from None
         w = w[start:stop]
     return w
-
-
-def split_module(name: str) -> tuple[int | None, str]:
-    """'model.layers.3.self_attn.q_proj' -> (3, 'self_attn.q_proj'); no index -> (None, name)."""
-    matches = list(_LAYER.finditer(f"{name}."))
-    if not matches:
-        return None, name
-    m = matches[-1]
-    return int(m[1]), f"{name}."[m.end() :].rstrip(".")
 
 
 def _get_weight(source: WeightSource, name: str) -> Tensor | None:
