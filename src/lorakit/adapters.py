@@ -80,6 +80,22 @@ def _resolve_saved_modules(model: nn.Module, patterns: Sequence[str]) -> list[st
     return found
 
 
+def _spec(model: nn.Module, config: LoraConfig, module_name: str, slices: tuple[str, ...] | None) -> AdapterSpec:
+    """The AdapterSpec of one module: its rank, scaling and init from ``config``, its slices from ``arch``."""
+    spec = AdapterSpec(
+        r=config.rank_for(module_name),
+        scaling=config.scaling_for(module_name),
+        dropout=config.dropout,
+        slices=slices,
+        init=config.init,
+        init_std=config.std_for(module_name),
+        use_dora=config.use_dora,
+    )
+    if slices is not None and (fused := fused_slices(family_of(model), module_name)):
+        spec = dataclasses.replace(spec, fused=fused)
+    return spec
+
+
 def inject(
     model: nn.Module,
     config: LoraConfig,
@@ -90,31 +106,32 @@ def inject(
 ) -> nn.Module:
     """Add adapter ``name`` to every module ``config.targets`` resolves to; freeze everything else.
 
-    ``modules`` bypasses target resolution with an exact ``{module_name: slices}`` map (used when loading
-    files). Returns the same model, modified in place.
+    Args:
+        model: the model to adapt (modified in place and returned).
+        config: the adapter's settings.
+        name: the adapter's name (a Python identifier).
+        activate: make it the active adapter.
+        modules: an exact ``{module_name: slices}`` map that bypasses target resolution (used when loading
+            files).
+
+    Raises:
+        TargetError: for a taken or invalid name, or targets that do not resolve.
     """
     if name in configs(model):
         raise TargetError(f"adapter {name!r} is already injected; delete_adapter() it or pick another name")
     if not name.isidentifier():
         raise TargetError(f"adapter name {name!r} must be a Python identifier (it names sub-modules)")
-    resolved = modules if modules is not None else resolve_targets(model, config.targets)
+    if modules is not None:
+        resolved = modules
+    else:
+        resolved = resolve_targets(model, config.targets, exclude=config.exclude, layers=config.layers)
     saved = _resolve_saved_modules(model, config.modules_to_save)
     for module_name, slices in resolved.items():
         module = model.get_submodule(module_name)
         layer = module if isinstance(module, LoraLayer) else LoraLayer(module)
         if slices is not None and not layer.kind.sliceable:
             raise TargetError(f"{module_name}: fused slices apply to linear layers only")
-        spec = AdapterSpec(
-            r=config.rank_for(module_name),
-            scaling=config.scaling_for(module_name),
-            dropout=config.dropout,
-            slices=slices,
-            init=config.init,
-            init_std=config.std_for(module_name),
-        )
-        if slices is not None and (fused := fused_slices(family_of(model), module_name)):
-            spec = dataclasses.replace(spec, fused=fused)
-        layer.add_adapter(name, spec)
+        layer.add_adapter(name, _spec(model, config, module_name, slices))
         if layer is not module:
             _replace(model, module_name, layer)
     for module_name in saved:
@@ -297,6 +314,11 @@ def route_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
     layers = [layer for _, layer in lora_layers(model)]
     if any(layer.merged_adapter for layer in layers):
         raise MergeError("route_rows needs unmerged adapters: call unmerge(model) first")
+    if any(layer.residual_adapter for layer in layers):
+        raise MergeError(
+            "route_rows cannot mix a PiSSA/OLoRA adapter (it holds part of the base weight) with other rows: "
+            "save it (the file is a plain LoRA on the original base) and load that file instead"
+        )
     table = tuple(dict.fromkeys([None, *names]))
     index = torch.tensor([table.index(n) for n in names], dtype=torch.long)
     wrappers = [w for _, w in _copies(model)]

@@ -7,6 +7,7 @@ model before touching it. No pickle anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.fsutil import debug_kill_point, file_mode, fsync_dir, stale_temps
 from lorakit.kinds import LayerKind, adapter_param_names
 from lorakit.layers import WHOLE, LoraLayer, ModuleCopies
+from lorakit.variants import RESIDUAL_INITS
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -44,7 +46,8 @@ def _key_pattern() -> re.Pattern[str]:
     slices = sorted({s for f in families().values() for group in f.fused.values() for s in group} | set(QKV_SLICES))
     alternatives = "|".join(re.escape(s) for s in slices)
     return re.compile(
-        rf"^(?P<module>.+?)\.(?:(?P<ab>lora_[AB])(?:\.(?P<slice>{alternatives}))?\.weight|(?P<emb>lora_embedding_[AB]))$"
+        rf"^(?P<module>.+?)\.(?:(?P<ab>lora_[AB])(?:\.(?P<slice>{alternatives}))?\.weight|(?P<emb>lora_embedding_[AB])"
+        r"|(?P<mag>lora_magnitude_vector))$"
     )
 
 
@@ -72,6 +75,7 @@ class AdapterFile:
     # module → {slice key (WHOLE, q, k, v): (A, B)}
     pairs: dict[str, dict[str, tuple[Tensor, Tensor]]] = field(default_factory=dict)
     embedding_modules: set[str] = field(default_factory=set)
+    magnitudes: dict[str, Tensor] = field(default_factory=dict)  # module → DoRA's lora_magnitude_vector
     biases: dict[str, Tensor] = field(default_factory=dict)  # module → bias of its base layer
     saved_modules: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # module → its state
 
@@ -124,8 +128,16 @@ def _collect(model: nn.Module, name: str) -> tuple[dict[str, Tensor], dict[str, 
         targets.append(layer_name)
         shapes[layer_name] = [layer.out_features, layer.in_features]
         for key in weights.spans:
-            tensors[tensor_key(layer_name, layer.kind, key, "A")] = weights.A[key]
-            tensors[tensor_key(layer_name, layer.kind, key, "B")] = weights.B[key]
+            a, b = weights.A[key], weights.B[key]
+            if weights.residual is not None:
+                # PiSSA/OLoRA → plain LoRA on the original base (PEFT's conversion):
+                # s·B·A − s·B0·A0 = s·[B | −B0]·[A ; A0], rank 2r.
+                a0, b0 = weights.residual[key]
+                a, b = torch.cat([a, a0.to(a.dtype)], 0), torch.cat([b, -b0.to(b.dtype)], 1)
+            tensors[tensor_key(layer_name, layer.kind, key, "A")] = a
+            tensors[tensor_key(layer_name, layer.kind, key, "B")] = b
+        if weights.magnitude is not None:
+            tensors[f"{PREFIX}{layer_name}.lora_magnitude_vector"] = weights.magnitude
         if weights.slices is not None:
             slices_of[layer_name] = list(weights.slices)
         if config.bias == "lora_only" and layer.bias is not None:
@@ -143,7 +155,42 @@ def _collect(model: nn.Module, name: str) -> tuple[dict[str, Tensor], dict[str, 
                 tensors[f"{PREFIX}{module_name}.{key}"] = value
     # The file must not alias model memory (safetensors refuses shared storage) and must be contiguous.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    raw = {
+    raw = _config_json(model, converted_config(config), targets, slices_of, shapes, saved_names)
+    if config.init in RESIDUAL_INITS:
+        raw["lorakit"]["converted_from"] = config.init
+    return tensors, raw
+
+
+def converted_config(config: LoraConfig) -> LoraConfig:
+    """The config a PiSSA/OLoRA adapter's file carries: a plain LoRA of rank 2r with the same scaling
+    (PEFT's ``path_initial_model_for_weight_conversion``); other configs unchanged.
+
+    Args:
+        config: the adapter's config.
+    """
+    if config.init not in RESIDUAL_INITS:
+        return config
+    alpha_factor = 2**0.5 if config.use_rslora else 2.0  # keeps alpha/sqrt(r) resp. alpha/r
+    return dataclasses.replace(
+        config,
+        r=2 * config.r,
+        alpha=config.alpha * alpha_factor,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
+        init="kaiming",  # PEFT's init_lora_weights=True
+    )
+
+
+def _config_json(
+    model: nn.Module,
+    config: LoraConfig,
+    targets: list[str],
+    slices_of: dict[str, list[str]],
+    shapes: dict[str, list[int]],
+    saved_names: list[str],
+) -> dict[str, Any]:
+    """adapter_config.json: PEFT's keys, plus the ``lorakit`` section PEFT ignores."""
+    return {
         "peft_type": "LORA",
         "task_type": _task_type(model),
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
@@ -154,6 +201,7 @@ def _collect(model: nn.Module, name: str) -> tuple[dict[str, Tensor], dict[str, 
         "bias": config.bias,
         "modules_to_save": saved_names or None,
         "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern),
         "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
@@ -168,7 +216,6 @@ def _collect(model: nn.Module, name: str) -> tuple[dict[str, Tensor], dict[str, 
             "base_model": _fingerprint(model),
         },
     }
-    return tensors, raw
 
 
 def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) -> Path:
@@ -377,13 +424,18 @@ def _parse_config(raw: dict[str, Any], meta: dict[str, Any], config_path: Path) 
                 modules_to_save=tuple(raw.get("modules_to_save") or ()),
                 rank_pattern=dict(raw.get("rank_pattern") or {}),
                 alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+                use_dora=bool(raw.get("use_dora", False)),
             )
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise AdapterFileError(f"{config_path}: invalid LoRA config: {exc}") from exc
     if "config" in meta:
         _check_sections_agree(raw, config, config_path)
-    if raw.get("use_dora"):
-        raise AdapterFileError(f"{config_path}: DoRA adapters are not supported by lorakit")
+    init = str(raw.get("init_lora_weights", "")).lower()
+    if init.startswith(RESIDUAL_INITS):
+        raise AdapterFileError(
+            f"{config_path}: a {init} adapter saved without conversion only works on its residual base; save it "
+            "with PEFT's path_initial_model_for_weight_conversion (a plain LoRA on the original base)"
+        )
     return config
 
 
@@ -398,6 +450,9 @@ def _sort_tensors(parsed: AdapterFile, tensors: dict[str, Tensor], weights_path:
         match = pattern.match(key)
         if match:
             module = match["module"]
+            if match["mag"]:
+                parsed.magnitudes[module] = tensor
+                continue
             if match["emb"]:
                 parsed.embedding_modules.add(module)
                 slot, which = WHOLE, match["emb"][-1]
@@ -437,6 +492,22 @@ def _check_pairs(parsed: AdapterFile, weights_path: Path) -> None:
             slots[slot] = (a, b)
     if not parsed.pairs:
         raise AdapterFileError(f"{weights_path} holds no LoRA tensors")
+    _check_magnitudes(parsed, weights_path)
+
+
+def _check_magnitudes(parsed: AdapterFile, weights_path: Path) -> None:
+    """DoRA files have one magnitude vector per adapted module, other files none."""
+    if not parsed.config.use_dora:
+        if parsed.magnitudes:
+            raise AdapterFileError(f"{weights_path}: lora_magnitude_vector tensors, but the config has no use_dora")
+        return
+    for module in parsed.pairs:
+        m = parsed.magnitudes.get(module)
+        if m is None or m.dim() != 1:
+            raise AdapterFileError(f"{weights_path}: DoRA module {module} has no 1-D lora_magnitude_vector")
+    extra = sorted(set(parsed.magnitudes) - set(parsed.pairs))
+    if extra:
+        raise AdapterFileError(f"{weights_path}: lora_magnitude_vector for modules without LoRA: {extra[:5]}")
 
 
 def read_adapter(path: str | Path) -> AdapterFile:
@@ -468,7 +539,7 @@ def read_adapter(path: str | Path) -> AdapterFile:
 
 # PEFT-visible key → the lorakit config field it must equal: PEFT scales by the former, lorakit by the latter.
 _MIRRORED = {"r": "r", "lora_alpha": "alpha", "use_rslora": "use_rslora", "rank_pattern": "rank_pattern",
-             "alpha_pattern": "alpha_pattern"}  # fmt: skip
+             "alpha_pattern": "alpha_pattern", "use_dora": "use_dora"}  # fmt: skip
 
 
 def _check_sections_agree(raw: dict[str, Any], config: LoraConfig, config_path: Path) -> None:
@@ -524,12 +595,22 @@ def _check_fits(model: nn.Module, parsed: AdapterFile, path: Path) -> dict[str, 
         fused = fused_slices(family_of(model), module) or QKV_SLICES
         for slot, (a, b) in slots.items():
             expected_a, expected_b = (rank, layer.in_features), (_slot_width(layer, fused, slot, path), rank)
+            if module in parsed.magnitudes and tuple(parsed.magnitudes[module].shape) != (layer.out_features,):
+                raise AdapterFileError(f"{path}: {module}: lora_magnitude_vector has shape "
+                                       f"{tuple(parsed.magnitudes[module].shape)}, this model needs "
+                                       f"({layer.out_features},)")
             if tuple(a.shape) != expected_a or tuple(b.shape) != expected_b:
                 raise AdapterFileError(
                     f"{path}: {module} ({slot}): file has A {tuple(a.shape)}, B {tuple(b.shape)}; this model "
                     f"with r={rank} needs A {expected_a}, B {expected_b}"
                 )
         modules[module] = None if WHOLE in slots else tuple(s for s in fused if s in slots)
+    _check_saved_and_biases(names, parsed, path)
+    return modules
+
+
+def _check_saved_and_biases(names: dict[str, nn.Module], parsed: AdapterFile, path: Path) -> None:
+    """Saved modules' tensors and biases must fit the modules they go into."""
     for module, state in parsed.saved_modules.items():
         target = names.get(module)
         if target is None:
@@ -546,7 +627,6 @@ def _check_fits(model: nn.Module, parsed: AdapterFile, path: Path) -> dict[str, 
         base = getattr(target, "base_layer", target)
         if getattr(base, "bias", None) is None or tuple(base.bias.shape) != tuple(bias.shape):
             raise AdapterFileError(f"{path}: bias for {module} does not fit the model")
-    return modules
 
 
 @torch.no_grad()
@@ -572,6 +652,8 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = DEFAULT, *, act
         for slot, (a, b) in parsed.pairs[layer_name].items():
             weights.A[slot].copy_(a)
             weights.B[slot].copy_(b)
+        if weights.magnitude is not None:
+            weights.magnitude.copy_(parsed.magnitudes[layer_name])
     names = dict(model.named_modules())
     for module, state in parsed.saved_modules.items():
         wrapper = names[module]

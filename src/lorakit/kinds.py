@@ -34,12 +34,15 @@ class LayerKind:
     Attributes:
         name: the kind's name (shown in ``repr`` and errors).
         sliceable: whether a fused projection of this kind can be adapted slice by slice.
+        supports_variants: whether DoRA and PiSSA/OLoRA initialisation apply to it.
         file_style: how PEFT names its tensors: ``"linear"`` (``lora_A.weight``) or ``"embedding"``
             (``lora_embedding_A``, a parameter without ``.weight``).
     """
 
     name: ClassVar[str] = "linear"
     sliceable: ClassVar[bool] = True
+    # Whether DoRA's magnitude and PiSSA/OLoRA's residual apply (a weight matrix acting on features).
+    supports_variants: ClassVar[bool] = True
     file_style: ClassVar[str] = "linear"
     # Whether the base weight is stored (in, out) rather than nn.Linear's (out, in).
     transposed: ClassVar[bool] = False
@@ -59,6 +62,17 @@ class LayerKind:
     def to_base_layout(self, dw: Tensor) -> Tensor:
         """ΔW formed as (out, in), laid out like the base weight."""
         return dw.t() if self.transposed else dw
+
+    def weight_out_in(self, base: nn.Module) -> Tensor:
+        """The base weight as a dense (out, in) matrix (a quantized kind dequantizes here)."""
+        w = base.weight
+        return w.t() if self.transposed else w
+
+    @torch.no_grad()
+    def set_weight(self, base: nn.Module, weight_out_in: Tensor) -> None:
+        """Overwrite the base weight with a dense (out, in) matrix (PiSSA/OLoRA residuals), in its dtype."""
+        w = base.weight
+        w.copy_(self.to_base_layout(weight_out_in).to(w.dtype))
 
     def lora_input(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         """The layer input as the low-rank term consumes it (in the adapter's dtype)."""
@@ -110,6 +124,7 @@ class EmbeddingKind(LayerKind):
 
     name = "embedding"
     sliceable = False
+    supports_variants = False
     file_style = "embedding"
     transposed = True  # weight is (num_embeddings = in, dim = out)
 

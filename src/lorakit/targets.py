@@ -11,12 +11,21 @@ import re
 
 from torch import nn
 
-from lorakit.arch import QKV_SLICES, TARGET_ALIASES, family_of, fused_slices, known_model_types, model_type_of
+from lorakit.arch import (
+    QKV_SLICES,
+    TARGET_ALIASES,
+    TASK_HEAD_NAMES,
+    family_of,
+    fused_slices,
+    known_model_types,
+    model_type_of,
+)
 from lorakit.errors import TargetError
 from lorakit.kinds import AdapterHost, find_kind, supported_names
 from lorakit.patterns import PatternError, compile_pattern
 
 _REGEX_CHARS = set("^$*+?[](){}|\\")
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer except the output and task heads
 
 
 def is_adaptable(module: nn.Module) -> bool:
@@ -102,33 +111,110 @@ def _name_hits(model: nn.Module, pattern: str, candidates: list[str]) -> list[tu
     return hits
 
 
+def _all_linear_hits(model: nn.Module, candidates: list[str]) -> list[tuple[str, str | None]]:
+    """PEFT's ``all-linear``: every linear layer (Linear, Conv1D) except the output head and task heads."""
+    excluded = set()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if head is not None and (module is head or getattr(module, "base_layer", None) is head):
+            excluded.add(name)
+        elif name in TASK_HEAD_NAMES or name.split(".")[0] in TASK_HEAD_NAMES:
+            excluded.add(name)  # a task head (and anything inside it) is trained in full, not adapted
+    hits = []
+    for name in candidates:
+        kind = find_kind(getattr(model.get_submodule(name), "base_layer", model.get_submodule(name)))
+        if kind is not None and kind.file_style == "linear" and name not in excluded:
+            hits.append((name, None))
+    return hits
+
+
+def _pattern_hits(model: nn.Module, pattern: str, candidates: list[str]) -> list[tuple[str, str | None]]:
+    check_target_pattern(pattern)
+    if pattern in TARGET_ALIASES:
+        return _alias_hits(model, pattern, candidates)
+    if pattern == ALL_LINEAR:
+        return _all_linear_hits(model, candidates)
+    return _name_hits(model, pattern, candidates)
+
+
+def _layer_index(model: nn.Module, name: str) -> int | None:
+    """The block index in a module name (the family's block pattern, else the first ``.<n>.``)."""
+    family = family_of(model)
+    block = family.block if family is not None else r"(?:^|\.)[A-Za-z_]\w*\.\d+\."
+    match = re.search(block.replace(r"\d+", r"(\d+)", 1), name + ".")
+    return int(match.group(1)) if match else None
+
+
+def _keep_layers(model: nn.Module, resolved: dict[str, set[str] | None], layers: tuple[int, ...]) -> None:
+    """Drop modules outside blocks ``layers``; strict: every index must keep at least one module."""
+    index_of = {name: _layer_index(model, name) for name in resolved}
+    missing = [i for i in layers if i not in index_of.values()]
+    if missing:
+        present = sorted({i for i in index_of.values() if i is not None})
+        raise TargetError(f"layers {missing} hold no targeted module; the targets lie in layers {present}")
+    for name, index in index_of.items():
+        if index not in layers:
+            del resolved[name]
+
+
+def _apply_exclude(model: nn.Module, resolved: dict[str, set[str] | None], exclude: tuple[str, ...]) -> None:
+    """Remove what each exclude pattern matches; strict: a pattern that removes nothing is an error."""
+    candidates = adaptable_names(model)
+    for pattern in exclude:
+        try:
+            hits = [(n, sl) for n, sl in _pattern_hits(model, pattern, candidates) if n in resolved]
+        except TargetError:
+            hits = []
+        if not hits:
+            raise TargetError(
+                f"exclude {pattern!r} matches none of the {len(resolved)} targeted modules "
+                f"({_summarise(list(resolved))}); a no-op exclude is refused like a no-op target"
+            )
+        for name, slice_name in hits:
+            current = resolved.get(name, "absent")
+            if slice_name is None or current is None:
+                resolved.pop(name, None)  # excluding a slice of a whole-module target drops the module
+            elif isinstance(current, set):
+                current.discard(slice_name)
+                if not current:
+                    del resolved[name]
+    if not resolved:
+        raise TargetError("exclude removed every targeted module")
+
+
 def _slice_order(model: nn.Module, name: str) -> tuple[str, ...]:
     return fused_slices(family_of(model), name) or QKV_SLICES
 
 
-def resolve_targets(model: nn.Module, targets: tuple[str, ...] | list[str]) -> dict[str, tuple[str, ...] | None]:
-    """Map each target pattern to modules: aliases through the model's family (``lorakit.arch``), other
-    patterns as module names (suffix at a dot boundary) or RE2 regular expressions (full match).
+def resolve_targets(
+    model: nn.Module,
+    targets: tuple[str, ...] | list[str],
+    *,
+    exclude: tuple[str, ...] | list[str] = (),
+    layers: tuple[int, ...] | None = None,
+) -> dict[str, tuple[str, ...] | None]:
+    """Map each target pattern to modules: aliases through the model's family (``lorakit.arch``),
+    ``all-linear`` (every linear layer but the output and task heads, as PEFT), other patterns as module
+    names (suffix at a dot boundary) or RE2 regular expressions (full match).
 
     Args:
         model: the model to adapt.
-        targets: aliases (``q k v o ffn``), module names or regexes.
+        targets: aliases (``q k v o ffn``), ``all-linear``, module names or regexes.
+        exclude: patterns of the same kinds whose modules (or slices) are removed again.
+        layers: keep only modules in the blocks with these indices.
 
     Returns:
         ``{module_name: slices}`` where ``slices`` is None for the whole module or a tuple of fused slice
         names in output order (``("q", "v")``).
 
     Raises:
-        TargetError: when a pattern matches nothing or a matched module cannot be adapted.
+        TargetError: when a pattern matches nothing or a matched module cannot be adapted, an exclude
+            removes nothing, or a layer index holds no targeted module.
     """
     candidates = adaptable_names(model)
     resolved: dict[str, set[str] | None] = {}
     for pattern in targets:
-        check_target_pattern(pattern)
-        if pattern in TARGET_ALIASES:
-            hits = _alias_hits(model, pattern, candidates)
-        else:
-            hits = _name_hits(model, pattern, candidates)
+        hits = _pattern_hits(model, pattern, candidates)
         if not hits:
             raise TargetError(
                 f"target {pattern!r} matched no module of this {type(model).__name__}. "
@@ -139,6 +225,9 @@ def resolve_targets(model: nn.Module, targets: tuple[str, ...] | list[str]) -> d
                 resolved[name] = None  # the whole module wins over any slice request
             elif not (name in resolved and resolved[name] is None):
                 resolved.setdefault(name, set()).add(slice_name)  # type: ignore[union-attr]
+    if layers is not None:
+        _keep_layers(model, resolved, tuple(layers))
+    _apply_exclude(model, resolved, tuple(exclude))
     return {
         name: None if slices is None else tuple(s for s in _slice_order(model, name) if s in slices)
         for name, slices in resolved.items()
