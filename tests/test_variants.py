@@ -303,3 +303,30 @@ def test_new_fields_stay_out_of_files_that_do_not_use_them(tmp_path):
     save_adapter(model, tmp_path / "a")
     section = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["lorakit"]["config"]
     assert not {"use_dora", "exclude", "layers"} & set(section)
+
+
+def test_all_linear_skips_modules_trained_in_full_and_an_explicit_overlap_is_refused(tmp_path):
+    x = ids()
+    model = tiny_bert().eval()
+    inject(model, LoraConfig(r=2, targets=("all-linear",), modules_to_save=("classifier", "bert.pooler")))
+    randomize_lora(model)
+    assert not isinstance(model.bert.pooler.original_module.dense, LoraLayer)
+    with torch.no_grad():
+        trained = model(x).logits
+    save_adapter(model, tmp_path / "a")
+    fresh = tiny_bert().eval()
+    load_adapter(fresh, tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x).logits, trained)
+    with pytest.raises(TargetError, match="inside modules_to_save"):
+        inject(tiny_bert(), LoraConfig(r=2, targets=("pooler.dense",), modules_to_save=("bert.pooler",)))
+
+
+def test_vllm_report_names_dora(tmp_path):
+    from lorakit.serve.compat import vllm_report
+
+    model = tiny_llama()
+    inject(model, LoraConfig(r=2, targets=("q",), use_dora=True))
+    save_adapter(model, tmp_path / "a")
+    servable, reasons, _ = vllm_report(read_adapter(tmp_path / "a"))
+    assert not servable and any("DoRA" in r for r in reasons)

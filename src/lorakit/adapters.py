@@ -19,7 +19,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import MergeError, TargetError
 from lorakit.kinds import adapter_hosts, adapter_param_names
 from lorakit.layers import AdapterSpec, LoraLayer, ModuleCopies
-from lorakit.targets import resolve_targets
+from lorakit.targets import ALL_LINEAR, resolve_targets
 
 DEFAULT = "default"
 
@@ -51,7 +51,11 @@ def saved_module_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def configs(model: nn.Module) -> dict[str, LoraConfig]:
-    """The adapters injected into ``model``, by name."""
+    """The adapters injected into ``model``, by name (the registry files are written from).
+
+    Args:
+        model: any module (a registry is created on first use).
+    """
     registry = getattr(model, "lorakit_configs", None)
     if registry is None:
         registry = {}
@@ -78,6 +82,18 @@ def _resolve_saved_modules(model: nn.Module, patterns: Sequence[str]) -> list[st
             raise TargetError(f"modules_to_save entry {pattern!r} matched no module")
         found += hits
     return found
+
+
+def _without_saved(
+    resolved: dict[str, tuple[str, ...] | None], saved: list[str], config: LoraConfig
+) -> dict[str, tuple[str, ...] | None]:
+    """Targets minus modules trained in full (modules_to_save): ``all-linear`` skips them; a target named
+    explicitly inside one is a conflict (its copy would hold the LoRA layer, and no file could load it)."""
+    inside = [t for t in resolved if any(t == s or t.startswith(s + ".") for s in saved)]
+    if inside and ALL_LINEAR not in config.targets:
+        raise TargetError(f"targets {inside[:3]} lie inside modules_to_save {saved}: a module trained in full "
+                          "is not also adapted; drop one of the two")
+    return {t: v for t, v in resolved.items() if t not in inside}
 
 
 def _spec(model: nn.Module, config: LoraConfig, module_name: str, slices: tuple[str, ...] | None) -> AdapterSpec:
@@ -121,11 +137,13 @@ def inject(
         raise TargetError(f"adapter {name!r} is already injected; delete_adapter() it or pick another name")
     if not name.isidentifier():
         raise TargetError(f"adapter name {name!r} must be a Python identifier (it names sub-modules)")
+    saved = _resolve_saved_modules(model, config.modules_to_save)
     if modules is not None:
         resolved = modules
     else:
-        resolved = resolve_targets(model, config.targets, exclude=config.exclude, layers=config.layers)
-    saved = _resolve_saved_modules(model, config.modules_to_save)
+        resolved = _without_saved(
+            resolve_targets(model, config.targets, exclude=config.exclude, layers=config.layers), saved, config
+        )
     for module_name, slices in resolved.items():
         module = model.get_submodule(module_name)
         layer = module if isinstance(module, LoraLayer) else LoraLayer(module)
@@ -147,7 +165,15 @@ def inject(
 
 
 def set_adapter(model: nn.Module, name: str | None) -> None:
-    """Make ``name`` the active adapter (None: the base model). Only its parameters are trainable."""
+    """Make ``name`` the active adapter (None: the base model). Only its parameters are trainable.
+
+    Args:
+        model: a model with adapters.
+        name: an injected adapter, or None for the base model.
+
+    Raises:
+        KeyError: when no adapter of that name is loaded.
+    """
     if name is not None and name not in configs(model):
         raise KeyError(f"no adapter named {name!r}; loaded: {sorted(configs(model))}")
     for _, layer in lora_layers(model):
@@ -160,6 +186,11 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
 
 
 def active_adapter(model: nn.Module) -> str | None:
+    """The active adapter's name, or None when the base model runs.
+
+    Args:
+        model: any module.
+    """
     for _, layer in lora_layers(model):
         if layer.active_adapter is not None:
             return layer.active_adapter
@@ -245,6 +276,17 @@ def merge(
     batch and returning a tensor) is given, verifies merged outputs equal unmerged ones within
     ``atol + rtol * max|output|`` (fp32 rounding grows with the logits' scale).
     Any failure restores the unmerged model before raising.
+
+    Args:
+        model: a model with adapters.
+        name: the adapter to merge (default: the active one).
+        check: refuse non-finite weights and, with ``probe``, outputs that change.
+        probe: runs the model on a fixed batch and returns its output.
+        atol: absolute tolerance of the probe comparison.
+        rtol: tolerance relative to the largest output.
+
+    Raises:
+        MergeError: no adapter to merge, non-finite weights, or outputs beyond tolerance.
     """
     name = name or active_adapter(model)
     if name is None:
@@ -287,7 +329,12 @@ def unmerge(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module, name: str | None = None) -> nn.Module:
-    """Merge, then replace every wrapper by its plain module: a model transformers alone understands."""
+    """Merge, then replace every wrapper by its plain module: a model transformers alone understands.
+
+    Args:
+        model: a model with adapters (modified in place and returned).
+        name: the adapter to merge (default: the active one).
+    """
     merge(model, name)
     for layer_name, layer in list(lora_layers(model)):
         _replace(model, layer_name, layer.base_layer)
@@ -305,7 +352,16 @@ def route_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
     """Each row of the next forward passes uses its own adapter (None: the base model).
 
     Adapters are stacked per layer and applied with one gather and batched matmuls, so the cost barely
-    grows with the number of distinct adapters in the batch.
+    grows with the number of distinct adapters in the batch. Rows of DoRA adapters take DoRA's exact
+    single-adapter path, one adapter at a time.
+
+    Args:
+        model: a model with (unmerged) adapters.
+        names: one adapter name (or None) per row of the batch.
+
+    Raises:
+        KeyError: for an unknown adapter name.
+        MergeError: when an adapter is merged, or a PiSSA/OLoRA adapter is injected.
     """
     known = configs(model)
     unknown = sorted({n for n in names if n is not None and n not in known})
@@ -358,7 +414,12 @@ class ParameterReport:
 
 
 def parameter_report(model: nn.Module) -> ParameterReport:
-    """Counts each parameter once (tied weights too) under the type of the module that owns it."""
+    """Counts each parameter once (tied weights too) under the type of the module that owns it; adapter
+    parameters under their host's label (``lorakit.kinds.AdapterHost``).
+
+    Args:
+        model: any module.
+    """
     by_type: dict[str, list[int]] = {}
     adapter_state = adapter_param_names(model)  # adapter hosts declare theirs (lorakit.kinds.AdapterHost)
     for param_name, p in model.named_parameters():  # named_parameters skips tied duplicates

@@ -224,7 +224,17 @@ def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) ->
     Each file is written under a temporary name in ``path`` and renamed over the old one, so an interrupted
     save never leaves a half-written file; the config records the weights' checksum, so a crash between the
     two renames is reported on load instead of pairing a config with the wrong weights. Other files in
-    ``path`` (a training run's logs, say) are left alone.
+    ``path`` (a training run's logs, say) are left alone. A PiSSA/OLoRA adapter is written as PEFT converts
+    it: a plain LoRA of rank 2r for the original base.
+
+    Args:
+        model: a model with adapters.
+        path: the directory to write.
+        name: the adapter (default: the active one).
+
+    Raises:
+        KeyError: when no adapter of that name is loaded.
+        AdapterFileError: when a tensor is not finite.
     """
     name = name or active_adapter(model) or DEFAULT
     if name not in configs(model):
@@ -634,6 +644,15 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = DEFAULT, *, act
     """Load an adapter directory (lorakit's or PEFT's) into ``model`` as adapter ``name``.
 
     Everything is validated first; on any error the model is left exactly as it was.
+
+    Args:
+        model: the base model.
+        path: the adapter directory.
+        name: the name to load it under.
+        activate: make it the active adapter.
+
+    Raises:
+        AdapterFileError: naming what in the file is wrong or does not fit the model.
     """
     path = Path(path)
     parsed = read_adapter(path)
