@@ -39,7 +39,7 @@ def test_conv1d_is_detected_and_uses_the_transposed_weight():
     torch.manual_seed(0)
     base = Conv1D(5, 6)  # nf=out=5, nx=in=6: weight is (in, out)
     layer = LoraLayer(base)
-    assert (layer.kind, layer.in_features, layer.out_features) == ("conv1d", 6, 5)
+    assert (layer.kind.name, layer.in_features, layer.out_features) == ("conv1d", 6, 5)
     layer.add_adapter("a", AdapterSpec(r=2, scaling=1.0))
     layer.active_adapter = "a"
     w = layer.adapters["a"]

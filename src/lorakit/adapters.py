@@ -6,6 +6,7 @@ All state lives in the LoraLayer / ModuleCopies modules; the model only carries 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,15 +14,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lorakit.arch import family_of, fused_slices
 from lorakit.config import LoraConfig
 from lorakit.errors import MergeError, TargetError
+from lorakit.kinds import adapter_hosts, adapter_param_names
 from lorakit.layers import AdapterSpec, LoraLayer, ModuleCopies
-from lorakit.targets import resolve_targets
+from lorakit.targets import ALL_LINEAR, resolve_targets
 
 DEFAULT = "default"
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """Every LoRA layer of ``model`` as (qualified name, layer), in module order.
+
+    Args:
+        model: any module (no adapters: nothing).
+    """
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             yield name, module
@@ -43,7 +51,11 @@ def saved_module_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def configs(model: nn.Module) -> dict[str, LoraConfig]:
-    """The adapters injected into ``model``, by name."""
+    """The adapters injected into ``model``, by name (the registry files are written from).
+
+    Args:
+        model: any module (a registry is created on first use).
+    """
     registry = getattr(model, "lorakit_configs", None)
     if registry is None:
         registry = {}
@@ -58,17 +70,46 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _resolve_saved_modules(model: nn.Module, patterns: Sequence[str]) -> list[str]:
-    names = [n for n, _ in model.named_modules() if n]
+    # Modules inside a saved-module wrapper (its original and its copies) are not the model's own.
+    inner = tuple(f"{n}." for n, host in adapter_hosts(model) if isinstance(host, ModuleCopies))
+    names = [n for n, _ in model.named_modules() if n and not n.startswith(inner)]
     found: list[str] = []
     for pattern in patterns:
-        hits = [n for n in names if (n == pattern or n.endswith("." + pattern)) and ".copies." not in n
-                and not n.endswith(".original_module")]
+        hits = [n for n in names if n == pattern or n.endswith("." + pattern)]
         # A module already wrapped by an earlier adapter is found under its own name.
         hits = [n for n in hits if not any(n.startswith(h + ".") for h in hits)]
         if not hits:
             raise TargetError(f"modules_to_save entry {pattern!r} matched no module")
         found += hits
     return found
+
+
+def _without_saved(
+    resolved: dict[str, tuple[str, ...] | None], saved: list[str], config: LoraConfig
+) -> dict[str, tuple[str, ...] | None]:
+    """Targets minus modules trained in full (modules_to_save): ``all-linear`` skips them; a target named
+    explicitly inside one is a conflict (its copy would hold the LoRA layer, and no file could load it)."""
+    inside = [t for t in resolved if any(t == s or t.startswith(s + ".") for s in saved)]
+    if inside and ALL_LINEAR not in config.targets:
+        raise TargetError(f"targets {inside[:3]} lie inside modules_to_save {saved}: a module trained in full "
+                          "is not also adapted; drop one of the two")
+    return {t: v for t, v in resolved.items() if t not in inside}
+
+
+def _spec(model: nn.Module, config: LoraConfig, module_name: str, slices: tuple[str, ...] | None) -> AdapterSpec:
+    """The AdapterSpec of one module: its rank, scaling and init from ``config``, its slices from ``arch``."""
+    spec = AdapterSpec(
+        r=config.rank_for(module_name),
+        scaling=config.scaling_for(module_name),
+        dropout=config.dropout,
+        slices=slices,
+        init=config.init,
+        init_std=config.std_for(module_name),
+        use_dora=config.use_dora,
+    )
+    if slices is not None and (fused := fused_slices(family_of(model), module_name)):
+        spec = dataclasses.replace(spec, fused=fused)
+    return spec
 
 
 def inject(
@@ -81,31 +122,34 @@ def inject(
 ) -> nn.Module:
     """Add adapter ``name`` to every module ``config.targets`` resolves to; freeze everything else.
 
-    ``modules`` bypasses target resolution with an exact ``{module_name: slices}`` map (used when loading
-    files). Returns the same model, modified in place.
+    Args:
+        model: the model to adapt (modified in place and returned).
+        config: the adapter's settings.
+        name: the adapter's name (a Python identifier).
+        activate: make it the active adapter.
+        modules: an exact ``{module_name: slices}`` map that bypasses target resolution (used when loading
+            files).
+
+    Raises:
+        TargetError: for a taken or invalid name, or targets that do not resolve.
     """
     if name in configs(model):
         raise TargetError(f"adapter {name!r} is already injected; delete_adapter() it or pick another name")
     if not name.isidentifier():
         raise TargetError(f"adapter name {name!r} must be a Python identifier (it names sub-modules)")
-    resolved = modules if modules is not None else resolve_targets(model, config.targets)
     saved = _resolve_saved_modules(model, config.modules_to_save)
+    if modules is not None:
+        resolved = modules
+    else:
+        resolved = _without_saved(
+            resolve_targets(model, config.targets, exclude=config.exclude, layers=config.layers), saved, config
+        )
     for module_name, slices in resolved.items():
         module = model.get_submodule(module_name)
         layer = module if isinstance(module, LoraLayer) else LoraLayer(module)
-        if slices is not None and layer.kind != "conv1d" and layer.kind != "linear":
+        if slices is not None and not layer.kind.sliceable:
             raise TargetError(f"{module_name}: fused slices apply to linear layers only")
-        layer.add_adapter(
-            name,
-            AdapterSpec(
-                r=config.rank_for(module_name),
-                scaling=config.scaling_for(module_name),
-                dropout=config.dropout,
-                slices=slices,
-                init=config.init,
-                init_std=config.std_for(module_name),
-            ),
-        )
+        layer.add_adapter(name, _spec(model, config, module_name, slices))
         if layer is not module:
             _replace(model, module_name, layer)
     for module_name in saved:
@@ -121,7 +165,15 @@ def inject(
 
 
 def set_adapter(model: nn.Module, name: str | None) -> None:
-    """Make ``name`` the active adapter (None: the base model). Only its parameters are trainable."""
+    """Make ``name`` the active adapter (None: the base model). Only its parameters are trainable.
+
+    Args:
+        model: a model with adapters.
+        name: an injected adapter, or None for the base model.
+
+    Raises:
+        KeyError: when no adapter of that name is loaded.
+    """
     if name is not None and name not in configs(model):
         raise KeyError(f"no adapter named {name!r}; loaded: {sorted(configs(model))}")
     for _, layer in lora_layers(model):
@@ -134,6 +186,11 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
 
 
 def active_adapter(model: nn.Module) -> str | None:
+    """The active adapter's name, or None when the base model runs.
+
+    Args:
+        model: any module.
+    """
     for _, layer in lora_layers(model):
         if layer.active_adapter is not None:
             return layer.active_adapter
@@ -153,8 +210,9 @@ def _set_trainable(model: nn.Module, name: str | None) -> None:
             if config.bias == "lora_only" and layer.bias is not None:
                 layer.bias.requires_grad_(True)
     if config.bias == "all":
+        adapter_state = adapter_param_names(model)
         for param_name, p in model.named_parameters():
-            if param_name.endswith("bias") and ".copies." not in param_name:
+            if param_name.endswith("bias") and param_name not in adapter_state:
                 p.requires_grad_(True)
     for _, wrapper in _copies(model):
         if name in wrapper.copies:
@@ -177,6 +235,15 @@ def disabled(model: nn.Module) -> Iterator[None]:
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` from every layer and saved module; the base model runs if it was active.
+
+    Args:
+        model: a model with adapters.
+        name: the adapter to delete.
+
+    Raises:
+        KeyError: when no adapter of that name is loaded.
+    """
     if name not in configs(model):
         raise KeyError(f"no adapter named {name!r}; loaded: {sorted(configs(model))}")
     was_active = active_adapter(model) == name
@@ -209,6 +276,17 @@ def merge(
     batch and returning a tensor) is given, verifies merged outputs equal unmerged ones within
     ``atol + rtol * max|output|`` (fp32 rounding grows with the logits' scale).
     Any failure restores the unmerged model before raising.
+
+    Args:
+        model: a model with adapters.
+        name: the adapter to merge (default: the active one).
+        check: refuse non-finite weights and, with ``probe``, outputs that change.
+        probe: runs the model on a fixed batch and returns its output.
+        atol: absolute tolerance of the probe comparison.
+        rtol: tolerance relative to the largest output.
+
+    Raises:
+        MergeError: no adapter to merge, non-finite weights, or outputs beyond tolerance.
     """
     name = name or active_adapter(model)
     if name is None:
@@ -241,12 +319,22 @@ def merge(
 
 @torch.no_grad()
 def unmerge(model: nn.Module) -> None:
+    """Subtract every merged adapter from the base weights again (nothing merged: no-op).
+
+    Args:
+        model: a model with adapters.
+    """
     for _, layer in lora_layers(model):
         layer.unmerge()
 
 
 def merge_and_unload(model: nn.Module, name: str | None = None) -> nn.Module:
-    """Merge, then replace every wrapper by its plain module: a model transformers alone understands."""
+    """Merge, then replace every wrapper by its plain module: a model transformers alone understands.
+
+    Args:
+        model: a model with adapters (modified in place and returned).
+        name: the adapter to merge (default: the active one).
+    """
     merge(model, name)
     for layer_name, layer in list(lora_layers(model)):
         _replace(model, layer_name, layer.base_layer)
@@ -264,7 +352,16 @@ def route_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
     """Each row of the next forward passes uses its own adapter (None: the base model).
 
     Adapters are stacked per layer and applied with one gather and batched matmuls, so the cost barely
-    grows with the number of distinct adapters in the batch.
+    grows with the number of distinct adapters in the batch. Rows of DoRA adapters take DoRA's exact
+    single-adapter path, one adapter at a time.
+
+    Args:
+        model: a model with (unmerged) adapters.
+        names: one adapter name (or None) per row of the batch.
+
+    Raises:
+        KeyError: for an unknown adapter name.
+        MergeError: when an adapter is merged, or a PiSSA/OLoRA adapter is injected.
     """
     known = configs(model)
     unknown = sorted({n for n in names if n is not None and n not in known})
@@ -273,6 +370,11 @@ def route_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
     layers = [layer for _, layer in lora_layers(model)]
     if any(layer.merged_adapter for layer in layers):
         raise MergeError("route_rows needs unmerged adapters: call unmerge(model) first")
+    if any(layer.residual_adapter for layer in layers):
+        raise MergeError(
+            "route_rows cannot mix a PiSSA/OLoRA adapter (it holds part of the base weight) with other rows: "
+            "save it (the file is a plain LoRA on the original base) and load that file instead"
+        )
     table = tuple(dict.fromkeys([None, *names]))
     index = torch.tensor([table.index(n) for n in names], dtype=torch.long)
     wrappers = [w for _, w in _copies(model)]
@@ -312,14 +414,18 @@ class ParameterReport:
 
 
 def parameter_report(model: nn.Module) -> ParameterReport:
-    """Counts each parameter once (tied weights too) under the type of the module that owns it."""
+    """Counts each parameter once (tied weights too) under the type of the module that owns it; adapter
+    parameters under their host's label (``lorakit.kinds.AdapterHost``).
+
+    Args:
+        model: any module.
+    """
     by_type: dict[str, list[int]] = {}
+    adapter_state = adapter_param_names(model)  # adapter hosts declare theirs (lorakit.kinds.AdapterHost)
     for param_name, p in model.named_parameters():  # named_parameters skips tied duplicates
         owner_name = param_name.rpartition(".")[0]
-        if ".adapters." in param_name:
-            kind = "LoRA (A, B)"
-        elif ".copies." in param_name:
-            kind = "modules_to_save copy"
+        if param_name in adapter_state:
+            kind = adapter_state[param_name]
         else:
             owner = model.get_submodule(owner_name) if owner_name else model
             kind = type(owner).__name__

@@ -16,7 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("lorakit.commands:info_main", "show what an adapter directory holds"),
     "train": ("lorakit.training.cli:train_main", "fine-tune a model on a task (LoRA or a baseline method)"),
     "eval": ("lorakit.training.cli:eval_main", "score a base model + adapter on a task"),
-    "generate": ("lorakit.generation:generate_main", "generate text with a base model and adapters (streams)"),
+    "generate": ("lorakit.generate_command:generate_main", "generate text with a base model and adapters (streams)"),
     "compare": ("lorakit.methods.compare:compare_main", "run methods x seeds on a task, write a table + plot"),
     "latency": ("lorakit.methods.latency:latency_main", "inference latency of methods vs the base model"),
     "estimate": ("lorakit.analysis.estimate:estimate_main", "trainable parameters, file sizes, memory"),

@@ -9,7 +9,10 @@ from typing import Any, Literal
 from lorakit.errors import ConfigError
 from lorakit.patterns import PatternError, compile_pattern, suffix_match
 
-InitKind = Literal["gaussian", "kaiming"]
+InitKind = Literal["gaussian", "kaiming", "pissa", "olora"]
+INIT_KINDS = ("gaussian", "kaiming", "pissa", "olora")
+# Fields added after the first file format: written to files only when set, so older files stay identical.
+_OPTIONAL_FIELDS = {"use_dora": False, "exclude": (), "layers": None}
 BiasMode = Literal["none", "all", "lora_only"]
 
 
@@ -25,9 +28,12 @@ def pattern_matches(pattern: str, module_name: str) -> bool:
 class LoraConfig:
     """Hyper-parameters of one LoRA adapter.
 
-    ``targets`` are aliases (``q``, ``k``, ``v``, ``o``, ``ffn``), module names, dotted suffixes, or
-    regular expressions (see ``lorakit.targets``). ``rank_pattern`` / ``alpha_pattern`` override ``r`` /
-    ``alpha`` for modules whose name ends with the pattern (a regex), exactly as PEFT reads them.
+    ``targets`` are aliases (``q``, ``k``, ``v``, ``o``, ``ffn``, ``all-linear``), module names, dotted
+    suffixes, or regular expressions (see ``lorakit.targets``); ``exclude`` removes matching modules again
+    (each pattern must remove one), and ``layers`` keeps only the blocks with these indices.
+    ``rank_pattern`` / ``alpha_pattern`` override ``r`` / ``alpha`` for modules whose name ends with the
+    pattern (a regex), exactly as PEFT reads them. ``init`` "pissa" / "olora" and ``use_dora`` are the
+    variants of ``lorakit.variants`` (docs/variants.md).
     """
 
     r: int = 8
@@ -43,10 +49,13 @@ class LoraConfig:
     modules_to_save: tuple[str, ...] = ()
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
+    exclude: tuple[str, ...] = ()
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         # Accept lists/strings from JSON or the CLI, but store tuples so the config is hashable-ish and immutable.
-        for name in ("targets", "modules_to_save"):
+        for name in ("targets", "modules_to_save", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str):
                 value = tuple(t.strip() for t in value.split(",") if t.strip())
@@ -57,8 +66,9 @@ class LoraConfig:
             raise ConfigError(f"alpha must be a positive finite number, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in ("gaussian", "kaiming"):
-            raise ConfigError(f"init must be 'gaussian' or 'kaiming', got {self.init!r}")
+        if self.init not in INIT_KINDS:
+            raise ConfigError(f"init must be one of {', '.join(INIT_KINDS)}, got {self.init!r}")
+        self._check_variants()
         if self.init_std is not None and not self.init_std > 0:
             raise ConfigError(f"init_std must be positive, got {self.init_std!r}")
         if self.bias not in ("none", "all", "lora_only"):
@@ -79,6 +89,21 @@ class LoraConfig:
                 compile_pattern(pattern)
             except PatternError as exc:
                 raise ConfigError(str(exc)) from None
+
+    def _check_variants(self) -> None:
+        if not isinstance(self.use_dora, bool):
+            raise ConfigError(f"use_dora must be true or false, got {self.use_dora!r}")
+        if self.use_dora and self.init in ("pissa", "olora"):
+            # The saved file of a residual init is a plain-LoRA conversion, which has no DoRA form.
+            raise ConfigError(f"init={self.init!r} cannot be combined with use_dora")
+        if self.init in ("pissa", "olora") and self.use_rslora and (self.rank_pattern or self.alpha_pattern):
+            raise ConfigError(f"init={self.init!r} with use_rslora cannot use rank_pattern/alpha_pattern "
+                              "(the saved plain-LoRA conversion could not keep their scaling; PEFT refuses it too)")
+        if self.layers is not None:
+            layers = tuple(self.layers) if not isinstance(self.layers, str) else self.layers
+            if not layers or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+                raise ConfigError(f"layers must be a non-empty list of layer indices >= 0, got {self.layers!r}")
+            object.__setattr__(self, "layers", tuple(sorted(set(layers))))
 
     def rank_for(self, module_name: str) -> int:
         for pattern, rank in self.rank_pattern.items():
@@ -105,6 +130,11 @@ class LoraConfig:
         data = asdict(self)
         data["targets"] = list(self.targets)
         data["modules_to_save"] = list(self.modules_to_save)
+        data["exclude"] = list(self.exclude)
+        data["layers"] = None if self.layers is None else list(self.layers)
+        for name, default in _OPTIONAL_FIELDS.items():
+            if getattr(self, name) == default:
+                del data[name]
         return data
 
     @classmethod

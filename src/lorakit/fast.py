@@ -30,8 +30,10 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 class _LoraLinear(torch.autograd.Function):
     """``out = base(x) + s·Σ_k B_k·(A_k·x)`` written into output columns ``spans[k]``.
 
-    Dtypes are decided by the caller and everything runs with autocast off, so forward and backward use
-    the same precision whatever context ``backward()`` is called in.
+    Names: ``*_rows`` are inputs flattened to (N, features); ``*_base`` / ``*_lora`` are cast to the base's
+    and the adapter's compute dtype; ``ax`` is A·x, the rank-r activations. Dtypes are decided by the caller
+    and everything runs with autocast off, so forward and backward use the same precision whatever context
+    ``backward()`` is called in.
     """
 
     @staticmethod
@@ -49,17 +51,17 @@ class _LoraLinear(torch.autograd.Function):
     ) -> Tensor:
         n = len(spans)
         a_list, b_list = ab[:n], ab[n:]
-        x2 = x.reshape(-1, x.shape[-1])
+        x_rows = x.reshape(-1, x.shape[-1])
         w = weight.to(base_dtype)
-        b0 = None if bias is None else bias.to(base_dtype)
-        xb = x2.to(base_dtype)
+        bias_base = None if bias is None else bias.to(base_dtype)
+        x_base = x_rows.to(base_dtype)
         if transposed:  # transformers Conv1D keeps W as (in, out)
-            out = torch.mm(xb, w) if b0 is None else torch.addmm(b0, xb, w)
+            out = torch.mm(x_base, w) if bias_base is None else torch.addmm(bias_base, x_base, w)
         else:
-            out = F.linear(xb, w, b0)
-        xl = x2.to(lora_dtype)
+            out = F.linear(x_base, w, bias_base)
+        x_lora = x_rows.to(lora_dtype)
         a_cat = torch.cat([a.to(lora_dtype) for a in a_list], 0) if n > 1 else a_list[0].to(lora_dtype)
-        ax = xl @ a_cat.t()  # (N, n·r): the only activation LoRA adds to the saved state
+        ax = x_lora @ a_cat.t()  # (N, n·r): the only activation LoRA adds to the saved state
         r = a_list[0].shape[0]
         for k, (start, stop) in enumerate(spans):
             ax_k = ax[:, k * r : (k + 1) * r]
@@ -69,37 +71,37 @@ class _LoraLinear(torch.autograd.Function):
                 target.addmm_(ax_k, bk.t(), alpha=scaling)  # in place: no full-width temporary
             else:
                 target.add_((ax_k @ bk.t()).mul_(scaling).to(out.dtype))
-        ctx.save_for_backward(xl, ax, weight, *a_list, *b_list)
+        ctx.save_for_backward(x_lora, ax, weight, *a_list, *b_list)
         bias_dtype = None if bias is None else bias.dtype
         ctx.meta = (transposed, spans, scaling, base_dtype, lora_dtype, x.shape, x.dtype, bias_dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        xl, ax, weight, *ab = ctx.saved_tensors
+        x_lora, ax, weight, *ab = ctx.saved_tensors
         transposed, spans, scaling, base_dtype, lora_dtype, x_shape, x_dtype, bias_dtype = ctx.meta
         n = len(spans)
         a_list, b_list = ab[:n], ab[n:]
         r = a_list[0].shape[0]
-        g = grad_out.reshape(-1, grad_out.shape[-1])
-        gl = g.to(lora_dtype)
+        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_lora = grad_rows.to(lora_dtype)
         grad_a: list[Tensor | None] = [None] * n
         grad_b: list[Tensor | None] = [None] * n
         grad_ax_parts = []
         for k, (start, stop) in enumerate(spans):
-            g_k = gl if (start, stop) == (0, g.shape[1]) else gl[:, start:stop]
+            g_k = grad_lora if (start, stop) == (0, grad_rows.shape[1]) else grad_lora[:, start:stop]
             if ctx.needs_input_grad[8 + n + k]:
                 grad_b[k] = (g_k.t() @ ax[:, k * r : (k + 1) * r]).mul_(scaling).to(b_list[k].dtype)
             grad_ax_parts.append(g_k @ b_list[k].to(lora_dtype))
         grad_ax = (torch.cat(grad_ax_parts, 1) if n > 1 else grad_ax_parts[0]).mul_(scaling)
         if any(ctx.needs_input_grad[8 : 8 + n]):
-            grad_a_cat = grad_ax.t() @ xl
+            grad_a_cat = grad_ax.t() @ x_lora
             for k in range(n):
                 grad_a[k] = grad_a_cat[k * r : (k + 1) * r].to(a_list[k].dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
             w = weight.to(base_dtype)
-            grad_x = g.to(base_dtype) @ (w.t() if transposed else w)
+            grad_x = grad_rows.to(base_dtype) @ (w.t() if transposed else w)
             a_cat = torch.cat([a.to(lora_dtype) for a in a_list], 0) if n > 1 else a_list[0].to(lora_dtype)
             if grad_x.dtype == lora_dtype:
                 grad_x.addmm_(grad_ax, a_cat)
@@ -108,7 +110,7 @@ class _LoraLinear(torch.autograd.Function):
             grad_x = grad_x.to(x_dtype).view(x_shape)
         grad_bias = None
         if bias_dtype is not None and ctx.needs_input_grad[2]:
-            grad_bias = g.sum(0, dtype=torch.float32).to(bias_dtype)
+            grad_bias = grad_rows.sum(0, dtype=torch.float32).to(bias_dtype)
         return (grad_x, None, grad_bias, None, None, None, None, None, *grad_a, *grad_b)
 
 
@@ -143,10 +145,7 @@ def fused_eligible(layer: nn.Module, x: Tensor, weights: nn.Module) -> bool:
     """Whether ``LoraLayer.forward`` may use ``lora_linear``: a plain frozen Linear / Conv1D base, no dropout,
     equal ranks, and an input the base layer itself would accept (so errors stay the base layer's)."""
     base = layer.base_layer
-    if layer.kind == "linear":
-        if type(base) is not nn.Linear:  # subclasses (quantized, custom) keep their own forward
-            return False
-    elif layer.kind != "conv1d":
+    if not layer.kind.fast_path(base):  # the layer kind decides (lorakit.kinds)
         return False
     if base.weight.requires_grad or not isinstance(weights.dropout, nn.Identity):
         return False

@@ -7,6 +7,7 @@ model before touching it. No pickle anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,10 +24,13 @@ from torch import Tensor, nn
 
 from lorakit import __version__
 from lorakit.adapters import DEFAULT, active_adapter, configs, inject, lora_layers, set_adapter
+from lorakit.arch import QKV_SLICES, families, family_of, fused_slices, slice_span
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.fsutil import debug_kill_point, file_mode, fsync_dir, stale_temps
+from lorakit.kinds import LayerKind, adapter_param_names
 from lorakit.layers import WHOLE, LoraLayer, ModuleCopies
+from lorakit.variants import RESIDUAL_INITS
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -35,9 +39,31 @@ PREFIX = "base_model.model."
 # silently loading into the whole fused projection.
 PEFT_UNSUPPORTED_TARGET = "lorakit-per-slice-fused-qkv-adapter-cannot-be-loaded-by-peft"
 
-_KEY = re.compile(
-    r"^(?P<module>.+?)\.(?:(?P<ab>lora_[AB])(?:\.(?P<slice>[qkv]))?\.weight|(?P<emb>lora_embedding_[AB]))$"
-)
+
+
+def _key_pattern() -> re.Pattern[str]:
+    """PEFT's tensor keys, with lorakit's per-slice keys for every fused slice a family declares."""
+    slices = sorted({s for f in families().values() for group in f.fused.values() for s in group} | set(QKV_SLICES))
+    alternatives = "|".join(re.escape(s) for s in slices)
+    return re.compile(
+        rf"^(?P<module>.+?)\.(?:(?P<ab>lora_[AB])(?:\.(?P<slice>{alternatives}))?\.weight|(?P<emb>lora_embedding_[AB])"
+        r"|(?P<mag>lora_magnitude_vector))$"
+    )
+
+
+def tensor_key(layer_name: str, kind: LayerKind, slot: str, which: str) -> str:
+    """The file key of one LoRA tensor, as PEFT names it (lorakit adds ``.q``-style keys for slices).
+
+    Args:
+        layer_name: the adapted module's name.
+        kind: its layer kind (embeddings use ``lora_embedding_A``, a bare parameter).
+        slot: ``WHOLE`` or a fused slice's name.
+        which: ``"A"`` or ``"B"``.
+    """
+    if kind.file_style == "embedding":
+        return f"{PREFIX}{layer_name}.lora_embedding_{which}"
+    suffix = "" if slot == WHOLE else f".{slot}"
+    return f"{PREFIX}{layer_name}.lora_{which}{suffix}.weight"
 
 
 @dataclass
@@ -49,6 +75,7 @@ class AdapterFile:
     # module → {slice key (WHOLE, q, k, v): (A, B)}
     pairs: dict[str, dict[str, tuple[Tensor, Tensor]]] = field(default_factory=dict)
     embedding_modules: set[str] = field(default_factory=set)
+    magnitudes: dict[str, Tensor] = field(default_factory=dict)  # module → DoRA's lora_magnitude_vector
     biases: dict[str, Tensor] = field(default_factory=dict)  # module → bias of its base layer
     saved_modules: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # module → its state
 
@@ -101,20 +128,24 @@ def _collect(model: nn.Module, name: str) -> tuple[dict[str, Tensor], dict[str, 
         targets.append(layer_name)
         shapes[layer_name] = [layer.out_features, layer.in_features]
         for key in weights.spans:
-            if layer.kind == "embedding":
-                tensors[f"{PREFIX}{layer_name}.lora_embedding_A"] = weights.A[key]
-                tensors[f"{PREFIX}{layer_name}.lora_embedding_B"] = weights.B[key]
-            else:
-                suffix = "" if key == WHOLE else f".{key}"
-                tensors[f"{PREFIX}{layer_name}.lora_A{suffix}.weight"] = weights.A[key]
-                tensors[f"{PREFIX}{layer_name}.lora_B{suffix}.weight"] = weights.B[key]
+            a, b = weights.A[key], weights.B[key]
+            if weights.residual is not None:
+                # PiSSA/OLoRA → plain LoRA on the original base (PEFT's conversion):
+                # s·B·A − s·B0·A0 = s·[B | −B0]·[A ; A0], rank 2r.
+                a0, b0 = weights.residual[key]
+                a, b = torch.cat([a, a0.to(a.dtype)], 0), torch.cat([b, -b0.to(b.dtype)], 1)
+            tensors[tensor_key(layer_name, layer.kind, key, "A")] = a
+            tensors[tensor_key(layer_name, layer.kind, key, "B")] = b
+        if weights.magnitude is not None:
+            tensors[f"{PREFIX}{layer_name}.lora_magnitude_vector"] = weights.magnitude
         if weights.slices is not None:
             slices_of[layer_name] = list(weights.slices)
         if config.bias == "lora_only" and layer.bias is not None:
             tensors[f"{PREFIX}{layer_name}.base_layer.bias"] = layer.bias
     if config.bias == "all":
+        adapter_state = adapter_param_names(model)
         for param_name, p in model.named_parameters():
-            if param_name.endswith("bias") and ".copies." not in param_name and ".adapters." not in param_name:
+            if param_name.endswith("bias") and param_name not in adapter_state:
                 tensors[PREFIX + param_name.replace(".original_module", "")] = p
     saved_names = []
     for module_name, module in model.named_modules():
@@ -124,7 +155,42 @@ def _collect(model: nn.Module, name: str) -> tuple[dict[str, Tensor], dict[str, 
                 tensors[f"{PREFIX}{module_name}.{key}"] = value
     # The file must not alias model memory (safetensors refuses shared storage) and must be contiguous.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    raw = {
+    raw = _config_json(model, converted_config(config), targets, slices_of, shapes, saved_names)
+    if config.init in RESIDUAL_INITS:
+        raw["lorakit"]["converted_from"] = config.init
+    return tensors, raw
+
+
+def converted_config(config: LoraConfig) -> LoraConfig:
+    """The config a PiSSA/OLoRA adapter's file carries: a plain LoRA of rank 2r with the same scaling
+    (PEFT's ``path_initial_model_for_weight_conversion``); other configs unchanged.
+
+    Args:
+        config: the adapter's config.
+    """
+    if config.init not in RESIDUAL_INITS:
+        return config
+    alpha_factor = 2**0.5 if config.use_rslora else 2.0  # keeps alpha/sqrt(r) resp. alpha/r
+    return dataclasses.replace(
+        config,
+        r=2 * config.r,
+        alpha=config.alpha * alpha_factor,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
+        init="kaiming",  # PEFT's init_lora_weights=True
+    )
+
+
+def _config_json(
+    model: nn.Module,
+    config: LoraConfig,
+    targets: list[str],
+    slices_of: dict[str, list[str]],
+    shapes: dict[str, list[int]],
+    saved_names: list[str],
+) -> dict[str, Any]:
+    """adapter_config.json: PEFT's keys, plus the ``lorakit`` section PEFT ignores."""
+    return {
         "peft_type": "LORA",
         "task_type": _task_type(model),
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
@@ -135,6 +201,7 @@ def _collect(model: nn.Module, name: str) -> tuple[dict[str, Tensor], dict[str, 
         "bias": config.bias,
         "modules_to_save": saved_names or None,
         "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern),
         "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
@@ -149,7 +216,6 @@ def _collect(model: nn.Module, name: str) -> tuple[dict[str, Tensor], dict[str, 
             "base_model": _fingerprint(model),
         },
     }
-    return tensors, raw
 
 
 def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) -> Path:
@@ -158,7 +224,17 @@ def save_adapter(model: nn.Module, path: str | Path, name: str | None = None) ->
     Each file is written under a temporary name in ``path`` and renamed over the old one, so an interrupted
     save never leaves a half-written file; the config records the weights' checksum, so a crash between the
     two renames is reported on load instead of pairing a config with the wrong weights. Other files in
-    ``path`` (a training run's logs, say) are left alone.
+    ``path`` (a training run's logs, say) are left alone. A PiSSA/OLoRA adapter is written as PEFT converts
+    it: a plain LoRA of rank 2r for the original base.
+
+    Args:
+        model: a model with adapters.
+        path: the directory to write.
+        name: the adapter (default: the active one).
+
+    Raises:
+        KeyError: when no adapter of that name is loaded.
+        AdapterFileError: when a tensor is not finite.
     """
     name = name or active_adapter(model) or DEFAULT
     if name not in configs(model):
@@ -331,19 +407,19 @@ def _split_saved_key(key: str, saved_names: list[str]) -> tuple[str, str] | None
     return None
 
 
-def read_adapter(path: str | Path) -> AdapterFile:
-    """Parse and check an adapter directory without touching any model."""
-    path = Path(path)
-    raw, weights_path = read_pair(path, CONFIG_NAME, WEIGHTS_NAME, "adapter")
-    config_path = path / CONFIG_NAME
-    if raw.get("peft_type", "LORA") != "LORA":
-        raise AdapterFileError(f"{config_path}: not a LoRA adapter (peft_type={raw.get('peft_type')!r})")
-    meta = raw.get("lorakit") or {}
-    if not isinstance(meta, dict):
-        raise AdapterFileError(f"{config_path}: the 'lorakit' section is not a JSON object")
-    tensors = read_weights(weights_path, meta.get("sha256"), CONFIG_NAME)
-    # Every tensor the file brings in (LoRA pairs, modules_to_save heads, biases) is checked alike.
-    check_finite(tensors, weights_path)
+def _slot_width(layer: LoraLayer, fused: tuple[str, ...], slot: str, path: Path) -> int:
+    """Output rows of B for one (A, B) pair: the whole layer, or one slice of a fused projection."""
+    if slot == WHOLE:
+        return layer.out_features
+    try:
+        start, stop = slice_span(layer.out_features, fused, slot)
+    except ValueError as exc:
+        raise AdapterFileError(f"{path}: {exc}") from None
+    return stop - start
+
+
+def _parse_config(raw: dict[str, Any], meta: dict[str, Any], config_path: Path) -> LoraConfig:
+    """The LoraConfig of a file: lorakit's own section when present, else built from PEFT's keys."""
     try:
         if "config" in meta:
             config = LoraConfig.from_dict(meta["config"])
@@ -358,23 +434,35 @@ def read_adapter(path: str | Path) -> AdapterFile:
                 modules_to_save=tuple(raw.get("modules_to_save") or ()),
                 rank_pattern=dict(raw.get("rank_pattern") or {}),
                 alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+                use_dora=bool(raw.get("use_dora", False)),
             )
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise AdapterFileError(f"{config_path}: invalid LoRA config: {exc}") from exc
     if "config" in meta:
         _check_sections_agree(raw, config, config_path)
-    if raw.get("use_dora"):
-        raise AdapterFileError(f"{config_path}: DoRA adapters are not supported by lorakit")
+    init = str(raw.get("init_lora_weights", "")).lower()
+    if init.startswith(RESIDUAL_INITS):
+        raise AdapterFileError(
+            f"{config_path}: a {init} adapter saved without conversion only works on its residual base; save it "
+            "with PEFT's path_initial_model_for_weight_conversion (a plain LoRA on the original base)"
+        )
+    return config
 
-    parsed = AdapterFile(config=config, raw_config=raw)
-    saved_names = [m for m in (raw.get("modules_to_save") or []) if m]
+
+def _sort_tensors(parsed: AdapterFile, tensors: dict[str, Tensor], weights_path: Path) -> None:
+    """File each tensor as a LoRA factor, a bias or a saved module's state; refuse anything else."""
+    saved_names = [m for m in (parsed.raw_config.get("modules_to_save") or []) if m]
+    pattern = _key_pattern()
     for key, tensor in tensors.items():
         if not key.startswith(PREFIX):
             raise AdapterFileError(f"{weights_path}: unexpected tensor {key!r} (expected prefix {PREFIX!r})")
         key = key[len(PREFIX):]
-        match = _KEY.match(key)
+        match = pattern.match(key)
         if match:
             module = match["module"]
+            if match["mag"]:
+                parsed.magnitudes[module] = tensor
+                continue
             if match["emb"]:
                 parsed.embedding_modules.add(module)
                 slot, which = WHOLE, match["emb"][-1]
@@ -386,12 +474,14 @@ def read_adapter(path: str | Path) -> AdapterFile:
             parsed.biases[key[: -len(".base_layer.bias")]] = tensor
         elif (split := _split_saved_key(key, saved_names)) is not None:
             parsed.saved_modules.setdefault(split[0], {})[split[1]] = tensor
+        elif key.rpartition(".")[2] == "bias":  # bias="all": biases of modules that carry no LoRA
+            parsed.biases[key.rpartition(".")[0]] = tensor
         else:
-            module, _, param = key.rpartition(".")
-            if param == "bias":  # bias="all": biases of modules that carry no LoRA
-                parsed.biases[module] = tensor
-            else:
-                raise AdapterFileError(f"{weights_path}: unrecognised tensor {key!r}")
+            raise AdapterFileError(f"{weights_path}: unrecognised tensor {key!r}")
+
+
+def _check_pairs(parsed: AdapterFile, weights_path: Path) -> None:
+    """Every module has both factors, forming B·A at the rank its config gives (values: ``check_finite``)."""
     for module, slots in parsed.pairs.items():
         for slot, pair in slots.items():
             if pair[0] is None or pair[1] is None:
@@ -402,25 +492,64 @@ def read_adapter(path: str | Path) -> AdapterFile:
                 raise AdapterFileError(
                     f"{weights_path}: {module}: A {tuple(a.shape)} and B {tuple(b.shape)} do not form B·A"
                 )
-            rank = config.rank_for(module)
+            rank = parsed.config.rank_for(module)
             if a.shape[0] != rank:
                 # A file whose tensors disagree with its own config is corrupt, whatever model it meets.
                 raise AdapterFileError(
                     f"{weights_path}: {module} has rank {a.shape[0]}, but its config with r={rank} needs "
                     f"rank {rank}"
                 )
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                raise AdapterFileError(f"{weights_path}: {module} holds NaN or infinite values")
             slots[slot] = (a, b)
     if not parsed.pairs:
         raise AdapterFileError(f"{weights_path} holds no LoRA tensors")
+    _check_magnitudes(parsed, weights_path)
+
+
+def _check_magnitudes(parsed: AdapterFile, weights_path: Path) -> None:
+    """DoRA files have one magnitude vector per adapted module, other files none."""
+    if not parsed.config.use_dora:
+        if parsed.magnitudes:
+            raise AdapterFileError(f"{weights_path}: lora_magnitude_vector tensors, but the config has no use_dora")
+        return
+    for module in parsed.pairs:
+        m = parsed.magnitudes.get(module)
+        if m is None or m.dim() != 1:
+            raise AdapterFileError(f"{weights_path}: DoRA module {module} has no 1-D lora_magnitude_vector")
+    extra = sorted(set(parsed.magnitudes) - set(parsed.pairs))
+    if extra:
+        raise AdapterFileError(f"{weights_path}: lora_magnitude_vector for modules without LoRA: {extra[:5]}")
+
+
+def read_adapter(path: str | Path) -> AdapterFile:
+    """Parse and check an adapter directory (lorakit's or PEFT's) without touching any model.
+
+    Args:
+        path: the adapter directory.
+
+    Raises:
+        AdapterFileError: naming what is missing, corrupt or inconsistent.
+    """
+    path = Path(path)
+    raw, weights_path = read_pair(path, CONFIG_NAME, WEIGHTS_NAME, "adapter")
+    config_path = path / CONFIG_NAME
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise AdapterFileError(f"{config_path}: not a LoRA adapter (peft_type={raw.get('peft_type')!r})")
+    meta = raw.get("lorakit") or {}
+    if not isinstance(meta, dict):
+        raise AdapterFileError(f"{config_path}: the 'lorakit' section is not a JSON object")
+    tensors = read_weights(weights_path, meta.get("sha256"), CONFIG_NAME)
+    # Every tensor the file brings in (LoRA pairs, modules_to_save heads, biases) is checked alike.
+    check_finite(tensors, weights_path)
+    parsed = AdapterFile(config=_parse_config(raw, meta, config_path), raw_config=raw)
+    _sort_tensors(parsed, tensors, weights_path)
+    _check_pairs(parsed, weights_path)
     _check_all_modules_present(parsed, meta, weights_path)
     return parsed
 
 
 # PEFT-visible key → the lorakit config field it must equal: PEFT scales by the former, lorakit by the latter.
 _MIRRORED = {"r": "r", "lora_alpha": "alpha", "use_rslora": "use_rslora", "rank_pattern": "rank_pattern",
-             "alpha_pattern": "alpha_pattern"}  # fmt: skip
+             "alpha_pattern": "alpha_pattern", "use_dora": "use_dora"}  # fmt: skip
 
 
 def _check_sections_agree(raw: dict[str, Any], config: LoraConfig, config_path: Path) -> None:
@@ -473,18 +602,25 @@ def _check_fits(model: nn.Module, parsed: AdapterFile, path: Path) -> dict[str, 
             raise AdapterFileError(f"{path}: adapted module {module!r} does not exist in this model")
         layer = target if isinstance(target, LoraLayer) else LoraLayer(target)
         rank = parsed.config.rank_for(module)
+        fused = fused_slices(family_of(model), module) or QKV_SLICES
         for slot, (a, b) in slots.items():
-            width = layer.out_features if slot == WHOLE else layer.out_features // 3
-            if module in parsed.embedding_modules:
-                expected_a, expected_b = (rank, layer.in_features), (layer.out_features, rank)
-            else:
-                expected_a, expected_b = (rank, layer.in_features), (width, rank)
+            expected_a, expected_b = (rank, layer.in_features), (_slot_width(layer, fused, slot, path), rank)
+            if module in parsed.magnitudes and tuple(parsed.magnitudes[module].shape) != (layer.out_features,):
+                raise AdapterFileError(f"{path}: {module}: lora_magnitude_vector has shape "
+                                       f"{tuple(parsed.magnitudes[module].shape)}, this model needs "
+                                       f"({layer.out_features},)")
             if tuple(a.shape) != expected_a or tuple(b.shape) != expected_b:
                 raise AdapterFileError(
                     f"{path}: {module} ({slot}): file has A {tuple(a.shape)}, B {tuple(b.shape)}; this model "
                     f"with r={rank} needs A {expected_a}, B {expected_b}"
                 )
-        modules[module] = None if WHOLE in slots else tuple(s for s in ("q", "k", "v") if s in slots)
+        modules[module] = None if WHOLE in slots else tuple(s for s in fused if s in slots)
+    _check_saved_and_biases(names, parsed, path)
+    return modules
+
+
+def _check_saved_and_biases(names: dict[str, nn.Module], parsed: AdapterFile, path: Path) -> None:
+    """Saved modules' tensors and biases must fit the modules they go into."""
     for module, state in parsed.saved_modules.items():
         target = names.get(module)
         if target is None:
@@ -501,7 +637,6 @@ def _check_fits(model: nn.Module, parsed: AdapterFile, path: Path) -> dict[str, 
         base = getattr(target, "base_layer", target)
         if getattr(base, "bias", None) is None or tuple(base.bias.shape) != tuple(bias.shape):
             raise AdapterFileError(f"{path}: bias for {module} does not fit the model")
-    return modules
 
 
 @torch.no_grad()
@@ -509,6 +644,15 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = DEFAULT, *, act
     """Load an adapter directory (lorakit's or PEFT's) into ``model`` as adapter ``name``.
 
     Everything is validated first; on any error the model is left exactly as it was.
+
+    Args:
+        model: the base model.
+        path: the adapter directory.
+        name: the name to load it under.
+        activate: make it the active adapter.
+
+    Raises:
+        AdapterFileError: naming what in the file is wrong or does not fit the model.
     """
     path = Path(path)
     parsed = read_adapter(path)
@@ -527,6 +671,8 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = DEFAULT, *, act
         for slot, (a, b) in parsed.pairs[layer_name].items():
             weights.A[slot].copy_(a)
             weights.B[slot].copy_(b)
+        if weights.magnitude is not None:
+            weights.magnitude.copy_(parsed.magnitudes[layer_name])
     names = dict(model.named_modules())
     for module, state in parsed.saved_modules.items():
         wrapper = names[module]

@@ -14,44 +14,59 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorakit.arch import QKV_SLICES, slice_span
 from lorakit.errors import TargetError
 from lorakit.fast import fused_eligible, lora_linear, routed_delta
-from lorakit.targets import FUSED_SLICE_NAMES
+from lorakit.kinds import AdapterHost, LayerKind, is_conv1d, kind_of
+from lorakit.variants import (
+    RESIDUAL_INITS,
+    base_product,
+    dora_extra,
+    dora_merged_delta,
+    dora_norm,
+    dora_unmerged_delta,
+    residual_init,
+)
 
 WHOLE = "whole"  # key of the single (A, B) pair of an unsliced adapter
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2): a linear layer storing its weight transposed, (in, out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+__all__ = ["WHOLE", "AdapterSpec", "LoraLayer", "LoraWeights", "ModuleCopies", "is_conv1d", "layer_kind"]
 
 
 def layer_kind(module: nn.Module) -> str:
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if is_conv1d(module):
-        return "conv1d"
-    if isinstance(module, nn.Linear):
-        return "linear"
-    raise TargetError(f"lorakit cannot adapt a {type(module).__name__}")
+    """The name of ``module``'s layer kind (``linear``, ``conv1d``, ``embedding``).
+
+    Args:
+        module: a base layer.
+
+    Raises:
+        TargetError: when lorakit cannot adapt it.
+    """
+    return kind_of(module).name
 
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """Everything needed to build one adapter's weights for one layer."""
+    """Everything needed to build one adapter's weights for one layer.
+
+    ``init_std`` None means 1/r, ``LoraConfig``'s default. ``fused`` lists all slices of a fused
+    projection in output order when ``slices`` picks some of them. ``init`` "pissa" / "olora" and
+    ``use_dora`` are the variants of ``lorakit.variants``.
+    """
 
     r: int
     scaling: float
     dropout: float = 0.0
     slices: tuple[str, ...] | None = None
     init: str = "gaussian"
-    init_std: float = 0.125
+    init_std: float | None = None
+    fused: tuple[str, ...] = QKV_SLICES
+    use_dora: bool = False
 
 
 class LoraWeights(nn.Module):
     """One adapter's (A, B) pairs for one base layer: one pair, or one per fused slice."""
 
-    def __init__(self, in_features: int, out_features: int, spec: AdapterSpec, kind: str) -> None:
+    def __init__(self, in_features: int, out_features: int, spec: AdapterSpec, kind: LayerKind) -> None:
         super().__init__()
         self.r = spec.r
         self.scaling = spec.scaling
@@ -60,34 +75,36 @@ class LoraWeights(nn.Module):
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.A = nn.ParameterDict()
         self.B = nn.ParameterDict()
+        # DoRA's magnitude m (one per output; the layer sets it to ‖W0 + s·B·A‖ per row).
+        self.magnitude = nn.Parameter(torch.ones(out_features)) if spec.use_dora else None
+        # PiSSA/OLoRA: the initial (A0, B0) per slot, whose s·B0·A0 the base weight gave up.
+        self.residual: dict[str, tuple[Tensor, Tensor]] | None = None
         # Output column ranges each (A, B) pair writes to.
         self.spans: dict[str, tuple[int, int]] = {}
         if spec.slices is None:
             self.spans[WHOLE] = (0, out_features)
         else:
-            if out_features % len(FUSED_SLICE_NAMES):
-                raise TargetError(f"fused projection has {out_features} outputs, not divisible into q/k/v")
-            third = out_features // len(FUSED_SLICE_NAMES)
             for s in spec.slices:
-                i = FUSED_SLICE_NAMES.index(s)
-                self.spans[s] = (i * third, (i + 1) * third)
+                try:
+                    self.spans[s] = slice_span(out_features, spec.fused, s)
+                except ValueError as exc:
+                    raise TargetError(str(exc)) from None
         for key, (start, stop) in self.spans.items():
             a = torch.empty(spec.r, in_features)
             if spec.init == "kaiming":
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear's default, as PEFT and loralib use
+            elif spec.init in RESIDUAL_INITS:
+                a.zero_()  # set from W0 by LoraLayer once the weights sit on the base's device
             else:
-                nn.init.normal_(a, std=spec.init_std)
+                nn.init.normal_(a, std=spec.init_std if spec.init_std is not None else 1.0 / spec.r)
             self.A[key] = nn.Parameter(a)
             # B = 0: training starts exactly at the pretrained model.
             self.B[key] = nn.Parameter(torch.zeros(stop - start, spec.r))
 
-    def delta(self, x: Tensor, out_features: int) -> Tensor:
-        """s·B·A·dropout(x) for a batch, laid out like the base output."""
-        if self.kind == "embedding":
-            pieces = {k: F.embedding(x, self.A[k].t()) @ self.B[k].t() for k in self.spans}
-        else:
-            h = self.dropout(x)
-            pieces = {k: (h @ self.A[k].t()) @ self.B[k].t() for k in self.spans}
+    def delta(self, x: Tensor, out_features: int, *, drop: bool = True) -> Tensor:
+        """s·B·A·dropout(x) for a batch, laid out like the base output (``drop=False``: x is dropped already)."""
+        dropout = self.dropout if drop else nn.Identity()
+        pieces = {k: self.kind.project_in(x, self.A[k], dropout) @ self.B[k].t() for k in self.spans}
         if self.slices is None:
             return pieces[WHOLE] * self.scaling
         out = x.new_zeros(*pieces[next(iter(pieces))].shape[:-1], out_features)
@@ -111,20 +128,25 @@ class LoraWeights(nn.Module):
         return a_cat, b_full * self.scaling
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(AdapterHost):
     """A base layer plus any number of named adapters; at most one active (or rows routed per adapter)."""
+
+    ADAPTER_CHILDREN = ("adapters",)
+    ADAPTER_LABEL = "LoRA (A, B)"
+    TARGETABLE = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        self.kind = layer_kind(base_layer)
+        self.kind = kind_of(base_layer)
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
-        # Mixed-batch routing, set by lorakit.adapters.route_rows: row → index into _routing_names (0 = base).
+        # Mixed-batch routing, set by lorakit.adapters.route_rows: row → index into routing_names (0 = base).
         self.row_index: Tensor | None = None
         self.routing_names: tuple[str | None, ...] = ()
         self._stack_cache: tuple[tuple, Tensor, Tensor] | None = None
+        self._merged_norm: Tensor | None = None  # DoRA: ‖W0 + ΔW‖ per row at merge time
 
     # -- shapes and base passthrough -----------------------------------------------------------------
     @property
@@ -137,27 +159,84 @@ class LoraLayer(nn.Module):
 
     @property
     def in_features(self) -> int:
-        w = self.base_layer.weight
-        return w.shape[0] if self.kind in ("conv1d", "embedding") else w.shape[1]
+        return self.kind.in_features(self.base_layer.weight)
 
     @property
     def out_features(self) -> int:
-        w = self.base_layer.weight
-        return w.shape[1] if self.kind in ("conv1d", "embedding") else w.shape[0]
+        return self.kind.out_features(self.base_layer.weight)
 
     def add_adapter(self, name: str, spec: AdapterSpec) -> None:
+        """Add adapter ``name`` (inactive) with freshly initialised weights.
+
+        Args:
+            name: the adapter's name (a Python identifier).
+            spec: its rank, scaling, dropout, slices and initialisation.
+
+        Raises:
+            TargetError: when this layer already has an adapter of that name, or the slices do not fit.
+        """
         if name in self.adapters:
             raise TargetError(f"adapter {name!r} is already injected into this layer")
+        self._check_variant(spec)
         weights = LoraWeights(self.in_features, self.out_features, spec, self.kind)
         w = self.base_layer.weight
         # LoRA parameters live on the base's device; fp32 unless the base is fp32 anyway (bf16 bases
         # keep fp32 adapters, the precise and usual choice).
         self.adapters[name] = weights.to(device=w.device)
+        if spec.init in RESIDUAL_INITS:
+            self._init_residual(weights, spec.init)
+        if weights.magnitude is not None:
+            with torch.no_grad():
+                weights.magnitude.copy_(self._dora_norm(weights))
         self._stack_cache = None
 
+    def _check_variant(self, spec: AdapterSpec) -> None:
+        residual = spec.init in RESIDUAL_INITS
+        if (residual or spec.use_dora) and not self.kind.supports_variants:
+            raise TargetError(f"DoRA and PiSSA/OLoRA apply to weight matrices, not to {self.kind.name} layers")
+        if (residual and self.adapters) or self.residual_adapter is not None:
+            raise TargetError(
+                "a PiSSA/OLoRA adapter replaces this layer's weight by a residual, so it must be the layer's only "
+                "adapter: delete the other adapter first (or save the residual one: its file is a plain LoRA)"
+            )
+
+    @property
+    def residual_adapter(self) -> str | None:
+        """The PiSSA/OLoRA adapter whose residual the base weight holds, if any."""
+        return next((n for n, w in self.adapters.items() if w.residual is not None), None)
+
+    @torch.no_grad()
+    def _init_residual(self, weights: LoraWeights, init: str) -> None:
+        """A0, B0 from W0 (per slot); W0 becomes ``W0 − s·B0·A0``, so the output is unchanged."""
+        w = self.kind.weight_out_in(self.base_layer).float()
+        weights.residual = {}
+        for key, (start, stop) in weights.spans.items():
+            a0, b0 = residual_init(init, w[start:stop], weights.r, weights.scaling)
+            weights.A[key].copy_(a0)
+            weights.B[key].copy_(b0)
+            weights.residual[key] = (a0.clone(), b0.clone())
+        self.kind.set_weight(self.base_layer, w - weights.delta_weight(self.out_features, self.in_features))
+
+    def _residual_delta(self, weights: LoraWeights) -> Tensor:
+        """s·B0·A0 as (out, in): what the base weight gave to a PiSSA/OLoRA adapter."""
+        assert weights.residual is not None
+        dw = torch.zeros(self.out_features, self.in_features, device=self.base_layer.weight.device)
+        for key, (start, stop) in weights.spans.items():
+            a0, b0 = weights.residual[key]
+            dw[start:stop] = b0.float() @ a0.float()
+        return dw * weights.scaling
+
     def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` from this layer, unmerging it first if it is merged.
+
+        Args:
+            name: an adapter of this layer.
+        """
         if self.merged_adapter == name:
             self.unmerge()
+        if self.adapters[name].residual is not None:  # give the base weight back its principal part
+            given = self._residual_delta(self.adapters[name])
+            self.kind.add_to_weight(self.base_layer, self.kind.to_base_layout(given))
         del self.adapters[name]
         if self.active_adapter == name:
             self.active_adapter = None
@@ -167,13 +246,18 @@ class LoraLayer(nn.Module):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.row_index is not None:
             out = self.base_layer(x, *args, **kwargs)
-            delta = self._routed_delta(x).to(out.dtype)
+            delta = self._routed_dora(x, out, self._routed_delta(x)).to(out.dtype)
             # Serving (no autograd): accumulate into the fresh base output instead of allocating a sum.
             return out.add_(delta) if not torch.is_grad_enabled() else out + delta
         name = self.active_adapter
         if name is None or name == self.merged_adapter:
-            return self.base_layer(x, *args, **kwargs)
+            out = self.base_layer(x, *args, **kwargs)
+            residual = self.residual_adapter if name is None else None
+            return out if residual is None else out + self._residual_term(x, residual).to(out.dtype)
         weights = self.adapters[name]
+        if weights.magnitude is not None:
+            out = self.base_layer(x, *args, **kwargs)
+            return out + self._dora_delta(x, out, weights).to(out.dtype)
         if not args and not kwargs and fused_eligible(self, x, weights):
             # The common case (frozen Linear/Conv1D, no dropout): one fused op, see lorakit.fast.
             return lora_linear(
@@ -184,11 +268,38 @@ class LoraLayer(nn.Module):
                 [weights.B[k] for k in weights.spans],
                 list(weights.spans.values()),
                 weights.scaling,
-                transposed=self.kind == "conv1d",
+                transposed=self.kind.transposed,
             )
         out = self.base_layer(x, *args, **kwargs)
-        x_lora = x if self.kind == "embedding" else x.to(weights.A[next(iter(weights.A))].dtype)
+        x_lora = self.kind.lora_input(x, weights.A[next(iter(weights.A))].dtype)
         return out + weights.delta(x_lora, self.out_features).to(out.dtype)
+
+    def _residual_term(self, x: Tensor, name: str) -> Tensor:
+        """s·B0·A0·x: the base's own output when a PiSSA/OLoRA adapter holds part of W0 and is not active."""
+        weights = self.adapters[name]
+        dw = self._residual_delta(weights)
+        return F.linear(x.to(dw.dtype), dw)
+
+    # -- DoRA ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _dora_norm(self, weights: LoraWeights) -> Tensor:
+        """‖W0 + s·B·A‖ per row; a constant for autograd (no graph is built for it)."""
+        w = self.kind.weight_out_in(self.base_layer)
+        return dora_norm(w, weights.delta_weight(self.out_features, self.in_features))
+
+    def _dora_delta(self, x: Tensor, out: Tensor, weights: LoraWeights) -> Tensor:
+        """DoRA's term on top of the base output ``out`` (PEFT's: with active dropout, W0 sees dropout(x))."""
+        x_lora = x.to(weights.A[next(iter(weights.A))].dtype)
+        dropping = self.training and not isinstance(weights.dropout, nn.Identity)
+        h = weights.dropout(x_lora) if dropping else x_lora
+        if dropping:
+            wx = base_product(h, self.kind.weight_out_in(self.base_layer))
+        else:
+            bias = self.bias
+            wx = out.to(h.dtype) - (bias.to(h.dtype) if bias is not None else 0)
+        lora = weights.delta(h, self.out_features, drop=False)
+        assert weights.magnitude is not None
+        return dora_extra(h, wx, lora, weights.magnitude, self._dora_norm(weights))
 
     def _stacks(self) -> tuple[Tensor, Tensor]:
         """Adapters of the routing table stacked as (n, R, in) and (n, out, R); index 0 is the base (0)."""
@@ -205,7 +316,11 @@ class LoraLayer(nn.Module):
         key = (names, params, tuple(p._version for p in params))
         out_features = self.out_features
         adapters = self.adapters
-        pairs = [adapters[name].stacked(out_features) if name in adapters else None for name in names]
+        # DoRA adapters are not a pair of matrices: their rows take their own path (_routed_dora).
+        pairs = [
+            adapters[name].stacked(out_features) if name in adapters and adapters[name].magnitude is None else None
+            for name in names
+        ]
         real = [p for p in pairs if p is not None]
         rank = max(a.shape[0] for a, _ in real) if real else 1
         ref = self.base_layer.weight
@@ -222,43 +337,79 @@ class LoraLayer(nn.Module):
             self._stack_cache = (key, a_stack, b_stack)
         return a_stack, b_stack
 
-    def _routed_delta(self, x: Tensor) -> Tensor:
-        """Each row through its own adapter: one gather and two batched matmuls, no loop over adapters."""
+    def _row_index(self, x: Tensor) -> Tensor:
+        """The routing index, repeated for generate()'s beams / num_return_sequences (contiguous copies)."""
         assert self.row_index is not None
-        a_stack, b_stack = self._stacks()
         index = self.row_index
         if x.shape[0] != index.shape[0]:
-            # generate() with beams/num_return_sequences repeats each row contiguously.
             if x.shape[0] % index.shape[0]:
                 raise ValueError(f"batch of {x.shape[0]} rows does not fit {index.shape[0]} routed rows")
             index = index.repeat_interleave(x.shape[0] // index.shape[0])
-        if self.kind == "embedding":
-            # ax[b, t] = A_stack[index[b]][:, ids[b, t]]
-            ax = a_stack.transpose(1, 2)[index[:, None], x]
+        return index
+
+    def _routed_dora(self, x: Tensor, out: Tensor, delta: Tensor) -> Tensor:
+        """Rows routed to DoRA adapters, each adapter's rows through the exact single-adapter DoRA path."""
+        index = self._row_index(x)
+        dora = [(i, self.adapters[n]) for i, n in enumerate(self.routing_names) if n is not None and n in self.adapters]
+        for i, weights in dora:
+            if weights.magnitude is not None and (rows := index == i).any():
+                value = self._dora_delta(x[rows], out[rows], weights).to(delta.dtype)
+                delta = delta.index_put((rows,), value)  # out of place: autograd-safe
+        return delta
+
+    def _routed_delta(self, x: Tensor) -> Tensor:
+        """Each row through its own adapter: one gather and two batched matmuls, no loop over adapters."""
+        a_stack, b_stack = self._stacks()
+        index = self._row_index(x)
+        ax = self.kind.routed_project_in(x, index, a_stack)
+        if ax is not None:
             return torch.bmm(ax.flatten(1, -2), b_stack[index].transpose(1, 2)).view(*ax.shape[:-1], -1)
         return routed_delta(x, index, a_stack, b_stack)
 
     # -- merge ---------------------------------------------------------------------------------------
     def delta_weight(self, name: str) -> Tensor:
         """ΔW of adapter ``name`` in fp32, in the base weight's own layout."""
-        dw = self.adapters[name].delta_weight(self.out_features, self.in_features)
-        return dw.t() if self.kind in ("conv1d", "embedding") else dw
+        return self.kind.to_base_layout(self.adapters[name].delta_weight(self.out_features, self.in_features))
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
+        """Fold adapter ``name``'s ΔW into the base weight (the layer kind decides how).
+
+        Args:
+            name: an adapter of this layer.
+
+        Raises:
+            RuntimeError: when another adapter is merged already.
+        """
         if self.merged_adapter is not None:
             raise RuntimeError(f"adapter {self.merged_adapter!r} is already merged; unmerge it first")
-        w = self.base_layer.weight
-        # fp32 arithmetic even for bf16/fp16 weights: rounding once instead of in the add.
-        w.copy_((w.float() + self.delta_weight(name).to(w.device)).to(w.dtype))
+        self.kind.add_to_weight(self.base_layer, self._merge_delta(name))
         self.merged_adapter = name
+
+    def _merge_delta(self, name: str) -> Tensor:
+        """What merging adds to the base weight (its layout): ΔW, or for DoRA ``m/‖·‖ ⊙ (W0 + ΔW) − W0``."""
+        weights = self.adapters[name]
+        if weights.magnitude is None:
+            return self.delta_weight(name)
+        w = self.kind.weight_out_in(self.base_layer)
+        dw = weights.delta_weight(self.out_features, self.in_features)
+        self._merged_norm = dora_norm(w, dw)  # unmerge needs the norm of the unmerged weight
+        return self.kind.to_base_layout(dora_merged_delta(w, dw, weights.magnitude, self._merged_norm))
+
+    def _unmerge_delta(self, name: str) -> Tensor:
+        weights = self.adapters[name]
+        if weights.magnitude is None:
+            return self.delta_weight(name)
+        merged = self.kind.weight_out_in(self.base_layer)
+        dw = weights.delta_weight(self.out_features, self.in_features)
+        return self.kind.to_base_layout(dora_unmerged_delta(merged, dw, weights.magnitude, self._merged_norm))
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """Subtract the merged adapter's ΔW from the base weight again (nothing merged: no-op)."""
         if self.merged_adapter is None:
             return
-        w = self.base_layer.weight
-        w.copy_((w.float() - self.delta_weight(self.merged_adapter).to(w.device)).to(w.dtype))
+        self.kind.add_to_weight(self.base_layer, self._unmerge_delta(self.merged_adapter), sign=-1.0)
         self.merged_adapter = None
 
     def extra_repr(self) -> str:
@@ -267,11 +418,14 @@ class LoraLayer(nn.Module):
         return f"kind={self.kind}, active={self.active_adapter!r}, merged={self.merged_adapter!r}; " + "; ".join(parts)
 
 
-class ModuleCopies(nn.Module):
+class ModuleCopies(AdapterHost):
     """A module trained and saved with an adapter (PEFT's modules_to_save), one copy per adapter.
 
     The original stays untouched so disabling adapters gives the base model back.
     """
+
+    ADAPTER_CHILDREN = ("copies",)
+    ADAPTER_LABEL = "modules_to_save copy"
 
     def __init__(self, original: nn.Module) -> None:
         super().__init__()

@@ -8,86 +8,46 @@ library can have, because training still "works".
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from torch import nn
 
+from lorakit.arch import (
+    QKV_SLICES,
+    TARGET_ALIASES,
+    TASK_HEAD_NAMES,
+    family_of,
+    fused_slices,
+    known_model_types,
+    model_type_of,
+)
 from lorakit.errors import TargetError
+from lorakit.kinds import AdapterHost, find_kind, supported_names
 from lorakit.patterns import PatternError, compile_pattern
 
-FUSED_SLICE_NAMES = ("q", "k", "v")
-
-
-@dataclass(frozen=True)
-class AliasRule:
-    """An alias resolves to modules whose full name matches ``regex``; ``slice`` picks a third of a fused QKV."""
-
-    regex: str
-    slice: str | None = None
-
-
-# Per-architecture alias tables (keyed by config.model_type). Regexes are matched against the full
-# dotted module name with re.search, anchored at the end.
-_LLAMA = {
-    "q": [AliasRule(r"self_attn\.q_proj$")],
-    "k": [AliasRule(r"self_attn\.k_proj$")],
-    "v": [AliasRule(r"self_attn\.v_proj$")],
-    "o": [AliasRule(r"self_attn\.o_proj$")],
-    "ffn": [AliasRule(r"mlp\.(gate_proj|up_proj|down_proj)$")],
-}
-_BERT = {
-    "q": [AliasRule(r"attention\.self\.query$")],
-    "k": [AliasRule(r"attention\.self\.key$")],
-    "v": [AliasRule(r"attention\.self\.value$")],
-    "o": [AliasRule(r"attention\.output\.dense$")],
-    # "output.dense" alone would also match attention.output.dense: anchor on the layer index.
-    "ffn": [AliasRule(r"intermediate\.dense$"), AliasRule(r"layer\.\d+\.output\.dense$")],
-}
-_GPT2 = {
-    # GPT-2 fuses q, k, v into one Conv1D (c_attn); the paper adapts only the q and v thirds.
-    "q": [AliasRule(r"attn\.c_attn$", "q")],
-    "k": [AliasRule(r"attn\.c_attn$", "k")],
-    "v": [AliasRule(r"attn\.c_attn$", "v")],
-    "o": [AliasRule(r"attn\.c_proj$")],
-    "ffn": [AliasRule(r"mlp\.(c_fc|c_proj)$")],
-}
-ALIASES: dict[str, dict[str, list[AliasRule]]] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "qwen3": _LLAMA,
-    "gemma": _LLAMA,
-    "bert": _BERT,
-    "roberta": _BERT,
-    "xlm-roberta": _BERT,
-    "electra": _BERT,
-    "gpt2": _GPT2,
-}
-# Module names that are fused q/k/v projections, and how many slices they hold.
-FUSED_QKV = re.compile(r"(^|\.)c_attn$")
-
 _REGEX_CHARS = set("^$*+?[](){}|\\")
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer except the output and task heads
 
 
 def is_adaptable(module: nn.Module) -> bool:
-    """Linear-like modules and embeddings are the layer types lorakit can wrap."""
-    from lorakit.layers import LoraLayer, is_conv1d
-
-    if isinstance(module, LoraLayer):
-        return True
-    return isinstance(module, (nn.Linear, nn.Embedding)) or is_conv1d(module)
+    """Whether lorakit can wrap ``module``: some layer kind accepts it, or it is a LoRA layer already."""
+    if isinstance(module, AdapterHost):
+        return module.TARGETABLE
+    return find_kind(module) is not None
 
 
 def adaptable_names(model: nn.Module) -> list[str]:
-    from lorakit.layers import LoraLayer
+    """Names of the modules of ``model`` a target may resolve to, in module order.
 
+    Args:
+        model: any module (with or without adapters).
+    """
     names = []
-    inside_lora = ()
+    inside_host = ()
     for name, module in model.named_modules():
-        if inside_lora and name.startswith(inside_lora):
-            continue  # the base_layer and A/B of an existing wrapper are not separate targets
-        if isinstance(module, LoraLayer):
-            inside_lora = (name + ".",)
+        if inside_host and name.startswith(inside_host):
+            continue  # the base_layer and adapter state of an existing wrapper are not separate targets
+        if isinstance(module, AdapterHost) and module.TARGETABLE:
+            inside_host = (name + ".",)
             names.append(name)
         elif is_adaptable(module) and name:
             names.append(name)
@@ -124,40 +84,137 @@ def _matches_plain(pattern: str, name: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-def resolve_targets(model: nn.Module, targets: tuple[str, ...] | list[str]) -> dict[str, tuple[str, ...] | None]:
-    """Map each target pattern to modules. Returns ``{module_name: slices}`` where ``slices`` is None
-    for the whole module or a tuple of fused-QKV slice names (``("q", "v")``).
+def _alias_hits(model: nn.Module, pattern: str, candidates: list[str]) -> list[tuple[str, str | None]]:
+    """(module, slice) pairs an alias resolves to on ``model``'s family; an error if the family has none."""
+    family = family_of(model)
+    rules = family.alias_patterns(pattern) if family is not None else []
+    if not rules:
+        raise TargetError(
+            f"alias {pattern!r} is not defined for model_type {model_type_of(model)!r}; "
+            f"aliases exist for {known_model_types()}. Name the modules instead; candidates: "
+            f"{_summarise(candidates)}"
+        )
+    return [(n, slice_name) for regex, slice_name in rules for n in candidates if regex.search(n)]
 
-    Raises TargetError when a pattern matches nothing or a matched module cannot be adapted.
-    """
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    aliases = ALIASES.get(model_type or "", {})
+
+def _name_hits(model: nn.Module, pattern: str, candidates: list[str]) -> list[tuple[str, str | None]]:
+    """Whole modules a plain name or regex matches; an error if it only matches modules lorakit cannot wrap."""
+    matched = [n for n, _ in model.named_modules() if n and _matches_plain(pattern, n)]
+    hits = [(n, None) for n in matched if n in candidates]
+    bad = [n for n in matched if n not in candidates]
+    if bad and not hits:
+        module = model.get_submodule(bad[0])
+        raise TargetError(
+            f"target {pattern!r} matched {bad[0]!r}, a {type(module).__name__}, which lorakit cannot "
+            f"adapt (supported: {supported_names()})"
+        )
+    return hits
+
+
+def _all_linear_hits(model: nn.Module, candidates: list[str]) -> list[tuple[str, str | None]]:
+    """PEFT's ``all-linear``: every linear layer (Linear, Conv1D) except the output head and task heads."""
+    excluded = set()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if head is not None and (module is head or getattr(module, "base_layer", None) is head):
+            excluded.add(name)
+        elif name in TASK_HEAD_NAMES or name.split(".")[0] in TASK_HEAD_NAMES:
+            excluded.add(name)  # a task head (and anything inside it) is trained in full, not adapted
+    hits = []
+    for name in candidates:
+        kind = find_kind(getattr(model.get_submodule(name), "base_layer", model.get_submodule(name)))
+        if kind is not None and kind.file_style == "linear" and name not in excluded:
+            hits.append((name, None))
+    return hits
+
+
+def _pattern_hits(model: nn.Module, pattern: str, candidates: list[str]) -> list[tuple[str, str | None]]:
+    check_target_pattern(pattern)
+    if pattern in TARGET_ALIASES:
+        return _alias_hits(model, pattern, candidates)
+    if pattern == ALL_LINEAR:
+        return _all_linear_hits(model, candidates)
+    return _name_hits(model, pattern, candidates)
+
+
+def _layer_index(model: nn.Module, name: str) -> int | None:
+    """The block index in a module name (the family's block pattern, else the first ``.<n>.``)."""
+    family = family_of(model)
+    block = family.block if family is not None else r"(?:^|\.)[A-Za-z_]\w*\.\d+\."
+    match = re.search(block.replace(r"\d+", r"(\d+)", 1), name + ".")
+    return int(match.group(1)) if match else None
+
+
+def _keep_layers(model: nn.Module, resolved: dict[str, set[str] | None], layers: tuple[int, ...]) -> None:
+    """Drop modules outside blocks ``layers``; strict: every index must keep at least one module."""
+    index_of = {name: _layer_index(model, name) for name in resolved}
+    missing = [i for i in layers if i not in index_of.values()]
+    if missing:
+        present = sorted({i for i in index_of.values() if i is not None})
+        raise TargetError(f"layers {missing} hold no targeted module; the targets lie in layers {present}")
+    for name, index in index_of.items():
+        if index not in layers:
+            del resolved[name]
+
+
+def _apply_exclude(model: nn.Module, resolved: dict[str, set[str] | None], exclude: tuple[str, ...]) -> None:
+    """Remove what each exclude pattern matches; strict: a pattern that removes nothing is an error."""
     candidates = adaptable_names(model)
-    all_names = [n for n, _ in model.named_modules() if n]
-    resolved: dict[str, set[str] | None] = {}
-
-    for pattern in targets:
-        check_target_pattern(pattern)
-        hits: list[tuple[str, str | None]] = []
-        if pattern in aliases:
-            for rule in aliases[pattern]:
-                hits += [(n, rule.slice) for n in candidates if re.search(rule.regex, n)]
-        elif pattern in ("q", "k", "v", "o", "ffn"):
+    for pattern in exclude:
+        try:
+            hits = [(n, sl) for n, sl in _pattern_hits(model, pattern, candidates) if n in resolved]
+        except TargetError:
+            hits = []
+        if not hits:
             raise TargetError(
-                f"alias {pattern!r} is not defined for model_type {model_type!r}; "
-                f"aliases exist for {sorted(ALIASES)}. Name the modules instead; candidates: "
-                f"{_summarise(candidates)}"
+                f"exclude {pattern!r} matches none of the {len(resolved)} targeted modules "
+                f"({_summarise(list(resolved))}); a no-op exclude is refused like a no-op target"
             )
-        else:
-            matched = [n for n in all_names if _matches_plain(pattern, n)]
-            bad = [n for n in matched if n not in candidates]
-            if bad and not [n for n in matched if n in candidates]:
-                module = model.get_submodule(bad[0])
-                raise TargetError(
-                    f"target {pattern!r} matched {bad[0]!r}, a {type(module).__name__}, which lorakit cannot "
-                    "adapt (supported: nn.Linear, transformers Conv1D, nn.Embedding)"
-                )
-            hits = [(n, None) for n in matched if n in candidates]
+        for name, slice_name in hits:
+            current = resolved.get(name, "absent")
+            if slice_name is None or current is None:
+                resolved.pop(name, None)  # excluding a slice of a whole-module target drops the module
+            elif isinstance(current, set):
+                current.discard(slice_name)
+                if not current:
+                    del resolved[name]
+    if not resolved:
+        raise TargetError("exclude removed every targeted module")
+
+
+def _slice_order(model: nn.Module, name: str) -> tuple[str, ...]:
+    return fused_slices(family_of(model), name) or QKV_SLICES
+
+
+def resolve_targets(
+    model: nn.Module,
+    targets: tuple[str, ...] | list[str],
+    *,
+    exclude: tuple[str, ...] | list[str] = (),
+    layers: tuple[int, ...] | None = None,
+) -> dict[str, tuple[str, ...] | None]:
+    """Map each target pattern to modules: aliases through the model's family (``lorakit.arch``),
+    ``all-linear`` (every linear layer but the output and task heads, as PEFT), other patterns as module
+    names (suffix at a dot boundary) or RE2 regular expressions (full match).
+
+    Args:
+        model: the model to adapt.
+        targets: aliases (``q k v o ffn``), ``all-linear``, module names or regexes.
+        exclude: patterns of the same kinds whose modules (or slices) are removed again.
+        layers: keep only modules in the blocks with these indices.
+
+    Returns:
+        ``{module_name: slices}`` where ``slices`` is None for the whole module or a tuple of fused slice
+        names in output order (``("q", "v")``).
+
+    Raises:
+        TargetError: when a pattern matches nothing or a matched module cannot be adapted, an exclude
+            removes nothing, or a layer index holds no targeted module.
+    """
+    candidates = adaptable_names(model)
+    resolved: dict[str, set[str] | None] = {}
+    for pattern in targets:
+        hits = _pattern_hits(model, pattern, candidates)
         if not hits:
             raise TargetError(
                 f"target {pattern!r} matched no module of this {type(model).__name__}. "
@@ -168,7 +225,10 @@ def resolve_targets(model: nn.Module, targets: tuple[str, ...] | list[str]) -> d
                 resolved[name] = None  # the whole module wins over any slice request
             elif not (name in resolved and resolved[name] is None):
                 resolved.setdefault(name, set()).add(slice_name)  # type: ignore[union-attr]
+    if layers is not None:
+        _keep_layers(model, resolved, tuple(layers))
+    _apply_exclude(model, resolved, tuple(exclude))
     return {
-        name: None if slices is None else tuple(s for s in FUSED_SLICE_NAMES if s in slices)
+        name: None if slices is None else tuple(s for s in _slice_order(model, name) if s in slices)
         for name, slices in resolved.items()
     }

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorakit import arch as _arch
+
 TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "ffn")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16-mixed")
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -59,8 +61,9 @@ class ArchSpec:
     position_biased_input: bool = True
 
     def __post_init__(self) -> None:
-        if self.family not in _LAYOUT:
-            raise ValueError(f"unknown family {self.family!r}; known: {sorted(_LAYOUT)}")
+        fam = _arch.family(self.family)  # raises ValueError naming the known families
+        if fam.param_counts is None:
+            raise ValueError(f"family {self.family!r} has no estimate formulas (lorakit.arch)")
         for attr in ("hidden", "layers", "heads", "intermediate", "vocab"):
             if getattr(self, attr) <= 0:
                 raise ValueError(f"{attr} must be positive, got {getattr(self, attr)}")
@@ -83,7 +86,7 @@ class ArchSpec:
 
     def matrices(self, target: str) -> list[tuple[str, int, int]]:
         """(module path relative to a layer, d_in, d_out) of the weight matrices a target names."""
-        layout = _LAYOUT[self.family]
+        fam = _arch.family(self.family)
         h, inner = self.hidden, self.intermediate
         shapes = {
             "q": [(h, self.q_dim)],
@@ -91,52 +94,14 @@ class ArchSpec:
             "v": [(h, self.kv_dim)],
             "o": [(self.q_dim, h)],
             # Gated MLPs (Llama) have gate and up (h -> I) and down (I -> h); the others fc1/fc2.
-            "ffn": [(h, inner), (h, inner), (inner, h)]
-            if self.family == "llama"
-            else [(h, inner), (inner, h)],
+            "ffn": [(h, inner), (h, inner), (inner, h)] if fam.gated_mlp else [(h, inner), (inner, h)],
         }[target]
-        return [(name, d_in, d_out) for name, (d_in, d_out) in zip(layout[target], shapes, strict=True)]
+        sites = fam.targets[target]
+        return [(site.path, d_in, d_out) for site, (d_in, d_out) in zip(sites, shapes, strict=True)]
 
     def layer_prefix(self, i: int) -> str:
-        return _LAYOUT[self.family]["prefix"][0].format(i=i)
-
-
-# Module names as they appear in the base model (what PEFT keys are built from).
-_LAYOUT: dict[str, dict[str, list[str]]] = {
-    "gpt2": {
-        "prefix": ["transformer.h.{i}."],
-        # Fused c_attn: each slice is adapted as its own d -> d matrix (the paper's MergedLinear).
-        "q": ["attn.c_attn.q"],
-        "k": ["attn.c_attn.k"],
-        "v": ["attn.c_attn.v"],
-        "o": ["attn.c_proj"],
-        "ffn": ["mlp.c_fc", "mlp.c_proj"],
-    },
-    "llama": {
-        "prefix": ["model.layers.{i}."],
-        "q": ["self_attn.q_proj"],
-        "k": ["self_attn.k_proj"],
-        "v": ["self_attn.v_proj"],
-        "o": ["self_attn.o_proj"],
-        "ffn": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
-    },
-    "bert": {
-        "prefix": ["encoder.layer.{i}."],
-        "q": ["attention.self.query"],
-        "k": ["attention.self.key"],
-        "v": ["attention.self.value"],
-        "o": ["attention.output.dense"],
-        "ffn": ["intermediate.dense", "output.dense"],
-    },
-    "deberta-v2": {
-        "prefix": ["encoder.layer.{i}."],
-        "q": ["attention.self.query_proj"],
-        "k": ["attention.self.key_proj"],
-        "v": ["attention.self.value_proj"],
-        "o": ["attention.output.dense"],
-        "ffn": ["intermediate.dense", "output.dense"],
-    },
-}
+        """The full-name prefix of block ``i`` (``model.layers.3.``), as PEFT keys use it."""
+        return _arch.family(self.family).layer_prefix.format(i=i)
 
 
 def _gpt2(name: str, d: int, layers: int, heads: int, vocab: int = 50257, ctx: int = 1024) -> ArchSpec:
@@ -207,89 +172,23 @@ ALIASES: dict[str, str] = {
 
 
 def arch_from_config(config: Mapping[str, Any], name: str = "config") -> ArchSpec:
-    """ArchSpec from a transformers ``config.json`` dictionary (gpt2, llama-like, bert-like, deberta-v2)."""
+    """ArchSpec from a transformers ``config.json`` dictionary; each family reads its own (``lorakit.arch``).
+
+    Args:
+        config: the parsed ``config.json``.
+        name: the name the spec carries.
+
+    Raises:
+        ValueError: for a model type no family estimates, naming the supported ones.
+    """
     mt = str(config.get("model_type", "")).lower()
-    get = config.get
-    if mt == "gpt2":
-        d = int(get("n_embd", 768))
-        return ArchSpec(
-            name,
-            "gpt2",
-            d,
-            int(get("n_layer", 12)),
-            int(get("n_head", 12)),
-            int(get("n_inner") or 4 * d),
-            int(get("vocab_size", 50257)),
-            max_positions=int(get("n_positions", 1024)),
-            tied_embeddings=bool(get("tie_word_embeddings", True)),
-        )
-    if mt in ("llama", "mistral", "qwen2"):
-        attn_bias = bool(get("attention_bias", False))
-        return ArchSpec(
-            name,
-            "llama",
-            int(config["hidden_size"]),
-            int(config["num_hidden_layers"]),
-            int(config["num_attention_heads"]),
-            int(config["intermediate_size"]),
-            int(config["vocab_size"]),
-            kv_heads=int(get("num_key_value_heads") or config["num_attention_heads"]),
-            head_dim=get("head_dim") and int(get("head_dim")),
-            tied_embeddings=bool(get("tie_word_embeddings", False)),
-            # Qwen2 biases q/k/v but not o; Llama/Mistral follow attention_bias for all four.
-            qkv_bias=True if mt == "qwen2" else attn_bias,
-            o_bias=False if mt == "qwen2" else attn_bias,
-            mlp_bias=bool(get("mlp_bias", False)),
-        )
-    if mt in ("bert", "roberta", "xlm-roberta"):
-        return ArchSpec(
-            name,
-            "bert",
-            int(config["hidden_size"]),
-            int(config["num_hidden_layers"]),
-            int(config["num_attention_heads"]),
-            int(config["intermediate_size"]),
-            int(config["vocab_size"]),
-            max_positions=int(get("max_position_embeddings", 512)),
-            type_vocab=int(get("type_vocab_size", 2)),
-            pooler=True,
-        )
-    if mt == "deberta-v2":
-        pos_att = get("pos_att_type") or ()
-        if isinstance(pos_att, str):
-            pos_att = tuple(p.strip() for p in pos_att.lower().split("|") if p.strip())
-        max_pos = int(get("max_position_embeddings", 512))
-        max_rel = int(get("max_relative_positions", -1))
-        if max_rel < 1:
-            max_rel = max_pos
-        buckets = int(get("position_buckets", -1))
-        rel_rows = 2 * (buckets if buckets > 0 else max_rel)
-        relative = bool(get("relative_attention", False))
-        if get("embedding_size") not in (None, get("hidden_size")):
-            raise ValueError("deberta-v2 with embedding_size != hidden_size is not supported")
-        return ArchSpec(
-            name,
-            "deberta-v2",
-            int(config["hidden_size"]),
-            int(config["num_hidden_layers"]),
-            int(config["num_attention_heads"]),
-            int(config["intermediate_size"]),
-            int(config["vocab_size"]),
-            head_dim=get("attention_head_size") and int(get("attention_head_size")),
-            max_positions=max_pos,
-            type_vocab=int(get("type_vocab_size", 0)),
-            relative_attention=relative,
-            rel_positions=rel_rows if relative else 0,
-            share_att_key=bool(get("share_att_key", False)),
-            pos_att_type=tuple(pos_att),
-            rel_layer_norm=relative and "layer_norm" in str(get("norm_rel_ebd", "none")).lower(),
-            conv_kernel_size=int(get("conv_kernel_size", 0)),
-            position_biased_input=bool(get("position_biased_input", True)),
-        )
-    raise ValueError(
-        f"unsupported model_type {mt!r}; supported: gpt2, llama, mistral, qwen2, bert, roberta, "
-        "xlm-roberta, deberta-v2"
-    )
+    supported = [
+        (f, t) for f in _arch.families().values() if f.spec_fields for t in (f.estimate_types or f.model_types)
+    ]
+    for fam, model_type in supported:
+        if model_type == mt:
+            return ArchSpec(name, fam.name, **fam.spec_fields(config, mt))  # type: ignore[misc]
+    raise ValueError(f"unsupported model_type {mt!r}; supported: {', '.join(t for _, t in supported)}")
 
 
 def load_arch(model: ArchSpec | str | Path) -> ArchSpec:
@@ -309,41 +208,18 @@ def load_arch(model: ArchSpec | str | Path) -> ArchSpec:
     raise ValueError(f"{model!r} is neither a config.json/folder nor a preset; presets: {', '.join(PRESETS)}")
 
 
-def _linear(d_in: int, d_out: int, bias: bool) -> int:
-    return d_in * d_out + (d_out if bias else 0)
-
-
-def total_params(arch: ArchSpec) -> int:
+def total_params(arch_spec: ArchSpec) -> int:
     """Parameter count of the model: backbone plus (untied) LM head for causal LMs; encoders with
-    their pooler (BERT/RoBERTa, as ``BertModel``); task heads excluded."""
-    a, h, inner = arch, arch.hidden, arch.intermediate
-    attn = (
-        _linear(h, a.q_dim, a.qkv_bias) + 2 * _linear(h, a.kv_dim, a.qkv_bias) + _linear(a.q_dim, h, a.o_bias)
-    )
-    if a.family == "gpt2":
-        per_layer = 2 * 2 * h + attn + _linear(h, inner, True) + _linear(inner, h, True)
-        embed = a.vocab * h + a.max_positions * h
-        final = 2 * h
-    elif a.family == "llama":
-        per_layer = 2 * h + attn + 2 * _linear(h, inner, a.mlp_bias) + _linear(inner, h, a.mlp_bias)
-        embed = a.vocab * h
-        final = h
-    elif a.family == "bert":
-        per_layer = attn + 2 * h + _linear(h, inner, True) + _linear(inner, h, True) + 2 * h
-        embed = (a.vocab + a.max_positions + a.type_vocab) * h + 2 * h
-        final = _linear(h, h, True) if a.pooler else 0
-    else:  # deberta-v2
-        pos_proj = 0
-        if a.relative_attention and not a.share_att_key:
-            pos_proj = sum(_linear(h, a.q_dim, True) for t in ("c2p", "p2c") if t in a.pos_att_type)
-        per_layer = attn + pos_proj + 2 * h + _linear(h, inner, True) + _linear(inner, h, True) + 2 * h
-        embed = a.vocab * h + 2 * h
-        embed += a.max_positions * h if a.position_biased_input else 0
-        embed += a.type_vocab * h
-        final = a.rel_positions * h + (2 * h if a.rel_layer_norm else 0)
-        if a.conv_kernel_size > 0:  # one ConvLayer after the first encoder layer: Conv1d + LayerNorm
-            final += h * h * a.conv_kernel_size + h + 2 * h
-    head = 0 if a.tied_embeddings or a.family not in ("gpt2", "llama") else a.vocab * h
+    their pooler (BERT/RoBERTa, as ``BertModel``); task heads excluded. Per-family terms: ``lorakit.arch``.
+
+    Args:
+        arch_spec: the architecture.
+    """
+    a, h, lin = arch_spec, arch_spec.hidden, _arch.linear_params
+    attn = lin(h, a.q_dim, a.qkv_bias) + 2 * lin(h, a.kv_dim, a.qkv_bias) + lin(a.q_dim, h, a.o_bias)
+    fam = _arch.family(a.family)
+    per_layer, embed, final = fam.param_counts(a, attn)  # type: ignore[misc]
+    head = a.vocab * h if fam.untied_head and not a.tied_embeddings else 0
     return embed + a.layers * per_layer + final + head
 
 
@@ -451,7 +327,7 @@ def peft_tensor_shapes(arch: ArchSpec, matrices: Sequence[MatrixCount]) -> dict[
             module = arch.layer_prefix(i) + m.module
             base, _, sl = module.rpartition(".")
             for ab, shape in (("A", (m.rank, m.d_in)), ("B", (m.d_out, m.rank))):
-                if arch.family == "gpt2" and sl in ("q", "k", "v") and base.endswith("c_attn"):
+                if sl in _arch.fused_slices(_arch.family(arch.family), base):
                     key = f"base_model.model.{base}.lora_{ab}.{sl}.weight"
                 else:
                     key = f"base_model.model.{module}.lora_{ab}.weight"

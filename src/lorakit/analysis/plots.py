@@ -4,11 +4,21 @@ touches pyplot's global backend state and works headless."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lorakit.analysis.subspace import split_module
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def split_module(name: str) -> tuple[int | None, str]:
+    """'model.layers.3.self_attn.q_proj' -> (3, 'self_attn.q_proj'); no index -> (None, name)."""
+    matches = list(_LAYER.finditer(f"{name}."))
+    if not matches:
+        return None, name
+    m = matches[-1]
+    return int(m[1]), f"{name}."[m.end() :].rstrip(".")
 
 
 def _figure(width: float, height: float) -> Any:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -27,9 +26,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from lorakit.analysis.plots import split_module
+
 _DT = torch.float64  # the analysis is about small singular values; float32 blurs them
-_SLICES = ("q", "k", "v")
-_LAYER = re.compile(r"\.(\d+)\.")
 
 WeightSource = Mapping[str, Tensor] | Callable[[str], Tensor | None]
 
@@ -166,33 +165,34 @@ def delta_w_vs_w(
 
 
 def weight_from_model(model: torch.nn.Module, module_name: str) -> Tensor:
-    """W (d_out×d_in) of a module; GPT-2 Conv1D weights are transposed and c_attn.q/.k/.v sliced."""
+    """W (d_out×d_in) of a module; Conv1D weights are transposed and fused slices (``c_attn.q``) cut out.
+
+    Args:
+        model: the base model.
+        module_name: a module name, or a fused module's name plus a slice (``...attn.c_attn.q``).
+    """
+    from lorakit.arch import QKV_SLICES, family_of, fused_slices, slice_span
+    from lorakit.kinds import is_conv1d
+
     base, _, last = module_name.rpartition(".")
+    slices = fused_slices(family_of(model), base) or QKV_SLICES
     sl = None
-    if last in _SLICES and base:
+    if last in slices and base:
         try:
             model.get_submodule(module_name)
         except AttributeError:
-            sl, module_name = _SLICES.index(last), base
+            sl, module_name = last, base
     module = model.get_submodule(module_name)
     w = module.weight.detach()
-    if type(module).__name__ == "Conv1D":  # transformers' Conv1D stores (d_in, d_out)
+    if is_conv1d(module):  # transformers' Conv1D stores (d_in, d_out)
         w = w.T
     if sl is not None:
-        if w.shape[0] % 3:
-            raise ValueError(f"{module_name}: cannot split {w.shape[0]} output rows into q, k, v thirds")
-        third = w.shape[0] // 3
-        w = w[sl * third : (sl + 1) * third]
+        try:
+            start, stop = slice_span(w.shape[0], slices, sl)
+        except ValueError as exc:
+            raise ValueError(f"{module_name}: {exc}") from None
+        w = w[start:stop]
     return w
-
-
-def split_module(name: str) -> tuple[int | None, str]:
-    """'model.layers.3.self_attn.q_proj' -> (3, 'self_attn.q_proj'); no index -> (None, name)."""
-    matches = list(_LAYER.finditer(f"{name}."))
-    if not matches:
-        return None, name
-    m = matches[-1]
-    return int(m[1]), f"{name}."[m.end() :].rstrip(".")
 
 
 def _get_weight(source: WeightSource, name: str) -> Tensor | None:

@@ -29,14 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.arch import Family, family, family_of
 from lorakit.bench.cases import Case
+from lorakit.kinds import adapter_param_names
 
 IGNORE_INDEX = -100
-# PEFT module names for lorakit's target aliases (GPT-2 has no separate q/v: PEFT adapts the whole c_attn).
-PEFT_TARGETS = {
-    "llama": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"},
-    "gpt2": {"q": "c_attn", "k": "c_attn", "v": "c_attn", "o": "attn.c_proj"},
-}
 
 
 # -- memory ----------------------------------------------------------------------------------------------
@@ -161,8 +158,8 @@ def shared_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _family(model: nn.Module) -> str:
-    return "gpt2" if model.config.model_type == "gpt2" else "llama"
+def _family(model: nn.Module) -> Family:
+    return family_of(model) or family("llama")
 
 
 def apply_method(model: nn.Module, method: str, r: int, targets: tuple[str, ...], name: str = "default") -> nn.Module:
@@ -187,14 +184,14 @@ def apply_method(model: nn.Module, method: str, r: int, targets: tuple[str, ...]
 def _peft_config(model: nn.Module, r: int, targets: tuple[str, ...]) -> Any:
     import peft
 
-    family = _family(model)
-    modules = sorted({PEFT_TARGETS[family][t] for t in targets})
+    fam = _family(model)
+    modules = fam.peft_modules(targets)  # PEFT adapts a fused projection (GPT-2's c_attn) whole
     return peft.LoraConfig(
         r=r,
         lora_alpha=2 * r,
         lora_dropout=0.0,
         target_modules=modules,
-        fan_in_fan_out=family == "gpt2",
+        fan_in_fan_out=fam.transposed_weights,
         task_type="CAUSAL_LM",
     )
 
@@ -212,9 +209,10 @@ def peft_add(model: nn.Module, r: int, targets: tuple[str, ...], name: str = "de
 def randomize_adapters(model: nn.Module, seed: int = 1) -> None:
     """Non-zero LoRA weights (B starts at 0), so merges and mixed batches do real work."""
     gen = torch.Generator().manual_seed(seed)
+    lorakit_state = adapter_param_names(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_" in name or ".adapters." in name:
+            if "lora_" in name or name in lorakit_state:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 

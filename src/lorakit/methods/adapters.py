@@ -18,17 +18,17 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from lorakit.arch import families, family_of
 from lorakit.errors import ConfigError
 from lorakit.methods.finetune import freeze_all, transformer_blocks, unfreeze, unfreeze_head
 
 ATTR = "lorakit_adapter"  # the child module each adapted projection carries
 
-# Per block: (attention output projection, MLP output projection), relative to the block, for each family.
-SITES: dict[str, tuple[str, str]] = {
-    "llama": ("self_attn.o_proj", "mlp.down_proj"),
-    "bert": ("attention.output.dense", "output.dense"),
-    "gpt2": ("attn.c_proj", "mlp.c_proj"),
-}
+
+def _sites() -> dict[str, tuple[str, str]]:
+    """Per family: (attention output projection, MLP output projection), relative to the block."""
+    return {name: family.output_sites for name, family in families().items()}
+
 
 VARIANTS: dict[str, tuple[tuple[str, ...], bool]] = {
     # name → (sites, adapter has its own LayerNorm)
@@ -75,10 +75,10 @@ def _out_features(module: nn.Module) -> int:
 def adapter_sites(model: nn.Module, which: tuple[str, ...]) -> list[str]:
     """Qualified names of the projections to adapt: the first known layout that fits every block."""
     blocks = transformer_blocks(model)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    families = sorted(SITES, key=lambda f: f != model_type)  # try the model's own family first
-    for family in families:
-        rel = dict(zip(("attn", "mlp"), SITES[family]))
+    sites = _sites()
+    own = family_of(model)
+    for family in sorted(sites, key=lambda f: own is None or f != own.name):  # the model's own family first
+        rel = dict(zip(("attn", "mlp"), sites[family]))
         names = [f"{block_name}.{rel[w]}" for block_name, _ in blocks for w in which]
         try:
             for name in names:
@@ -88,7 +88,7 @@ def adapter_sites(model: nn.Module, which: tuple[str, ...]) -> list[str]:
         return names
     raise ConfigError(
         f"cannot place adapters in {type(model).__name__}: its blocks have none of the known layouts "
-        f"{ {f: s for f, s in SITES.items()} }"
+        f"{sites}"
     )
 
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from lorakit.arch import TASK_HEAD_NAMES as HEAD_NAMES  # one list of task-head names, in lorakit.arch
 from lorakit.errors import ConfigError
-
-# Children that hold a freshly initialised task head on transformers' task models.
-HEAD_NAMES = ("classifier", "score", "qa_outputs")
 
 
 def num_layers(model: nn.Module) -> int:

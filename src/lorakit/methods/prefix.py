@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lorakit.arch import family_of
 from lorakit.errors import ConfigError
 from lorakit.methods.finetune import freeze_all, hidden_size, num_layers, unfreeze, unfreeze_head
-from lorakit.targets import ALIASES
 
 IMPL = "lorakit_prefix"  # the attention implementation name prefix_layer registers
 LAYER_ATTR = "lorakit_prefix"  # child of each attention module holding its key/value prefix
@@ -389,8 +389,8 @@ def _absolute_positions(model: nn.Module) -> int | None:
 
 def _is_cls_encoder(model: nn.Module) -> bool:
     """BERT-style encoders pool their first token: keep it first."""
-    model_type = getattr(model.config, "model_type", "")
-    if ALIASES.get(model_type) is ALIASES["bert"]:
+    family = family_of(model)
+    if family is not None and family.pools_first_token:
         return True
     return any(n.endswith("pooler") for n, _ in model.named_modules())
 

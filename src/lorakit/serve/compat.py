@@ -30,6 +30,8 @@ def vllm_report(parsed: AdapterFile) -> tuple[bool, list[str], list[str]]:
         reasons.append(f"bias={raw.get('bias')!r} trains base-model biases; vLLM loads LoRA A/B only")
     if raw.get("rank_pattern") or raw.get("alpha_pattern"):
         reasons.append("rank_pattern/alpha_pattern: vLLM applies one scaling (lora_alpha/r) to every module")
+    if raw.get("use_dora") or parsed.magnitudes:
+        reasons.append("DoRA (use_dora): vLLM's PEFTHelper refuses DoRA adapters (merge it with `lorakit merge`)")
     if raw.get("task_type") == "SEQ_CLS":
         reasons.append("a sequence-classification adapter: vLLM serves LoRA on generative models")
     rank = max((a.shape[0] for slots in parsed.pairs.values() for a, _ in slots.values()), default=0)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lorakit.adapters import configs, inject, parameter_report, saved_module_parameters
+from lorakit.arch import POOLER_NAME, TASK_HEAD_NAMES
 from lorakit.config import LoraConfig
 from lorakit.data import DataError
 from lorakit.errors import AdapterFileError, ConfigError
@@ -99,11 +100,7 @@ def classifier_head_names(model: nn.Module) -> list[str]:
     """Top-level head modules of a sequence classifier: ``classifier`` (BERT family), ``score`` (Llama …)."""
     if not type(model).__name__.endswith("ForSequenceClassification"):
         return []
-    return [
-        n
-        for n in ("classifier", "score", "classification_head")
-        if isinstance(getattr(model, n, None), nn.Module)
-    ]
+    return [n for n in TASK_HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
 
 
 def lora_head_names(model: nn.Module) -> list[str]:
@@ -113,9 +110,9 @@ def lora_head_names(model: nn.Module) -> list[str]:
     SST-2, 64 steps, 57 % frozen vs 74 % trained (docs/training.md)."""
     heads = classifier_head_names(model)
     prefix = getattr(model, "base_model_prefix", "")
-    pooler = getattr(getattr(model, prefix, None), "pooler", None)
+    pooler = getattr(getattr(model, prefix, None), POOLER_NAME, None)
     if heads and isinstance(pooler, nn.Module):
-        heads.append(f"{prefix}.pooler")
+        heads.append(f"{prefix}.{POOLER_NAME}")
     return heads
 
 

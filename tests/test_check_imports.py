@@ -1,0 +1,77 @@
+"""scripts/check_imports.py: finds cycles and upward imports from the sources alone."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("check_imports", ROOT / "scripts" / "check_imports.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["check_imports"] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def _package(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        path = root / "lorakit" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def test_reports_a_cycle_with_the_lines_of_its_imports(tmp_path):
+    check = _script()
+    src = _package(tmp_path, {
+        "__init__.py": "",
+        "a.py": "from lorakit.b import x\n",
+        "b.py": "x = 1\n\ndef f():\n    from lorakit import a  # lazy, still a dependency\n",
+        "c.py": "import lorakit.a\n",
+    })  # fmt: skip
+    assert check.cycles(check.edges(src)) == [["lorakit.a", "lorakit.b"]]
+    lines = check.report(src)
+    assert lines[0] == "cycle among 2 modules: lorakit.a, lorakit.b"
+    assert "    lorakit.b (line 4) imports lorakit.a" in lines
+    assert check.main([str(src)]) == 1
+
+
+def test_reports_upward_imports_and_ignores_type_checking_ones(tmp_path):
+    check = _script()
+    src = _package(tmp_path, {
+        "__init__.py": "",
+        "layers.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from lorakit.training import t\n",
+        "files.py": "from .training.t import run\n",  # relative imports resolve too
+        "training/__init__.py": "",
+        "training/t.py": "from lorakit.layers import *\n\ndef run():\n    pass\n",
+    })  # fmt: skip
+    assert check.cycles(check.edges(src)) == []
+    assert check.report(src) == [
+        "upward import: lorakit.files [core] (line 1) imports lorakit.training.t [training]"
+    ]
+
+
+def test_a_clean_package_passes(tmp_path, capsys):
+    check = _script()
+    files = {"__init__.py": "", "a.py": "import os\n", "methods/__init__.py": "from lorakit import a\n"}
+    src = _package(tmp_path, files)
+    assert check.main([str(src)]) == 0
+    assert "clean" in capsys.readouterr().out
+
+
+def test_the_core_layer_of_lorakit_imports_downward_only_and_has_no_cycles():
+    """The library core (everything outside methods/training/bench/serve/CLI) is clean; the upper layers
+    report their remaining problems through the same script (see its output)."""
+    check = _script()
+    src = ROOT / "src"
+    edges = check.edges(src)
+    core_cycles = [c for c in check.cycles(edges) if any(check.layer_of(m) == "core" for m in c)]
+    assert core_cycles == []
+    assert [e for e in check.upward(edges) if check.layer_of(e.source) == "core"] == []
+    # The layers and kinds leaves import nothing of lorakit but errors (and arch, for layout facts).
+    leaf = {e.target for e in edges if e.source in ("lorakit.kinds", "lorakit.arch")}
+    assert leaf <= {"lorakit.errors"}
