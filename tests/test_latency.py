@@ -9,8 +9,8 @@ import torch
 
 from lorakit.adapters import lora_layers
 from lorakit.errors import ConfigError
-from lorakit.methods import latency
-from lorakit.methods.latency import build_variant, format_table, latency_main, run_latency
+from lorakit.experiments import latency
+from lorakit.experiments.latency import build_variant, format_table, latency_main, run_latency
 
 SETTINGS = {"r": 4, "targets": "q,v", "bottleneck": 4, "prefix": 3}
 

@@ -1,5 +1,9 @@
 """Save and load a method's trained state: ``method_config.json`` + ``method_model.safetensors``.
 
+This is the one file format for trained state that is not a LoRA adapter: ``apply_method`` users and
+``lorakit train`` both write it (the trainer's older ``trainable_state.*`` pair is still read, by
+``lorakit.training.outputs.load_trained``).
+
 The JSON names the method and its options (enough to rebuild the structure on a fresh base model), the
 base model's fingerprint, every tensor's shape and the checksum of the weights file. Saves are atomic per
 file (``lorakit.files.write_weights_and_config``); loads check everything they can before touching the model.
@@ -17,7 +21,7 @@ from torch import nn
 from lorakit import __version__
 from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.files import _fingerprint, check_finite, read_pair, read_weights, write_weights_and_config
-from lorakit.methods import METHODS, MethodResult, apply_method, method_of
+from lorakit.methods.registry import METHODS, MethodResult, apply_method, method_of
 
 CONFIG_NAME = "method_config.json"
 WEIGHTS_NAME = "method_model.safetensors"
@@ -25,7 +29,12 @@ FORMAT = "lorakit-method"
 
 
 def save_method(model: nn.Module, path: str | Path) -> Path:
-    """Write the applied method's trainable parameters (by name) and its config to directory ``path``."""
+    """Write the applied method's trainable parameters (by name) and its config to directory ``path``.
+
+    Args:
+        model: a model prepared by ``apply_method`` (or by the trainer, which uses it).
+        path: the directory (created; other files in it are kept).
+    """
     record = method_of(model)
     if record is None:
         raise ConfigError("no method applied to this model (apply_method first)")

@@ -85,6 +85,10 @@ class TrainConfig:
         None, "lr multiplier for task heads trained with an adapter (modules_to_save); default: 10 for "
         "classification (a fresh head on a pretrained pooler needs larger steps), 1 otherwise (docs/training.md)"
     )
+    loraplus_ratio: float | None = _f(
+        None, "LoRA+: LoRA's B matrices learn at this many times the lr of A (PEFT's loraplus_lr_ratio; "
+        "the paper suggests 16); none: one lr for both (docs/training.md)"
+    )
     weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights)")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
@@ -207,6 +211,10 @@ class TrainConfig:
             raise ConfigError("dropout and label_smoothing must be in [0, 1)")
         if self.head_lr_ratio is not None and not self.head_lr_ratio > 0:
             raise ConfigError(f"head_lr_ratio must be positive, got {self.head_lr_ratio!r}")
+        if self.loraplus_ratio is not None and not (self.loraplus_ratio > 0 and math.isfinite(self.loraplus_ratio)):
+            raise ConfigError(f"loraplus_ratio must be a positive number, got {self.loraplus_ratio!r}")
+        if self.loraplus_ratio is not None and self.method != "lora":
+            raise ConfigError(f"loraplus_ratio applies to LoRA's B matrices; method {self.method!r} has none")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.clip_norm is not None and not self.clip_norm > 0:
