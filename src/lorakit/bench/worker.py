@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from lorakit.bench.cases import Case
+from lorakit.bench.timing import CPU_TIMES, time_alternating, time_one
 
 IGNORE_INDEX = -100
 # PEFT module names for lorakit's target aliases (GPT-2 has no separate q/v: PEFT adapts the whole c_attn).
@@ -218,45 +219,7 @@ def randomize_adapters(model: nn.Module, seed: int = 1) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
-# -- timing ----------------------------------------------------------------------------------------------
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-# CPU seconds of this process per call, next to wall time: on a shared machine, time spent waiting for a
-# core inflates wall time but not CPU time (with one torch thread; more threads add their spin-waits).
-CPU_TIMES: dict[str, list[float]] = {}
-
-
-def time_one(fn: Callable[[], Any], device: str, cpu_key: str | None = None) -> float:
-    _sync(device)
-    cpu = time.process_time()
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    wall = time.perf_counter() - start
-    if cpu_key is not None:
-        CPU_TIMES.setdefault(cpu_key, []).append(time.process_time() - cpu)
-    return wall
-
-
-def time_alternating(
-    fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, device: str
-) -> dict[str, list[float]]:
-    """Run each function once per round, rotating the order (ABC, BCA, ...) so drift hits all alike."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(repeats):
-        order = names[i % len(names) :] + names[: i % len(names)]
-        for name in order:
-            times[name].append(time_one(fns[name], device, cpu_key=name))
-    return times
-
-
+# -- timing: lorakit.bench.timing (shared with `lorakit latency`) -----------------------------------------
 def summary(times: list[float]) -> dict[str, float]:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
