@@ -31,8 +31,8 @@ from torch import nn
 
 from lorakit.bench.cases import Case
 from lorakit.bench.timing import CPU_TIMES, time_alternating, time_one
+from lorakit.data.collate import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 # PEFT module names for lorakit's target aliases (GPT-2 has no separate q/v: PEFT adapts the whole c_attn).
 PEFT_TARGETS = {
     "llama": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"},
