@@ -17,9 +17,10 @@ from lorakit import ConfigError
 from lorakit.data import DataError
 from lorakit.errors import AdapterFileError
 from lorakit.methods import METHODS, register_method
+from lorakit.tasks import TaskSpec, load_task
 from lorakit.training import checkpoint as ckpt
 from lorakit.training.config import TrainConfig, read_config_file, resolve_config
-from lorakit.training.evaluate import TaskSpec, encode, generate_e2e, load_task
+from lorakit.training.evaluate import encode, generate_e2e
 from lorakit.training.optim import build_optimizer, lr_factor
 from lorakit.training.outputs import load_trained, save_trained
 from lorakit.training.prepare import prepare_model

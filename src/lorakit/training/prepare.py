@@ -24,11 +24,12 @@ from lorakit.data import DataError
 from lorakit.errors import ConfigError
 from lorakit.fast import compile_for_training
 from lorakit.methods import get_method
+from lorakit.tasks import TaskData, TaskSpec, load_task
 from lorakit.training import checkpoint as ckpt
 from lorakit.training import distributed as dist_util
 from lorakit.training import rundir
 from lorakit.training.config import TrainConfig, resolve_task_defaults
-from lorakit.training.evaluate import TaskData, TaskSpec, encode, load_task, set_class_weights
+from lorakit.training.evaluate import encode, set_class_weights
 from lorakit.training.metrics_log import MetricsLog
 from lorakit.training.optim import build_optimizer, build_scheduler
 from lorakit.training.outputs import (

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from lorakit.tasks import load_task
 from lorakit.training.config import TrainConfig
-from lorakit.training.evaluate import load_task, score
+from lorakit.training.evaluate import score
 from lorakit.training.outputs import load_trained
 from lorakit.training.prepare import seed_everything
 
