@@ -23,12 +23,12 @@ def _find_text_file(folder: Path, stems: Sequence[str]) -> Path | None:
     return None
 
 
-def load_text_task(cfg: TrainConfig, roles: Sequence[str]) -> TaskData:
-    """Train / valid / eval examples from the files in (or named by) ``cfg.data``."""
+def text_files(cfg: TrainConfig, roles: Sequence[str]) -> tuple[Path, Path | None, Path | None]:
+    """(train, valid, eval) files: ``--data`` is a folder (train.csv, dev.csv …) or the train file itself;
+    ``--train-file`` / ``--valid-file`` / ``--eval-file`` override, relative to that folder."""
     given = Path(cfg.data) if cfg.data else None
     if given is not None and not given.exists():
         raise DataError(f"data path {given} not found")
-    # --data may be a folder (train.csv, dev.csv …) or the train file itself.
     folder = given.parent if given is not None and given.is_file() else given
 
     def pick(explicit: str | None, stems: Sequence[str]) -> Path | None:
@@ -46,6 +46,12 @@ def load_text_task(cfg: TrainConfig, roles: Sequence[str]) -> TaskData:
         raise DataError(
             f"no evaluation file in {folder}: expected test/dev/valid .csv/.tsv/.jsonl (or --eval-file)"
         )
+    return train_path, valid_path, eval_path
+
+
+def load_text_task(cfg: TrainConfig, roles: Sequence[str]) -> TaskData:
+    """Train / valid / eval examples from the files in (or named by) ``cfg.data`` (see ``text_files``)."""
+    train_path, valid_path, eval_path = text_files(cfg, roles)
 
     def read(path: Path, names: list[str] | None) -> tuple[list[Example], list[str]]:
         return load_text_classification(path, cfg.text_column, cfg.text_pair_column, cfg.label_column, names)
@@ -63,8 +69,7 @@ def load_text_task(cfg: TrainConfig, roles: Sequence[str]) -> TaskData:
     out = TaskData(
         spec, train=subsample(train, cfg.max_train_samples, cfg.split_seed) if "train" in roles else []
     )
-    if "eval" in roles:
-        out.eval = subsample(read(eval_path, names)[0], cfg.max_eval_samples, cfg.split_seed)  # type: ignore[arg-type]
-    if "valid" in roles:
-        out.valid = subsample(read(valid_path, names)[0], cfg.max_eval_samples, cfg.split_seed)  # type: ignore[arg-type]
+    for role, path in (("eval", eval_path), ("valid", valid_path)):
+        if role in roles:
+            setattr(out, role, subsample(read(path, names)[0], cfg.max_eval_samples, cfg.split_seed))  # type: ignore[arg-type]
     return out

@@ -210,6 +210,25 @@ def mean_loss(
     return total / max(count, 1)
 
 
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(input_ids, attention_mask) with every prompt ending at the same position, so generation continues
+    each one."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p) :] = torch.tensor(p)
+        attention[i, width - len(p) :] = 1
+    return input_ids, attention
+
+
+def _first_line(tokenizer: Any, ids: list[int], eos_id: int | None) -> str:
+    """A generated continuation up to EOS, decoded, up to its first newline."""
+    if eos_id in ids:
+        ids = ids[: ids.index(eos_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip().split("\n")[0].strip()
+
+
 @torch.no_grad()
 def generate_e2e(
     model: nn.Module,
@@ -231,13 +250,8 @@ def generate_e2e(
         for chunk in tqdm(
             list(_chunks(prompts, cfg.eval_batch_size)), desc="generate", disable=not progress, leave=False
         ):
-            width = max(len(p) for p in chunk)
-            # Left padding: every prompt ends at the same position, so generation continues each one.
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, p in enumerate(chunk):
-                input_ids[i, width - len(p) :] = torch.tensor(p)
-                attention[i, width - len(p) :] = 1
+            input_ids, attention = left_padded(chunk, pad_id)
+            width = input_ids.shape[1]
             with _autocast(device, cfg.bf16):
                 generated = model.generate(
                     input_ids=input_ids.to(device),
@@ -252,11 +266,7 @@ def generate_e2e(
                     pad_token_id=pad_id,
                     eos_token_id=eos_id,
                 )
-            for row in generated[:, width:].tolist():
-                if eos_id in row:
-                    row = row[: row.index(eos_id)]
-                text = tokenizer.decode(row, skip_special_tokens=True)
-                outputs.append(text.strip().split("\n")[0].strip())
+            outputs += [_first_line(tokenizer, row, eos_id) for row in generated[:, width:].tolist()]
     finally:
         model.train(was_training)
     return outputs
