@@ -54,7 +54,10 @@ class TrainConfig:
     data: str = _f(
         "", "data directory (GLUE task folder, E2E folder) or, for 'text', a folder or a train file"
     )
-    method: str = _f("lora", "training method: lora, full (all weights) or head (classifier head only)")
+    method: str = _f(
+        "lora", "training method (lorakit.methods): lora, full (all weights), head (classifier head only), fttop2, "
+        "bitfit, adapter_h, adapter_l, adapter_p, prefix_embed, prefix_layer (docs/methods.md)"
+    )
     method_options: list[str] | None = field(
         default=None,
         metadata={"help": "method-specific settings as key=value pairs (baselines, docs/methods.md)"},
