@@ -16,7 +16,14 @@ from lorakit.training.config import add_config_arguments, resolve_config
 from lorakit.training.optim import build_optimizer, lora_b_parameters
 from lorakit.training.prepare import prepare_model
 from lorakit.training.trainer import train
-from test_training import base_cfg, make_tiny_bert, one_thread, tiny_bert, write_sentiment_csv  # noqa: F401
+from test_training import (  # noqa: F401
+    base_cfg,
+    make_tiny_bert,
+    one_thread,
+    tiny_bert,
+    tiny_llama,
+    write_sentiment_csv,
+)
 
 
 def _lr_by_name(model, optimizer) -> dict[str, float]:
@@ -50,6 +57,26 @@ def test_b_matrices_get_ratio_times_the_lr_and_nothing_else_moves(tiny_bert):  #
     assert len(plain.param_groups) == len(optimizer.param_groups) - 1
     plain_lrs = _lr_by_name(model, plain)
     assert all(plain_lrs[n] == pytest.approx(1e-3) for n in b_names | a_names)
+
+
+def test_same_parameters_get_the_b_lr_as_in_peft(tiny_llama):  # noqa: F811
+    """On a Llama (no biases, no embedding LoRA, so PEFT's quirks do not arise) lorakit's groups give
+    ratio x lr to the same parameters as PEFT's create_loraplus_optimizer: compared as (shape, lr) lists."""
+    import peft
+    from peft.optimizers import create_loraplus_optimizer
+
+    from lorakit.models import load_model
+
+    cfg = base_cfg(task="e2e", data="d", lr=1e-3, head_lr_ratio=1.0, loraplus_ratio=16.0, targets=["q", "v"])
+    mine, _ = load_model(tiny_llama, "causal-lm")
+    prepare_model(mine, cfg)
+    lrs = _lr_by_name(mine, build_optimizer(mine, cfg))
+    ours = sorted((tuple(p.shape), round(lrs[n], 9)) for n, p in mine.named_parameters() if p.requires_grad)
+    base, _ = load_model(tiny_llama, "causal-lm")
+    theirs_model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    optimizer = create_loraplus_optimizer(theirs_model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16.0)
+    theirs = sorted((tuple(p.shape), round(g["lr"], 9)) for g in optimizer.param_groups for p in g["params"])
+    assert ours == theirs and {lr for _, lr in ours} == {1e-3, 16e-3}
 
 
 def test_flag_config_file_and_checks(tmp_path):
