@@ -28,9 +28,11 @@ import torch
 
 from lorakit.metrics.glue import glue_metrics
 from lorakit.models import load_model
+from lorakit.tasks import TaskSpec, load_task
 from lorakit.training.config import TrainConfig, resolve_task_defaults
-from lorakit.training.evaluate import TaskSpec, collate, encode, load_task, loss_sum, score
-from lorakit.training.trainer import lr_factor, train
+from lorakit.training.evaluate import collate, encode, loss_sum, score
+from lorakit.training.optim import lr_factor
+from lorakit.training.trainer import train
 
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 E2E = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from lorakit.errors import ConfigError
-from lorakit.methods import compare
-from lorakit.methods.compare import compare_main, parse_spec, run_compare, trainable_count, write_outputs
+from lorakit.experiments import compare
+from lorakit.experiments.compare import compare_main, parse_spec, run_compare, trainable_count, write_outputs
 
 BASE = {"task": "rte", "data": "/nowhere/RTE"}
 SIZES = {"lora": 1000, "bitfit": 300, "adapter_h": 5000}

@@ -156,7 +156,7 @@ def test_short_run_scores_generations_with_the_d2t_metrics(
 
 
 def test_official_files_are_used_as_is_and_unseen_categories_are_kept(tmp_path):
-    from lorakit.training.evaluate import load_task
+    from lorakit.tasks import load_task
 
     def entries(prefix: str, category: str, n: int) -> list[dict]:
         return [_entry(category, [(f"{prefix}{i}", "p", "o")], [(f"{prefix}{i} is o.", "good")]) for i in range(n)]

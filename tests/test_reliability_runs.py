@@ -19,8 +19,9 @@ from lorakit.cli import main
 from lorakit.errors import TrainingDivergedError
 from lorakit.fsutil import KILL_ENV
 from lorakit.training import checkpoint as ckpt
-from lorakit.training import trainer
-from lorakit.training.trainer import MetricsLog, train
+from lorakit.training import loop as trainer
+from lorakit.training.metrics_log import MetricsLog
+from lorakit.training.trainer import train
 from test_training import base_cfg, make_tiny_bert, no_model_loading, one_thread, write_sentiment_csv  # noqa: F401
 from tiny import randomize_lora, tiny_llama
 

@@ -15,8 +15,8 @@ import pytest
 from safetensors.torch import load_file
 
 from lorakit.training import checkpoint as ckpt
-from lorakit.training.sampler import epoch_batches, padded_share
-from lorakit.training.trainer import epoch_order, global_batches, train
+from lorakit.training.sampler import epoch_batches, epoch_order, global_batches, padded_share
+from lorakit.training.trainer import train
 from test_resume import cli_args, run_config, train_records
 from test_training import base_cfg, make_tiny_bert, one_thread  # noqa: F401
 

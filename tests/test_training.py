@@ -16,22 +16,16 @@ from safetensors.torch import load_file, save_file
 from lorakit import ConfigError
 from lorakit.data import DataError
 from lorakit.errors import AdapterFileError
+from lorakit.methods import METHODS, register_method
+from lorakit.tasks import TaskSpec, load_task
 from lorakit.training import checkpoint as ckpt
 from lorakit.training.config import TrainConfig, read_config_file, resolve_config
-from lorakit.training.evaluate import TaskSpec, encode, generate_e2e, load_task
-from lorakit.training.trainer import (
-    METHODS,
-    build_optimizer,
-    epoch_order,
-    global_batches,
-    load_trained,
-    local_micro_batches,
-    lr_factor,
-    prepare_model,
-    register_method,
-    save_trained,
-    train,
-)
+from lorakit.training.evaluate import encode, generate_e2e
+from lorakit.training.optim import build_optimizer, lr_factor
+from lorakit.training.outputs import load_trained, save_trained
+from lorakit.training.prepare import prepare_model
+from lorakit.training.sampler import epoch_order, global_batches, local_micro_batches
+from lorakit.training.trainer import train
 
 # -- shared helpers (imported by the other training test files) -------------------------------------------
 
@@ -247,31 +241,35 @@ def test_head_and_full_methods(tiny_bert):
         prepare_model(model, base_cfg(task="rte", data="d", method="bitfat"))
 
 
-def test_a_registered_method_trains_saves_and_loads(tiny_bert, tmp_path):
-    """How baselines plug in: one function that sets requires_grad; saving and loading come for free."""
+def test_a_registered_method_is_reachable_from_the_trainer_apply_method_and_every_loader(tiny_bert, tmp_path):
+    """How methods plug in: one function that sets requires_grad, registered once; the trainer, the Python
+    API, compare and the loaders all find it in the one registry, and saving and loading come for free."""
+    from lorakit.experiments.compare import known_methods
+    from lorakit.methods import apply_method, load_method
     from lorakit.models import load_model
 
-    def bias_only(model, cfg):  # BitFit-like: biases and the new classifier head
+    def bias_only(model):  # BitFit-like: biases and the new classifier head
         for name, p in model.named_parameters():
             p.requires_grad_(name.endswith(".bias") or name.startswith("classifier."))
 
     register_method("test-bias-only", bias_only)
     try:
+        assert "test-bias-only" in known_methods()
         cfg = base_cfg(task="rte", data="d", method="test-bias-only")
         model, _ = load_model(tiny_bert, "seq-cls", num_labels=2)
         prepare_model(model, cfg)
+        by_api = apply_method(load_model(tiny_bert, "seq-cls", num_labels=2)[0], "test-bias-only")
+        assert set(by_api.trainable_names) == _trainable(model) and by_api.trainable_names
         with torch.no_grad():
             for _, p in ckpt.trainable_parameters(model):
                 p.add_(0.5)
         save_trained(model, tmp_path / "state", cfg)
-        assert (
-            json.loads((tmp_path / "state" / "trainable_state.json").read_text())["method"]
-            == "test-bias-only"
-        )
-        fresh, _ = load_model(tiny_bert, "seq-cls", num_labels=2)
-        load_trained(fresh, tmp_path / "state")
+        assert json.loads((tmp_path / "state" / "method_config.json").read_text())["method"] == "test-bias-only"
         ids = torch.tensor([[101, 2023, 2003, 102]])
-        torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+        for loader in (load_trained, load_method):
+            fresh, _ = load_model(tiny_bert, "seq-cls", num_labels=2)
+            loader(fresh, tmp_path / "state")
+            torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
 
         # The pair is tied by a checksum: replaced weights, NaNs and a foreign JSON are named errors.
         with torch.no_grad():
@@ -280,25 +278,67 @@ def test_a_registered_method_trains_saves_and_loads(tiny_bert, tmp_path):
             save_trained(model, tmp_path / "nan", cfg)  # a non-finite state is never written
         # ... and one written by other means is refused on load.
         shutil.copytree(tmp_path / "state", tmp_path / "nan")
-        nan_weights = tmp_path / "nan" / "trainable_state.safetensors"
+        nan_weights = tmp_path / "nan" / "method_model.safetensors"
         tensors = load_file(nan_weights)
         first = next(iter(tensors))
         tensors[first] = torch.full_like(tensors[first], float("nan"))
         save_file(tensors, nan_weights)
-        meta = json.loads((tmp_path / "nan" / "trainable_state.json").read_text())
+        meta = json.loads((tmp_path / "nan" / "method_config.json").read_text())
         meta["sha256"] = hashlib.sha256(nan_weights.read_bytes()).hexdigest()
-        (tmp_path / "nan" / "trainable_state.json").write_text(json.dumps(meta))
+        (tmp_path / "nan" / "method_config.json").write_text(json.dumps(meta))
         with pytest.raises(AdapterFileError, match="NaN or infinite"):
             load_trained(load_model(tiny_bert, "seq-cls", num_labels=2)[0], tmp_path / "nan")
-        weights = tmp_path / "state" / "trainable_state.safetensors"
-        weights.write_bytes((tmp_path / "nan" / "trainable_state.safetensors").read_bytes())
+        weights = tmp_path / "state" / "method_model.safetensors"
+        weights.write_bytes((tmp_path / "nan" / "method_model.safetensors").read_bytes())
         with pytest.raises(AdapterFileError, match="checksum"):
             load_trained(load_model(tiny_bert, "seq-cls", num_labels=2)[0], tmp_path / "state")
-        (tmp_path / "nan" / "trainable_state.json").write_text('{"format": "something else"}')
-        with pytest.raises(AdapterFileError, match="not a lorakit trained state"):
+        (tmp_path / "nan" / "method_config.json").write_text('{"format": "something else"}')
+        with pytest.raises(AdapterFileError, match="not a lorakit method file"):
             load_trained(load_model(tiny_bert, "seq-cls", num_labels=2)[0], tmp_path / "nan")
     finally:
         METHODS.pop("test-bias-only")
+    with pytest.raises(ConfigError, match="unknown method 'test-bias-only'"):
+        prepare_model(load_model(tiny_bert, "seq-cls", num_labels=2)[0], cfg)
+
+
+def _write_legacy_state(model, path: Path, cfg: TrainConfig) -> None:
+    """The trainer's former trainable_state.* pair, written as it did (the format old run folders hold)."""
+    tensors = {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    path.mkdir(parents=True)
+    save_file(tensors, path / "trainable_state.safetensors", metadata={"format": "pt"})
+    meta = {
+        "format": "lorakit-trainable-state",
+        "method": cfg.method,
+        "base_model": cfg.model,
+        "parameters": {n: list(t.shape) for n, t in tensors.items()},
+        "sha256": hashlib.sha256((path / "trainable_state.safetensors").read_bytes()).hexdigest(),
+        "train_config": cfg.to_dict(),
+    }
+    (path / "trainable_state.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("method", ["bitfit", "head"])
+def test_old_trainable_state_folders_still_load(tiny_bert, tmp_path, method):
+    from lorakit.models import load_model
+
+    cfg = base_cfg(task="rte", data="d", method=method, model=str(tiny_bert))
+    model, _ = load_model(tiny_bert, "seq-cls", num_labels=2)
+    prepare_model(model, cfg)
+    with torch.no_grad():
+        for _, p in ckpt.trainable_parameters(model):
+            p.add_(0.25)
+    _write_legacy_state(model, tmp_path / "old", cfg)
+    fresh, _ = load_model(tiny_bert, "seq-cls", num_labels=2)
+    load_trained(fresh, tmp_path / "old")
+    ids = torch.tensor([[101, 2023, 2003, 102]])
+    torch.testing.assert_close(fresh.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    assert not any(p.requires_grad for p in fresh.parameters())
+    # Saving into that folder again writes the one current format and drops the old pair.
+    save_trained(model, tmp_path / "old", cfg)
+    assert sorted(f.name for f in (tmp_path / "old").iterdir()) == ["method_config.json", "method_model.safetensors"]
+    (tmp_path / "old" / "method_config.json").unlink()
+    with pytest.raises(AdapterFileError, match="neither a LoRA adapter"):
+        load_trained(load_model(tiny_bert, "seq-cls", num_labels=2)[0], tmp_path / "old")
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------
@@ -429,7 +469,7 @@ def test_text_classification_run_learns_and_writes_every_output(tiny_bert, tmp_p
     )  # fmt: skip
     result = train(cfg)
     assert set(result) == {"accuracy", "macro_f1"} and result["accuracy"] > 0.9
-    for name in ("trainable_state.safetensors", "trainable_state.json", "train_config.json", "metrics.jsonl",
+    for name in ("method_model.safetensors", "method_config.json", "train_config.json", "metrics.jsonl",
                  "eval_results.json", "training.png"):  # fmt: skip
         assert (out / name).is_file(), name
     assert json.loads((out / "train_config.json").read_text())["label_names"] is None
@@ -656,7 +696,7 @@ def test_e2e_run_and_eval_cli_json_with_real_metrics(tiny_llama, tmp_path, one_t
 
 
 def test_each_epoch_sees_every_example_once_in_a_new_order(tiny_bert, tmp_path, one_thread, monkeypatch):
-    import lorakit.training.trainer as trainer_module
+    import lorakit.training.loop as trainer_module
 
     data = write_sentiment_csv(tmp_path / "data", n_train=24, n_test=4)
     batches: list[list[str]] = []
@@ -710,28 +750,29 @@ def test_gradient_checkpointing_gives_the_same_adapter_and_bf16_stays_close(
     assert any((plain[0][k] - bf16[0][k]).abs().max() > 0 for k in plain[0])  # autocast did change the math
 
 
-def test_baselines_from_lorakit_methods_dispatch_without_registration(tiny_bert, tmp_path):
-    pytest.importorskip("lorakit.methods")
-    from lorakit.methods import TRAINER_METHODS
+def test_baselines_train_save_and_load_through_the_trainer(tiny_bert, tmp_path):
     from lorakit.models import load_model
 
-    if "bitfit" not in TRAINER_METHODS:
-        pytest.skip("no bitfit baseline in lorakit.methods")
-    METHODS.pop("bitfit", None)
     cfg = base_cfg(task="rte", data="d", method="bitfit")
     model, _ = load_model(tiny_bert, "seq-cls", num_labels=2)
-    prepare_model(model, cfg)  # found in lorakit.methods on first use
+    prepare_model(model, cfg)
     names = _trainable(model)
     assert names and all(n.endswith("bias") or "classifier" in n for n in names)
     with torch.no_grad():
         for _, p in ckpt.trainable_parameters(model):
             p.add_(0.25)
     save_trained(model, tmp_path / "bitfit", cfg)
-    METHODS.pop("bitfit", None)  # as in a fresh `lorakit eval` process
     fresh, _ = load_model(tiny_bert, "seq-cls", num_labels=2)
     load_trained(fresh, tmp_path / "bitfit")
     ids = torch.tensor([[101, 2023, 2003, 102]])
     torch.testing.assert_close(fresh.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    # A LoRA run saved into the same folder replaces the baseline's files: one trained state per folder.
+    lora_cfg = base_cfg(task="rte", data="d")
+    lora, _ = load_model(tiny_bert, "seq-cls", num_labels=2)
+    prepare_model(lora, lora_cfg)
+    save_trained(lora, tmp_path / "bitfit", lora_cfg)
+    files = sorted(f.name for f in (tmp_path / "bitfit").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_compiled_training_matches_eager_and_evaluates_eagerly(

@@ -7,8 +7,9 @@ import warnings
 import pytest
 import torch
 
+from lorakit.tasks import load_task
 from lorakit.training.config import TrainConfig
-from lorakit.training.evaluate import load_task, validate
+from lorakit.training.evaluate import validate
 from test_training import base_cfg, tiny_llama  # noqa: F401
 
 
@@ -49,7 +50,7 @@ def test_generation_tasks_count_reference_pairs(tmp_path):
 def test_validation_shows_a_progress_bar(tiny_llama, tmp_path, capsys):  # noqa: F811
     from lorakit.data import E2EItem
     from lorakit.models import load_model
-    from lorakit.training.evaluate import TaskSpec
+    from lorakit.tasks import TaskSpec
 
     model, tok = load_model(tiny_llama)
     items = [E2EItem(f"name : R{i}", [f"R{i} is nice ."]) for i in range(6)]

@@ -34,7 +34,7 @@ from lorakit.models import load_model, quiet_transformers
 from lorakit.training.config import TrainConfig
 from lorakit.training.trainer import train
 
-TASKS = {"sentiment": ("rotten", "fresh"), "plot": ("review", "plot")}
+DEMO_LABELS = {"sentiment": ("rotten", "fresh"), "plot": ("review", "plot")}
 
 
 @dataclass
@@ -63,18 +63,18 @@ def make_tasks(rows: list[tuple[str, str]], train_size: int, test_size: int, see
     """Disjoint, shuffled splits of both tasks. The plot task is balanced (there are ~1,100 plot rows) and
     its negatives are reviews that the sentiment task never sees."""
     rng = random.Random(seed)
-    reviews = [(t, c) for t, c in rows if c in TASKS["sentiment"]]
+    reviews = [(t, c) for t, c in rows if c in DEMO_LABELS["sentiment"]]
     plots = [(t, "plot") for t, c in rows if c == "plot"]
     rng.shuffle(reviews)
     rng.shuffle(plots)
-    sentiment = DemoTask("sentiment", TASKS["sentiment"], reviews[test_size : test_size + train_size],
+    sentiment = DemoTask("sentiment", DEMO_LABELS["sentiment"], reviews[test_size : test_size + train_size],
                          reviews[:test_size])  # fmt: skip
     others = [(t, "review") for t, _ in reviews[test_size + train_size :]]
     n_test = min(len(plots) // 2, test_size // 2)
     n_train = min(len(plots) - n_test, max(1, train_size // 2))
     plot_train = plots[n_test : n_test + n_train] + others[:n_train]
     rng.shuffle(plot_train)
-    plot = DemoTask("plot", TASKS["plot"], plot_train, plots[:n_test] + others[-n_test:])
+    plot = DemoTask("plot", DEMO_LABELS["plot"], plot_train, plots[:n_test] + others[-n_test:])
     return [sentiment, plot]
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
+from lorakit.data.collate import IGNORE_INDEX  # one definition, beside the collators
 
 
 # -- fused LoRA linear ---------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def load_for_generation(model_name: str, adapters: Sequence[tuple[str, str]], de
     from lorakit.files import load_adapter
     from lorakit.models import load_model
     from lorakit.training.distributed import pick_device
-    from lorakit.training.trainer import load_trained
+    from lorakit.training.outputs import load_trained
 
     model, tokenizer = load_model(model_name)
     if len(adapters) == 1 and adapters[0][0] == "default":

@@ -99,153 +99,141 @@ def _cpu_note(r: dict[str, Any], key: str | None = None) -> str:
     return "; ".join(parts)
 
 
-def compute_ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """lorakit / PEFT ratios per comparison, and each target with its value and whether it is met."""
-    ratios: dict[str, Any] = {}
-    checks: list[dict[str, Any]] = []
+class _Checks(list):
+    """Targets with their measured value and whether each is met (a row of the report's targets table)."""
 
-    def check(name: str, value: float | None, limit: float, op: str, note: str = "") -> None:
+    def check(self, name: str, value: float | None, limit: float, op: str, note: str = "") -> None:
         if value is None:
             return
         met = value <= limit if op == "<=" else value >= limit
-        checks.append({"target": name, "value": round(value, 4), "limit": f"{op} {limit:g}", "met": met, "note": note})
+        self.append({"target": name, "value": round(value, 4), "limit": f"{op} {limit:g}", "met": met, "note": note})
 
-    def rel(r: dict[str, Any], ref: dict[str, Any]) -> dict[str, float]:
-        return {
-            "time": r["median_s"] / ref["median_s"],
-            "cpu_time": cpu_median(r) / cpu_median(ref),
-            "peak_rss": r["peak_rss_mb"] / ref["peak_rss_mb"],
-            "step_memory": r["delta_rss_mb"] / max(ref["delta_rss_mb"], 1e-9),
-        }
 
-    # Train rows, one process each: lorakit vs PEFT at the same precision, and vs PEFT's fp32 default.
-    for r in _ok(results):
+def _rel(r: dict[str, Any], ref: dict[str, Any]) -> dict[str, float]:
+    return {
+        "time": r["median_s"] / ref["median_s"],
+        "cpu_time": cpu_median(r) / cpu_median(ref),
+        "peak_rss": r["peak_rss_mb"] / ref["peak_rss_mb"],
+        "step_memory": r["delta_rss_mb"] / max(ref["delta_rss_mb"], 1e-9),
+    }
+
+
+def _of_kind(results: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [r for r in _ok(results) if r["case"]["kind"] == kind]
+
+
+def _train_memory_checks(c: dict[str, Any], entry: dict[str, Any], checks: _Checks) -> None:
+    key = train_key(c)
+    if c["loss"] == "model" and "vs_peft_same_precision" in entry:
+        same = entry["vs_peft_same_precision"]
+        checks.check(f"like-for-like peak RSS, {key}", same["peak_rss"], 1.0, "<=", "whole process")
+        checks.check(f"like-for-like step memory, {key}", same["step_memory"], 1.0, "<=", "peak - loaded RSS")
+    if c["loss"] == "labels" and "vs_peft_fp32" in entry:
+        vs = entry["vs_peft_fp32"]
+        what = f"lorakit {c['precision']} + labels-only loss{_compiled(c)} vs PEFT fp32, {c['model']}"
+        limit = TARGETS["default_memory"]
+        checks.check(f"default-vs-default peak RSS: {what}", vs["peak_rss"], limit, "<=",
+                     "whole process, weights included")  # fmt: skip
+        checks.check(f"default-vs-default step memory: {what}", vs["step_memory"], limit, "<=", "peak - loaded RSS")
+
+
+def _train_ratios(results: list[dict[str, Any]], ratios: dict[str, Any], checks: _Checks) -> None:
+    """Train rows, one process each: lorakit vs PEFT at the same precision, and vs PEFT's fp32 default."""
+    for r in _of_kind(results, "train"):
         c = r["case"]
-        if c["kind"] != "train" or c["group"] != "train" or c["method"] != "lorakit":
+        if c["group"] != "train" or c["method"] != "lorakit":
             continue
         find = {"kind": "train", "group": "train", "model": c["model"], "method": "peft", "loss": "model"}
-        peft_same = _find(results, **find, precision=c["precision"])
-        peft_fp32 = _find(results, **find, precision="fp32")
-        key = train_key(c)
         entry: dict[str, Any] = {}
-        if peft_same:
-            entry["vs_peft_same_precision"] = rel(r, peft_same)
-        if peft_fp32:
-            entry["vs_peft_fp32"] = rel(r, peft_fp32)
-        ratios.setdefault("train", {})[key] = entry
-        if c["loss"] == "model" and peft_same:
-            same = entry["vs_peft_same_precision"]
-            check(f"like-for-like peak RSS, {key}", same["peak_rss"], 1.0, "<=", "whole process")
-            check(f"like-for-like step memory, {key}", same["step_memory"], 1.0, "<=", "peak - loaded RSS")
-        if c["loss"] == "labels" and peft_fp32:
-            vs = entry["vs_peft_fp32"]
-            what = f"lorakit {c['precision']} + labels-only loss{_compiled(c)} vs PEFT fp32, {c['model']}"
-            check(
-                f"default-vs-default peak RSS: {what}",
-                vs["peak_rss"],
-                TARGETS["default_memory"],
-                "<=",
-                "whole process, weights included",
-            )
-            check(
-                f"default-vs-default step memory: {what}",
-                vs["step_memory"],
-                TARGETS["default_memory"],
-                "<=",
-                "peak - loaded RSS",
-            )
-    # Paired rows: interleaved in one process, the ratio least disturbed by machine load.
-    for r in _ok(results):
+        for name, precision in (("vs_peft_same_precision", c["precision"]), ("vs_peft_fp32", "fp32")):
+            ref = _find(results, **find, precision=precision)
+            if ref:
+                entry[name] = _rel(r, ref)
+        ratios.setdefault("train", {})[train_key(c)] = entry
+        _train_memory_checks(c, entry, checks)
+
+
+def _pair_ratios(results: list[dict[str, Any]], ratios: dict[str, Any], checks: _Checks) -> None:
+    """Paired rows: interleaved in one process, the ratio least disturbed by machine load."""
+    for r in _of_kind(results, "pair"):
         c = r["case"]
-        if c["kind"] != "pair":
-            continue
-        name = f"{c['model']}/{c['id'].rsplit('/', 1)[-1]}"
-        ratios.setdefault("pair", {})[name] = r.get("ratio_stats", {"paired": r["ratio"]})
+        ratios.setdefault("pair", {})[f"{c['model']}/{c['id'].rsplit('/', 1)[-1]}"] = r.get(
+            "ratio_stats", {"paired": r["ratio"]}
+        )
         if "default" in c["id"]:
-            check(
-                f"default-vs-default speed-up (PEFT fp32 / lorakit {c['precision']}, {c['loss']} loss"
-                f"{_compiled(c)}), {c['model']}",
-                1 / r["ratio"],
-                TARGETS["default_speedup"],
-                ">=",
-                _cpu_note(r),
-            )
+            what = f"PEFT fp32 / lorakit {c['precision']}, {c['loss']} loss{_compiled(c)}"
+            checks.check(f"default-vs-default speed-up ({what}), {c['model']}", 1 / r["ratio"],
+                         TARGETS["default_speedup"], ">=", _cpu_note(r))  # fmt: skip
         if c["precision"] == c["other"]["precision"] and not c.get("compile"):  # compiled is not like for like
-            check(
-                f"same-precision step time ({c['precision']}, lorakit {c['loss']} loss / PEFT model loss), "
-                f"{c['model']}",
-                r["ratio"],
-                TARGETS["like_for_like_time"],
-                "<=",
-                _cpu_note(r),
-            )
-    # Inference overheads over the plain model (paired).
-    floors = {
-        (r["case"]["model"], r["case"]["batch"]): r["overhead"]
-        for r in _ok(results)
-        if r["case"]["kind"] == "infer" and r["case"]["method"] == "base"
-    }
-    for r in _ok(results):
+            what = f"{c['precision']}, lorakit {c['loss']} loss / PEFT model loss"
+            checks.check(f"same-precision step time ({what}), {c['model']}", r["ratio"],
+                         TARGETS["like_for_like_time"], "<=", _cpu_note(r))  # fmt: skip
+
+
+def _infer_ratios(results: list[dict[str, Any]], ratios: dict[str, Any], checks: _Checks) -> None:
+    """Inference overheads over the plain model (paired); merged is allowed the base-vs-base noise."""
+    rows = _of_kind(results, "infer")
+    floors = {(r["case"]["model"], r["case"]["batch"]): r["overhead"] for r in rows if r["case"]["method"] == "base"}
+    for r in rows:
         c = r["case"]
-        if c["kind"] != "infer":
-            continue
         name = f"{c['model']}/b{c['batch']}/{c['method']}-{c['mode']}"
         ratios.setdefault("infer_overhead", {})[name] = r["overhead"]
-        if c["method"] == "lorakit" and c["mode"] == "unmerged":
-            check(
-                f"unmerged forward overhead, {name}",
-                r["overhead"],
-                TARGETS["unmerged_overhead"],
-                "<=",
-                _cpu_note(r),
-            )
-        if c["method"] == "lorakit" and c["mode"] == "merged":
-            floor = abs(floors.get((c["model"], c["batch"]), 0.0))
-            check(
-                f"merged forward overhead, {name}",
-                r["overhead"],
-                TARGETS["merged_overhead"] + floor,
-                "<=",
-                f"limit = 2% + base-vs-base noise {floor:.1%}; " + _cpu_note(r),
-            )
-    for r in _ok(results):
-        c = r["case"]
-        if c["kind"] != "mixed":
+        if c["method"] != "lorakit":
             continue
+        if c["mode"] == "unmerged":
+            checks.check(f"unmerged forward overhead, {name}", r["overhead"], TARGETS["unmerged_overhead"], "<=",
+                         _cpu_note(r))  # fmt: skip
+        if c["mode"] == "merged":
+            floor = abs(floors.get((c["model"], c["batch"]), 0.0))
+            checks.check(f"merged forward overhead, {name}", r["overhead"], TARGETS["merged_overhead"] + floor, "<=",
+                         f"limit = 2% + base-vs-base noise {floor:.1%}; " + _cpu_note(r))  # fmt: skip
+
+
+def _mixed_ratios(results: list[dict[str, Any]], ratios: dict[str, Any], checks: _Checks) -> None:
+    for r in _of_kind(results, "mixed"):
+        c = r["case"]
         name = f"{c['model']}/{c['method']}/{c['n_adapters']}-adapters"
         ratios.setdefault("mixed_over_single", {})[name] = r["mixed_over_single"]
         if c["method"] == "lorakit" and c["n_adapters"] >= 32:
-            check(
-                f"mixed batch / single adapter, {name}",
-                r["mixed_over_single"],
-                TARGETS["mixed_over_single"],
-                "<=",
-                _cpu_note(r, "mixed_over_single"),
-            )
+            checks.check(f"mixed batch / single adapter, {name}", r["mixed_over_single"],
+                         TARGETS["mixed_over_single"], "<=", _cpu_note(r, "mixed_over_single"))  # fmt: skip
+
+
+def _quality_and_tokens_checks(results: list[dict[str, Any]], checks: _Checks) -> None:
     for r in _ok(results):
         c = r["case"]
         if c["kind"] == "quality":
-            check(
+            checks.check(
                 f"equal quality: held-out loss, lorakit {c['precision']} {c['loss']} loss / PEFT fp32, {c['model']}",
-                abs(r["held_out_rel_diff"]),
-                TARGETS["quality_rel_diff"],
-                "<=",
-                "absolute relative difference",
-            )
+                abs(r["held_out_rel_diff"]), TARGETS["quality_rel_diff"], "<=", "absolute relative difference",
+            )  # fmt: skip
         if c["kind"] == "tokens":
-            check(
+            checks.check(
                 f"useful tokens/s, lorakit length-grouped / PEFT random batches, {c['model']} {c['data']}",
-                r["grouped_over_peft"],
-                TARGETS["tokens_over_peft"],
-                ">=",
+                r["grouped_over_peft"], TARGETS["tokens_over_peft"], ">=",
                 "same steps from the same start; held-out losses in the tokens table",
-            )
+            )  # fmt: skip
+
+
+def compute_ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """lorakit / PEFT ratios per comparison, and each target with its value and whether it is met.
+
+    Args:
+        results: the worker's result records (failed ones are skipped).
+    """
+    ratios: dict[str, Any] = {}
+    checks = _Checks()
+    _train_ratios(results, ratios, checks)
+    _pair_ratios(results, ratios, checks)
+    _infer_ratios(results, ratios, checks)
+    _mixed_ratios(results, ratios, checks)
+    _quality_and_tokens_checks(results, checks)
     for kind in ("merge", "switch"):
         mine = _find(results, kind=kind, method="lorakit")
         theirs = _find(results, kind=kind, method="peft")
         if mine and theirs:
             ratios[f"{kind}_time"] = mine["median_s"] / theirs["median_s"]
-    return {"ratios": ratios, "targets": checks}
+    return {"ratios": ratios, "targets": list(checks)}
 
 
 # -- markdown --------------------------------------------------------------------------------------------
@@ -263,11 +251,11 @@ def _load(r: dict[str, Any]) -> str:
     return f"{r['loadavg_before'][0]:.1f}/{r['loadavg_after'][0]:.1f}"
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    results = report["results"]
+def _header(report: dict[str, Any]) -> list[str]:
+    """Command, date, machine and load."""
     meta = report["meta"]
     m = meta["machine"]
-    out = [
+    return [
         f"Command: `{meta['command']}`  ",
         f"Date: {meta['date']}  ",
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['cpu_capability']}), device {m['device']}; "
@@ -276,6 +264,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"at end {_fmt_load(meta['loadavg_end'])}; per row: 1-min load before/after the case.",
         "",
     ]
+
+
+def _train_section(results: list[dict[str, Any]], report: dict[str, Any]) -> list[str]:
+    """Train step rows, one process each, with the ratios against PEFT."""
+    out: list[str] = []
     train = [r for r in _ok(results) if r["case"]["kind"] == "train" and r["case"]["group"] == "train"]
     if train:
         c0 = train[0]["case"]
@@ -318,6 +311,12 @@ def render_markdown(report: dict[str, Any]) -> str:
             "count and FLOPs, different update.",
             "",
         ]
+    return out
+
+
+def _pairs_section(results: list[dict[str, Any]], report: dict[str, Any]) -> list[str]:
+    """lorakit vs PEFT interleaved in one process."""
+    out: list[str] = []
     pairs = [r for r in _ok(results) if r["case"]["kind"] == "pair"]
     if pairs:
         out += [
@@ -342,6 +341,12 @@ def render_markdown(report: dict[str, Any]) -> str:
             "seconds per step, which waiting for a busy core does not inflate.",
             "",
         ]
+    return out
+
+
+def _infer_section(results: list[dict[str, Any]], report: dict[str, Any]) -> list[str]:
+    """Inference forward: each variant against the plain model."""
+    out: list[str] = []
     infer = [r for r in _ok(results) if r["case"]["kind"] == "infer"]
     if infer:
         out += [
@@ -359,6 +364,12 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{_ms(r['base']['median_s'])} | {r['overhead']:+.1%} | {r['peak_rss_mb']:.0f} | {_load(r)} |"
             )
         out.append("")
+    return out
+
+
+def _mixed_section(results: list[dict[str, Any]], report: dict[str, Any]) -> list[str]:
+    """Mixed-adapter batches against one adapter and the plain model."""
+    out: list[str] = []
     mixed = [r for r in _ok(results) if r["case"]["kind"] == "mixed"]
     if mixed:
         c0 = mixed[0]["case"]
@@ -378,6 +389,12 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{r['mixed_over_single']:.2f} | {r['mixed_over_base']:.2f} | {_load(r)} |"
             )
         out.append("")
+    return out
+
+
+def _ops_section(results: list[dict[str, Any]], report: dict[str, Any]) -> list[str]:
+    """Merge / unmerge and load-and-switch."""
+    out: list[str] = []
     ops = [r for r in _ok(results) if r["case"]["kind"] in ("merge", "switch")]
     if ops:
         out += [
@@ -410,6 +427,12 @@ def render_markdown(report: dict[str, Any]) -> str:
                     f"{_ms(r['median_s'])} | {_ms(r['min_s'])} | {_load(r)} |"
                 )
         out.append("")
+    return out
+
+
+def _scaling_section(results: list[dict[str, Any]], report: dict[str, Any]) -> list[str]:
+    """Train steps across model sizes."""
+    out: list[str] = []
     scaling = [r for r in _ok(results) if r["case"]["group"] == "scaling"]
     if scaling:
         out += [
@@ -427,6 +450,12 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{r['peak_rss_mb']:.0f} | {r['delta_rss_mb']:.0f} | {_load(r)} |"
             )
         out.append("")
+    return out
+
+
+def _quality_section(results: list[dict[str, Any]], report: dict[str, Any]) -> list[str]:
+    """Equal-quality runs: train and held-out losses."""
+    out: list[str] = []
     quality = [r for r in _ok(results) if r["case"]["kind"] == "quality"]
     if quality:
         out += [
@@ -449,7 +478,12 @@ def render_markdown(report: dict[str, Any]) -> str:
             "final train loss = mean of the last 5 steps; held-out loss in fp32 on an unseen batch.",
             "",
         ]
-    out += _tokens_table(results)
+    return out
+
+
+def _checks_section(results: list[dict[str, Any]], report: dict[str, Any]) -> list[str]:
+    """Every target with its value and whether it is met."""
+    out: list[str] = []
     checks = report["summary"]["targets"]
     if checks:
         out += ["### Targets", "", "| target | value | limit | met | note |", "|---|---|---|---|---|"]
@@ -458,9 +492,33 @@ def render_markdown(report: dict[str, Any]) -> str:
             for t in checks
         ]
         out.append("")
+    return out
+
+
+def _errors_section(results: list[dict[str, Any]], report: dict[str, Any]) -> list[str]:
+    """Cases that failed."""
+    out: list[str] = []
     errors = [r for r in results if "error" in r]
     if errors:
         out += ["### Failed cases", ""] + [f"- `{r['id']}`: {r['error']}" for r in errors] + [""]
+    return out
+
+
+SECTIONS = (
+    _train_section, _pairs_section, _infer_section, _mixed_section, _ops_section, _scaling_section,
+    _quality_section, lambda results, report: _tokens_table(results), _checks_section, _errors_section,
+)  # the report's tables, in order
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The bench report as Markdown: a header, then one table per kind of case present, then the targets.
+
+    Args:
+        report: ``{"meta", "results", "summary"}`` as ``bench_main`` writes it.
+    """
+    out = _header(report)
+    for section in SECTIONS:
+        out += section(report["results"], report)
     return "\n".join(out)
 
 
@@ -578,8 +636,8 @@ def _resolve_device(device: str) -> str:
 
 
 def bench_main(argv: list[str] | None = None) -> int:
-    if argv and argv[0] == "serve":  # `lorakit bench serve`: the server load generator (lorakit.serve.bench)
-        from lorakit.serve.bench import bench_serve_main
+    if argv and argv[0] == "serve":  # `lorakit bench serve`: the server load generator (lorakit.bench.serve_load)
+        from lorakit.bench.serve_load import bench_serve_main
 
         return bench_serve_main(argv[1:])
     args = _parser().parse_args(argv)

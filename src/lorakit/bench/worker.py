@@ -1,4 +1,4 @@
-"""Run one benchmark case in this process: ``python -m lorakit.bench.worker CASE_JSON`` prints one JSON line.
+"""The bench case runners (one function per case kind); `lorakit.bench.runner` runs one case in a subprocess.
 
 Memory: ``peak_rss_mb`` is this process's ru_maxrss (loading included); ``delta_rss_mb`` is the peak during
 the measured steps over the resident size once the model was loaded and set up (the high-water mark is
@@ -13,15 +13,12 @@ import copy
 import ctypes
 import gc
 import itertools
-import json
 import os
-import platform
 import re
 import resource
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,9 +28,9 @@ from torch import nn
 
 from lorakit.arch import Family, family, family_of
 from lorakit.bench.cases import Case
+from lorakit.bench.timing import CPU_TIMES, time_alternating, time_one
+from lorakit.data.collate import IGNORE_INDEX
 from lorakit.kinds import adapter_param_names
-
-IGNORE_INDEX = -100
 
 
 # -- memory ----------------------------------------------------------------------------------------------
@@ -216,45 +213,7 @@ def randomize_adapters(model: nn.Module, seed: int = 1) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
-# -- timing ----------------------------------------------------------------------------------------------
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-# CPU seconds of this process per call, next to wall time: on a shared machine, time spent waiting for a
-# core inflates wall time but not CPU time (with one torch thread; more threads add their spin-waits).
-CPU_TIMES: dict[str, list[float]] = {}
-
-
-def time_one(fn: Callable[[], Any], device: str, cpu_key: str | None = None) -> float:
-    _sync(device)
-    cpu = time.process_time()
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    wall = time.perf_counter() - start
-    if cpu_key is not None:
-        CPU_TIMES.setdefault(cpu_key, []).append(time.process_time() - cpu)
-    return wall
-
-
-def time_alternating(
-    fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, device: str
-) -> dict[str, list[float]]:
-    """Run each function once per round, rotating the order (ABC, BCA, ...) so drift hits all alike."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(repeats):
-        order = names[i % len(names) :] + names[: i % len(names)]
-        for name in order:
-            times[name].append(time_one(fns[name], device, cpu_key=name))
-    return times
-
-
+# -- timing: lorakit.bench.timing (shared with `lorakit latency`) -----------------------------------------
 def summary(times: list[float]) -> dict[str, float]:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
@@ -623,59 +582,3 @@ def run_quality(case: Case, measure: Measure) -> dict[str, Any]:
         "held_out_rel_diff": held["mine"] / held["other"] - 1.0,
         "start_loss": losses["other"][0],
     }
-
-
-RUNNERS: dict[str, Callable[[Case, Measure], dict[str, Any]]] = {
-    "quality": run_quality,
-    "train": run_train,
-    "pair": run_pair,
-    "infer": run_infer,
-    "mixed": run_mixed,
-    "merge": run_merge,
-    "switch": run_switch,
-}
-
-
-def _run_tokens(case: Case, measure: Measure) -> dict[str, Any]:
-    from lorakit.bench.tokens import run_tokens
-
-    return run_tokens(case, measure)
-
-
-RUNNERS["tokens"] = _run_tokens
-
-
-def run_case(case: Case) -> dict[str, Any]:
-    if case.threads:
-        torch.set_num_threads(case.threads)
-    measure = Measure(case.device)
-    load_before = os.getloadavg()
-    started = time.time()
-    result = RUNNERS[case.kind](case, measure)
-    return {
-        "cpu_times": dict(CPU_TIMES),
-        "id": case.id,
-        "case": json.loads(case.to_json()),
-        **result,
-        **measure.result,
-        "threads": torch.get_num_threads(),
-        "loadavg_before": load_before,
-        "loadavg_after": os.getloadavg(),
-        "wall_s": time.time() - started,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m lorakit.bench.worker CASE_JSON", file=sys.stderr)
-        return 2
-    result = run_case(Case.from_json(argv[0]))
-    print(json.dumps(result), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorakit.data.collate import IGNORE_INDEX
 from lorakit.data.text import DataError, _records_from_jsonl, _records_from_table
 
 __all__ = [
@@ -33,7 +34,6 @@ __all__ = [
 SFT_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".tsv")
 TRUNCATION_RULES = ("left", "refuse")
 ROLES = ("system", "user", "assistant")
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,9 @@
 """Save and load a method's trained state: ``method_config.json`` + ``method_model.safetensors``.
 
+This is the one file format for trained state that is not a LoRA adapter: ``apply_method`` users and
+``lorakit train`` both write it (the trainer's older ``trainable_state.*`` pair is still read, by
+``lorakit.training.outputs.load_trained``).
+
 The JSON names the method and its options (enough to rebuild the structure on a fresh base model), the
 base model's fingerprint, every tensor's shape and the checksum of the weights file. Saves are atomic per
 file (``lorakit.files.write_weights_and_config``); loads check everything they can before touching the model.
@@ -17,7 +21,7 @@ from torch import nn
 from lorakit import __version__
 from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.files import _fingerprint, check_finite, read_pair, read_weights, write_weights_and_config
-from lorakit.methods import METHODS, MethodResult, apply_method, method_of
+from lorakit.methods.registry import METHODS, MethodResult, apply_method, method_of
 
 CONFIG_NAME = "method_config.json"
 WEIGHTS_NAME = "method_model.safetensors"
@@ -25,7 +29,12 @@ FORMAT = "lorakit-method"
 
 
 def save_method(model: nn.Module, path: str | Path) -> Path:
-    """Write the applied method's trainable parameters (by name) and its config to directory ``path``."""
+    """Write the applied method's trainable parameters (by name) and its config to directory ``path``.
+
+    Args:
+        model: a model prepared by ``apply_method`` (or by the trainer, which uses it).
+        path: the directory (created; other files in it are kept).
+    """
     record = method_of(model)
     if record is None:
         raise ConfigError("no method applied to this model (apply_method first)")
@@ -75,16 +84,8 @@ def read_method(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     return config, tensors
 
 
-@torch.no_grad()
-def load_method(model: nn.Module, path: str | Path) -> MethodResult:
-    """Rebuild the saved method on a fresh base ``model`` and load its trained values.
-
-    The file is fully checked, and its fingerprint compared with the model, before the model is touched;
-    should the rebuilt method still not match the file (a different base of the same shape), the error
-    says so and the model must be reloaded.
-    """
-    path = Path(path)
-    config, tensors = read_method(path)
+def _check_base(model: nn.Module, path: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """The file's base fingerprint and the shapes of base parameters it holds, against ``model``."""
     mine = _fingerprint(model)
     theirs = config.get("base_model") or {}
     for key in ("model_type", "hidden_size", "num_hidden_layers"):
@@ -98,6 +99,41 @@ def load_method(model: nn.Module, path: str | Path) -> MethodResult:
             raise AdapterFileError(
                 f"{path}: {name} is {tuple(tensor.shape)} in the file, {tuple(params[name].shape)} here"
             )
+
+
+def _fill(model: nn.Module, path: Path, method: str, trainable: list[str], tensors: dict[str, torch.Tensor]) -> None:
+    """Copy the file's values into the rebuilt method's parameters, which must be exactly the file's."""
+    reload = "(the model now carries the method untrained; reload it before retrying)"
+    expected = set(trainable)
+    if expected != set(tensors):
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise AdapterFileError(
+            f"{path} does not fit this model's {method!r}: missing {missing[:3]}, unexpected {extra[:3]} {reload}"
+        )
+    params = dict(model.named_parameters())
+    for name, tensor in tensors.items():
+        if tuple(params[name].shape) != tuple(tensor.shape):
+            raise AdapterFileError(
+                f"{path}: {name} is {tuple(tensor.shape)} in the file, {tuple(params[name].shape)} here {reload}"
+            )
+        params[name].copy_(tensor.to(device=params[name].device, dtype=params[name].dtype))
+
+
+@torch.no_grad()
+def load_method(model: nn.Module, path: str | Path) -> MethodResult:
+    """Rebuild the saved method on a fresh base ``model`` and load its trained values.
+
+    The file is fully checked, and its fingerprint compared with the model, before the model is touched;
+    should the rebuilt method still not match the file (a different base of the same shape), the error
+    says so and the model must be reloaded.
+
+    Args:
+        model: a freshly loaded base model.
+        path: a directory written by ``save_method`` (or by ``lorakit train`` for a non-LoRA method).
+    """
+    path = Path(path)
+    config, tensors = read_method(path)
+    _check_base(model, path, config, tensors)
     options = dict(config["options"])
     build = dict(options)
     if "init" in build:
@@ -105,20 +141,5 @@ def load_method(model: nn.Module, path: str | Path) -> MethodResult:
     result = apply_method(model, config["method"], **build)
     model.lorakit_method["options"] = options
     result.options = options
-    expected = set(result.trainable_names)
-    if expected != set(tensors):
-        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        raise AdapterFileError(
-            f"{path} does not fit this model's {config['method']!r}: missing {missing[:3]}, "
-            f"unexpected {extra[:3]} "
-            "(the model now carries the method untrained; reload it before retrying)"
-        )
-    params = dict(model.named_parameters())
-    for name, tensor in tensors.items():
-        if tuple(params[name].shape) != tuple(tensor.shape):
-            raise AdapterFileError(
-                f"{path}: {name} is {tuple(tensor.shape)} in the file, {tuple(params[name].shape)} here "
-                "(the model now carries the method untrained; reload it before retrying)"
-            )
-        params[name].copy_(tensor.to(device=params[name].device, dtype=params[name].dtype))
+    _fill(model, path, config["method"], result.trainable_names, tensors)
     return result

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.arch import family_of
+from lorakit.data.collate import IGNORE_INDEX
 from lorakit.errors import ConfigError
 from lorakit.methods.finetune import freeze_all, hidden_size, num_layers, unfreeze, unfreeze_head
 
@@ -40,7 +41,6 @@ LAYER_ATTR = "lorakit_prefix"  # child of each attention module holding its key/
 EMBED_ATTR = "lorakit_prefix_embed"  # child of the model holding the virtual-token embeddings
 SUPPORTED_KERNELS = ("eager", "sdpa")
 INIT_KINDS = ("tokens", "normal")
-IGNORE_INDEX = -100
 INFIX_KWARG = "lorakit_infix_at"  # optional forward kwarg: where each row's infix goes (B,) or an int
 
 

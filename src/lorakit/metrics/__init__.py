@@ -1,4 +1,4 @@
-"""Evaluation metrics: GLUE task metrics and the E2E NLG challenge metrics."""
+"""Evaluation metrics: GLUE task metrics, the E2E NLG challenge metrics, and the registry tasks score with."""
 
 from lorakit.metrics.glue import (
     MetricError,
@@ -22,8 +22,10 @@ from lorakit.metrics.nlg import (
     nlg_metrics,
     rouge_l,
 )
+from lorakit.metrics.registry import METRICS, get_metric, register_metric, text_metrics
 
 __all__ = [
+    "METRICS",
     "NLG_METRIC_NAMES",
     "MeteorScorer",
     "MetricError",
@@ -33,6 +35,7 @@ __all__ = [
     "bleu",
     "cider",
     "coco_tokenize",
+    "get_metric",
     "glue_metrics",
     "java_available",
     "matthews_corr",
@@ -40,6 +43,8 @@ __all__ = [
     "nist",
     "nlg_metrics",
     "pearson_corr",
+    "register_metric",
     "rouge_l",
     "spearman_corr",
+    "text_metrics",
 ]

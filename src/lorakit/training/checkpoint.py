@@ -134,6 +134,39 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def _state_files(
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: dict[str, Any],
+    rng_states: list[dict[str, Any]],
+    trainable: dict[str, Tensor] | None,
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The checkpoint's tensors (parameters, optimizer state, RNG) and its JSON (everything else)."""
+    if trainable is None:
+        trainable = {n: p.detach() for n, p in trainable_parameters(model)}
+    tensors = {f"param/{n}": t.detach().to("cpu").contiguous().clone() for n, t in trainable.items()}
+    optim_tensors, optim_meta = _optimizer_to_flat(optimizer)
+    tensors.update({k: v.detach().to("cpu").contiguous().clone() for k, v in optim_tensors.items()})
+    rng_meta = []
+    for rank, rng in enumerate(rng_states):
+        rng_tensors, meta = _rng_to_flat(rank, rng)
+        tensors.update(rng_tensors)
+        rng_meta.append(meta)
+    sched = scheduler.state_dict()
+    sched.pop("lr_lambdas", None)  # functions, rebuilt from the config on resume
+    meta_json = {
+        "step": step,
+        "trainer": state,
+        "scheduler": sched,
+        "optimizer": optim_meta,
+        "rng": rng_meta,
+        "parameters": list(trainable),
+    }
+    return tensors, meta_json
+
+
 def save_checkpoint(
     out_dir: Path,
     step: int,
@@ -160,28 +193,9 @@ def save_checkpoint(
     try:
         save_trained(model, tmp)  # creates tmp (the method's own files, e.g. the LoRA adapter)
         tmp.mkdir(exist_ok=True)
-        if trainable is None:
-            trainable = {n: p.detach() for n, p in trainable_parameters(model)}
-        tensors = {f"param/{n}": t.detach().to("cpu").contiguous().clone() for n, t in trainable.items()}
-        optim_tensors, optim_meta = _optimizer_to_flat(optimizer)
-        tensors.update({k: v.detach().to("cpu").contiguous().clone() for k, v in optim_tensors.items()})
-        rng_meta = []
-        for rank, rng in enumerate(rng_states):
-            rng_tensors, meta = _rng_to_flat(rank, rng)
-            tensors.update(rng_tensors)
-            rng_meta.append(meta)
+        tensors, meta_json = _state_files(step, model, optimizer, scheduler, state, rng_states, trainable)
         save_file(tensors, tmp / STATE_TENSORS, metadata={"format": "pt"})
         os.chmod(tmp / STATE_TENSORS, file_mode())  # safetensors creates 0600: one mode for all files
-        sched = scheduler.state_dict()
-        sched.pop("lr_lambdas", None)  # functions, rebuilt from the config on resume
-        meta_json = {
-            "step": step,
-            "trainer": state,
-            "scheduler": sched,
-            "optimizer": optim_meta,
-            "rng": rng_meta,
-            "parameters": list(trainable),
-        }
         (tmp / STATE_JSON).write_text(json.dumps(meta_json, indent=2, sort_keys=True))
         for f in tmp.iterdir():
             if f.is_file():
@@ -253,6 +267,32 @@ def check_finite_step(step: int, loss_sum: float, grad_norm: Tensor | float | No
 
 
 # -- reading -----------------------------------------------------------------------------------------------
+def _check_fits(path: Path, meta: dict[str, Any], names: list[str], world_size: int) -> None:
+    """The checkpoint trains the parameters ``names`` and was written by ``world_size`` processes."""
+    if meta["parameters"] != names:
+        missing = sorted(set(meta["parameters"]) ^ set(names))[:5]
+        raise CheckpointError(
+            f"{path}: checkpoint trains different parameters than this run (e.g. {missing}); "
+            "was the method, targets or model changed?"
+        )
+    saved_world = len(meta["rng"])
+    if saved_world != world_size:
+        raise CheckpointError(
+            f"{path}: written by {saved_world} process(es), resumed with {world_size}; resume with the same "
+            "number of processes (the data split and RNG streams depend on it)"
+        )
+
+
+@torch.no_grad()
+def _restore_parameters(path: Path, model: nn.Module, params: dict[str, Tensor]) -> None:
+    """Every trainable parameter's value from the checkpoint (all shapes checked first)."""
+    for name, p in trainable_parameters(model):
+        if tuple(p.shape) != tuple(params[name].shape):
+            raise CheckpointError(f"{path}: {name} has shape {tuple(params[name].shape)}, model {tuple(p.shape)}")
+    for name, p in trainable_parameters(model):
+        p.copy_(params[name].to(p.device, p.dtype))
+
+
 def load_checkpoint(
     path: Path,
     *,
@@ -274,30 +314,12 @@ def load_checkpoint(
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint: {exc}") from exc
     names = [n for n, _ in trainable_parameters(model)] if load_trainable is None else meta["parameters"]
-    if meta["parameters"] != names:
-        missing = sorted(set(meta["parameters"]) ^ set(names))[:5]
-        raise CheckpointError(
-            f"{path}: checkpoint trains different parameters than this run (e.g. {missing}); "
-            "was the method, targets or model changed?"
-        )
-    saved_world = len(meta["rng"])
-    if saved_world != world_size:
-        raise CheckpointError(
-            f"{path}: written by {saved_world} process(es), resumed with {world_size}; resume with the same "
-            "number of processes (the data split and RNG streams depend on it)"
-        )
+    _check_fits(path, meta, names, world_size)
     params = {n: tensors[f"param/{n}"] for n in meta["parameters"]}
     if load_trainable is not None:
         load_trainable(params)
     else:
-        with torch.no_grad():
-            for name, p in trainable_parameters(model):
-                if tuple(p.shape) != tuple(params[name].shape):
-                    raise CheckpointError(
-                        f"{path}: {name} has shape {tuple(params[name].shape)}, model {tuple(p.shape)}"
-                    )
-            for name, p in trainable_parameters(model):
-                p.copy_(params[name].to(p.device, p.dtype))
+        _restore_parameters(path, model, params)
     optim_sd = _optimizer_from_flat(tensors, meta["optimizer"])
     optimizer.load_state_dict(optim_sd)
     sched = dict(meta["scheduler"])

@@ -1,4 +1,4 @@
-"""`lorakit train` and `lorakit eval`: argument parsing only; the work is in trainer.py and evaluate.py."""
+"""`lorakit train` and `lorakit eval`: argument parsing only; the work is in trainer.py and scoring.py."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from lorakit.training.config import (
     read_config_file,
     resolve_config,
 )
+from lorakit.training.outputs import TRAIN_CONFIG
+from lorakit.training.scoring import evaluate_model
 
 # Fields `lorakit eval` accepts (the rest only matter for training).
 EVAL_FIELDS = [
@@ -95,8 +97,6 @@ def _eval_defaults(adapter: str | None) -> dict[str, Any]:
     """Settings a training run saved beside its adapter (task, data layout, labels, max length …)."""
     if adapter is None:
         return {}
-    from lorakit.training.trainer import TRAIN_CONFIG
-
     saved = Path(adapter) / TRAIN_CONFIG
     if not saved.is_file():
         # A checkpoint folder: the run's config is two levels up.
@@ -169,28 +169,3 @@ def eval_main(argv: list[str]) -> int:
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
-
-
-def evaluate_model(cfg: TrainConfig, adapter: str | None) -> tuple[dict[str, float], list[Any]]:
-    """Load the eval split, the model (+ adapter) and score it; returns (metrics, predictions)."""
-    import torch
-
-    from lorakit.models import load_model
-    from lorakit.training.distributed import pick_device
-    from lorakit.training.evaluate import load_task, score
-    from lorakit.training.trainer import load_trained, seed_everything
-
-    data = load_task(cfg, roles=("eval",))  # data errors before the model is loaded
-    spec = data.spec
-    device = pick_device(cfg.device)
-    seed_everything(cfg.seed)
-    model, tokenizer = load_model(cfg.model, spec.model_task, num_labels=spec.num_labels)
-    if adapter is not None:
-        load_trained(model, adapter)
-    model.to(device).eval()
-    predictions: list[Any] = []
-    with torch.no_grad():
-        metrics = score(
-            model, tokenizer, spec, data.eval, cfg, device, progress=True, predictions_out=predictions
-        )
-    return metrics, predictions

@@ -54,7 +54,10 @@ class TrainConfig:
     data: str = _f(
         "", "data directory (GLUE task folder, E2E folder) or, for 'text', a folder or a train file"
     )
-    method: str = _f("lora", "training method: lora, full (all weights) or head (classifier head only)")
+    method: str = _f(
+        "lora", "training method (lorakit.methods): lora, full (all weights), head (classifier head only), fttop2, "
+        "bitfit, adapter_h, adapter_l, adapter_p, prefix_embed, prefix_layer (docs/methods.md)"
+    )
     method_options: list[str] | None = field(
         default=None,
         metadata={"help": "method-specific settings as key=value pairs (baselines, docs/methods.md)"},
@@ -84,6 +87,10 @@ class TrainConfig:
     head_lr_ratio: float | None = _f(
         None, "lr multiplier for task heads trained with an adapter (modules_to_save); default: 10 for "
         "classification (a fresh head on a pretrained pooler needs larger steps), 1 otherwise (docs/training.md)"
+    )
+    loraplus_ratio: float | None = _f(
+        None, "LoRA+: LoRA's B matrices learn at this many times the lr of A (PEFT's loraplus_lr_ratio; "
+        "the paper suggests 16); none: one lr for both (docs/training.md)"
     )
     weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights)")
     adam_beta1: float = _f(0.9, "AdamW beta1")
@@ -177,16 +184,13 @@ class TrainConfig:
             raise ConfigError("task is required (e.g. --task rte, --task e2e or --task text)")
         if not self.data and not self.train_file:
             raise ConfigError("data is required: --data DIR (or --train-file FILE for task 'text')")
-        positive = (
-            "r",
-            "batch_size",
-            "grad_accum",
-            "max_length",
-            "eval_batch_size",
-            "num_beams",
-            "max_new_tokens",
-            "log_interval",
-        )
+        self._check_counts()
+        self._check_rates()
+        self._check_choices()
+
+    def _check_counts(self) -> None:
+        positive = ("r", "batch_size", "grad_accum", "max_length", "eval_batch_size", "num_beams", "max_new_tokens",
+                    "log_interval")  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
@@ -199,6 +203,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.max_steps is None and not self.epochs > 0:
             raise ConfigError(f"epochs must be positive (or set max_steps), got {self.epochs!r}")
+
+    def _check_rates(self) -> None:
         if not ((self.lr is None or self.lr > 0) and self.alpha > 0):
             raise ConfigError("lr and alpha must be positive")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -207,20 +213,23 @@ class TrainConfig:
             raise ConfigError("dropout and label_smoothing must be in [0, 1)")
         if self.head_lr_ratio is not None and not self.head_lr_ratio > 0:
             raise ConfigError(f"head_lr_ratio must be positive, got {self.head_lr_ratio!r}")
+        if self.loraplus_ratio is not None and not (self.loraplus_ratio > 0 and math.isfinite(self.loraplus_ratio)):
+            raise ConfigError(f"loraplus_ratio must be a positive number, got {self.loraplus_ratio!r}")
+        if self.loraplus_ratio is not None and self.method != "lora":
+            raise ConfigError(f"loraplus_ratio applies to LoRA's B matrices; method {self.method!r} has none")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ConfigError(f"clip_norm must be positive or none, got {self.clip_norm!r}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"device must be one of {list(DEVICES)}, got {self.device!r}")
+
+    def _check_choices(self) -> None:
+        choices = (("schedule", SCHEDULES), ("device", DEVICES), ("class_weights", CLASS_WEIGHTS),
+                   ("truncation", ("left", "refuse")))  # fmt: skip
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         if self.compile and self.fsdp:
             raise ConfigError("compile and fsdp cannot be combined yet: drop --compile or --fsdp")
-        if self.class_weights not in CLASS_WEIGHTS:
-            raise ConfigError(f"class_weights must be one of {list(CLASS_WEIGHTS)}, got {self.class_weights!r}")
-        if self.truncation not in ("left", "refuse"):
-            raise ConfigError(f"truncation must be 'left' or 'refuse', got {self.truncation!r}")
         if self.init not in ("gaussian", "kaiming"):
             raise ConfigError(f"init must be 'gaussian' or 'kaiming', got {self.init!r}")
 

@@ -1,4 +1,5 @@
-"""The batches of one epoch: random (``epoch_order``), or grouped by length (``length_grouping``).
+"""The batches of one epoch (random, ``epoch_order``, or grouped by length, ``length_grouping``) and each
+process's share of them (``local_micro_batches``).
 
 Grouping sorts examples by length inside windows of ``GROUP_WINDOW`` batches of the shuffled order, cuts
 the result into global batches and shuffles the batches, so a batch holds examples of similar length (less
@@ -12,11 +13,33 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from lorakit.training.config import TrainConfig
 
 GROUP_WINDOW = 50  # batches per sorting window: larger pads less, smaller keeps batches more random
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled example order of one epoch: a function of (seed, epoch) only."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def global_batches(order: list[int], batch_size: int, world_size: int) -> list[list[int]]:
+    """Consecutive global batches; a last batch smaller than the number of processes is dropped."""
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if batches and len(batches[-1]) < world_size:
+        batches.pop()
+    return batches
+
+
+def local_micro_batches(batch: list[int], rank: int, world_size: int, grad_accum: int) -> list[list[int]]:
+    """This process's share of a global batch as micro-batches (all non-empty, same count on every rank)."""
+    share = [int(i) for i in np.array_split(np.asarray(batch), world_size)[rank]]
+    n_micro = max(1, min(grad_accum, len(batch) // world_size))
+    return [[int(i) for i in part] for part in np.array_split(np.asarray(share), n_micro)]
 
 
 def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[int]:
@@ -27,8 +50,6 @@ def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, epo
         batch_size: the global batch.
         seed / epoch: the order is a function of these (and ``lengths``) only.
     """
-    from lorakit.training.trainer import epoch_order
-
     order = epoch_order(len(lengths), seed, epoch)
     window = batch_size * GROUP_WINDOW
     grouped: list[int] = []
@@ -47,8 +68,6 @@ def epoch_batches(rows: Sequence[dict[str, Any]], cfg: TrainConfig, epoch: int, 
         epoch: 0-based epoch.
         world_size: processes sharing each batch (a last batch smaller than this is dropped).
     """
-    from lorakit.training.trainer import epoch_order, global_batches
-
     if not cfg.length_grouping:
         return global_batches(epoch_order(len(rows), cfg.seed, epoch), cfg.batch_size, world_size)
     lengths = [len(r["input_ids"]) for r in rows]

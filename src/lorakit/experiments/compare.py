@@ -72,10 +72,10 @@ def parse_spec(text: str, train_fields: Sequence[str]) -> MethodSpec:
 
 
 def known_methods() -> list[str]:
-    """Method names the trainer can run: its own plus lorakit's baselines (it registers them on use)."""
-    from lorakit.training.trainer import known_methods as trainer_methods
+    """Method names the trainer can run (the method registry's)."""
+    from lorakit.methods import known_methods as registered
 
-    return trainer_methods()
+    return registered()
 
 
 def run_training(config: dict[str, Any], *, resume: bool, overwrite: bool) -> dict[str, float]:
@@ -105,10 +105,14 @@ def _run_config(spec: MethodSpec, seed: int, base: dict[str, Any], run_dir: Path
 
 def trainable_count(run_dir: Path) -> int | None:
     """Trainable parameters of a finished run, read from the files it saved."""
-    state = run_dir / "trainable_state.json"
-    if state.is_file():
-        shapes = json.loads(state.read_text()).get("parameters", {})
-        return sum(math.prod(s) for s in shapes.values())
+    from lorakit.methods.io import CONFIG_NAME
+    from lorakit.training.outputs import LEGACY_CONFIG
+
+    for name, key in ((CONFIG_NAME, "tensors"), (LEGACY_CONFIG, "parameters")):
+        state = run_dir / name
+        if state.is_file():
+            shapes = json.loads(state.read_text()).get(key, {})
+            return sum(math.prod(s) for s in shapes.values())
     adapter = run_dir / "adapter_model.safetensors"
     if adapter.is_file():
         from safetensors import safe_open
@@ -119,7 +123,7 @@ def trainable_count(run_dir: Path) -> int | None:
 
 
 def _same_settings(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    from lorakit.training.trainer import RESUME_MAY_CHANGE
+    from lorakit.training.prepare import RESUME_MAY_CHANGE
 
     # A field the saved run predates cannot have differed: only compare the ones it recorded.
     ignored = {*RESUME_MAY_CHANGE, "out"}

@@ -1,25 +1,20 @@
-"""The causal-LM tasks beyond E2E: ``webnlg`` and ``dart`` (data-to-text, scored with BLEU/METEOR/TER) and
-``sft`` (prompt/completion or chat records, scored with validation loss, perplexity and BLEU/METEOR/TER of
-generated completions). ``evaluate.py`` dispatches here; the trainer treats them as any generation task.
-"""
+"""``webnlg`` and ``dart`` (data-to-text) and ``sft`` (prompt/completion or chat records): causal-LM tasks."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from lorakit.data.sft import SftRecord, encode_sft, find_sft_file, sft_splits
+from lorakit.data.sft import find_sft_file, sft_splits
 from lorakit.data.text import DataError
 from lorakit.data.webnlg import d2t_splits, load_dart, load_webnlg
 from lorakit.errors import ConfigError
-from lorakit.training.config import TrainConfig
+from lorakit.tasks.spec import TaskData, TaskSpec, subsample
 
-NLG_TASKS = ("webnlg", "dart", "sft")
+if TYPE_CHECKING:
+    from lorakit.training.config import TrainConfig
+
 D2T_ROLE_FILES = {"train": ("train",), "valid": ("valid", "dev"), "test": ("test",)}
 
 
@@ -75,10 +70,8 @@ def _sft_files(cfg: TrainConfig) -> dict[str, Path | None]:
     return files
 
 
-def load_nlg_task(cfg: TrainConfig, roles: Sequence[str]) -> Any:
+def load_nlg_task(cfg: TrainConfig, roles: Sequence[str]) -> TaskData:
     """TaskData for webnlg / dart / sft; every data problem is raised here, before a model is loaded."""
-    from lorakit.training.evaluate import TaskData, TaskSpec, subsample
-
     task = cfg.task.lower()
     if task == "sft":
         fields = (cfg.prompt_field, cfg.completion_field, cfg.messages_field)
@@ -88,7 +81,7 @@ def load_nlg_task(cfg: TrainConfig, roles: Sequence[str]) -> Any:
     eval_role = cfg.eval_split or "test"
     if eval_role not in splits:
         raise ConfigError(f"eval_split for {task} must be one of {list(splits)}, got {eval_role!r}")
-    out = TaskData(TaskSpec(task, "generation", "causal-lm"))
+    out = TaskData(TaskSpec(task, "generation", "causal-lm", metric={"webnlg": "webnlg"}.get(task, "d2t")))
     if "train" in roles:
         train = splits["train"]
         if task != "sft":  # one training example per (input, reference) pair, as for E2E
@@ -99,63 +92,3 @@ def load_nlg_task(cfg: TrainConfig, roles: Sequence[str]) -> Any:
     if "eval" in roles:
         out.eval = subsample(splits[eval_role], cfg.max_eval_samples, cfg.split_seed)
     return out
-
-
-def encode_sft_rows(records: Sequence[SftRecord], tokenizer: Any, max_length: int,
-                    truncation: str = "left") -> list[dict[str, Any]]:  # fmt: skip
-    """SFT rows with ``n_targets`` (the loss terms each adds: labelled positions after the first).
-
-    Args:
-        records / tokenizer / max_length / truncation: as for :func:`lorakit.data.sft.encode_sft`.
-    """
-    rows = encode_sft(records, tokenizer, max_length, truncation)
-    for row in rows:
-        row["n_targets"] = sum(1 for label in row["labels"][1:] if label != -100)
-    return rows
-
-
-def generate_sft(model: nn.Module, tokenizer: Any, records: Sequence[SftRecord], cfg: TrainConfig,
-                 progress: bool = False) -> list[str]:  # fmt: skip
-    """The model's completion of each record's prompt (for chat: the reply in place of the last assistant
-    turn), decoded with the run's beam settings and cut at EOS / end of turn."""
-    from lorakit.generation import GenerationSettings, generate_ids, stop_token_ids
-
-    rows = encode_sft(records, tokenizer, cfg.max_length, cfg.truncation)
-    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
-                                  length_penalty=cfg.length_penalty, no_repeat_ngram_size=cfg.no_repeat_ngram_size)
-    new = generate_ids(model, [r["input_ids"][: r["prompt_length"]] for r in rows], pad_id=tokenizer.pad_token_id,
-                       stop_ids=stop_token_ids(model, tokenizer), settings=settings,
-                       batch_size=cfg.eval_batch_size, progress=progress)  # fmt: skip
-    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]
-
-
-def score_nlg(
-    model: nn.Module,
-    tokenizer: Any,
-    spec: Any,
-    items: Sequence[Any],
-    cfg: TrainConfig,
-    device: torch.device,
-    *,
-    progress: bool = False,
-    predictions_out: list | None = None,
-) -> dict[str, float]:
-    """Final scores: BLEU/METEOR/TER of generations against the references (WebNLG: also per seen/unseen
-    group); SFT adds the loss and perplexity of the references under teacher forcing."""
-    from lorakit.metrics.d2t import d2t_metrics
-    from lorakit.training.evaluate import generate_e2e, mean_loss
-
-    result: dict[str, float] = {}
-    if spec.name == "sft":
-        loss = mean_loss(model, tokenizer, spec, items, cfg, device, progress=progress)
-        result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-        hyps = generate_sft(model, tokenizer, items, cfg, progress=progress)
-    else:
-        hyps = generate_e2e(model, tokenizer, items, cfg, device, progress=progress)
-    if predictions_out is not None:
-        predictions_out.extend(hyps)
-    seen = [it.seen for it in items] if spec.name == "webnlg" else None
-    # An empty hypothesis would make several scorers fail; score it as a single unknown token.
-    result.update(d2t_metrics([h or "<empty>" for h in hyps], [it.references for it in items], seen=seen))
-    return result
-

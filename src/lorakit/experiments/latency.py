@@ -1,8 +1,9 @@
 """`lorakit latency`: forward latency of each method against the base model (the paper's Table 1 analogue).
 
 Every variant is built from one loaded base model (deep copies), so the weights are identical. Shapes are
-measured one at a time; within a shape the variants take turns, repeat by repeat, so background load on
-a shared machine hits all of them alike. The reported number is the median over repeats after warm-up.
+measured one at a time; within a shape the variants take turns, repeat by repeat (``lorakit.bench.timing``),
+so background load on a shared machine hits all of them alike. The reported number is the median over
+repeats after warm-up.
 By default only the last position's logits are computed (as in a generation prefill): the LM head costs
 the same for every variant and would otherwise dominate memory at batch 16 x 512 on a large vocabulary.
 """
@@ -15,13 +16,13 @@ import json
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from lorakit.bench.timing import time_alternating
 from lorakit.errors import ConfigError
 
 # base_copy, a second copy of the base, computes exactly what base computes: its % is the noise floor.
@@ -99,11 +100,6 @@ def _forward(model: nn.Module, ids: torch.Tensor, full_logits: bool) -> Callable
     return lambda: model(**kwargs)
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 @torch.inference_mode()
 def measure(
     models: dict[str, nn.Module],
@@ -122,18 +118,8 @@ def measure(
     gen = torch.Generator().manual_seed(batch * 100_003 + seq)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
     calls = {name: _forward(m, ids, full_logits) for name, m in models.items()}
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            _sync(device)
-            start = time.perf_counter()
-            call()
-            _sync(device)
-            times[name].append(1000.0 * (time.perf_counter() - start))
-    return times
+    seconds = time_alternating(calls, warmup, repeats, device, record_cpu=False)
+    return {name: [1000.0 * t for t in times] for name, times in seconds.items()}
 
 
 def run_latency(

@@ -1,0 +1,271 @@
+"""Stage 1 of a run: check the input, then build what the loop needs (a ``Run``).
+
+In order: settings and data are checked before any model is loaded; the output folder is checked (and
+resumed from, or cleared); the model is loaded with the same seed on every rank and the method applied;
+the rows are encoded; optimizer and schedule are built; a checkpoint, if resuming, restores all of it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lorakit.adapters import parameter_report
+from lorakit.data import DataError
+from lorakit.errors import ConfigError
+from lorakit.fast import compile_for_training
+from lorakit.methods import get_method
+from lorakit.tasks import TaskData, TaskSpec, load_task
+from lorakit.training import checkpoint as ckpt
+from lorakit.training import distributed as dist_util
+from lorakit.training import rundir
+from lorakit.training.config import TrainConfig, resolve_task_defaults
+from lorakit.training.evaluate import encode, set_class_weights
+from lorakit.training.metrics_log import MetricsLog
+from lorakit.training.optim import build_optimizer, build_scheduler
+from lorakit.training.outputs import (
+    EVAL_RESULTS,
+    METRICS_LOG,
+    RUN_FILES,
+    TENSORBOARD_DIR,
+    TRAIN_CONFIG,
+    TRAINED_FILES,
+)
+from lorakit.training.sampler import global_batches
+
+# Fields that may differ when resuming: they do not change what is computed.
+RESUME_MAY_CHANGE = {"tensorboard", "plot", "eval_batch_size", "keep_checkpoints", "device", "compile"}
+
+
+@dataclass
+class RunState:
+    """Progress saved in checkpoints (JSON)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # global batches of `epoch` already consumed
+    log_loss: float = 0.0  # loss sum and target count since the last log line
+    log_count: float = 0.0
+
+
+@dataclass
+class Run:
+    """Everything one training run works with; the stages after ``prepare_run`` read and advance it."""
+
+    cfg: TrainConfig
+    info: dist_util.DistInfo
+    data: TaskData
+    model: nn.Module  # the prepared model; ``wrapped`` is it under DDP/FSDP (or itself)
+    wrapped: nn.Module
+    tokenizer: Any
+    model_kwargs: dict[str, Any]  # what load_model got besides the name (to rebuild a replica)
+    rows: list[dict[str, Any]]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    log: MetricsLog
+    total_steps: int
+    steps_per_epoch: int
+    warmup: int
+    state: RunState = field(default_factory=RunState)
+    kill_after_step: int | None = None  # a test hook: SIGKILL after this optimizer step
+    replica: list[nn.Module] = field(default_factory=list)  # FSDP: rank 0's CPU copy, built once
+
+    @property
+    def spec(self) -> TaskSpec:
+        return self.data.spec
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def fsdp(self) -> bool:
+        return dist_util.is_fsdp(self.wrapped)
+
+
+def say(info: dist_util.DistInfo, message: str) -> None:
+    """Print a lorakit line on rank 0 only."""
+    if info.is_main:
+        print(message, file=sys.stderr, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_settings(cfg: TrainConfig, info: dist_util.DistInfo, resume: bool) -> None:
+    """Settings that cannot work, named before any data or model is loaded."""
+    get_method(cfg.method)  # an unknown method fails here
+    if cfg.batch_size % (info.world_size * cfg.grad_accum):
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
+            f"({info.world_size} x {cfg.grad_accum}): it is the global batch per optimizer step"
+        )
+    if cfg.fsdp and resume:
+        raise ConfigError(
+            "--resume is not supported with --fsdp yet (FSDP checkpoints hold the adapter only)"
+        )
+
+
+def load_data(cfg: TrainConfig, info: dist_util.DistInfo) -> tuple[TaskData, TrainConfig]:
+    """The task's data, and ``cfg`` with the task kind's defaults (lr, head lr) filled in."""
+    data = load_task(cfg)
+    spec = data.spec
+    cfg = resolve_task_defaults(cfg, spec.kind)
+    set_class_weights(spec, data.train, cfg.class_weights)
+    if spec.class_weights is not None:
+        shown = ", ".join(f"{n} {w:.2f}" for n, w in zip(spec.label_names, spec.class_weights))
+        data.notes.append(f"balanced class weights in the loss ({shown})")
+    if len(data.train) < info.world_size:
+        raise DataError(
+            f"{len(data.train)} training example(s) cannot be shared by {info.world_size} processes"
+        )
+    return data, cfg
+
+
+def check_output_dir(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> Path | None:
+    """Refuse to mix runs in one folder; on resume, check the settings match and find the checkpoint."""
+    saved_cfg = out / TRAIN_CONFIG
+    if resume:
+        if saved_cfg.is_file():
+            old = json.loads(saved_cfg.read_text())
+            new = cfg.to_dict()
+            changed = rundir.changed_settings(old, new, RESUME_MAY_CHANGE)
+            if changed:
+                details = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
+                raise ConfigError(f"--resume: {out} was started with different settings ({details})")
+        return ckpt.latest_checkpoint(out)
+    held = rundir.what_it_holds(out, TRAINED_FILES, (METRICS_LOG, EVAL_RESULTS), (ckpt.CHECKPOINTS,))
+    if held and not overwrite:
+        raise ConfigError(f"{out} already holds {held}: pass --resume to continue it or --overwrite to start over")
+    return None
+
+
+def claim_output_dir(out: Path, cfg: TrainConfig, info: dist_util.DistInfo, resume: bool, overwrite: bool) -> None:
+    """Rank 0 clears an overwritten run's logs and records this run's settings (once every rank checked)."""
+    dist_util.barrier(info)  # every rank has checked the folder before rank 0 changes it
+    if info.is_main:
+        if overwrite and not resume:
+            kept = tuple(n for n in RUN_FILES if n not in TRAINED_FILES)
+            rundir.clear_run(out, kept, (ckpt.CHECKPOINTS, TENSORBOARD_DIR))
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / TRAIN_CONFIG)
+
+
+def build_model(cfg: TrainConfig, spec: TaskSpec, model_kwargs: dict[str, Any]) -> tuple[nn.Module, Any]:
+    """Load the base model and apply ``cfg.method`` (the registry's ``prepare_for_training``)."""
+    from lorakit.models import load_model
+
+    model, tokenizer = load_model(cfg.model, spec.model_task, num_labels=spec.num_labels, **model_kwargs)
+    prepare_model(model, cfg)
+    return model, tokenizer
+
+
+def prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
+    """Apply ``cfg.method`` to ``model`` in place, with the options ``cfg`` carries.
+
+    Args:
+        model: a freshly loaded model.
+        cfg: the run's settings (``method`` and the method's fields or ``method_options``).
+    """
+    get_method(cfg.method).prepare_for_training(model, cfg)
+
+
+def _model_kwargs(spec: TaskSpec) -> dict[str, Any]:
+    if spec.kind != "classification":
+        return {}
+    return {
+        "id2label": dict(enumerate(spec.label_names)),
+        "label2id": {n: i for i, n in enumerate(spec.label_names)},
+    }
+
+
+def place_model(model: nn.Module, cfg: TrainConfig, info: dist_util.DistInfo) -> nn.Module:
+    """Training settings on the model, onto the device, compiled and wrapped (DDP/FSDP) as asked."""
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False  # no KV cache while training (generation turns it on per call)
+    model.to(info.device)
+    if cfg.compile:
+        compile_for_training(model)
+    return dist_util.wrap_model(model, info, fsdp=cfg.fsdp)
+
+
+def restore(run: Run, resume_from: Path | None, resume: bool) -> None:
+    """Continue from ``resume_from`` (a checkpoint), or seed this rank's dropout stream for a fresh start."""
+    info = run.info
+    if resume_from is None:
+        if resume:
+            say(info, f"lorakit train: no checkpoint in {run.out}; starting from scratch")
+        seed_everything(run.cfg.seed + info.rank)  # dropout streams differ per process (rank 0's = 1 process's)
+        return
+    # Parameters are restored into the unwrapped model, whose names the checkpoint uses.
+    saved = ckpt.load_checkpoint(
+        resume_from, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+        rank=info.rank, world_size=info.world_size,
+    )  # fmt: skip
+    run.state = RunState(**saved)
+    run.log.truncate_after(run.state.step)
+    say(info, f"lorakit train: resumed from {resume_from} (step {run.state.step}/{run.total_steps})")
+
+
+def announce(run: Run) -> None:
+    """The run in two lines: model, data, method and parameter share; steps, batches, lr, device."""
+    cfg, info, spec, data = run.cfg, run.info, run.spec, run.data
+    report = parameter_report(run.model)
+    per_rank = cfg.batch_size // info.world_size
+    for note in data.notes:
+        say(info, f"lorakit train: {note}")
+    say(
+        info,
+        f"lorakit train: {cfg.model} on {spec.name} ({len(data.train)} train / {len(data.eval)} eval "
+        f"examples), method {cfg.method}: {report.trainable:,} of {report.total:,} parameters trainable "
+        f"({report.percent:.3f}%)\n"
+        f"  {run.total_steps} steps ({run.steps_per_epoch} per epoch), global batch {cfg.batch_size} = "
+        f"{info.world_size} process(es) x {per_rank // cfg.grad_accum} x {cfg.grad_accum} micro-batches,"
+        f" lr {cfg.lr:g} {cfg.schedule} with {run.warmup} warm-up steps, device {info.device}",
+    )
+
+
+def prepare_run(
+    cfg: TrainConfig, info: dist_util.DistInfo, *, resume: bool, overwrite: bool, kill_after_step: int | None
+) -> Run | dict[str, float]:
+    """Build the ``Run``; a resumed run that already finished returns its final metrics instead."""
+    out = Path(cfg.out)
+    check_settings(cfg, info, resume)
+    data, cfg = load_data(cfg, info)
+    resume_from = check_output_dir(out, cfg, resume, overwrite)
+    if resume and (out / EVAL_RESULTS).is_file():
+        say(info, f"lorakit train: {out} already finished; nothing to resume")
+        return json.loads((out / EVAL_RESULTS).read_text())
+    claim_output_dir(out, cfg, info, resume, overwrite)
+    seed_everything(cfg.seed)  # same seed on every rank, so every replica starts identical
+    model_kwargs = _model_kwargs(data.spec)
+    model, tokenizer = build_model(cfg, data.spec, model_kwargs)
+    wrapped = place_model(model, cfg, info)
+    rows = encode(data.spec, data.train, tokenizer, cfg.max_length, cfg.truncation)
+    steps_per_epoch = len(global_batches(list(range(len(rows))), cfg.batch_size, info.world_size))
+    total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total)
+    optimizer = build_optimizer(wrapped, cfg)
+    run = Run(
+        cfg, info, data, model, wrapped, tokenizer, model_kwargs, rows, optimizer,
+        build_scheduler(optimizer, total, warmup, cfg.schedule), MetricsLog(out, info.is_main, cfg.tensorboard),
+        total, steps_per_epoch, warmup, kill_after_step=kill_after_step,
+    )  # fmt: skip
+    restore(run, resume_from, resume)
+    announce(run)
+    return run

@@ -1,0 +1,39 @@
+"""Scoring a model, or a base model plus what a run trained, on a task's eval split (``lorakit eval``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lorakit.tasks import load_task
+from lorakit.training.config import TrainConfig
+from lorakit.training.evaluate import score
+from lorakit.training.outputs import load_trained
+from lorakit.training.prepare import seed_everything
+
+
+def evaluate_model(cfg: TrainConfig, adapter: str | None) -> tuple[dict[str, float], list[Any]]:
+    """Load the eval split, the model (+ what a run trained) and score it; returns (metrics, predictions).
+
+    Args:
+        cfg: the evaluation settings (task, data, model, decoding ...).
+        adapter: a LoRA adapter or a run / checkpoint folder of ``lorakit train``; None: the model alone.
+    """
+    import torch
+
+    from lorakit.models import load_model
+    from lorakit.training.distributed import pick_device
+
+    data = load_task(cfg, roles=("eval",))  # data errors before the model is loaded
+    spec = data.spec
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    model, tokenizer = load_model(cfg.model, spec.model_task, num_labels=spec.num_labels)
+    if adapter is not None:
+        load_trained(model, adapter)
+    model.to(device).eval()
+    predictions: list[Any] = []
+    with torch.no_grad():
+        metrics = score(
+            model, tokenizer, spec, data.eval, cfg, device, progress=True, predictions_out=predictions
+        )
+    return metrics, predictions
