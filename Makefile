@@ -22,7 +22,8 @@ demo: $(STAMP)
 	$(VENV)/bin/lorakit demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests scripts
+	$(PY) scripts/check_imports.py
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -63,15 +63,13 @@ def test_a_clean_package_passes(tmp_path, capsys):
     assert "clean" in capsys.readouterr().out
 
 
-def test_the_core_layer_of_lorakit_imports_downward_only_and_has_no_cycles():
-    """The library core (everything outside methods/training/bench/serve/CLI) is clean; the upper layers
-    report their remaining problems through the same script (see its output)."""
+def test_lorakit_imports_downward_only_and_has_no_cycles():
+    """The whole package: no cycle, no import of a layer above the importer's own."""
     check = _script()
     src = ROOT / "src"
     edges = check.edges(src)
-    core_cycles = [c for c in check.cycles(edges) if any(check.layer_of(m) == "core" for m in c)]
-    assert core_cycles == []
-    assert [e for e in check.upward(edges) if check.layer_of(e.source) == "core"] == []
+    assert check.cycles(edges) == []
+    assert check.upward(edges) == []
     # The layers and kinds leaves import nothing of lorakit but errors (and arch, for layout facts).
     leaf = {e.target for e in edges if e.source in ("lorakit.kinds", "lorakit.arch")}
     assert leaf <= {"lorakit.errors"}
