@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lorakit.methods.adapters import adapter_sites
 from tests.tiny import tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
@@ -16,6 +15,7 @@ from lorakit import LoraConfig, arch, inject
 from lorakit.analysis.estimate import ArchSpec, arch_from_config, lora_trainable_params, total_params
 from lorakit.errors import TargetError
 from lorakit.files import load_adapter, read_adapter, save_adapter
+from lorakit.methods.bottleneck import adapter_sites
 from lorakit.targets import resolve_targets
 
 
