@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from tiny import ids, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 
 from lorakit import LoraConfig, combine_adapters, inject, load_adapter, read_adapter, save_adapter
 from lorakit.cli import main as cli_main
 from lorakit.combine import MODES
 from lorakit.errors import AdapterFileError, ConfigError
+from tiny import ids, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install -e '.[test]'")
 
@@ -224,7 +224,7 @@ def test_heads_are_refused_unless_one_input_is_named(tmp_path):
 
 def test_mismatched_inputs_fail_clearly(same_rank, mixed_rank, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(AdapterFileError, match="ranks .* differ"):
+    with pytest.raises(AdapterFileError, match=r"ranks .* differ"):
         combine_adapters(mixed_rank, None, out, mode="linear")
     qk = _adapter(tmp_path / "qk", LoraConfig(r=4, alpha=8, targets=("q", "k")), 3)
     with pytest.raises(AdapterFileError, match="other modules"):
