@@ -288,3 +288,22 @@ def test_every_mode_equals_peft_on_smollm2(mode, smollm2, tmp_path, monkeypatch)
         theirs_logits = peft_model(**batch).logits
         ours_logits = load_adapter(load_model("smollm2-135m")[0].eval(), out)(**batch).logits
     assert (ours_logits - theirs_logits).abs().max().item() < 1e-4
+
+
+def test_adapters_saved_by_peft_combine_too(tmp_path):
+    """PEFT's own files (no lorakit section, target_modules a list of suffixes) combine and load back."""
+    paths = []
+    for i, alpha in enumerate((8, 2)):
+        config = peft.LoraConfig(r=4, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        model = peft.get_peft_model(tiny_llama(), config)
+        randomize_lora(model, seed=i + 1)
+        model.save_pretrained(tmp_path / f"peft{i}")
+        paths.append(tmp_path / f"peft{i}")
+    out = combine_adapters(paths, WEIGHTS, tmp_path / "out", mode="cat")
+    inputs = [_ours(p) for p in paths]
+    for m, got in _ours(out).items():
+        assert torch.allclose(got, WEIGHTS[0] * inputs[0][m] + WEIGHTS[1] * inputs[1][m], atol=1e-6), m
+    with torch.no_grad():
+        ours = load_adapter(tiny_llama(), out)(ids()).logits
+        theirs = peft.PeftModel.from_pretrained(tiny_llama(), out)(ids()).logits
+    assert (ours - theirs).abs().max().item() < 1e-5
