@@ -60,6 +60,7 @@ def main() -> None:
     import peft
 
     warnings.filterwarnings("ignore", module="peft")  # its note on the 'lorakit' config section
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations PEFT triggers
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
