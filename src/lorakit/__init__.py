@@ -14,6 +14,7 @@ from lorakit.adapters import (
     set_adapter,
     unmerge,
 )
+from lorakit.combine import combine_adapters
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, ConfigError, LorakitError, MergeError, TargetError
 from lorakit.files import load_adapter, read_adapter, save_adapter
@@ -28,6 +29,7 @@ __all__ = [
     "TargetError",
     "__version__",
     "active_adapter",
+    "combine_adapters",
     "delete_adapter",
     "disabled",
     "generate",
