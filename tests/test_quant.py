@@ -24,7 +24,7 @@ from lorakit import (
 )
 from lorakit.adapters import lora_layers
 from lorakit.quant import QUANTIZED_LINEAR, QuantizedLinear, get_scheme, quantize_base, quantized_layers
-from tiny import ids, randomize_lora, tiny_llama
+from tiny import ids, randomize_lora, tiny_bert, tiny_llama
 
 SCHEMES = ["nf4", "int8"]
 CFG = LoraConfig(r=4, alpha=8, targets=("q", "v", "ffn"))
@@ -186,6 +186,10 @@ def test_head_embeddings_and_skip():
     assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
     assert len(report.layers) == 2 * 6  # q, k, v, o, gate, up in each of 2 layers
     assert report.packed_bytes * 6 < report.dense_bytes
+    bert = tiny_bert()
+    quantize_base(bert, "int8")
+    assert type(bert.classifier) is nn.Linear and type(bert.bert.pooler.dense) is nn.Linear
+    assert isinstance(bert.bert.encoder.layer[0].attention.self.query, QuantizedLinear)
     headed = tiny_llama()
     assert "lm_head" in quantize_base(headed, "int8", include_head=True).layers
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from lorakit.arch import POOLER_NAME, TASK_HEAD_NAMES
 from lorakit.errors import ConfigError, MergeError, TargetError
 from lorakit.kinds import AdapterHost, LayerKind, kind_of, register_kind
 
@@ -269,16 +270,25 @@ class QuantizationReport:
                 f"{self.dense_bytes / 2**20:.1f} MiB → {self.packed_bytes / 2**20:.1f} MiB")
 
 
+def _heads(model: nn.Module) -> list[nn.Module]:
+    """The output head, task heads and the pooler feeding them: trained or saved with adapters, kept dense."""
+    heads = [getattr(model, n) for n in TASK_HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if isinstance(getattr(backbone, POOLER_NAME, None), nn.Module):
+        heads.append(getattr(backbone, POOLER_NAME))
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return heads + ([output] if isinstance(output, nn.Module) else [])
+
+
 def _protected(model: nn.Module, include_head: bool) -> set[int]:
-    """ids of modules never quantized: adapter state (LoRA, saved copies) and, unless asked, the output head."""
+    """ids of modules never quantized: adapter state (LoRA, saved copies) and, unless asked, the heads."""
     out: set[int] = set()
     for _, host in model.named_modules():
         if isinstance(host, AdapterHost):
             for child in host.ADAPTER_CHILDREN:
                 out.update(id(m) for m in getattr(host, child).modules())
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and not include_head:
-        out.add(id(head))
+    if not include_head:
+        out.update(id(m) for head in _heads(model) for m in head.modules())
     return out
 
 
@@ -321,14 +331,15 @@ def quantize_base(
 ) -> QuantizationReport:
     """Quantize the frozen linear weights of ``model`` in place (before or after injecting LoRA).
 
-    LoRA A/B, saved module copies and embeddings are never quantized; the output head only with
-    ``include_head``. Quantized weights are buffers, so the base stays frozen whatever the optimizer sees.
+    LoRA A/B, saved module copies and embeddings are never quantized; the heads (LM output head, task
+    heads such as ``classifier``/``score`` and the pooler feeding them) only with ``include_head``.
+    Quantized weights are buffers, so the base stays frozen whatever the optimizer sees.
 
     Args:
         model: the model.
         scheme: ``"nf4"`` or ``"int8"``.
         skip: module-name patterns (fnmatch, matched on the full name or its dotted tail) to keep dense.
-        include_head: quantize the output head too (untied from the input embedding if tied).
+        include_head: quantize the heads too (a tied LM head is then untied from the input embedding).
 
     Raises:
         ConfigError: unknown scheme, a skip pattern matching nothing, bitsandbytes missing.
