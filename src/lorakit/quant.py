@@ -175,8 +175,10 @@ class QuantizedLinear(nn.Module):
                 self._packed_names.append(key)
         bias = linear.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        # W0 + ΔW in fp32 while an adapter is merged; None otherwise (see merge_delta).
-        self.merged_weight: Tensor | None = None
+        # W0 + ΔW in fp32 while an adapter is merged; None otherwise (see merge_delta). A buffer so it
+        # follows .to(device), not persistent: a state dict always holds the quantized base alone.
+        self.merged_weight: Tensor | None
+        self.register_buffer("merged_weight", None, persistent=False)
 
     @property
     def weight(self) -> QuantizedWeight:
