@@ -6,8 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("bitsandbytes", reason="the quant extra (bitsandbytes) is not installed")
-
 from lorakit import (
     ConfigError,
     LoraConfig,
