@@ -818,3 +818,28 @@ def test_task_kind_defaults_fill_only_what_the_user_left_unset():
     assert full.lr == 5e-5
     mine = resolve_task_defaults(base_cfg(task="rte", data="d", lr=3e-4, head_lr_ratio=2.0), "classification")
     assert (mine.lr, mine.head_lr_ratio) == (3e-4, 2.0)
+
+
+def test_classification_scoring_batches_by_length_and_returns_predictions_in_input_order(monkeypatch):
+    """predict_classification sorts rows by length to pad less; each prediction must still land on its own
+    example (a fake model predicts class = row length % 2, so a misplaced row shows)."""
+    from lorakit.training import evaluate
+
+    lengths = [7, 2, 9, 4, 4, 11, 1, 6, 3, 8]
+    rows = [{"input_ids": list(range(1, n + 1)), "attention_mask": [1] * n, "labels": 0} for n in lengths]
+    monkeypatch.setattr(evaluate, "encode", lambda spec, examples, tokenizer, max_length: rows)
+    batches = []
+
+    class LengthParity(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, **_):
+            batches.append(input_ids.shape[1])
+            n = attention_mask.sum(-1)
+            return type("Out", (), {"logits": torch.stack([(n % 2 == 0).float(), (n % 2 == 1).float()], -1)})
+
+    spec = TaskSpec(name="text", kind="classification", model_task="seq-cls", num_labels=2)
+    cfg = TrainConfig(model="tiny", task="text", data="unused", eval_batch_size=4)
+    tokenizer = type("Tok", (), {"pad_token_id": 0})()
+    preds = evaluate.predict_classification(LengthParity(), tokenizer, spec, [None] * len(rows), cfg,
+                                            torch.device("cpu"))  # fmt: skip
+    assert preds == [n % 2 for n in lengths]
+    assert batches == [4, 8, 11]  # the longest row of each sorted batch (in input order: 9, 11, 8)

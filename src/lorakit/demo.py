@@ -93,7 +93,6 @@ def train_task(task: DemoTask, data: Path, out: Path, args: argparse.Namespace) 
         model="minilm-l6", task="text", data=str(data), out=str(out), label_names=list(task.labels),
         r=args.r, alpha=2 * args.r, targets=["q", "v"], lr=args.lr, epochs=args.epochs,
         batch_size=args.batch_size, max_length=64, eval_batch_size=128, seed=args.seed, keep_checkpoints=1,
-        length_grouping=True,  # snippets vary 5-64 tokens: random batches are ~48 % padding, grouped ~2 %
     )  # fmt: skip
     return train(cfg, overwrite=True)
 

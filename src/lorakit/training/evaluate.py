@@ -156,25 +156,29 @@ def predict_classification(
     device: torch.device,
     progress: bool = False,
 ) -> list[int] | list[float]:
-    """Class indices (or regression scores) for ``examples``."""
+    """Class indices (or regression scores) for ``examples``, in their order. Batches are cut from the rows
+    sorted by length, so a batch pads little (about half the work on snippets of 5-64 tokens)."""
     from tqdm.auto import tqdm
 
     rows = encode(spec, examples, tokenizer, cfg.max_length)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     was_training = model.training
     model.eval()
-    preds: list[Any] = []
+    preds: list[Any] = [None] * len(rows)
     try:
-        for chunk in tqdm(
-            list(_chunks(rows, cfg.eval_batch_size)), desc="eval", disable=not progress, leave=False
+        for positions in tqdm(
+            list(_chunks(order, cfg.eval_batch_size)), desc="eval", disable=not progress, leave=False
         ):
-            batch = _to(collate(spec, chunk, tokenizer.pad_token_id), device)
+            batch = _to(collate(spec, [rows[i] for i in positions], tokenizer.pad_token_id), device)
             batch.pop("labels")
             with _autocast(device, cfg.bf16):
                 logits = model(**batch).logits.float()
             if spec.kind == "regression":
-                preds += [spec.unscale_prediction(v) for v in logits.squeeze(-1).tolist()]
+                values = [spec.unscale_prediction(v) for v in logits.squeeze(-1).tolist()]
             else:
-                preds += logits.argmax(-1).tolist()
+                values = logits.argmax(-1).tolist()
+            for i, value in zip(positions, values):
+                preds[i] = value
     finally:
         model.train(was_training)
     return preds
