@@ -24,12 +24,17 @@ def apply_lora(
     use_rslora: bool = False,
     modules_to_save: Any = None,
     train_head: bool = True,
+    use_dora: bool = False,
+    exclude: Any = None,
+    layers: Any = None,
 ) -> None:
     """Inject LoRA; a (new) classifier head (and the pooler it reads) trains in full and is saved with it.
 
     Args:
         model: a fresh transformers model.
-        r / alpha / targets / dropout / init / use_rslora: as in ``LoraConfig``.
+        r / alpha / targets / dropout / init / use_rslora / use_dora: as in ``LoraConfig``.
+        exclude: patterns removed from the targeted modules (``LoraConfig.exclude``); None: none.
+        layers: block indices to adapt (``LoraConfig.layers``); None: every block.
         modules_to_save: modules trained in full and saved with the adapter; None: the classifier head
             (``lora_head_names``) when ``train_head``.
         train_head: with ``modules_to_save=None``, whether the classifier head trains.
@@ -46,6 +51,9 @@ def apply_lora(
         init=init,  # type: ignore[arg-type]
         use_rslora=use_rslora,
         modules_to_save=tuple(modules_to_save),
+        use_dora=use_dora,
+        exclude=() if exclude is None else exclude,
+        layers=None if layers is None else tuple(layers),
     )
     inject(model, config)
 
@@ -55,7 +63,7 @@ def lora_options(cfg: Any) -> dict[str, Any]:
     if getattr(cfg, "method_options", None):
         raise ConfigError(
             f"method 'lora' takes no method_options ({cfg.method_options}): "
-            "set r, alpha, targets, dropout, init, use_rslora and modules_to_save directly"
+            "set r, alpha, targets, dropout, init, use_rslora, use_dora, exclude, layers and modules_to_save directly"
         )
     return {
         "r": cfg.r,
@@ -65,6 +73,9 @@ def lora_options(cfg: Any) -> dict[str, Any]:
         "init": cfg.init,
         "use_rslora": cfg.use_rslora,
         "modules_to_save": None if cfg.modules_to_save is None else tuple(cfg.modules_to_save),
+        "use_dora": cfg.use_dora,
+        "exclude": tuple(cfg.exclude),
+        "layers": None if cfg.layers is None else tuple(cfg.layers),
     }
 
 

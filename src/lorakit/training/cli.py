@@ -47,8 +47,12 @@ def _test_file_alias(parser: argparse.ArgumentParser) -> None:
                         help="same as --eval-file")  # fmt: skip
 
 
-def train_main(argv: list[str]) -> int:
-    """``lorakit train``: every TrainConfig field is a flag; ``--config`` reads a TOML/YAML file first."""
+def parse_train_args(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
+    """``lorakit train``'s arguments: the resolved config (defaults < ``--config`` file < flags) and the rest.
+
+    Args:
+        argv: the arguments after ``lorakit train``.
+    """
     parser = argparse.ArgumentParser(
         prog="lorakit train",
         description="Fine-tune a model on a task (GLUE, text classification or E2E) with LoRA or a baseline. "
@@ -66,8 +70,12 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("--debug-kill-after-step", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names()}
-    cfg = resolve_config(args.config, overrides)
+    return resolve_config(args.config, overrides), args
 
+
+def train_main(argv: list[str]) -> int:
+    """``lorakit train``: every TrainConfig field is a flag; ``--config`` reads a TOML/YAML file first."""
+    cfg, args = parse_train_args(argv)
     from lorakit.training.trainer import train
 
     results = train(

@@ -78,7 +78,18 @@ class TrainConfig:
         },
     )
     use_rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")
-    init: str = _f("gaussian", "LoRA A init: gaussian (paper) or kaiming")
+    init: str = _f(
+        "gaussian", "LoRA init: gaussian (paper) or kaiming (A random, B zero); pissa or olora (A and B from "
+        "W0's SVD / QR, W0 replaced by the residual; saved as a plain LoRA of the original base, docs/variants.md)"
+    )
+    use_dora: bool = _f(False, "DoRA: a trained magnitude per output times the direction of W0 + s·B·A")
+    exclude: list[str] = field(
+        default_factory=list,
+        metadata={"help": "patterns removed again from the targeted modules (each must remove one)"},
+    )
+    layers: list[int] | None = field(
+        default=None, metadata={"help": "block indices to adapt, e.g. 0,1,5 (default: every block)"}
+    )
     # -- optimisation ----------------------------------------------------------------------------------
     lr: float | None = _f(
         None, "peak learning rate (AdamW); default: the task kind's (classification/regression 1e-3, "
@@ -169,12 +180,14 @@ class TrainConfig:
     fsdp: bool = _f(False, "shard the model with FSDP across processes (for bases too big for one device)")
 
     def __post_init__(self) -> None:
-        for name in ("targets", "modules_to_save", "label_names", "method_options"):
+        for name in ("targets", "modules_to_save", "label_names", "method_options", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
             if value is not None:
                 setattr(self, name, [str(v) for v in value])
+        if self.layers is not None:
+            self.layers = _coerce("layers", self.layers, list[int], "TrainConfig")
         self.validate()
 
     def validate(self) -> None:
@@ -230,8 +243,26 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         if self.compile and self.fsdp:
             raise ConfigError("compile and fsdp cannot be combined yet: drop --compile or --fsdp")
-        if self.init not in ("gaussian", "kaiming"):
-            raise ConfigError(f"init must be 'gaussian' or 'kaiming', got {self.init!r}")
+        self._check_lora_variants()
+
+    def _check_lora_variants(self) -> None:
+        """init / use_dora / exclude / layers: LoraConfig's own checks, run now rather than at injection."""
+        from lorakit.config import INIT_KINDS, LoraConfig
+
+        if self.init not in INIT_KINDS:
+            raise ConfigError(f"init must be one of {list(INIT_KINDS)}, got {self.init!r}")
+        variants = {"use_dora": self.use_dora, "exclude": self.exclude, "layers": self.layers,
+                    "init": self.init if self.init in ("pissa", "olora") else None}  # fmt: skip
+        given = [name for name, value in variants.items() if value]
+        if self.method != "lora":
+            if given:
+                raise ConfigError(f"{', '.join(given)}: LoRA settings, which method {self.method!r} does not use")
+            return
+        LoraConfig(
+            r=self.r, alpha=self.alpha, targets=tuple(self.targets), init=self.init,  # type: ignore[arg-type]
+            use_rslora=self.use_rslora, use_dora=self.use_dora, exclude=tuple(self.exclude),
+            layers=None if self.layers is None else tuple(self.layers),
+        )  # fmt: skip
 
     # -- (de)serialisation -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -240,6 +271,14 @@ class TrainConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    @classmethod
+    def field_defaults(cls) -> dict[str, Any]:
+        """Every field's default value (what a saved config from before a field existed meant by it)."""
+        return {
+            f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            for f in fields(cls)
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -295,7 +334,7 @@ def check_finite_and_patterns(cfg: TrainConfig) -> None:
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
-    for pattern in cfg.targets:
+    for pattern in (*cfg.targets, *cfg.exclude):
         check_target_pattern(pattern)
 
 
@@ -362,16 +401,24 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
                 raise ValueError(value)
             return float(value)
         if typing.get_origin(base) is list:
-            if isinstance(value, str):
-                return [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, (list, tuple)):
-                raise ValueError(value)
-            return [str(v) for v in value]
+            return _coerce_list(value, typing.get_args(base)[0])
         return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(
-            f"{source}: {name} = {value!r} is not a valid {getattr(base, '__name__', base)}"
-        ) from None
+        what = "comma-separated list of integers" if base == list[int] else getattr(base, "__name__", base)
+        raise ConfigError(f"{source}: {name} = {value!r} is not a valid {what}") from None
+
+
+def _coerce_list(value: Any, item: type) -> list[Any]:
+    """A list from ``"a,b"`` or a sequence; items of type ``item`` (str or int: ``"0,1,5"`` → ``[0, 1, 5]``)."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(value)
+    if item is int:
+        if any(isinstance(v, (bool, float)) for v in value):
+            raise ValueError(value)
+        return [int(v) for v in value]
+    return [str(v) for v in value]
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -416,13 +463,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def add_config_arguments(parser: argparse.ArgumentParser, only: list[str] | None = None) -> None:
     """One ``--flag`` per TrainConfig field. Defaults are suppressed so only given flags override."""
     hints = _hints()
+    defaults = TrainConfig.field_defaults()
     for f in fields(TrainConfig):
         if only is not None and f.name not in only:
             continue
         flag = "--" + f.name.replace("_", "-")
         base, _ = _base_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_ = f"{f.metadata.get('help', '')} (default: {default})"
+        help_ = f"{f.metadata.get('help', '')} (default: {defaults[f.name]})"
         if base is bool:
             parser.add_argument(
                 flag,

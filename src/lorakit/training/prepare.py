@@ -140,7 +140,8 @@ def check_output_dir(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool)
     saved_cfg = out / TRAIN_CONFIG
     if resume:
         if saved_cfg.is_file():
-            old = json.loads(saved_cfg.read_text())
+            # A field added since the run started is missing from its file: it ran with the default.
+            old = {**TrainConfig.field_defaults(), **json.loads(saved_cfg.read_text())}
             new = cfg.to_dict()
             changed = rundir.changed_settings(old, new, RESUME_MAY_CHANGE)
             if changed:
