@@ -103,6 +103,8 @@ def test_residual_init_from_the_cli_moves_w0_into_the_adapter():
         (["--method", "bitfit", "--layers", "1"], ConfigError, r"layers: LoRA settings"),
         (["--exclude", "(k"], TargetError, r"'\(k' is not a valid regular expression"),
         (["--use-dora=yes"], SystemExit, None),
+        (["--quantize", "fp3"], ConfigError, r"unknown quantization scheme 'fp3'; choose from \['int8', 'nf4'\]"),
+        (["--method", "full", "--quantize", "nf4"], ConfigError, r"quantize: LoRA settings, which method 'full'"),
     ],
 )  # fmt: skip
 def test_bad_variant_flags_fail_before_any_model_is_loaded(argv, error, match, capsys):
@@ -260,3 +262,30 @@ def test_use_dora_trains_through_the_cli_and_loads_in_peft(tmp_path, capfd, monk
     x = tok(["Colour 3? blue", "Colour 4? white"], return_tensors="pt", padding=True)
     with torch.no_grad():
         torch.testing.assert_close(theirs(**x).logits, ours.eval()(**x).logits, atol=1e-4, rtol=1e-4)
+
+
+# -- QLoRA -----------------------------------------------------------------------------------------------------
+
+
+def test_quantize_nf4_trains_through_the_cli_and_saves_a_plain_adapter(tmp_path, capfd, monkeypatch, one_thread):  # noqa: F811
+    import lorakit.metrics.d2t
+    from lorakit.quant import QuantizedLinear
+
+    monkeypatch.setattr(lorakit.metrics.d2t, "d2t_metrics", lambda h, r, seen=None: {"BLEU": 0.0})
+    model = make_tiny_llama(tmp_path / "tiny-llama")
+    data = _write_chat_folder(tmp_path / "chat")
+    out = tmp_path / "qlora"
+    argv = ["--model", str(model), "--task", "sft", "--data", str(data), "--out", str(out), "--quantize", "nf4",
+            "--targets", "all-linear", "--max-steps", "12", "--batch-size", "8", "--lr", "1e-2", "--log-interval", "1",
+            "--max-length", "96", "--num-beams", "1", "--max-new-tokens", "2", "--keep-checkpoints", "0",
+            "--no-plot"]  # fmt: skip
+    assert train_main(argv) == 0
+    assert "quantized" in capfd.readouterr().out
+    losses = [r["loss"] for r in train_records(out) if r["split"] == "train"]
+    assert len(losses) == 12 and sum(losses[9:]) / 3 < sum(losses[:3]) / 3 - 0.2
+    saved = load_file(out / "adapter_model.safetensors")
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)  # LoRA only: no packed codes
+    dense, _ = load_model(str(model))
+    load_trained(dense, out)  # an ordinary adapter: it loads on the unquantized base
+    assert not any(isinstance(m, QuantizedLinear) for m in dense.modules())
+

@@ -90,6 +90,9 @@ class TrainConfig:
     layers: list[int] | None = field(
         default=None, metadata={"help": "block indices to adapt, e.g. 0,1,5 (default: every block)"}
     )
+    quantize: str | None = _f(
+        None, "quantize the frozen base's linear layers: nf4 or int8 (QLoRA; heads stay dense, docs/quantization.md)"
+    )
     # -- optimisation ----------------------------------------------------------------------------------
     lr: float | None = _f(
         None, "peak learning rate (AdamW); default: the task kind's (classification/regression 1e-3, "
@@ -253,7 +256,12 @@ class TrainConfig:
             raise ConfigError(f"init must be one of {list(INIT_KINDS)}, got {self.init!r}")
         variants = {"use_dora": self.use_dora, "exclude": self.exclude, "layers": self.layers,
                     "init": self.init if self.init in ("pissa", "olora") else None}  # fmt: skip
+        variants["quantize"] = self.quantize
         given = [name for name, value in variants.items() if value]
+        if self.quantize is not None:
+            from lorakit.quant import get_scheme
+
+            get_scheme(self.quantize)  # a ConfigError naming nf4 / int8
         if self.method != "lora":
             if given:
                 raise ConfigError(f"{', '.join(given)}: LoRA settings, which method {self.method!r} does not use")

@@ -181,6 +181,10 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
         model: a freshly loaded model.
         cfg: the run's settings (``method`` and the method's fields or ``method_options``).
     """
+    if cfg.quantize:  # before the method, so LoRA wraps the quantized layers (resume and FSDP pass here too)
+        from lorakit.quant import quantize_base
+
+        print(f"lorakit: {quantize_base(model, cfg.quantize).summary()}", flush=True)
     get_method(cfg.method).prepare_for_training(model, cfg)
 
 
