@@ -229,23 +229,30 @@ def test_eval_of_a_pissa_run_loads_the_converted_file_on_the_original_base(pissa
 # -- DoRA ----------------------------------------------------------------------------------------------------
 
 
-def test_use_dora_trains_through_the_cli_and_loads_in_peft(tmp_path, capfd, monkeypatch, one_thread):  # noqa: F811
+def _train_tiny_chat_lm(tmp_path, monkeypatch, name: str, extra: list[str]):
+    """12 steps of ``lorakit train --task sft --targets all-linear`` plus ``extra`` on a tiny Llama; returns
+    (model folder, run folder) after checking that it learned."""
     import lorakit.metrics.d2t
 
     # METEOR starts a JVM; the real metrics are tested in test_d2t.py.
     monkeypatch.setattr(lorakit.metrics.d2t, "d2t_metrics", lambda h, r, seen=None: {"BLEU": 0.0})
     model = make_tiny_llama(tmp_path / "tiny-llama")
     data = _write_chat_folder(tmp_path / "chat")
-    out = tmp_path / "dora"
-    argv = ["--model", str(model), "--task", "sft", "--data", str(data), "--out", str(out), "--use-dora",
+    out = tmp_path / name
+    argv = ["--model", str(model), "--task", "sft", "--data", str(data), "--out", str(out), *extra,
             "--targets", "all-linear", "--max-steps", "12", "--batch-size", "8", "--lr", "1e-2", "--log-interval", "1",
-            "--max-length", "96", "--num-beams", "1", "--max-new-tokens", "2", "--save-interval", "6",
-            "--keep-checkpoints", "0", "--no-plot"]  # fmt: skip
+            "--max-length", "96", "--num-beams", "1", "--max-new-tokens", "2", "--keep-checkpoints", "0",
+            "--no-plot"]  # fmt: skip
     assert train_main(argv) == 0
     losses = [r["loss"] for r in train_records(out) if r["split"] == "train"]
     # 3 steps per epoch: the fourth pass over the training set has a mean loss > 0.2 nats below the first's
-    # (0.30 measured; a 49k-word vocabulary on a 32-wide model learns slowly).
+    # (0.30 measured with DoRA; a 49k-word vocabulary on a 32-wide model learns slowly).
     assert len(losses) == 12 and sum(losses[9:]) / 3 < sum(losses[:3]) / 3 - 0.2
+    return model, out
+
+
+def test_use_dora_trains_through_the_cli_and_loads_in_peft(tmp_path, capfd, monkeypatch, one_thread):  # noqa: F811
+    model, out = _train_tiny_chat_lm(tmp_path, monkeypatch, "dora", ["--use-dora", "--save-interval", "6"])
     trained = json.loads((out / "checkpoints" / "step-6" / ckpt.STATE_JSON).read_text())["parameters"]
     assert sum(n.endswith(".magnitude") for n in trained) == 14  # all 7 linear layers of both blocks train m
     saved = load_file(out / "adapter_model.safetensors")
@@ -268,21 +275,10 @@ def test_use_dora_trains_through_the_cli_and_loads_in_peft(tmp_path, capfd, monk
 
 
 def test_quantize_nf4_trains_through_the_cli_and_saves_a_plain_adapter(tmp_path, capfd, monkeypatch, one_thread):  # noqa: F811
-    import lorakit.metrics.d2t
     from lorakit.quant import QuantizedLinear
 
-    monkeypatch.setattr(lorakit.metrics.d2t, "d2t_metrics", lambda h, r, seen=None: {"BLEU": 0.0})
-    model = make_tiny_llama(tmp_path / "tiny-llama")
-    data = _write_chat_folder(tmp_path / "chat")
-    out = tmp_path / "qlora"
-    argv = ["--model", str(model), "--task", "sft", "--data", str(data), "--out", str(out), "--quantize", "nf4",
-            "--targets", "all-linear", "--max-steps", "12", "--batch-size", "8", "--lr", "1e-2", "--log-interval", "1",
-            "--max-length", "96", "--num-beams", "1", "--max-new-tokens", "2", "--keep-checkpoints", "0",
-            "--no-plot"]  # fmt: skip
-    assert train_main(argv) == 0
+    model, out = _train_tiny_chat_lm(tmp_path, monkeypatch, "qlora", ["--quantize", "nf4"])
     assert "quantized" in capfd.readouterr().out
-    losses = [r["loss"] for r in train_records(out) if r["split"] == "train"]
-    assert len(losses) == 12 and sum(losses[9:]) / 3 < sum(losses[:3]) / 3 - 0.2
     saved = load_file(out / "adapter_model.safetensors")
     assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)  # LoRA only: no packed codes
     dense, _ = load_model(str(model))
