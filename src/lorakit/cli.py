@@ -7,6 +7,7 @@ for importing the trainer or the benchmark suite.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 # name → (module:function taking argv and returning an exit code, one-line help)
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lorakit {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
+    # bitsandbytes warns on import that an optional CPU kernel package is absent: not the user's problem.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if command not in SUBCOMMANDS:
         print(f"lorakit: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2

@@ -75,7 +75,7 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path, name: str) -> None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"lorakit: converting {name} from GGUF to safetensors in {target} (once)", flush=True)
-    with quiet_transformers():
+    with quiet_transformers(), _no_gguf_bar():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     # The dequantized weights are plain fp32 now; drop the GGUF quantizer so transformers can save them.
@@ -96,6 +96,22 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path, name: str) -> None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def _no_gguf_bar() -> Iterator[None]:
+    """Hide transformers' per-tensor GGUF bar (a plain tqdm that ignores its logging switches): the
+    conversion takes seconds and lorakit already printed its one line."""
+    from functools import partial
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 @contextmanager
