@@ -1,4 +1,4 @@
-"""The useful-tokens bench case on a tiny random GPT-2: three sides from one start, padding, report."""
+"""The useful-tokens bench case on a tiny random GPT-2: four sides from one start, padding, report."""
 
 from __future__ import annotations
 
@@ -13,13 +13,18 @@ from lorakit.bench.worker import Measure
 from test_training import one_thread  # noqa: F401
 
 
-@pytest.mark.slow  # ~45 s on 2 shared cores: 3 sides x 4 steps of a 50k-vocabulary model
+@pytest.mark.slow  # ~45 s on 2 shared cores: 4 sides x 4 steps of a 50k-vocabulary model
 def test_tokens_case_compares_grouped_random_and_peft(one_thread):  # noqa: F811
     case = Case(id="tokens/tiny/e2e", kind="tokens", model="gpt2-L1-D32", batch=8, loss="labels",
                 group="tokens", warmup=1, repeats=3, targets=("o",))  # fmt: skip  (PEFT cannot slice c_attn)
     result = run_tokens(case, Measure("cpu"))
     sides = result["sides"]
-    assert set(sides) == {"lorakit-grouped", "lorakit-random", "peft-random"}
+    assert set(sides) == {"lorakit-grouped", "lorakit-random", "peft-random", "lorakit-random-order2"}
+    # The other shuffle is other batches: its loss differs, and both relative differences are reported.
+    loss = {s: v["held_out_loss"] for s, v in sides.items()}
+    assert loss["lorakit-random-order2"] != loss["lorakit-random"]
+    assert math.isclose(result["order_loss_rel_diff"], loss["lorakit-random-order2"] / loss["lorakit-random"] - 1)
+    assert math.isclose(result["grouped_loss_rel_diff"], loss["lorakit-grouped"] / loss["lorakit-random"] - 1)
     # Random sides see the same batches; grouping pads far less on the same rows.
     assert sides["lorakit-random"]["pad_share"] == sides["peft-random"]["pad_share"] > 0.2
     assert sides["lorakit-grouped"]["pad_share"] < 0.5 * sides["lorakit-random"]["pad_share"]
