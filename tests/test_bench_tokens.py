@@ -36,8 +36,14 @@ def test_tokens_case_compares_grouped_random_and_peft(one_thread):  # noqa: F811
     record = {"id": case.id, "case": {**case.__dict__, "targets": list(case.targets)}, **result}
     summary = compute_ratios([record])
     assert [t["target"] for t in summary["targets"]] == [
-        "useful tokens/s, lorakit length-grouped / PEFT random batches, gpt2-L1-D32 e2e"
+        "useful tokens/s, lorakit length-grouped / PEFT random batches, gpt2-L1-D32 e2e",
+        "useful tokens/s at equal held-out loss, lorakit random / PEFT random batches, gpt2-L1-D32 e2e",
+        "held-out loss, length-grouped / random batches - 1, gpt2-L1-D32 e2e",
     ]
+    assert math.isclose(result["random_over_peft"],
+                        sides["lorakit-random"]["useful_tok_s"] / sides["peft-random"]["useful_tok_s"])
+    equal_loss = summary["targets"][2]
+    assert equal_loss["met"] == (result["grouped_loss_rel_diff"] <= abs(result["order_loss_rel_diff"]))
     report = {"meta": {"command": "t", "date": "d", "loadavg_start": [0, 0, 0], "loadavg_end": [0, 0, 0],
                        "machine": {"cpu": "c", "cores": 2, "cpu_capability": "x", "device": "cpu", "torch": "t",
                                    "transformers": "t", "peft": "p"}},

@@ -213,6 +213,19 @@ def _quality_and_tokens_checks(results: list[dict[str, Any]], checks: _Checks) -
                 r["grouped_over_peft"], TARGETS["tokens_over_peft"], ">=",
                 "same steps from the same start; held-out losses in the tokens table",
             )  # fmt: skip
+            _equal_loss_checks(r, checks)
+
+
+def _equal_loss_checks(r: dict[str, Any], checks: _Checks) -> None:
+    """The tokens case at equal held-out loss: lorakit's random batches are PEFT's batches (same loss), and
+    grouping counts as loss-neutral only within what another shuffle alone moves the loss."""
+    c = r["case"]
+    checks.check(f"useful tokens/s at equal held-out loss, lorakit random / PEFT random batches, {c['model']} "
+                 f"{c['data']}", r["random_over_peft"], TARGETS["tokens_over_peft"], ">=",
+                 f"held-out loss differs by {r['random_loss_rel_diff']:+.2e}")  # fmt: skip
+    checks.check(f"held-out loss, length-grouped / random batches - 1, {c['model']} {c['data']}",
+                 r["grouped_loss_rel_diff"], abs(r["order_loss_rel_diff"]), "<=",
+                 "limit: what another random shuffle alone moves it")  # fmt: skip
 
 
 def compute_ratios(results: list[dict[str, Any]]) -> dict[str, Any]:

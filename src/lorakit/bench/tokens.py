@@ -148,6 +148,8 @@ def run_tokens(case: Case, measure: Any) -> dict[str, Any]:
     loss = {s: v["held_out_loss"] for s, v in sides.items()}
     return {"grouped_loss_rel_diff": loss["lorakit-grouped"] / loss["lorakit-random"] - 1,
             "order_loss_rel_diff": loss["lorakit-random-order2"] / loss["lorakit-random"] - 1,
+            "random_loss_rel_diff": loss["lorakit-random"] / loss["peft-random"] - 1,
+            "random_over_peft": tok_s["lorakit-random"] / tok_s["peft-random"],
             "median_s": sides["lorakit-grouped"]["median_s"], "sides": sides,
             "grouped_over_peft": tok_s["lorakit-grouped"] / tok_s["peft-random"],
             "grouped_over_random": tok_s["lorakit-grouped"] / tok_s["lorakit-random"]}  # fmt: skip
