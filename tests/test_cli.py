@@ -60,3 +60,17 @@ def test_demo_runs_end_to_end_in_miniature(minilm_path, tmp_path, capsys):
         assert (tmp_path / "demo" / task / "train_config.json").is_file()
     assert (tmp_path / "demo" / "merged" / "config.json").is_file()
     assert "LOAD REPORT" not in captured.err and "MISSING" not in captured.err  # transformers' noise filtered
+
+
+def test_lorakit_warnings_print_as_one_plain_line_and_others_keep_pythons_format(monkeypatch):
+    import warnings
+
+    from lorakit.cli import plain_lorakit_warnings
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    default = warnings.formatwarning("x", UserWarning, "/site/other/mod.py", 3, "raise_it()")
+    plain_lorakit_warnings()
+    plain_lorakit_warnings()  # idempotent: main() may run many times in one process
+    ours = warnings.formatwarning("no file for ['test']", UserWarning, "/src/lorakit/tasks/nlg.py", 55, "call()")
+    assert ours == "lorakit: warning: no file for ['test']\n"
+    assert warnings.formatwarning("x", UserWarning, "/site/other/mod.py", 3, "raise_it()") == default

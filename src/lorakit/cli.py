@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
+import warnings
 
 # name → (module:function taking argv and returning an exit code, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -35,6 +37,23 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def plain_lorakit_warnings() -> None:
+    """Print lorakit's own warnings as one ``lorakit: warning:`` line, not Python's file:line plus the source
+    line that raised it (which reads like a crash); other packages' warnings keep Python's format."""
+    default = warnings.formatwarning
+    if getattr(default, "lorakit_plain", False):
+        return
+
+    def formatwarning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+        if f"{os.sep}lorakit{os.sep}" in str(filename):
+            return f"lorakit: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    formatwarning.lorakit_plain = True  # type: ignore[attr-defined]
+    warnings.formatwarning = formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -48,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     # bitsandbytes warns on import that an optional CPU kernel package is absent: not the user's problem.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    plain_lorakit_warnings()
     if command not in SUBCOMMANDS:
         print(f"lorakit: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
