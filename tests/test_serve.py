@@ -392,3 +392,22 @@ def test_health_and_metrics(server, client):
     assert metrics["lorakit_generated_tokens_per_second"] > 0
     assert metrics["lorakit_time_to_first_token_seconds_count"] >= 1
     assert metrics["lorakit_request_latency_seconds_count"] >= 1
+
+
+def test_growable_kv_layer_equals_dynamic_layer_and_writes_steps_in_place():
+    from transformers.cache_utils import DynamicLayer
+
+    from lorakit.serve.engine import GrowableLayer
+
+    gen = torch.Generator().manual_seed(0)
+    grow, plain = GrowableLayer(), DynamicLayer()
+    steps = [torch.randn(2, 3, n, 4, generator=gen) for n in (5, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1)]
+    storages = []
+    for k in steps:
+        got, want = grow.update(k, -k), plain.update(k, -k)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert grow.get_seq_length() == plain.get_seq_length()
+        storages.append(got[0].untyped_storage().data_ptr())
+    # Capacity doubles: 5 -> room for 10 after the first update, 11 -> 22; in between, one buffer is reused.
+    assert storages[1:5] == [storages[0]] * 4
+    assert len(set(storages)) == 2

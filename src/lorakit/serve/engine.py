@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from lorakit.adapters import configs, delete_adapter, route_rows, set_adapter
 from lorakit.errors import LorakitError
@@ -276,7 +277,7 @@ class Engine:
         mask = torch.zeros(len(rows), length, dtype=torch.long)
         for i, seq in enumerate(rows):
             mask[i, length - seq.cache_len :] = 1
-        return DynamicCache(ddp_cache_data=layers), mask
+        return _growable_cache(layers), mask
 
     def _decode_text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -286,6 +287,43 @@ class Engine:
         self.stats[seq.finish_reason or "finished"] += 1
         if seq.finish_reason not in ("error", "cancelled"):
             self.metrics.latency.observe(time.perf_counter() - seq.t_submit)
+
+
+class GrowableLayer(DynamicLayer):
+    """A KV layer whose keys/values are views of a buffer with spare capacity: a decode step writes its one
+    new position in place instead of ``DynamicLayer``'s ``torch.cat`` copy of the whole KV each step.
+    Capacity doubles when full, so copies are amortised O(1) per token."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self._length, self._kbuf, self._vbuf = 0, key_states[..., :0, :], value_states[..., :0, :]
+        end = self._length + key_states.shape[-2]
+        if end > self._kbuf.shape[-2]:
+            self._kbuf, self._vbuf = _grown(self._kbuf, self._length, end), _grown(self._vbuf, self._length, end)
+        self._kbuf[..., self._length : end, :] = key_states
+        self._vbuf[..., self._length : end, :] = value_states
+        self._length = end
+        self.keys, self.values = self._kbuf[..., :end, :], self._vbuf[..., :end, :]
+        return self.keys, self.values
+
+
+def _grown(buffer: torch.Tensor, used: int, needed: int) -> torch.Tensor:
+    """A buffer with room for at least ``needed`` positions (twice that), holding ``buffer``'s first ``used``."""
+    shape = (*buffer.shape[:-2], 2 * needed, buffer.shape[-1])
+    out = buffer.new_empty(shape)
+    out[..., :used, :] = buffer[..., :used, :]
+    return out
+
+
+def _growable_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A ``DynamicCache`` of ``GrowableLayer`` s holding the given (keys, values) per layer."""
+    cache = DynamicCache()
+    cache.layers = [GrowableLayer() for _ in layers]
+    cache.layer_class_to_replicate = None
+    for layer, (keys, values) in zip(cache.layers, layers):
+        layer.update(keys, values)
+    return cache
 
 
 def _materialize(seq: Sequence) -> None:
