@@ -411,3 +411,25 @@ def test_growable_kv_layer_equals_dynamic_layer_and_writes_steps_in_place():
     # Capacity doubles: 5 -> room for 10 after the first update, 11 -> 22; in between, one buffer is reused.
     assert storages[1:5] == [storages[0]] * 4
     assert len(set(storages)) == 2
+
+
+def test_batched_layer_left_pads_each_row_like_pad_and_cat():
+    import torch.nn.functional as F
+    from transformers.cache_utils import DynamicLayer
+
+    from lorakit.serve.engine import _batched_layer
+
+    gen = torch.Generator().manual_seed(1)
+    own, lengths = [], [3, 7, 5]
+    for n in lengths:
+        layer = DynamicLayer()
+        layer.update(torch.randn(1, 2, n, 4, generator=gen), torch.randn(1, 2, n, 4, generator=gen))
+        own.append(layer)
+    batched = _batched_layer(own, lengths, 7)
+    for got, name in ((batched.keys, "keys"), (batched.values, "values")):
+        want = torch.cat([F.pad(getattr(layer, name), (0, 0, 7 - n, 0)) for layer, n in zip(own, lengths)])
+        assert torch.equal(got, want)
+    # The next decode step writes in place: spare capacity is there from the start.
+    before = batched.keys.untyped_storage().data_ptr()
+    batched.update(torch.randn(3, 2, 1, 4, generator=gen), torch.randn(3, 2, 1, 4, generator=gen))
+    assert batched.keys.untyped_storage().data_ptr() == before and batched.get_seq_length() == 8

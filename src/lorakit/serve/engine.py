@@ -20,7 +20,6 @@ from concurrent.futures import Future
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -269,15 +268,14 @@ class Engine:
         for seq in rows:
             _materialize(seq)
         length = max(s.cache_len for s in rows)
-        layers = []
-        for layer in range(len(rows[0].cache.layers)):
-            keys = [F.pad(s.cache.layers[layer].keys, (0, 0, length - s.cache_len, 0)) for s in rows]
-            values = [F.pad(s.cache.layers[layer].values, (0, 0, length - s.cache_len, 0)) for s in rows]
-            layers.append((torch.cat(keys), torch.cat(values)))
+        cache = DynamicCache()
+        cache.layer_class_to_replicate = None
+        cache.layers = [_batched_layer([s.cache.layers[i] for s in rows], [s.cache_len for s in rows], length)
+                        for i in range(len(rows[0].cache.layers))]  # fmt: skip
         mask = torch.zeros(len(rows), length, dtype=torch.long)
         for i, seq in enumerate(rows):
             mask[i, length - seq.cache_len :] = 1
-        return _growable_cache(layers), mask
+        return cache, mask
 
     def _decode_text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -293,6 +291,15 @@ class GrowableLayer(DynamicLayer):
     """A KV layer whose keys/values are views of a buffer with spare capacity: a decode step writes its one
     new position in place instead of ``DynamicLayer``'s ``torch.cat`` copy of the whole KV each step.
     Capacity doubles when full, so copies are amortised O(1) per token."""
+
+    @classmethod
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor, length: int) -> GrowableLayer:
+        """A layer over ready buffers whose first ``length`` positions are filled (no copy)."""
+        layer = cls()
+        layer.lazy_initialization(keys, values)
+        layer._length, layer._kbuf, layer._vbuf = length, keys, values
+        layer.keys, layer.values = keys[..., :length, :], values[..., :length, :]
+        return layer
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
@@ -310,20 +317,21 @@ class GrowableLayer(DynamicLayer):
 
 def _grown(buffer: torch.Tensor, used: int, needed: int) -> torch.Tensor:
     """A buffer with room for at least ``needed`` positions (twice that), holding ``buffer``'s first ``used``."""
-    shape = (*buffer.shape[:-2], 2 * needed, buffer.shape[-1])
-    out = buffer.new_empty(shape)
+    out = buffer.new_empty((*buffer.shape[:-2], 2 * needed, buffer.shape[-1]))
     out[..., :used, :] = buffer[..., :used, :]
     return out
 
 
-def _growable_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A ``DynamicCache`` of ``GrowableLayer`` s holding the given (keys, values) per layer."""
-    cache = DynamicCache()
-    cache.layers = [GrowableLayer() for _ in layers]
-    cache.layer_class_to_replicate = None
-    for layer, (keys, values) in zip(cache.layers, layers):
-        layer.update(keys, values)
-    return cache
+def _batched_layer(own: list[DynamicLayer], lengths: list[int], length: int) -> GrowableLayer:
+    """One layer of a batch: row i holds ``own[i]``'s KV right-aligned at ``length`` after zero left padding,
+    written straight into a buffer with room for as many positions again (one copy per row)."""
+    keys, values = own[0].keys, own[0].values
+    kbuf = keys.new_zeros((len(own), keys.shape[1], 2 * length, keys.shape[-1]))
+    vbuf = values.new_zeros((len(own), values.shape[1], 2 * length, values.shape[-1]))
+    for row, (layer, n) in enumerate(zip(own, lengths)):
+        kbuf[row, :, length - n : length] = layer.keys[0]
+        vbuf[row, :, length - n : length] = layer.values[0]
+    return GrowableLayer.holding(kbuf, vbuf, length)
 
 
 def _materialize(seq: Sequence) -> None:
