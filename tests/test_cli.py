@@ -71,6 +71,11 @@ def test_lorakit_warnings_print_as_one_plain_line_and_others_keep_pythons_format
     default = warnings.formatwarning("x", UserWarning, "/site/other/mod.py", 3, "raise_it()")
     plain_lorakit_warnings()
     plain_lorakit_warnings()  # idempotent: main() may run many times in one process
-    ours = warnings.formatwarning("no file for ['test']", UserWarning, "/src/lorakit/tasks/nlg.py", 55, "call()")
+    import lorakit.tasks.nlg
+
+    ours = warnings.formatwarning("no file for ['test']", UserWarning, lorakit.tasks.nlg.__file__, 55, "call()")
     assert ours == "lorakit: warning: no file for ['test']\n"
+    # A user's own folder that happens to be called lorakit is not lorakit's code.
+    theirs = warnings.formatwarning("x", UserWarning, "/home/u/lorakit/train.py", 3, "raise_it()")
+    assert theirs.startswith("/home/u/lorakit/train.py:3: UserWarning: x")
     assert warnings.formatwarning("x", UserWarning, "/site/other/mod.py", 3, "raise_it()") == default

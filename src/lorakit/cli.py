@@ -37,6 +37,9 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # warnings raised by lorakit's own files
+
+
 def plain_lorakit_warnings() -> None:
     """Print lorakit's own warnings as one ``lorakit: warning:`` line, not Python's file:line plus the source
     line that raised it (which reads like a crash); other packages' warnings keep Python's format."""
@@ -46,7 +49,7 @@ def plain_lorakit_warnings() -> None:
 
     def formatwarning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                       line: str | None = None) -> str:
-        if f"{os.sep}lorakit{os.sep}" in str(filename):
+        if str(filename).startswith(_PACKAGE_DIR):
             return f"lorakit: warning: {message}\n"
         return default(message, category, filename, lineno, line)
 
