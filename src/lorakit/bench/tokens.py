@@ -119,11 +119,10 @@ def run_tokens(case: Case, measure: Any) -> dict[str, Any]:
     held_rows, rows = rows[:64], rows[64:]
     held = [_collate(held_rows, list(range(i, i + 16)), pad_id, case.device) for i in range(0, 64, 16)]
     orders = _orders(rows, case)
-    models = {"lorakit-grouped": apply_method(shared_copy(base), "lorakit", case.r, case.targets),
-              "lorakit-random": apply_method(shared_copy(base), "lorakit", case.r, case.targets),
-              "lorakit-random-order2": apply_method(shared_copy(base), "lorakit", case.r, case.targets),
-              "peft-random": apply_method(base, "peft", case.r, case.targets)}  # fmt: skip
-    for side in ("lorakit-grouped", "lorakit-random", "lorakit-random-order2"):
+    ours = [s for s in SIDES if s.startswith("lorakit")]
+    models = {s: apply_method(shared_copy(base), "lorakit", case.r, case.targets) for s in ours}
+    models["peft-random"] = apply_method(base, "peft", case.r, case.targets)
+    for side in ours:
         _copy_peft_init(models["peft-random"], models[side])  # one start for every side
     feeds = {s: [_collate(rows, orders[s][k], pad_id, case.device) for k in range(steps)] for s in SIDES}
     train_steps = {s: make_train_step(models[s], feeds[s], "fp32", "model" if s.startswith("peft") else case.loss,
