@@ -20,10 +20,13 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "e2e")
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SIDES = ("peft-fp32", "lorakit-nf4", "lorakit-int8")
+# The reference, lorakit's two schemes as `lorakit train --quantize` runs them, and PEFT fp32 with the same
+# memory settings (checkpointing, glibc) as the like-for-like comparison: see Side.
+SIDES = ("peft-fp32", "lorakit-nf4", "lorakit-int8", "peft-fp32-gc-heap")
 
 
 def _rss_mib() -> float:
@@ -70,29 +73,69 @@ def _data(tokenizer, args) -> tuple[list[dict], list[dict]]:
     return train, held
 
 
-def _prepare(side: str, model, args) -> dict:
-    """Attach LoRA (quantizing first for lorakit-nf4/int8); returns side-specific figures."""
+@dataclass(frozen=True)
+class Side:
+    """One side of the bench, from its name: ``<peft|lorakit>-<fp32|nf4|int8>[-gc|-nogc][-heap|-noheap]
+    [-modelloss]``. Unless the name says otherwise, a side does what its library's user gets: PEFT a plain
+    loop; lorakit on a quantized base what ``lorakit train --quantize`` does (load layer by layer, gradient
+    checkpointing, glibc returning freed memory, the labels-only loss)."""
+
+    name: str
+    library: str
+    precision: str
+    checkpointing: bool
+    heap: bool
+    model_loss: bool
+
+    @classmethod
+    def parse(cls, name: str) -> Side:
+        library, precision, *flags = name.split("-")
+        if library not in ("peft", "lorakit") or precision not in ("fp32", "nf4", "int8"):
+            raise SystemExit(f"bad side {name!r}: <peft|lorakit>-<fp32|nf4|int8>[-gc|-nogc][-heap|-noheap][-modelloss]")
+        quantized = library == "lorakit" and precision != "fp32"
+        flag = lambda on, off, default: True if on in flags else False if off in flags else default  # noqa: E731
+        return cls(name, library, precision, flag("gc", "nogc", quantized), flag("heap", "noheap", quantized),
+                   library == "peft" or "modelloss" in flags)
+
+
+def _load(side: Side) -> tuple:
+    """(model, tokenizer, info): quantized sides load as the trainer does, layer by layer."""
+    from lorakit.heap import return_freed_memory_promptly
+    from lorakit.models import load_model
+
+    if side.heap:
+        return_freed_memory_promptly()
+    if side.library == "peft" or side.precision == "fp32":
+        model, tok = load_model("smollm2-135m")
+        return model, tok, {}
+    from lorakit.quant_load import load_quantized
+
+    model, tok, report = load_quantized("smollm2-135m", side.precision)
+    return model, tok, {"quantized_layers": len(report.layers), "dense_MiB": report.dense_bytes / 2**20,
+                        "packed_MiB": report.packed_bytes / 2**20}
+
+
+def _prepare(side: Side, model, args) -> dict:
+    """Attach LoRA (PEFT's or lorakit's) and switch on gradient checkpointing where the side has it."""
     import torch
 
     torch.manual_seed(args.seed)
-    if side == "peft-fp32":
+    if side.library == "peft":
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=PEFT_TARGETS,
                                                  lora_dropout=0.0))
-        return {"model": model}
-    from lorakit import LoraConfig, inject
+    else:
+        from lorakit import LoraConfig, inject
 
-    info = {}
-    if side != "lorakit-fp32":
-        from lorakit.quant import quantize_base
+        inject(model, LoraConfig(r=args.r, alpha=args.alpha, targets=("q", "k", "v", "o", "ffn"), init="kaiming"))
+    if side.checkpointing:
+        from lorakit.models import enable_activation_checkpointing
 
-        report = quantize_base(model, side.split("-")[1])
-        info = {"quantized_layers": len(report.layers), "dense_MiB": report.dense_bytes / 2**20,
-                "packed_MiB": report.packed_bytes / 2**20}
-    gc.collect()
-    inject(model, LoraConfig(r=args.r, alpha=args.alpha, targets=("q", "k", "v", "o", "ffn"), init="kaiming"))
-    return {"model": model, **info}
+        enable_activation_checkpointing(model)
+    model.config.use_cache = False
+    return {"model": model, "gradient_checkpointing": side.checkpointing, "heap_setting": side.heap,
+            "labels_only_loss": not side.model_loss}
 
 
 def _batches(rows: list[dict], batch: int, pad: int):
@@ -104,20 +147,30 @@ def _batches(rows: list[dict], batch: int, pad: int):
         yield {k: torch.tensor(v) for k, v in collate_causal_lm(rows[i : i + batch], pad).items()}
 
 
-def _held_out_loss(model, rows: list[dict], pad: int) -> float:
+def _held_out_loss(model, rows: list[dict], pad: int, batch: int) -> float:
     import torch
 
     model.eval()
     total = tokens = 0.0
     with torch.no_grad():
-        for b in _batches(rows, 16, pad):
+        for b in _batches(rows, batch, pad):
             n = int((b["labels"][:, 1:] != -100).sum())
             total += model(**b).loss.item() * n
             tokens += n
     return total / tokens
 
 
-def _train(model, train: list[dict], args, pad: int) -> list[float]:
+def _loss(model, batch: dict, side: Side):
+    """The model's own loss (what a PEFT user writes), or the trainer's: lorakit.fast.causal_lm_loss, the same
+    value with the LM head only at labelled positions and in chunks."""
+    if side.model_loss:
+        return model(**batch).loss
+    from lorakit.fast import causal_lm_loss
+
+    return causal_lm_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+
+def _train(model, train: list[dict], args, pad: int, side: Side) -> list[float]:
     import torch
 
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
@@ -129,40 +182,42 @@ def _train(model, train: list[dict], args, pad: int) -> list[float]:
         idx = order[(step * args.batch) % len(order) :][: args.batch]
         b = next(_batches([train[i] for i in idx], args.batch, pad))
         t = time.perf_counter()
-        model(**b).loss.backward()
+        _loss(model, b, side).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
     return times
 
 
-def worker(side: str, args) -> dict:
+def worker(name: str, args) -> dict:
     import torch
 
     import lorakit.quant  # noqa: F401  (imports bitsandbytes on every side: equal baselines)
-    from lorakit.models import load_model
 
     torch.set_num_threads(args.threads)
-    out = {"side": side, "rss_imports_MiB": _rss_mib()}
-    model, tok = load_model("smollm2-135m")
-    out["rss_loaded_MiB"] = _rss_mib()
+    side = Side.parse(name)
+    out = {"side": name, "rss_imports_MiB": _rss_mib()}
+    model, tok, info = _load(side)
+    out.update(info, rss_loaded_MiB=_rss_mib(), load_peak_MiB=_peak_mib())
     prepared = _prepare(side, model, args)
     model = prepared.pop("model")
     gc.collect()
     out.update(prepared, rss_prepared_MiB=_rss_mib())
     out["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     train, held = _data(tok, args)
+    out["rss_data_MiB"] = _rss_mib()  # the tokenized E2E rows, before the first step
     with PeakSampler() as sampler:
-        times = _train(model, train, args, tok.pad_token_id)
+        times = _train(model, train, args, tok.pad_token_id, side)
     out.update(train_peak_MiB=sampler.peak, step_s=statistics.median(times[5:] or times))
-    out["held_out_loss"] = _held_out_loss(model, held, tok.pad_token_id)
+    out["held_out_loss"] = _held_out_loss(model, held, tok.pad_token_id, args.batch)
     out["peak_rss_MiB"] = _peak_mib()
     return out
 
 
 def _row(r: dict, ref: dict) -> str:
     peak, loss = r["peak_rss_MiB"], r["held_out_loss"]
-    return (f"{r['side']:<13} peak RSS {peak:7.0f} MiB ({peak / ref['peak_rss_MiB']:.2f}x)"
+    return (f"{r['side']:<17} peak RSS {peak:7.0f} MiB ({peak / ref['peak_rss_MiB']:.2f}x)"
+            f"  load peak {r['load_peak_MiB']:6.0f}"
             f"  train-phase peak {r['train_peak_MiB']:6.0f} ({r['train_peak_MiB'] / ref['train_peak_MiB']:.2f}x)"
             f"  loaded {r['rss_loaded_MiB']:5.0f} → prepared {r['rss_prepared_MiB']:5.0f}"
             f"  step {r['step_s']:.2f} s ({r['step_s'] / ref['step_s']:.2f}x)"
@@ -180,7 +235,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-rows", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--sides", default=",".join(SIDES), help=f"comma list from {(*SIDES, 'lorakit-fp32')}")
+    p.add_argument("--sides", default=",".join(SIDES),
+                   help=f"comma list from {(*SIDES, 'lorakit-fp32')}, any with -gc / -nogc")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args()

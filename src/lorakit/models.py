@@ -176,16 +176,53 @@ def load_model(
         raise LorakitError(f"unknown task {task!r}; choose from {sorted(TASK_CLASSES)}")
     path = model_path(name_or_path)
     _check_local_model(path)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(path)
     auto = getattr(transformers, TASK_CLASSES[task])
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
     with quiet_transformers():
         model, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
     _report_new_weights(name_or_path, info.get("missing_keys") or [])
+    finish_loaded(model, tokenizer, name_or_path)
+    return model, tokenizer
+
+
+def load_tokenizer(path: str) -> object:
+    """The tokenizer of a model folder, with a pad token (its EOS when it has none).
+
+    Args:
+        path: a folder (or hub id) as :func:`model_path` returns it.
+    """
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def finish_loaded(model: nn.Module, tokenizer: object, name_or_path: str | Path) -> None:
+    """What every loader sets on a fresh model: a pad token id, and the name the user gave it.
+
+    Args:
+        model: the loaded model.
+        tokenizer: its tokenizer (from :func:`load_tokenizer`).
+        name_or_path: the built-in name, folder or hub id the user asked for.
+    """
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.config._name_or_path = str(name_or_path)
-    return model, tokenizer
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward (torch's non-reentrant checkpoint), by the name the
+    installed transformers gives it: ``gradient_checkpointing_enable`` warns as deprecated since 5.2x.
+
+    Args:
+        model: a transformers model (or a wrapper that forwards attribute access to one, like PEFT's).
+    """
+    kwargs = {"use_reentrant": False}  # frozen inputs need no requires_grad trick with the non-reentrant form
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

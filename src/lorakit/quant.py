@@ -10,11 +10,9 @@ the quantized base comes back bit for bit (merges are never rounded into 4/8 bit
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import fnmatch
 import gc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,6 +23,7 @@ from torch.utils._pytree import tree_map
 
 from lorakit.arch import POOLER_NAME, TASK_HEAD_NAMES
 from lorakit.errors import ConfigError, MergeError, TargetError
+from lorakit.heap import trim_heap
 from lorakit.kinds import AdapterHost, LayerKind, kind_of, register_kind
 
 NF4_BLOCKSIZE = 64  # QLoRA's block size: one fp32 absmax per 64 weights (4.5 bits a weight in all)
@@ -324,12 +323,16 @@ def _release_dense_memory(model: nn.Module) -> None:
         for param in model.parameters():
             param.data = param.data.clone()  # tied parameters are one object: they stay tied
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim_heap()
 
 
 def quantize_base(
-    model: nn.Module, scheme: str = "nf4", *, skip: Sequence[str] = (), include_head: bool = False
+    model: nn.Module,
+    scheme: str = "nf4",
+    *,
+    skip: Sequence[str] = (),
+    include_head: bool = False,
+    fill: Callable[[str, nn.Linear], None] | None = None,
 ) -> QuantizationReport:
     """Quantize the frozen linear weights of ``model`` in place (before or after injecting LoRA).
 
@@ -342,6 +345,8 @@ def quantize_base(
         scheme: ``"nf4"`` or ``"int8"``.
         skip: module-name patterns (fnmatch, matched on the full name or its dotted tail) to keep dense.
         include_head: quantize the heads too (a tied LM head is then untied from the input embedding).
+        fill: called as ``fill(name, linear)`` just before each layer is quantized, to load its weights
+            into an uninitialised model one layer at a time (:func:`lorakit.quant_load.load_quantized`).
 
     Raises:
         ConfigError: unknown scheme, a skip pattern matching nothing, bitsandbytes missing.
@@ -355,14 +360,19 @@ def quantize_base(
     targets = _candidates(model, skip, include_head)
     if not targets:
         raise TargetError("no linear layer to quantize (all skipped, or the model has none)")
-    dense = packed = 0
-    for name, linear in targets:
+    names, dense, packed = tuple(n for n, _ in targets), 0, 0
+    while targets:  # popped, so each fp32 weight is freed once its layer is replaced, not at the end
+        name, linear = targets.pop(0)
+        if fill is not None:
+            fill(name, linear)
         q = QuantizedLinear(linear, scheme)
         dense += linear.weight.numel() * 4
         packed += sum(getattr(q, k).numel() * getattr(q, k).element_size() for k in q._packed_names)
         _replace(model, name, q)
-    _release_dense_memory(model)
-    return QuantizationReport(scheme, tuple(n for n, _ in targets), dense, packed)
+        del linear
+    if fill is None:
+        _release_dense_memory(model)
+    return QuantizationReport(scheme, names, dense, packed)
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLinear]]:

@@ -172,8 +172,16 @@ def summarize(latencies: list[float], ttfts: list[float], tokens: int, wall: flo
             "ttft_p50_s": pct(ttfts, 0.5) if ttfts else None, "mean_s": statistics.fmean(latencies)}
 
 
-def peft_batched(adapters: dict[str, str], requests: list[tuple[str, str]], max_tokens: int) -> dict[str, Any]:
-    """Baseline (b): all requests as one left-padded batch through PEFT's generate(adapter_names=...)."""
+def peft_batched(adapters: dict[str, str], requests: list[tuple[str, str]], max_tokens: int,
+                 repeats: int = 1) -> dict[str, Any]:
+    """Baseline (b): all requests as one left-padded batch through PEFT's generate(adapter_names=...).
+
+    Args:
+        adapters: adapter name -> folder, all loaded into one PeftModel.
+        requests: (adapter name, prompt) pairs, generated as one batch.
+        max_tokens: new tokens per row (greedy).
+        repeats: how many times the batch is generated; the row reports the median run.
+    """
     import torch
     from peft import PeftModel
 
@@ -187,18 +195,65 @@ def peft_batched(adapters: dict[str, str], requests: list[tuple[str, str]], max_
     model.eval()
     tok.padding_side = "left"
     batch = tok([p for _, p in requests], return_tensors="pt", padding=True)
-    start, cpu = time.perf_counter(), time.process_time()
-    with torch.no_grad():
-        out = model.generate(**batch, adapter_names=[m for m, _ in requests], max_new_tokens=max_tokens,
-                             do_sample=False, pad_token_id=tok.pad_token_id)
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    new = out[:, batch["input_ids"].shape[1]:]
-    tokens = 0
-    for row in new.tolist():  # count up to and including the first EOS, as the server does
-        tokens += next((i + 1 for i, t in enumerate(row) if t == tok.eos_token_id), len(row))
-    row = summarize([wall] * len(requests), [], tokens, wall)
-    row["cpu_ms_per_token"] = 1000 * cpu / max(tokens, 1)
+    runs = []
+    for _ in range(repeats):
+        start, cpu = time.perf_counter(), time.process_time()
+        with torch.no_grad():
+            out = model.generate(**batch, adapter_names=[m for m, _ in requests], max_new_tokens=max_tokens,
+                                 do_sample=False, pad_token_id=tok.pad_token_id)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        tokens = _tokens_to_eos(out[:, batch["input_ids"].shape[1]:].tolist(), tok.eos_token_id)
+        row = summarize([wall] * len(requests), [], tokens, wall)
+        row["cpu_ms_per_token"] = 1000 * cpu / max(tokens, 1)
+        runs.append(row)
+    return median_row(runs)
+
+
+def _tokens_to_eos(rows: list[list[int]], eos: int) -> int:
+    """Generated tokens counted up to and including each row's first EOS, as the server counts them."""
+    return sum(next((i + 1 for i, t in enumerate(row) if t == eos), len(row)) for row in rows)
+
+
+MEDIAN_FIELDS = ("tokens_per_s", "p50_s", "p99_s", "ttft_p50_s", "mean_s", "wall_s", "cpu_ms_per_token")
+
+
+def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from repeated runs of a cell: the median of each figure, plus every run's tokens/s.
+
+    Args:
+        runs: rows of the same cell (same system, adapters and concurrency), in the order they ran.
+    """
+    row = dict(runs[0])
+    for field in MEDIAN_FIELDS:
+        values = [r[field] for r in runs if r.get(field) is not None]
+        row[field] = statistics.median(values) if values else None
+    row["requests"] = sum(r["requests"] for r in runs)
+    row["tokens"] = sum(r["tokens"] for r in runs)
+    row["tokens_per_s_runs"] = [r["tokens_per_s"] for r in runs]
     return row
+
+
+def target_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's three targets, from the medians: at the top concurrency, many adapters vs one, vs (a), vs (b).
+
+    Args:
+        results: the report's rows (``system``, ``adapters``, ``concurrency``, ``tokens_per_s``).
+    """
+    ours = [r for r in results if r["system"] == "lorakit serve"]
+    if not ours:
+        return []
+    top = max(r["concurrency"] for r in ours)
+    at_top = {r["adapters"]: r["tokens_per_s"] for r in ours if r["concurrency"] == top}
+    many, one = at_top.get(max(at_top)), at_top.get(min(at_top))
+    others = {r["system"][:3]: r["tokens_per_s"] for r in results if r["system"] != "lorakit serve"}
+    checks = []
+    if max(at_top) != min(at_top):
+        checks.append((f"{max(at_top)} adapters / 1 adapter at concurrency {top}", many / one, 0.85))
+    if "(a)" in others:
+        checks.append((f"{max(at_top)} adapters at concurrency {top} / (a) one at a time", many / others["(a)"], 4.0))
+    if "(b)" in others:
+        checks.append((f"{max(at_top)} adapters at concurrency {top} / (b) PEFT batched", many / others["(b)"], 1.0))
+    return [{"check": name, "ratio": ratio, "target": target, "met": ratio >= target} for name, ratio, target in checks]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -207,6 +262,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="1,8,32", help="closed-loop clients (comma list)")
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
     p.add_argument("--rounds", type=int, default=2, help="requests per client in each cell")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of each batched cell and of (b); tables report the median (0.1 of noise is common)")
     p.add_argument("--baseline-requests", type=int, default=16, help="requests for baselines (a) and (b)")
     p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[4] / "shared/data/e2e/valid.txt")
     p.add_argument("--port", type=int, default=8765)
@@ -230,14 +287,19 @@ def _cell(server: ServerProcess, prompts: list[str], adapters: int, concurrency:
 
 def _serve_grid(adapter_files: dict[str, str], prompts: list[str], args, counts, levels, batching: bool) -> list:
     server = ServerProcess(adapter_files, args.port, [] if batching else ["--no-batching"])
+    repeats = args.repeats if batching else 1  # (a) is ~10x slower and far from its target: one run
     try:
         server.wait_ready()
         one_request(args.port, "task0", prompts[0], 4)  # warm-up: first-call allocations
         rows = []
         for concurrency in levels:
+            runs: dict[int, list[dict]] = {adapters: [] for adapters in counts}
+            for _ in range(repeats):  # adapter counts interleaved, so drift in the machine hits each alike
+                for adapters in counts:
+                    n = args.baseline_requests if not batching else max(concurrency * args.rounds, 4)
+                    runs[adapters].append(_cell(server, prompts, adapters, concurrency, n, args.max_tokens))
             for adapters in counts:
-                n = args.baseline_requests if not batching else max(concurrency * args.rounds, 4)
-                row = _cell(server, prompts, adapters, concurrency, n, args.max_tokens)
+                row = median_row(runs[adapters])
                 row["system"] = "lorakit serve" if batching else "(a) batching off"
                 rows.append(row)
         return rows
@@ -261,14 +323,16 @@ def bench_serve_main(argv: list[str]) -> int:
         rows += _serve_grid(files, prompts, args, [max(counts)], [max(levels)], batching=False)
         if not args.no_peft:
             requests = [(f"task{i % max(counts)}", prompts[i]) for i in range(args.baseline_requests)]
-            row = peft_batched(files, requests, args.max_tokens)
+            row = peft_batched(files, requests, args.max_tokens, args.repeats)
             row.update(system="(b) PEFT generate(adapter_names)", adapters=max(counts),
                        concurrency=args.baseline_requests)
-            print(f"baseline (b): {row['tokens_per_s']:.1f} tok/s, batch latency {row['p50_s']:.2f} s", flush=True)
+            runs = ", ".join(f"{x:.1f}" for x in row["tokens_per_s_runs"])
+            print(f"baseline (b): {row['tokens_per_s']:.1f} tok/s median ({runs}), "
+                  f"batch latency {row['p50_s']:.2f} s", flush=True)
             rows.append(row)
     meta["loadavg_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"meta": meta, "results": rows}
+    report = {"meta": meta, "results": rows, "targets": target_checks(rows)}
     (args.out / "bench_serve.json").write_text(json.dumps(report, indent=2))
     (args.out / "bench_serve.md").write_text(render_table(report))
     plot(report, args.out / "bench_serve.png")
@@ -277,14 +341,19 @@ def bench_serve_main(argv: list[str]) -> int:
 
 
 def render_table(report: dict) -> str:
-    """The markdown table docs/performance.md carries."""
-    lines = ["| system | adapters | concurrency | requests | tokens/s | p50 s | p99 s | TTFT p50 s | CPU ms/token |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """The markdown table docs/performance.md carries: medians of repeated runs, then the targets."""
+    lines = ["| system | adapters | concurrency | requests | tokens/s (median) | runs tok/s | p50 s | p99 s | "
+             "TTFT p50 s | CPU ms/token |", "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in report["results"]:
         ttft = f"{r['ttft_p50_s']:.2f}" if r.get("ttft_p50_s") is not None else "—"
         cpu = f"{r['cpu_ms_per_token']:.0f}" if r.get("cpu_ms_per_token") is not None else "—"
+        runs = " / ".join(f"{x:.0f}" for x in r.get("tokens_per_s_runs", [r["tokens_per_s"]]))
         lines.append(f"| {r['system']} | {r['adapters']} | {r['concurrency']} | {r['requests']} | "
-                     f"{r['tokens_per_s']:.1f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {ttft} | {cpu} |")
+                     f"{r['tokens_per_s']:.1f} | {runs} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {ttft} | {cpu} |")
+    if report.get("targets"):
+        lines += ["", "| target | ratio of medians | needed | met |", "|---|---:|---:|---|"]
+        lines += [f"| {t['check']} | {t['ratio']:.2f}× | ≥ {t['target']:.2f}× | {'yes' if t['met'] else 'no'} |"
+                  for t in report["targets"]]
     return "\n".join(lines) + "\n"
 
 

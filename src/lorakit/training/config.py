@@ -175,7 +175,10 @@ class TrainConfig:
     # -- hardware --------------------------------------------------------------------------------------
     device: str = _f("auto", "auto, cpu or cuda")
     bf16: bool = _f(False, "bfloat16 autocast for the forward pass (weights and optimizer stay fp32)")
-    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+    gradient_checkpointing: bool | None = _f(
+        None, "recompute activations in the backward pass to save memory (default: on with --quantize, as "
+        "QLoRA and PEFT's prepare_model_for_kbit_training do; off otherwise)"
+    )
     compile: bool = _f(
         False, "torch.compile the transformer blocks for training steps (a one-off compile of minutes, then "
         "faster steps and less activation memory; evaluation stays eager)"
@@ -312,7 +315,8 @@ FULL_WEIGHT_METHODS = ("full", "fttop2")
 
 
 def resolve_task_defaults(cfg: TrainConfig, kind: str) -> TrainConfig:
-    """``cfg`` with every task-dependent default filled in: the learning rate and the head's lr ratio.
+    """``cfg`` with every run-dependent default filled in: the learning rate, the head's lr ratio and, from
+    ``quantize``, gradient checkpointing.
 
     Args:
         cfg: the run's config; fields the user set are kept.
@@ -322,7 +326,10 @@ def resolve_task_defaults(cfg: TrainConfig, kind: str) -> TrainConfig:
     if lr is None:
         lr = FULL_WEIGHT_LR if cfg.method in FULL_WEIGHT_METHODS else DEFAULT_LR[kind]
     ratio = cfg.head_lr_ratio if cfg.head_lr_ratio is not None else DEFAULT_HEAD_LR_RATIO[kind]
-    return dataclasses.replace(cfg, lr=lr, head_lr_ratio=ratio)
+    checkpointing = cfg.gradient_checkpointing
+    if checkpointing is None:  # a quantized base is chosen to save memory: activations are most of what is left
+        checkpointing = cfg.quantize is not None
+    return dataclasses.replace(cfg, lr=lr, head_lr_ratio=ratio, gradient_checkpointing=checkpointing)
 
 
 def check_finite_and_patterns(cfg: TrainConfig) -> None:

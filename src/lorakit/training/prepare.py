@@ -43,7 +43,8 @@ from lorakit.training.outputs import (
 from lorakit.training.sampler import global_batches
 
 # Fields that may differ when resuming: they do not change what is computed.
-RESUME_MAY_CHANGE = {"tensorboard", "plot", "eval_batch_size", "keep_checkpoints", "device", "compile"}
+RESUME_MAY_CHANGE = {"tensorboard", "plot", "eval_batch_size", "keep_checkpoints", "device", "compile",
+                     "gradient_checkpointing"}  # memory, not the maths
 
 
 @dataclass
@@ -169,7 +170,17 @@ def build_model(cfg: TrainConfig, spec: TaskSpec, model_kwargs: dict[str, Any]) 
     """Load the base model and apply ``cfg.method`` (the registry's ``prepare_for_training``)."""
     from lorakit.models import load_model
 
-    model, tokenizer = load_model(cfg.model, spec.model_task, num_labels=spec.num_labels, **model_kwargs)
+    if cfg.quantize:  # memory is the point: freed activations go back to the OS (lorakit.heap)
+        from lorakit.heap import return_freed_memory_promptly
+
+        return_freed_memory_promptly()
+    if cfg.quantize and spec.model_task == "causal-lm":  # quantized while loading: no fp32 base in memory
+        from lorakit.quant_load import load_quantized
+
+        model, tokenizer, report = load_quantized(cfg.model, cfg.quantize, spec.model_task, **model_kwargs)
+        print(f"lorakit: {report.summary()} (layer by layer while loading)", flush=True)
+    else:
+        model, tokenizer = load_model(cfg.model, spec.model_task, num_labels=spec.num_labels, **model_kwargs)
     prepare_model(model, cfg)
     return model, tokenizer
 
@@ -182,9 +193,10 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
         cfg: the run's settings (``method`` and the method's fields or ``method_options``).
     """
     if cfg.quantize:  # before the method, so LoRA wraps the quantized layers (resume and FSDP pass here too)
-        from lorakit.quant import quantize_base
+        from lorakit.quant import quantize_base, quantized_layers
 
-        print(f"lorakit: {quantize_base(model, cfg.quantize).summary()}", flush=True)
+        if not quantized_layers(model):  # build_model may have quantized it while loading
+            print(f"lorakit: {quantize_base(model, cfg.quantize).summary()}", flush=True)
     get_method(cfg.method).prepare_for_training(model, cfg)
 
 
@@ -200,7 +212,9 @@ def _model_kwargs(spec: TaskSpec) -> dict[str, Any]:
 def place_model(model: nn.Module, cfg: TrainConfig, info: dist_util.DistInfo) -> nn.Module:
     """Training settings on the model, onto the device, compiled and wrapped (DDP/FSDP) as asked."""
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from lorakit.models import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # no KV cache while training (generation turns it on per call)
     model.to(info.device)
