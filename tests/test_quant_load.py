@@ -78,8 +78,12 @@ def test_quantized_training_checkpoints_gradients_unless_told_not_to():
     assert resolve_task_defaults(base, "generation").gradient_checkpointing is False
     quantized = TrainConfig(task="e2e", data="e2e", model="smollm2-135m", quantize="nf4")
     assert resolve_task_defaults(quantized, "generation").gradient_checkpointing is True
-    told = TrainConfig(task="e2e", data="e2e", model="smollm2-135m", quantize="nf4", gradient_checkpointing=False)
-    assert resolve_task_defaults(told, "generation").gradient_checkpointing is False
+    assert resolve_task_defaults(quantized, "generation").return_freed_memory is True
+    assert resolve_task_defaults(base, "generation").return_freed_memory is False
+    told = TrainConfig(task="e2e", data="e2e", model="smollm2-135m", quantize="nf4", gradient_checkpointing=False,
+                       return_freed_memory=False)  # fmt: skip
+    resolved = resolve_task_defaults(told, "generation")
+    assert resolved.gradient_checkpointing is False and resolved.return_freed_memory is False
 
 
 def test_trainer_quantizes_while_loading(tmp_path, capfd):

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,9 @@ def peft_batched(adapters: dict[str, str], requests: list[tuple[str, str]], max_
 
     base, tok = load_model(MODEL)
     names = list(adapters)
+    # PEFT's notes on lorakit's own metadata key and on a renamed transformers method are not the bench's news.
+    warnings.filterwarnings("ignore", message=r"Unexpected keyword arguments \['lorakit'\]")
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(adapters[name], adapter_name=name)

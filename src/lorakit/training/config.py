@@ -179,6 +179,10 @@ class TrainConfig:
         None, "recompute activations in the backward pass to save memory (default: on with --quantize, as "
         "QLoRA and PEFT's prepare_model_for_kbit_training do; off otherwise)"
     )
+    return_freed_memory: bool | None = _f(
+        None, "glibc: give freed tensor memory back to the OS at once (lower peak RSS, slower steps; default: "
+        "on with --quantize, off otherwise; docs/quantization.md)"
+    )
     compile: bool = _f(
         False, "torch.compile the transformer blocks for training steps (a one-off compile of minutes, then "
         "faster steps and less activation memory; evaluation stays eager)"
@@ -316,7 +320,7 @@ FULL_WEIGHT_METHODS = ("full", "fttop2")
 
 def resolve_task_defaults(cfg: TrainConfig, kind: str) -> TrainConfig:
     """``cfg`` with every run-dependent default filled in: the learning rate, the head's lr ratio and, from
-    ``quantize``, gradient checkpointing.
+    ``quantize``, gradient checkpointing and the heap setting.
 
     Args:
         cfg: the run's config; fields the user set are kept.
@@ -329,7 +333,10 @@ def resolve_task_defaults(cfg: TrainConfig, kind: str) -> TrainConfig:
     checkpointing = cfg.gradient_checkpointing
     if checkpointing is None:  # a quantized base is chosen to save memory: activations are most of what is left
         checkpointing = cfg.quantize is not None
-    return dataclasses.replace(cfg, lr=lr, head_lr_ratio=ratio, gradient_checkpointing=checkpointing)
+    heap = cfg.return_freed_memory if cfg.return_freed_memory is not None else cfg.quantize is not None
+    return dataclasses.replace(
+        cfg, lr=lr, head_lr_ratio=ratio, gradient_checkpointing=checkpointing, return_freed_memory=heap
+    )
 
 
 def check_finite_and_patterns(cfg: TrainConfig) -> None:

@@ -44,7 +44,7 @@ from lorakit.training.sampler import global_batches
 
 # Fields that may differ when resuming: they do not change what is computed.
 RESUME_MAY_CHANGE = {"tensorboard", "plot", "eval_batch_size", "keep_checkpoints", "device", "compile",
-                     "gradient_checkpointing"}  # memory, not the maths
+                     "gradient_checkpointing", "return_freed_memory"}  # memory, not the maths
 
 
 @dataclass
@@ -170,7 +170,7 @@ def build_model(cfg: TrainConfig, spec: TaskSpec, model_kwargs: dict[str, Any]) 
     """Load the base model and apply ``cfg.method`` (the registry's ``prepare_for_training``)."""
     from lorakit.models import load_model
 
-    if cfg.quantize:  # memory is the point: freed activations go back to the OS (lorakit.heap)
+    if cfg.return_freed_memory:  # on with --quantize: memory is the point (lorakit.heap)
         from lorakit.heap import return_freed_memory_promptly
 
         return_freed_memory_promptly()
