@@ -56,6 +56,15 @@ def test_streamed_load_refuses_what_it_cannot_do(tmp_path):
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(LorakitError, match=r"the checkpoint lacks model\.norm\.weight"):
         load_quantized(str(folder), "nf4")
+    weights["model.norm.weight"] = torch.ones(1)  # would broadcast into the (32,) norm weight
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LorakitError, match=r"model\.norm\.weight has shape \(1,\), the model expects \(32,\)"):
+        load_quantized(str(folder), "nf4")
+    weights["model.norm.weight"] = torch.ones(32)
+    weights["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(16, 32)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LorakitError, match=r"q_proj\.weight has shape \(16, 32\), the model expects \(32, 32\)"):
+        load_quantized(str(folder), "nf4")
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")  # never unpickled
     with pytest.raises(LorakitError, match=r"holds no model\.safetensors or model\.safetensors\.index\.json"):
         weight_files(folder)

@@ -53,15 +53,25 @@ def weight_files(folder: Path) -> dict[str, Path]:
     raise LorakitError(f"{folder} holds no {SINGLE_FILE} or {INDEX_FILE}: cannot load it quantized layer by layer")
 
 
-def read_tensor(files: dict[str, Path], key: str) -> torch.Tensor:
+def read_tensor(files: dict[str, Path], key: str, shape: torch.Size) -> torch.Tensor:
     """One tensor, fp32, in memory of its own (the file's mapping is closed before returning).
 
     Args:
         files: from :func:`weight_files`.
         key: the checkpoint key.
+        shape: the shape the model expects.
+
+    Raises:
+        LorakitError: the file's tensor has another shape.
     """
     with safe_open(files[key], "pt") as f:
+        _check_shape(key, f.get_slice(key).get_shape(), shape)
         return f.get_tensor(key).to(torch.float32).clone()
+
+
+def _check_shape(key: str, found: Sequence[int], expected: torch.Size) -> None:
+    if tuple(found) != tuple(expected):
+        raise LorakitError(f"checkpoint tensor {key} has shape {tuple(found)}, the model expects {tuple(expected)}")
 
 
 def copy_from_file(file: Path, key: str, dest: torch.Tensor) -> None:
@@ -73,6 +83,8 @@ def copy_from_file(file: Path, key: str, dest: torch.Tensor) -> None:
         key: the tensor's key.
         dest: the model's tensor, of the checkpoint's shape.
     """
+    with safe_open(file, "pt") as f:
+        _check_shape(key, f.get_slice(key).get_shape(), dest.shape)  # copy_ would broadcast a wrong one
     if dest.dim() == 0 or dest.numel() * dest.element_size() <= CHUNK_BYTES:
         with safe_open(file, "pt") as f:
             dest.copy_(f.get_tensor(key))
@@ -89,9 +101,10 @@ def _filler(files: dict[str, Path]):
     def fill(name: str, linear: nn.Linear) -> None:
         trim_heap()  # the previous layer's fp32 weight and quantizer scratch (979 MiB at the end without, 564 with)
         with torch.no_grad():
-            linear.weight.data = read_tensor(files, f"{name}.weight")  # the never-touched empty one is freed
+            weight = read_tensor(files, f"{name}.weight", linear.weight.shape)
+            linear.weight.data = weight  # the never-touched empty one is freed
             if linear.bias is not None:
-                linear.bias.data = read_tensor(files, f"{name}.bias")
+                linear.bias.data = read_tensor(files, f"{name}.bias", linear.bias.shape)
 
     return fill
 
