@@ -9,7 +9,6 @@ mallopt cannot be undone; 8 steps of 4 x 64 random tokens with gradient checkpoi
 
 from __future__ import annotations
 
-import ctypes
 import resource
 import sys
 import time
@@ -18,9 +17,10 @@ import torch
 
 
 def main(mode: str) -> None:
-    libc = ctypes.CDLL("libc.so.6")
+    from lorakit.heap import set_mmap_threshold, trim_heap
+
     if mode.startswith("thr"):
-        libc.mallopt(-3, int(mode[3:]) * 1024)  # M_MMAP_THRESHOLD
+        set_mmap_threshold(int(mode[3:]) * 1024)
     from lorakit import LoraConfig, inject
     from lorakit.fast import causal_lm_loss
     from lorakit.models import enable_activation_checkpointing
@@ -44,7 +44,7 @@ def main(mode: str) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         if mode == "trim":
-            libc.malloc_trim(0)
+            trim_heap()
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     step = sorted(times[2:])[3]  # the upper median of steps 3-8 (the first two allocate everything once)

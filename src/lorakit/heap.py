@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter numbers (malloc.h)
 MMAP_THRESHOLD_BYTES = 256 * 1024  # fixed: setting it also turns off the adaptive raise
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
+    """glibc, once per process (``trim_heap`` runs once per layer while a quantized model loads)."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6")
         if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim"):
@@ -30,11 +33,22 @@ def trim_heap() -> None:
         libc.malloc_trim(0)
 
 
+def set_mmap_threshold(nbytes: int) -> bool:
+    """Serve every allocation of ``nbytes`` or more with its own mapping, returned to the OS when freed.
+
+    Args:
+        nbytes: the threshold; setting it also turns off glibc's adaptive raise for the process.
+
+    Returns whether glibc took the setting (False elsewhere than glibc).
+    """
+    libc = _libc()
+    return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, nbytes))
+
+
 def return_freed_memory_promptly() -> bool:
     """From now on, serve every allocation of 256 KiB or more with its own mapping, returned when freed.
 
     Costs page faults on reuse (measured in ``docs/quantization.md``); lorakit turns it on for a quantized
     base, where peak memory is what the user asked to save. Returns whether glibc took the setting.
     """
-    libc = _libc()
-    return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    return set_mmap_threshold(MMAP_THRESHOLD_BYTES)

@@ -85,10 +85,9 @@ def copy_from_file(file: Path, key: str, dest: torch.Tensor) -> None:
     """
     with safe_open(file, "pt") as f:
         _check_shape(key, f.get_slice(key).get_shape(), dest.shape)  # copy_ would broadcast a wrong one
-    if dest.dim() == 0 or dest.numel() * dest.element_size() <= CHUNK_BYTES:
-        with safe_open(file, "pt") as f:
+        if dest.dim() == 0 or dest.numel() * dest.element_size() <= CHUNK_BYTES:
             dest.copy_(f.get_tensor(key))
-        return
+            return
     rows = max(1, CHUNK_BYTES // (dest[0].numel() * dest.element_size()))
     for start in range(0, dest.shape[0], rows):
         with safe_open(file, "pt") as f:

@@ -248,7 +248,7 @@ def target_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return []
     top = max(r["concurrency"] for r in ours)
     at_top = {r["adapters"]: r["tokens_per_s"] for r in ours if r["concurrency"] == top}
-    many, one = at_top.get(max(at_top)), at_top.get(min(at_top))
+    many, one = at_top[max(at_top)], at_top[min(at_top)]
     others = {r["system"][:3]: r["tokens_per_s"] for r in results if r["system"] != "lorakit serve"}
     checks = []
     if max(at_top) != min(at_top):

@@ -330,13 +330,13 @@ def resolve_task_defaults(cfg: TrainConfig, kind: str) -> TrainConfig:
     if lr is None:
         lr = FULL_WEIGHT_LR if cfg.method in FULL_WEIGHT_METHODS else DEFAULT_LR[kind]
     ratio = cfg.head_lr_ratio if cfg.head_lr_ratio is not None else DEFAULT_HEAD_LR_RATIO[kind]
-    checkpointing = cfg.gradient_checkpointing
-    if checkpointing is None:  # a quantized base is chosen to save memory: activations are most of what is left
-        checkpointing = cfg.quantize is not None
-    heap = cfg.return_freed_memory if cfg.return_freed_memory is not None else cfg.quantize is not None
+    # A quantized base is chosen to save memory: both memory settings default to on with it.
+    saving = cfg.quantize is not None
     return dataclasses.replace(
-        cfg, lr=lr, head_lr_ratio=ratio, gradient_checkpointing=checkpointing, return_freed_memory=heap
-    )
+        cfg, lr=lr, head_lr_ratio=ratio,
+        gradient_checkpointing=saving if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing,
+        return_freed_memory=saving if cfg.return_freed_memory is None else cfg.return_freed_memory,
+    )  # fmt: skip
 
 
 def check_finite_and_patterns(cfg: TrainConfig) -> None:
