@@ -820,6 +820,25 @@ def test_task_kind_defaults_fill_only_what_the_user_left_unset():
     assert (mine.lr, mine.head_lr_ratio) == (3e-4, 2.0)
 
 
+def test_rte_recipe_trains_its_head_at_the_adapter_lr_unless_told(tmp_path):
+    """RTE's head at 10 x lr collapses onto one class (docs/training.md): its task entry sets 1 x."""
+    from lorakit.training.distributed import DistInfo
+    from lorakit.training.prepare import load_data
+
+    pair = "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\tc\td\tnot_entailment\n"
+    single = "sentence\tlabel\nfine\t1\nbad\t0\n"
+    for name, text in (("RTE", pair), ("SST-2", single)):
+        (tmp_path / name).mkdir()
+        for split in ("train", "dev"):
+            (tmp_path / name / f"{split}.tsv").write_text(text)
+    one = DistInfo()
+    rte = load_data(base_cfg(task="rte", data=str(tmp_path / "RTE")), one)[1]
+    sst2 = load_data(base_cfg(task="sst2", data=str(tmp_path / "SST-2")), one)[1]
+    told = load_data(base_cfg(task="rte", data=str(tmp_path / "RTE"), head_lr_ratio=4.0), one)[1]
+    assert (rte.head_lr_ratio, sst2.head_lr_ratio, told.head_lr_ratio) == (1.0, 10.0, 4.0)
+    assert rte.lr == sst2.lr == 1e-3
+
+
 def test_classification_scoring_batches_by_length_and_returns_predictions_in_input_order(monkeypatch):
     """predict_classification sorts rows by length to pad less; each prediction must still land on its own
     example (a fake model predicts class = row length % 2, so a misplaced row shows)."""

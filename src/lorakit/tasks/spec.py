@@ -27,6 +27,8 @@ class TaskSpec:
     target_range: tuple[float, float] | None = None
     # Classification: per-class loss weights (None: plain cross-entropy); see ``balanced_class_weights``.
     class_weights: list[float] | None = None
+    # The head's lr ratio this task's recipe uses where it differs from its kind's (None: the kind's).
+    head_lr_ratio: float | None = None
     metrics: tuple[str, ...] = ()  # GLUE: the task's official metrics
     metric: str = ""  # the entry of lorakit.metrics.METRICS that scores it ("glue", "text", "e2e", "d2t" …)
 

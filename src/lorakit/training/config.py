@@ -100,7 +100,8 @@ class TrainConfig:
     )
     head_lr_ratio: float | None = _f(
         None, "lr multiplier for task heads trained with an adapter (modules_to_save); default: 10 for "
-        "classification (a fresh head on a pretrained pooler needs larger steps), 1 otherwise (docs/training.md)"
+        "classification (a fresh head on a pretrained pooler needs larger steps; RTE 1), 1 otherwise "
+        "(docs/training.md)"
     )
     loraplus_ratio: float | None = _f(
         None, "LoRA+: LoRA's B matrices learn at this many times the lr of A (PEFT's loraplus_lr_ratio; "
@@ -318,18 +319,20 @@ FULL_WEIGHT_LR = 5e-5
 FULL_WEIGHT_METHODS = ("full", "fttop2")
 
 
-def resolve_task_defaults(cfg: TrainConfig, kind: str) -> TrainConfig:
+def resolve_task_defaults(cfg: TrainConfig, kind: str, task_head_lr_ratio: float | None = None) -> TrainConfig:
     """``cfg`` with every run-dependent default filled in: the learning rate, the head's lr ratio and, from
     ``quantize``, gradient checkpointing and the heap setting.
 
     Args:
         cfg: the run's config; fields the user set are kept.
         kind: the task kind, ``"classification"``, ``"regression"`` or ``"generation"``.
+        task_head_lr_ratio: the task's own head lr ratio (``TaskSpec.head_lr_ratio``), if its recipe has one;
+            it wins over the kind's.
     """
     lr = cfg.lr
     if lr is None:
         lr = FULL_WEIGHT_LR if cfg.method in FULL_WEIGHT_METHODS else DEFAULT_LR[kind]
-    ratio = cfg.head_lr_ratio if cfg.head_lr_ratio is not None else DEFAULT_HEAD_LR_RATIO[kind]
+    ratio = next(r for r in (cfg.head_lr_ratio, task_head_lr_ratio, DEFAULT_HEAD_LR_RATIO[kind]) if r is not None)
     # A quantized base is chosen to save memory: both memory settings default to on with it.
     saving = cfg.quantize is not None
     return dataclasses.replace(

@@ -124,7 +124,7 @@ def load_data(cfg: TrainConfig, info: dist_util.DistInfo) -> tuple[TaskData, Tra
     """The task's data, and ``cfg`` with the task kind's defaults (lr, head lr) filled in."""
     data = load_task(cfg)
     spec = data.spec
-    cfg = resolve_task_defaults(cfg, spec.kind)
+    cfg = resolve_task_defaults(cfg, spec.kind, spec.head_lr_ratio)
     set_class_weights(spec, data.train, cfg.class_weights)
     if spec.class_weights is not None:
         shown = ", ".join(f"{n} {w:.2f}" for n, w in zip(spec.label_names, spec.class_weights))
