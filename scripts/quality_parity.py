@@ -15,23 +15,27 @@ Writes ``parity.json`` (every run, resumable: finished runs are skipped) and ``p
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import random
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lorakit.demo import SENTIMENT_GROUP_WINDOW
 from lorakit.metrics.glue import glue_metrics
 from lorakit.models import load_model
 from lorakit.tasks import TaskSpec, load_task
 from lorakit.training.config import TrainConfig, resolve_task_defaults
 from lorakit.training.evaluate import collate, encode, loss_sum, score
 from lorakit.training.optim import lr_factor
+from lorakit.training.sampler import epoch_batches
 from lorakit.training.trainer import train
 
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
@@ -50,6 +54,9 @@ class ParityCase:
     max_steps: int | None = None
     eval_samples: int | None = None
     lr: float | None = None  # None: lorakit's default for the task kind (both sides use the resolved value)
+    batch_size: int = 32
+    length_grouping: bool = False  # both sides then step through the same length-grouped batches
+    group_window: int = 50
 
 
 CASES = {
@@ -57,9 +64,13 @@ CASES = {
     "mrpc": ParityCase("mrpc", "mrpc", str(GLUE / "MRPC"), "accuracy", 1000, 2),
     "cola": ParityCase("cola", "cola", str(GLUE / "CoLA"), "matthews_corr", 2000, 2),
     "rte": ParityCase("rte", "rte", str(GLUE / "RTE"), "accuracy", 1000, 2),
+    # RTE at the budget docs/training.md recommends: all 2,490 pairs x 10 epochs of 16, length-grouped.
+    "rte-long": ParityCase("rte-long", "rte", str(GLUE / "RTE"), "accuracy", 0, 10, batch_size=16,
+                           length_grouping=True),
     "stsb": ParityCase("stsb", "stsb", str(GLUE / "STS-B"), "pearson", 1000, 2),
     # The demo's sentiment task at the demo's budget (its data: `lorakit demo` writes runs/demo/data/).
-    "demo": ParityCase("demo", "text", "runs/demo/data/sentiment", "accuracy", 0, 1, lr=3e-3),
+    "demo": ParityCase("demo", "text", "runs/demo/data/sentiment", "accuracy", 0, 1, lr=3e-3,
+                       length_grouping=True, group_window=SENTIMENT_GROUP_WINDOW),
     "e2e": ParityCase("e2e", "e2e", str(E2E), "BLEU", 0, 0, model="smollm2-135m", max_steps=60,
                       eval_samples=40),
 }
@@ -69,8 +80,9 @@ def case_config(case: ParityCase, seed: int, out: Path) -> TrainConfig:
     """The lorakit side's config: the defaults, plus the case's budget."""
     extra = {"max_steps": case.max_steps, "batch_size": 8, "max_eval_samples": case.eval_samples,
              "num_beams": 4} if case.task == "e2e" else {
-        "max_train_samples": case.train_samples or None, "epochs": case.epochs, "batch_size": 32,
-        "max_length": 64 if case.task == "text" else 128}
+        "max_train_samples": case.train_samples or None, "epochs": case.epochs, "batch_size": case.batch_size,
+        "max_length": 64 if case.task == "text" else 128, "length_grouping": case.length_grouping,
+        "group_window": case.group_window}
     return TrainConfig(model=case.model, task=case.task, data=case.data, seed=seed, out=str(out), plot=False,
                        keep_checkpoints=1, lr=case.lr, **extra)  # fmt: skip
 
@@ -93,20 +105,15 @@ def run_peft(cfg: TrainConfig) -> dict[str, float]:
     cfg = resolve_task_defaults(cfg, data.spec.kind)  # the lr the lorakit side resolves
     model, tok = peft_model(cfg, data.spec)
     rows = encode(data.spec, data.train, tok, cfg.max_length)  # STS-B: scaled to 0-1 here too
-    steps_per_epoch = len(rows) // cfg.batch_size
-    total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    per_epoch = len(epoch_batches(rows, cfg, 0, 1)) if cfg.length_grouping else len(rows) // cfg.batch_size
+    total = cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)  # fmt: skip
     warmup = math.ceil(0.06 * total)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, "linear"))
-    order: list[int] = []
-    rng = random.Random(cfg.seed)
     model.train()
-    for _ in range(total):
-        if len(order) < cfg.batch_size:
-            order += rng.sample(range(len(rows)), len(rows))
-        batch = collate(data.spec, [rows[i] for i in order[: cfg.batch_size]], tok.pad_token_id)
-        del order[: cfg.batch_size]
+    for indices in itertools.islice(batch_indices(rows, cfg), total):
+        batch = collate(data.spec, [rows[i] for i in indices], tok.pad_token_id)
         if data.spec.kind == "generation":  # what a PEFT user writes: the model's own mean token loss
             loss = model(**batch).loss
         else:
@@ -117,6 +124,22 @@ def run_peft(cfg: TrainConfig) -> dict[str, float]:
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
     return score(model, tok, data.spec, data.eval, cfg, torch.device("cpu"))
+
+
+def batch_indices(rows: list[dict], cfg: TrainConfig) -> Iterator[list[int]]:
+    """The run's batches: random draws without replacement, as a plain loop does, or with length grouping
+    the lorakit side's own grouped epochs (what HF Trainer's ``group_by_length`` gives a PEFT user)."""
+    if cfg.length_grouping:
+        for epoch in range(math.ceil(cfg.epochs)):
+            yield from epoch_batches(rows, cfg, epoch, 1)
+        return
+    order: list[int] = []
+    rng = random.Random(cfg.seed)
+    while True:
+        if len(order) < cfg.batch_size:
+            order += rng.sample(range(len(rows)), len(rows))
+        yield order[: cfg.batch_size]
+        del order[: cfg.batch_size]
 
 
 def baseline(cfg: TrainConfig) -> float | None:
@@ -157,7 +180,7 @@ def summarize(results: dict[str, dict], cases: list[ParityCase], seeds: list[int
         if not sides["lorakit"] or not sides["peft"]:
             continue
         budget = (f"{case.max_steps} steps × 8" if case.task == "e2e" else
-                  f"{case.train_samples} ex × {case.epochs:g} ep")  # fmt: skip
+                  f"{case.train_samples or 'all'} ex × {case.epochs:g} ep")  # fmt: skip
         base = results.get(f"{case.name}/baseline")
         cells = [_mean_sd(sides["lorakit"]), _mean_sd(sides["peft"]),
                  f"{statistics.mean(sides['lorakit']) - statistics.mean(sides['peft']):+.3f}",

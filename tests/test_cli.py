@@ -59,6 +59,11 @@ def test_demo_runs_end_to_end_in_miniature(minilm_path, tmp_path, capsys):
         assert (tmp_path / "demo" / task / "adapter_model.safetensors").is_file()
         assert (tmp_path / "demo" / task / "train_config.json").is_file()
     assert (tmp_path / "demo" / "merged" / "config.json").is_file()
+    # Sentiment batches are length-grouped (length says nothing about sentiment); plot batches stay random,
+    # since plot summaries are longer than reviews and grouped batches would be nearly single-class.
+    configs = {t: json.loads((tmp_path / "demo" / t / "train_config.json").read_text()) for t in ("sentiment", "plot")}
+    assert configs["sentiment"]["length_grouping"] and configs["sentiment"]["group_window"] == 8
+    assert not configs["plot"]["length_grouping"]
     assert "LOAD REPORT" not in captured.err and "MISSING" not in captured.err  # transformers' noise filtered
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from lorakit.errors import ConfigError
 from lorakit.training import checkpoint as ckpt
 from lorakit.training.sampler import epoch_batches, epoch_order, global_batches, padded_share
 from lorakit.training.trainer import train
@@ -44,6 +45,23 @@ def test_grouped_batches_are_deterministic_complete_and_pad_less():
     # Batches are shuffled as a whole: not sorted by length across the epoch.
     longest = [max(len(rows[i]["input_ids"]) for i in b) for b in batches]
     assert longest != sorted(longest, reverse=True)
+
+
+def test_group_window_trades_padding_for_randomness_and_one_batch_windows_keep_random_membership():
+    rows = _rows(1000)
+    shares = {}
+    for window in (1, 4, 50):
+        cfg = base_cfg(task="text", data="d", batch_size=16, length_grouping=True, group_window=window)
+        shares[window] = padded_share(rows, epoch_batches(rows, cfg, epoch=0, world_size=1))
+    random_batches = epoch_batches(rows, base_cfg(task="text", data="d", batch_size=16), epoch=0, world_size=1)
+    assert shares[1] == pytest.approx(padded_share(rows, random_batches))
+    assert shares[1] > shares[4] > shares[50]
+    # A one-batch window sorts inside each random batch only: the same batches, in another order.
+    one = base_cfg(task="text", data="d", batch_size=16, length_grouping=True, group_window=1)
+    as_sets = sorted(sorted(b) for b in epoch_batches(rows, one, epoch=0, world_size=1))
+    assert as_sets == sorted(sorted(b) for b in random_batches)
+    with pytest.raises(ConfigError, match="group_window must be >= 1"):
+        base_cfg(task="text", data="d", length_grouping=True, group_window=0)
 
 
 def _write_varied_csv(folder: Path) -> Path:

@@ -160,6 +160,10 @@ class TrainConfig:
     length_grouping: bool = _f(
         False, "batch examples of similar length together (less padding; deterministic and resumable)"
     )
+    group_window: int = _f(
+        50, "length grouping sorts within windows of this many batches: smaller keeps batches closer to random "
+        "(where length predicts the label), larger pads less"
+    )
     # -- evaluation and generation ---------------------------------------------------------------------
     eval_interval: int = _f(0, "evaluate every N optimizer steps (0: at the end of each epoch only)")
     eval_batch_size: int = _f(32, "batch size for evaluation (generation: MRs per batch)")
@@ -214,7 +218,7 @@ class TrainConfig:
 
     def _check_counts(self) -> None:
         positive = ("r", "batch_size", "grad_accum", "max_length", "eval_batch_size", "num_beams", "max_new_tokens",
-                    "log_interval")  # fmt: skip
+                    "log_interval", "group_window")  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")

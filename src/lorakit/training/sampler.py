@@ -1,7 +1,7 @@
 """The batches of one epoch (random, ``epoch_order``, or grouped by length, ``length_grouping``) and each
 process's share of them (``local_micro_batches``).
 
-Grouping sorts examples by length inside windows of ``GROUP_WINDOW`` batches of the shuffled order, cuts
+Grouping sorts examples by length inside windows of ``group_window`` batches of the shuffled order, cuts
 the result into global batches and shuffles the batches, so a batch holds examples of similar length (less
 padding) while the epoch stays random. Everything is a function of ``(seed, epoch, lengths)``: the position
 in the epoch is still all a checkpoint needs to continue the same sequence, and every example is seen once
@@ -17,8 +17,6 @@ import numpy as np
 import torch
 
 from lorakit.training.config import TrainConfig
-
-GROUP_WINDOW = 50  # batches per sorting window: larger pads less, smaller keeps batches more random
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -42,16 +40,18 @@ def local_micro_batches(batch: list[int], rank: int, world_size: int, grad_accum
     return [[int(i) for i in part] for part in np.array_split(np.asarray(share), n_micro)]
 
 
-def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[int]:
+def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
+                         window_batches: int) -> list[int]:  # fmt: skip
     """An epoch's example order in which consecutive ``batch_size`` slices have similar lengths.
 
     Args:
         lengths: tokens per example.
         batch_size: the global batch.
         seed / epoch: the order is a function of these (and ``lengths``) only.
+        window_batches: batches per sorting window (``TrainConfig.group_window``).
     """
     order = epoch_order(len(lengths), seed, epoch)
-    window = batch_size * GROUP_WINDOW
+    window = batch_size * window_batches
     grouped: list[int] = []
     for start in range(0, len(order), window):
         # Longest first within a window; ties keep the shuffled order (sorted is stable).
@@ -64,15 +64,15 @@ def epoch_batches(rows: Sequence[dict[str, Any]], cfg: TrainConfig, epoch: int, 
 
     Args:
         rows: encoded training rows (``input_ids`` gives each length).
-        cfg: the run's config (``seed``, ``batch_size``, ``length_grouping``).
+        cfg: the run's config (``seed``, ``batch_size``, ``length_grouping``, ``group_window``).
         epoch: 0-based epoch.
         world_size: processes sharing each batch (a last batch smaller than this is dropped).
     """
     if not cfg.length_grouping:
         return global_batches(epoch_order(len(rows), cfg.seed, epoch), cfg.batch_size, world_size)
     lengths = [len(r["input_ids"]) for r in rows]
-    batches = global_batches(length_grouped_order(lengths, cfg.batch_size, cfg.seed, epoch), cfg.batch_size,
-                             world_size)  # fmt: skip
+    order = length_grouped_order(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_window)
+    batches = global_batches(order, cfg.batch_size, world_size)
     # Shuffle whole batches, so the epoch does not run from long to short within each window.
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch + 7_919)
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
