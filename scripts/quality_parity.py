@@ -102,7 +102,7 @@ def peft_model(cfg: TrainConfig, spec: TaskSpec):
 def run_peft(cfg: TrainConfig) -> dict[str, float]:
     """PEFT + a plain loop on exactly the lorakit side's examples, steps and lr; scored by the same code."""
     data = load_task(cfg)
-    cfg = resolve_task_defaults(cfg, data.spec.kind)  # the lr the lorakit side resolves
+    cfg = resolve_task_defaults(cfg, data.spec.kind, data.spec.recipe)  # the lr the lorakit side resolves
     model, tok = peft_model(cfg, data.spec)
     rows = encode(data.spec, data.train, tok, cfg.max_length)  # STS-B: scaled to 0-1 here too
     per_epoch = len(epoch_batches(rows, cfg, 0, 1)) if cfg.length_grouping else len(rows) // cfg.batch_size

@@ -62,15 +62,20 @@ def classifier_head_names(model: nn.Module) -> list[str]:
     return [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
 
 
-def lora_head_names(model: nn.Module) -> list[str]:
+def lora_head_names(model: nn.Module, include_pooler: bool = True) -> list[str]:
     """What LoRA trains in full for a sequence classifier: the new head and, where the head reads a
     pretrained pooler (BERT family), that pooler too. all-MiniLM-L6-v2's pooler (never trained by its
     sentence-embedding objective) outputs |x| ~ 0.05, so a head on it barely moves in a short run:
-    SST-2, 64 steps, 57 % frozen vs 74 % trained (docs/training.md)."""
+    SST-2, 64 steps, 57 % frozen vs 74 % trained (docs/training.md).
+
+    Args:
+        model: a sequence classifier (anything else: no heads).
+        include_pooler: whether the pretrained pooler is included (``TrainConfig.train_pooler``).
+    """
     heads = classifier_head_names(model)
     prefix = getattr(model, "base_model_prefix", "")
     pooler = getattr(getattr(model, prefix, None), POOLER_NAME, None)
-    if heads and isinstance(pooler, nn.Module):
+    if heads and include_pooler and isinstance(pooler, nn.Module):
         heads.append(f"{prefix}.{POOLER_NAME}")
     return heads
 

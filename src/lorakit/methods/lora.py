@@ -24,6 +24,7 @@ def apply_lora(
     use_rslora: bool = False,
     modules_to_save: Any = None,
     train_head: bool = True,
+    train_pooler: bool = True,
     use_dora: bool = False,
     exclude: Any = None,
     layers: Any = None,
@@ -38,9 +39,10 @@ def apply_lora(
         modules_to_save: modules trained in full and saved with the adapter; None: the classifier head
             (``lora_head_names``) when ``train_head``.
         train_head: with ``modules_to_save=None``, whether the classifier head trains.
+        train_pooler: with ``modules_to_save=None``, whether the pretrained pooler the head reads trains too.
     """
     if modules_to_save is None:
-        modules_to_save = lora_head_names(model) if train_head else ()
+        modules_to_save = lora_head_names(model, train_pooler) if train_head else ()
     if isinstance(modules_to_save, str):
         modules_to_save = [m.strip() for m in modules_to_save.split(",") if m.strip()]
     config = LoraConfig(
@@ -70,9 +72,10 @@ def lora_options(cfg: Any) -> dict[str, Any]:
         "alpha": cfg.alpha,
         "targets": tuple(cfg.targets),
         "dropout": cfg.dropout,
-        "init": cfg.init,
+        "init": cfg.init or "gaussian",  # None: a config not resolved by resolve_task_defaults
         "use_rslora": cfg.use_rslora,
         "modules_to_save": None if cfg.modules_to_save is None else tuple(cfg.modules_to_save),
+        "train_pooler": cfg.train_pooler is not False,
         "use_dora": cfg.use_dora,
         "exclude": tuple(cfg.exclude),
         "layers": None if cfg.layers is None else tuple(cfg.layers),

@@ -27,8 +27,9 @@ class TaskSpec:
     target_range: tuple[float, float] | None = None
     # Classification: per-class loss weights (None: plain cross-entropy); see ``balanced_class_weights``.
     class_weights: list[float] | None = None
-    # The head's lr ratio this task's recipe uses where it differs from its kind's (None: the kind's).
-    head_lr_ratio: float | None = None
+    # TrainConfig defaults this task's recipe sets where they differ from its kind's (keys: RECIPE_FIELDS of
+    # lorakit.training.config, e.g. RTE's head_lr_ratio, init, train_pooler); a field the user set wins.
+    recipe: dict[str, Any] = field(default_factory=dict)
     metrics: tuple[str, ...] = ()  # GLUE: the task's official metrics
     metric: str = ""  # the entry of lorakit.metrics.METRICS that scores it ("glue", "text", "e2e", "d2t" …)
 

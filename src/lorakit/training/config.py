@@ -17,6 +17,7 @@ import sys
 import tempfile
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -78,9 +79,14 @@ class TrainConfig:
         },
     )
     use_rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")
-    init: str = _f(
-        "gaussian", "LoRA init: gaussian (paper) or kaiming (A random, B zero); pissa or olora (A and B from "
-        "W0's SVD / QR, W0 replaced by the residual; saved as a plain LoRA of the original base, docs/variants.md)"
+    init: str | None = _f(
+        None, "LoRA init: gaussian (paper; the default) or kaiming (A random, B zero; RTE's recipe); pissa or "
+        "olora (A and B from W0's SVD / QR, W0 replaced by the residual; saved as a plain LoRA of the original "
+        "base, docs/variants.md)"
+    )
+    train_pooler: bool | None = _f(
+        None, "train a BERT-family model's pretrained pooler with the new classifier head when modules_to_save "
+        "is not given (default: yes; RTE's recipe: no)"
     )
     use_dora: bool = _f(False, "DoRA: a trained magnitude per output times the direction of W0 + s·B·A")
     exclude: list[str] = field(
@@ -264,7 +270,7 @@ class TrainConfig:
         """init / use_dora / exclude / layers: LoraConfig's own checks, run now rather than at injection."""
         from lorakit.config import INIT_KINDS, LoraConfig
 
-        if self.init not in INIT_KINDS:
+        if self.init is not None and self.init not in INIT_KINDS:
             raise ConfigError(f"init must be one of {list(INIT_KINDS)}, got {self.init!r}")
         variants = {"use_dora": self.use_dora, "exclude": self.exclude, "layers": self.layers,
                     "init": self.init if self.init in ("pissa", "olora") else None}  # fmt: skip
@@ -279,7 +285,7 @@ class TrainConfig:
                 raise ConfigError(f"{', '.join(given)}: LoRA settings, which method {self.method!r} does not use")
             return
         LoraConfig(
-            r=self.r, alpha=self.alpha, targets=tuple(self.targets), init=self.init,  # type: ignore[arg-type]
+            r=self.r, alpha=self.alpha, targets=tuple(self.targets), init=self.init or DEFAULT_INIT,  # type: ignore[arg-type]
             use_rslora=self.use_rslora, use_dora=self.use_dora, exclude=tuple(self.exclude),
             layers=None if self.layers is None else tuple(self.layers),
         )  # fmt: skip
@@ -321,26 +327,34 @@ DEFAULT_LR = {"classification": 1e-3, "regression": 1e-3, "generation": 5e-4}
 DEFAULT_HEAD_LR_RATIO = {"classification": 10.0, "regression": 1.0, "generation": 1.0}
 FULL_WEIGHT_LR = 5e-5
 FULL_WEIGHT_METHODS = ("full", "fttop2")
+DEFAULT_INIT = "gaussian"  # the paper's: A ~ N(0, 1/r²), B = 0
+# The fields a task's recipe (``TaskSpec.recipe``) may set: each defaults to None, meaning "not given".
+RECIPE_FIELDS = ("lr", "head_lr_ratio", "init", "train_pooler")
 
 
-def resolve_task_defaults(cfg: TrainConfig, kind: str, task_head_lr_ratio: float | None = None) -> TrainConfig:
-    """``cfg`` with every run-dependent default filled in: the learning rate, the head's lr ratio and, from
-    ``quantize``, gradient checkpointing and the heap setting.
+def resolve_task_defaults(cfg: TrainConfig, kind: str, recipe: Mapping[str, Any] | None = None) -> TrainConfig:
+    """``cfg`` with every run-dependent default filled in: the learning rate, the head's lr ratio, the LoRA
+    init, whether the pooler trains and, from ``quantize``, gradient checkpointing and the heap setting.
 
     Args:
         cfg: the run's config; fields the user set are kept.
         kind: the task kind, ``"classification"``, ``"regression"`` or ``"generation"``.
-        task_head_lr_ratio: the task's own head lr ratio (``TaskSpec.head_lr_ratio``), if its recipe has one;
-            it wins over the kind's.
+        recipe: the task's own defaults (``TaskSpec.recipe``, fields of ``RECIPE_FIELDS``); they win over
+            the kind's, and a field the user set wins over them.
     """
-    lr = cfg.lr
-    if lr is None:
-        lr = FULL_WEIGHT_LR if cfg.method in FULL_WEIGHT_METHODS else DEFAULT_LR[kind]
-    ratio = next(r for r in (cfg.head_lr_ratio, task_head_lr_ratio, DEFAULT_HEAD_LR_RATIO[kind]) if r is not None)
+    recipe = dict(recipe or {})
+    unknown = sorted(set(recipe) - set(RECIPE_FIELDS))
+    if unknown:
+        raise ConfigError(f"a task recipe can set {list(RECIPE_FIELDS)} only, not {unknown}")
+    full = cfg.method in FULL_WEIGHT_METHODS
+    kind_defaults = {"lr": FULL_WEIGHT_LR if full else DEFAULT_LR[kind], "head_lr_ratio": DEFAULT_HEAD_LR_RATIO[kind],
+                     "init": DEFAULT_INIT, "train_pooler": True}  # fmt: skip
+    chosen = {name: next(v for v in (getattr(cfg, name), recipe.get(name), default) if v is not None)
+              for name, default in kind_defaults.items()}  # fmt: skip
     # A quantized base is chosen to save memory: both memory settings default to on with it.
     saving = cfg.quantize is not None
     return dataclasses.replace(
-        cfg, lr=lr, head_lr_ratio=ratio,
+        cfg, **chosen,
         gradient_checkpointing=saving if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing,
         return_freed_memory=saving if cfg.return_freed_memory is None else cfg.return_freed_memory,
     )  # fmt: skip

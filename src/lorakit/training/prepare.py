@@ -121,10 +121,10 @@ def check_settings(cfg: TrainConfig, info: dist_util.DistInfo, resume: bool) -> 
 
 
 def load_data(cfg: TrainConfig, info: dist_util.DistInfo) -> tuple[TaskData, TrainConfig]:
-    """The task's data, and ``cfg`` with the task kind's defaults (lr, head lr) filled in."""
+    """The task's data, and ``cfg`` with the task's and its kind's defaults (lr, head lr, init …) filled in."""
     data = load_task(cfg)
     spec = data.spec
-    cfg = resolve_task_defaults(cfg, spec.kind, spec.head_lr_ratio)
+    cfg = resolve_task_defaults(cfg, spec.kind, spec.recipe)
     set_class_weights(spec, data.train, cfg.class_weights)
     if spec.class_weights is not None:
         shown = ", ".join(f"{n} {w:.2f}" for n, w in zip(spec.label_names, spec.class_weights))
