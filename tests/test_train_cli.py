@@ -47,7 +47,9 @@ def test_train_writes_the_documented_layout(rte_run):
         1,
     )
     adapter = json.loads((out / "adapter_config.json").read_text())
-    assert adapter["modules_to_save"] == ["bert.pooler", "classifier"] and adapter["task_type"] == "SEQ_CLS"
+    # RTE's recipe (lorakit.tasks.glue.RECIPES): the classifier alone, A kaiming-uniform; both resolved and saved.
+    assert adapter["modules_to_save"] == ["classifier"] and adapter["task_type"] == "SEQ_CLS"
+    assert (saved["init"], saved["train_pooler"], saved["head_lr_ratio"]) == ("kaiming", False, 1.0)
     weights = load_file(out / "adapter_model.safetensors")
     assert sum(".lora_A." in k for k in weights) == 12  # q and v in 6 layers
     assert any(weights[k].abs().max() > 0 for k in weights if ".lora_B." in k)  # trained away from B = 0
