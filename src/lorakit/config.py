@@ -11,6 +11,7 @@ from lorakit.patterns import PatternError, compile_pattern, suffix_match
 
 InitKind = Literal["gaussian", "kaiming", "pissa", "olora"]
 INIT_KINDS = ("gaussian", "kaiming", "pissa", "olora")
+DEFAULT_INIT: InitKind = "gaussian"  # the paper's: A random (std 1/r, as PEFT), B = 0
 # Fields added after the first file format: written to files only when set, so older files stay identical.
 _OPTIONAL_FIELDS = {"use_dora": False, "exclude": (), "layers": None}
 BiasMode = Literal["none", "all", "lora_only"]
@@ -40,7 +41,7 @@ class LoraConfig:
     alpha: float = 16.0
     targets: tuple[str, ...] = ("q", "v")
     dropout: float = 0.0
-    init: InitKind = "gaussian"
+    init: InitKind = DEFAULT_INIT
     # The paper draws A from a Gaussian; PEFT's "gaussian" uses std = 1/r, which we keep as the default
     # so adapters initialised by either library are statistically alike.
     init_std: float | None = None

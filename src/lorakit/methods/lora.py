@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from lorakit.adapters import inject
-from lorakit.config import LoraConfig
+from lorakit.config import DEFAULT_INIT, LoraConfig
 from lorakit.errors import ConfigError
 from lorakit.files import load_adapter, save_adapter
 from lorakit.methods.finetune import lora_head_names
@@ -20,7 +20,7 @@ def apply_lora(
     alpha: float = 16.0,
     targets: str = "q,v",
     dropout: float = 0.0,
-    init: str = "gaussian",
+    init: str = DEFAULT_INIT,
     use_rslora: bool = False,
     modules_to_save: Any = None,
     train_head: bool = True,
@@ -72,7 +72,7 @@ def lora_options(cfg: Any) -> dict[str, Any]:
         "alpha": cfg.alpha,
         "targets": tuple(cfg.targets),
         "dropout": cfg.dropout,
-        "init": cfg.init or "gaussian",  # None: a config not resolved by resolve_task_defaults
+        "init": cfg.init or DEFAULT_INIT,  # None: a config not resolved by resolve_task_defaults
         "use_rslora": cfg.use_rslora,
         "modules_to_save": None if cfg.modules_to_save is None else tuple(cfg.modules_to_save),
         "train_pooler": cfg.train_pooler is not False,

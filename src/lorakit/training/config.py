@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lorakit.config import DEFAULT_INIT
 from lorakit.errors import ConfigError
 from lorakit.fsutil import file_mode
 
@@ -327,7 +328,6 @@ DEFAULT_LR = {"classification": 1e-3, "regression": 1e-3, "generation": 5e-4}
 DEFAULT_HEAD_LR_RATIO = {"classification": 10.0, "regression": 1.0, "generation": 1.0}
 FULL_WEIGHT_LR = 5e-5
 FULL_WEIGHT_METHODS = ("full", "fttop2")
-DEFAULT_INIT = "gaussian"  # the paper's: A ~ N(0, 1/r²), B = 0
 # The fields a task's recipe (``TaskSpec.recipe``) may set: each defaults to None, meaning "not given".
 RECIPE_FIELDS = ("lr", "head_lr_ratio", "init", "train_pooler")
 
