@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit.demo import SENTIMENT_GROUP_WINDOW
+from lorakit.demo import SENTIMENT_GROUP_WINDOW, SENTIMENT_HEAD_LR_RATIO
 from lorakit.metrics.glue import glue_metrics
 from lorakit.models import load_model
 from lorakit.tasks import TaskSpec, load_task
@@ -54,6 +54,7 @@ class ParityCase:
     max_steps: int | None = None
     eval_samples: int | None = None
     lr: float | None = None  # None: lorakit's default for the task kind (both sides use the resolved value)
+    head_lr_ratio: float | None = None  # the lorakit side's; None: its default (PEFT's loop: 1 x)
     batch_size: int = 32
     length_grouping: bool = False  # both sides then step through the same length-grouped batches
     group_window: int = 50
@@ -70,7 +71,8 @@ CASES = {
     "stsb": ParityCase("stsb", "stsb", str(GLUE / "STS-B"), "pearson", 1000, 2),
     # The demo's sentiment task at the demo's budget (its data: `lorakit demo` writes runs/demo/data/).
     "demo": ParityCase("demo", "text", "runs/demo/data/sentiment", "accuracy", 0, 1, lr=3e-3,
-                       length_grouping=True, group_window=SENTIMENT_GROUP_WINDOW),
+                       head_lr_ratio=SENTIMENT_HEAD_LR_RATIO, length_grouping=True,
+                       group_window=SENTIMENT_GROUP_WINDOW),
     "e2e": ParityCase("e2e", "e2e", str(E2E), "BLEU", 0, 0, model="smollm2-135m", max_steps=60,
                       eval_samples=40),
 }
@@ -84,7 +86,7 @@ def case_config(case: ParityCase, seed: int, out: Path) -> TrainConfig:
         "max_length": 64 if case.task == "text" else 128, "length_grouping": case.length_grouping,
         "group_window": case.group_window}
     return TrainConfig(model=case.model, task=case.task, data=case.data, seed=seed, out=str(out), plot=False,
-                       keep_checkpoints=1, lr=case.lr, **extra)  # fmt: skip
+                       keep_checkpoints=1, lr=case.lr, head_lr_ratio=case.head_lr_ratio, **extra)  # fmt: skip
 
 
 def peft_model(cfg: TrainConfig, spec: TaskSpec):

@@ -64,6 +64,9 @@ def test_demo_runs_end_to_end_in_miniature(minilm_path, tmp_path, capsys):
     configs = {t: json.loads((tmp_path / "demo" / t / "train_config.json").read_text()) for t in ("sentiment", "plot")}
     assert configs["sentiment"]["length_grouping"] and configs["sentiment"]["group_window"] == 8
     assert not configs["plot"]["length_grouping"]
+    # The sentiment head learns at the adapter's lr (chosen on reviews outside the demo's splits); the short
+    # plot run keeps the classification default of 10 x.
+    assert configs["sentiment"]["head_lr_ratio"] == 1.0 and configs["plot"]["head_lr_ratio"] == 10.0
     assert "LOAD REPORT" not in captured.err and "MISSING" not in captured.err  # transformers' noise filtered
 
 
@@ -84,3 +87,23 @@ def test_lorakit_warnings_print_as_one_plain_line_and_others_keep_pythons_format
     theirs = warnings.formatwarning("x", UserWarning, "/home/u/lorakit/train.py", 3, "raise_it()")
     assert theirs.startswith("/home/u/lorakit/train.py:3: UserWarning: x")
     assert warnings.formatwarning("x", UserWarning, "/site/other/mod.py", 3, "raise_it()") == default
+
+
+def test_demo_recipe_search_validates_on_reviews_outside_every_demo_split():
+    """The demo's recipe is chosen on reviews it never trains or tests on (scripts/demo_recipe_search.py)."""
+    import importlib.util
+    from pathlib import Path
+
+    from lorakit.demo import demo_parser, make_tasks, shipped_snippets
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "demo_recipe_search.py"
+    spec = importlib.util.spec_from_file_location("demo_recipe_search", path)
+    search = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(search)
+    sentiment, valid = search.validation_rows(0)
+    defaults = demo_parser().parse_args([])
+    demo_sentiment, plot = make_tasks(shipped_snippets(), defaults.train_size, defaults.test_size, 0)
+    assert sentiment.train == demo_sentiment.train  # the demo's own training set
+    seen = {t for t, _ in demo_sentiment.train + demo_sentiment.test + plot.train + plot.test}
+    assert len(valid) > 800 and not seen & {t for t, _ in valid}
+    assert {label for _, label in valid} == {"fresh", "rotten"}
