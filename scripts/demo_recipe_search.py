@@ -86,8 +86,8 @@ def main() -> None:
     write_jsonl(data / "dev.jsonl", valid)  # no test.jsonl: the demo's test set is never read here
     store = args.out / "search.json"
     results = json.loads(store.read_text()) if store.exists() else {}
+    seed = args.seed if args.train_seed is None else args.train_seed
     for name in names:
-        seed = args.seed if args.train_seed is None else args.train_seed
         key = f"{name}/seed{seed}"
         if key not in results:
             results[key] = run_variant(name, sentiment, data, args.out, seed)
