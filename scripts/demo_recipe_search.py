@@ -35,6 +35,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "head1x-all-linear": {"targets": ["q", "k", "v", "o", "ffn"]},
     "head1x-lr2e-3": {"lr": 2e-3},
     "head1x-lr5e-3": {"lr": 5e-3},
+    # Twice the optimizer steps in the same epoch; the sorting window keeps its 256 examples.
+    "head1x-batch16": {"batch_size": 16, "group_window": 16},
+    "head1x-batch16-lr2e-3": {"batch_size": 16, "group_window": 16, "lr": 2e-3},
+    "head1x-dropout": {"dropout": 0.1},  # the LoRA paper's GLUE setting
 }
 
 

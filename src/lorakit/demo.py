@@ -75,9 +75,9 @@ def make_tasks(rows: list[tuple[str, str]], train_size: int, test_size: int, see
     rng.shuffle(reviews)
     rng.shuffle(plots)
     # A review's length says nothing about its sentiment, so sentiment batches are grouped by length in small
-    # windows: 263 s instead of 358 s for the demo, 78.9 % instead of 79.4 % (one seed, 800 snippets: within
-    # noise). Plot summaries are longer than reviews, so grouped plot batches are nearly single-class (95.2 %
-    # vs 98.9 %): that task keeps random batches.
+    # windows: 263 s instead of 358 s for the demo, 78.9 % instead of 79.4 % (one seed, 800 snippets, head at
+    # 10 x lr then: within noise). Plot summaries are longer than reviews, so grouped plot batches are nearly
+    # single-class (95.2 % vs 98.9 %): that task keeps random batches.
     sentiment = DemoTask("sentiment", DEMO_LABELS["sentiment"], reviews[test_size : test_size + train_size],
                          reviews[:test_size], group_window=SENTIMENT_GROUP_WINDOW,
                          head_lr_ratio=SENTIMENT_HEAD_LR_RATIO)  # fmt: skip
