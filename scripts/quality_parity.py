@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import logging
 import math
 import random
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +30,7 @@ import torch
 
 from lorakit.demo import SENTIMENT_GROUP_WINDOW, SENTIMENT_HEAD_LR_RATIO
 from lorakit.metrics.glue import glue_metrics
-from lorakit.models import load_model
+from lorakit.models import load_model, quiet_third_party_notices
 from lorakit.tasks import TaskSpec, load_task
 from lorakit.training.config import TrainConfig, resolve_task_defaults
 from lorakit.training.evaluate import collate, encode, loss_sum, score
@@ -207,10 +205,7 @@ def main(argv: list[str]) -> int:
                         help="other --out folders whose finished runs join this table (runs split over processes)")
     parser.add_argument("--report-only", action="store_true", help="write the table of finished runs, run nothing")
     args = parser.parse_args(argv)
-    # This script's lines and lorakit's only: not bitsandbytes' optional-kernel notice (PEFT imports it) or
-    # the deprecation transformers raises on PEFT's behalf.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    quiet_third_party_notices()  # this script's lines and lorakit's, not PEFT's dependencies' notices
     cases = [CASES[c] for c in args.cases.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     store = args.out / "parity.json"

@@ -107,3 +107,26 @@ def test_demo_recipe_search_validates_on_reviews_outside_every_demo_split():
     seen = {t for t, _ in demo_sentiment.train + demo_sentiment.test + plot.train + plot.test}
     assert len(valid) > 800 and not seen & {t for t, _ in valid}
     assert {label for _, label in valid} == {"fresh", "rotten"}
+
+
+def test_third_party_notices_are_hidden_and_other_warnings_kept():
+    """bitsandbytes' optional-kernel log line and transformers' is_gradient_checkpointing deprecation (both
+    reached through PEFT) are hidden; any other warning still shows."""
+    import logging
+    import warnings
+
+    from lorakit.models import quiet_third_party_notices
+
+    bnb = logging.getLogger("bitsandbytes")
+    previous = bnb.level
+    try:
+        bnb.setLevel(logging.NOTSET)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            quiet_third_party_notices()
+            warnings.warn("`is_gradient_checkpointing` is deprecated, use ...", FutureWarning, stacklevel=1)
+            warnings.warn("`something_else` is deprecated", FutureWarning, stacklevel=1)
+        assert [str(w.message) for w in seen] == ["`something_else` is deprecated"]
+        assert logging.getLogger("bitsandbytes.backends.cpu.ops").getEffectiveLevel() == logging.ERROR
+    finally:
+        bnb.setLevel(previous)

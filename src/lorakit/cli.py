@@ -7,7 +7,6 @@ for importing the trainer or the benchmark suite.
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import sys
 import warnings
@@ -68,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lorakit {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
-    # bitsandbytes warns on import that an optional CPU kernel package is absent: not the user's problem.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from lorakit.models import quiet_third_party_notices
+
+    quiet_third_party_notices()
     plain_lorakit_warnings()
     if command not in SUBCOMMANDS:
         print(f"lorakit: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)

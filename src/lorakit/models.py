@@ -7,10 +7,12 @@ dequantizes it in ~15-30 s, so the result is converted once into a safetensors f
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -112,6 +114,14 @@ def _no_gguf_bar() -> Iterator[None]:
         yield
     finally:
         gguf_utils.tqdm = bar
+
+
+def quiet_third_party_notices() -> None:
+    """Hide notices about other packages' internals that say nothing about the user's run: bitsandbytes'
+    log line on import (PEFT imports it) that an optional CPU kernel package is absent, and the deprecation
+    transformers raises when PEFT calls ``is_gradient_checkpointing``."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 @contextmanager

@@ -186,13 +186,13 @@ def peft_batched(adapters: dict[str, str], requests: list[tuple[str, str]], max_
     import torch
     from peft import PeftModel
 
-    from lorakit.models import load_model
+    from lorakit.models import load_model, quiet_third_party_notices
 
     base, tok = load_model(MODEL)
     names = list(adapters)
     # PEFT's notes on lorakit's own metadata key and on a renamed transformers method are not the bench's news.
     warnings.filterwarnings("ignore", message=r"Unexpected keyword arguments \['lorakit'\]")
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    quiet_third_party_notices()
     model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(adapters[name], adapter_name=name)
