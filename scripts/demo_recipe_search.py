@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from lorakit.demo import DEMO_LABELS, DemoTask, demo_parser, make_tasks, shipped_snippets, task_config
+from lorakit.demo import DEMO_LABELS, DemoTask, demo_parser, make_tasks, shipped_snippets, task_config, write_rows
+from lorakit.training.config import write_json_atomic
 from lorakit.training.trainer import train
 
 # Overrides of the demo's sentiment config (lorakit.demo.task_config). "head_lr_ratio": None is the
@@ -52,17 +52,6 @@ def validation_rows(seed: int) -> tuple[DemoTask, list[tuple[str, str]]]:
     return sentiment, unused
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_jsonl(path: Path, rows: list[tuple[str, str]]) -> None:
-    atomic_write_text(path, "".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows))
-
-
 def run_variant(name: str, task: DemoTask, data: Path, out: Path, seed: int) -> dict[str, float]:
     """The demo's sentiment config with the variant's overrides, scored on the validation file."""
     args = demo_parser().parse_args(["--seed", str(seed)])
@@ -86,8 +75,8 @@ def main() -> None:
         parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     sentiment, valid = validation_rows(args.seed)
     data = args.out / "data"
-    write_jsonl(data / "train.jsonl", sentiment.train)
-    write_jsonl(data / "dev.jsonl", valid)  # no test.jsonl: the demo's test set is never read here
+    write_rows(data / "train.jsonl", sentiment.train)
+    write_rows(data / "dev.jsonl", valid)  # no test.jsonl: the demo's test set is never read here
     store = args.out / "search.json"
     results = json.loads(store.read_text()) if store.exists() else {}
     seed = args.seed if args.train_seed is None else args.train_seed
@@ -95,7 +84,7 @@ def main() -> None:
         key = f"{name}/seed{seed}"
         if key not in results:
             results[key] = run_variant(name, sentiment, data, args.out, seed)
-            atomic_write_text(store, json.dumps(results, indent=1))
+            write_json_atomic(store, results)
     print(f"\nvalidation: {len(valid)} reviews outside every demo split (majority "
           f"{max(sum(c == k for _, c in valid) for k in DEMO_LABELS['sentiment']) / len(valid):.1%})")  # fmt: skip
     for key, r in sorted(results.items(), key=lambda kv: -kv[1]["accuracy"]):

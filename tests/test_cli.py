@@ -91,15 +91,11 @@ def test_lorakit_warnings_print_as_one_plain_line_and_others_keep_pythons_format
 
 def test_demo_recipe_search_validates_on_reviews_outside_every_demo_split():
     """The demo's recipe is chosen on reviews it never trains or tests on (scripts/demo_recipe_search.py)."""
-    import importlib.util
-    from pathlib import Path
+    from tests.script_util import load_script
 
     from lorakit.demo import demo_parser, make_tasks, shipped_snippets
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "demo_recipe_search.py"
-    spec = importlib.util.spec_from_file_location("demo_recipe_search", path)
-    search = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(search)
+    search = load_script("demo_recipe_search")
     sentiment, valid = search.validation_rows(0)
     defaults = demo_parser().parse_args([])
     demo_sentiment, plot = make_tasks(shipped_snippets(), defaults.train_size, defaults.test_size, 0)

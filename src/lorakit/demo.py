@@ -90,12 +90,23 @@ def make_tasks(rows: list[tuple[str, str]], train_size: int, test_size: int, see
     return [sentiment, plot]
 
 
+def write_rows(path: Path, rows: list[tuple[str, str]]) -> Path:
+    """(text, label name) rows as JSON lines, the format ``lorakit train --task text`` reads.
+
+    Args:
+        path: the ``.jsonl`` file to write (its folder is created).
+        rows: the (text, label name) pairs, in order.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": text, "label": label}) + "\n" for text, label in rows),
+                    encoding="utf-8")  # fmt: skip
+    return path
+
+
 def write_task(task: DemoTask, folder: Path) -> Path:
-    """The task as ``train.jsonl`` / ``test.jsonl`` (the format ``lorakit train --task text`` reads)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """The task as ``train.jsonl`` / ``test.jsonl``."""
     for split, rows in (("train", task.train), ("test", task.test)):
-        lines = "".join(json.dumps({"text": text, "label": label}) + "\n" for text, label in rows)
-        (folder / f"{split}.jsonl").write_text(lines, encoding="utf-8")
+        write_rows(folder / f"{split}.jsonl", rows)
     return folder
 
 
