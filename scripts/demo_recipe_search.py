@@ -22,9 +22,9 @@ from lorakit.demo import DEMO_LABELS, DemoTask, demo_parser, make_tasks, shipped
 from lorakit.training.config import write_json_atomic
 from lorakit.training.trainer import train
 
-# Overrides of the demo's sentiment config (lorakit.demo.task_config). "head_lr_ratio": None is the
-# classification default (10 x), which the demo used before this search.
-TEN_X = {"head_lr_ratio": None}
+# Overrides of the demo's sentiment config (lorakit.demo.task_config). TEN_X is the classification ratio
+# the demo used before this search, given explicitly: the default now caps the head at 1e-2.
+TEN_X = {"head_lr_ratio": 10.0}
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": TEN_X,  # the demo before this search: lr 3e-3, pooler trained, head at 10 x lr
     "head1x": {},  # the demo now: head at 1 x lr
@@ -39,6 +39,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "head1x-batch16": {"batch_size": 16, "group_window": 16},
     "head1x-batch16-lr2e-3": {"batch_size": 16, "group_window": 16, "lr": 2e-3},
     "head1x-dropout": {"dropout": 0.1},  # the LoRA paper's GLUE setting
+    "head-cap": {"head_lr_ratio": 10 / 3},  # the head at 1e-2 (the default's head lr at the default lr of 1e-3)
 }
 
 

@@ -95,3 +95,8 @@ def test_resume_refuses_changed_settings_and_returns_a_finished_run(setup, one_t
     with pytest.raises(ConfigError, match=r"different settings \(lr: 0.002 -> 0.01\)"):
         train(changed, resume=True)
     assert train(cfg, resume=True) == result  # nothing left to do
+    # A run begun under other defaults (before the head lr cap, 10 x resolved at this lr) resumes as it
+    # began: the recipe fields left unset take the saved values instead of being refused as changed.
+    saved = root / "finished" / "train_config.json"
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "head_lr_ratio": 10.0}))
+    assert cfg.head_lr_ratio is None and train(cfg, resume=True) == result

@@ -829,6 +829,22 @@ def test_task_kind_defaults_fill_only_what_the_user_left_unset():
         resolve_task_defaults(base_cfg(task="rte", data="d"), "classification", {"batch_size": 8})
 
 
+def test_default_head_lr_ratio_never_puts_a_classifier_head_above_1e_2():
+    from lorakit.training.config import resolve_task_defaults
+
+    def head_lr(**given) -> float:
+        cfg = resolve_task_defaults(base_cfg(task="sst2", data="d", **given), "classification")
+        return cfg.lr * cfg.head_lr_ratio
+
+    assert head_lr() == pytest.approx(1e-2)  # the default lr: 10 x, as measured
+    assert head_lr(lr=3e-4) == pytest.approx(3e-3)  # below the cap the ratio holds
+    assert head_lr(lr=3e-3) == pytest.approx(1e-2)  # was 3e-2 (10 x), where the head's loss spiked
+    assert head_lr(lr=2e-2) == pytest.approx(2e-2)  # never below the adapter's own lr
+    assert head_lr(lr=3e-3, head_lr_ratio=10.0) == pytest.approx(3e-2)  # a ratio the user gives is kept
+    regression = resolve_task_defaults(base_cfg(task="stsb", data="d", lr=3e-3), "regression")
+    assert regression.head_lr_ratio == 1.0
+
+
 def test_rte_recipe_trains_its_head_at_the_adapter_lr_unless_told(tmp_path):
     """RTE's head at 10 x lr collapses onto one class (docs/training.md): its task entry sets 1 x, and
     kaiming-uniform A with the classifier alone."""

@@ -107,8 +107,8 @@ class TrainConfig:
     )
     head_lr_ratio: float | None = _f(
         None, "lr multiplier for task heads trained with an adapter (modules_to_save); default: 10 for "
-        "classification (a fresh head on a pretrained pooler needs larger steps; RTE 1), 1 otherwise "
-        "(docs/training.md)"
+        "classification (a fresh head on a pretrained pooler needs larger steps; RTE 1), lowered so that "
+        "the head's lr stays at most 1e-2 (but not below 1), 1 otherwise (docs/training.md)"
     )
     loraplus_ratio: float | None = _f(
         None, "LoRA+: LoRA's B matrices learn at this many times the lr of A (PEFT's loraplus_lr_ratio; "
@@ -326,10 +326,25 @@ DEFAULT_LR = {"classification": 1e-3, "regression": 1e-3, "generation": 5e-4}
 # A classifier head needs larger steps than the adapter (SST-2, 64 steps: 57 % at 1x, 72-76 % at 10x); a
 # regression head does not (STS-B, same budget: Pearson 0.65 at 1x, 0.49 at 10x).
 DEFAULT_HEAD_LR_RATIO = {"classification": 10.0, "regression": 1.0, "generation": 1.0}
+# The head lr the classification ratio gives at the default lr (1e-3 x 10). A default ratio never puts the
+# head above it: at the demo's lr of 3e-3, 10 x (a head at 3e-2) spiked the head's loss (docs/training.md).
+MAX_DEFAULT_HEAD_LR = 1e-2
 FULL_WEIGHT_LR = 5e-5
 FULL_WEIGHT_METHODS = ("full", "fttop2")
 # The fields a task's recipe (``TaskSpec.recipe``) may set: each defaults to None, meaning "not given".
 RECIPE_FIELDS = ("lr", "head_lr_ratio", "init", "train_pooler")
+
+
+def default_head_lr_ratio(kind: str, lr: float) -> float:
+    """The kind's head lr ratio, lowered where it would put the head above ``MAX_DEFAULT_HEAD_LR``, but
+    never below 1 (the head then learns at the adapter's lr).
+
+    Args:
+        kind: the task kind, ``"classification"``, ``"regression"`` or ``"generation"``.
+        lr: the run's resolved learning rate.
+    """
+    ratio = DEFAULT_HEAD_LR_RATIO[kind]
+    return min(ratio, max(1.0, MAX_DEFAULT_HEAD_LR / lr))
 
 
 def resolve_task_defaults(cfg: TrainConfig, kind: str, recipe: Mapping[str, Any] | None = None) -> TrainConfig:
@@ -351,6 +366,8 @@ def resolve_task_defaults(cfg: TrainConfig, kind: str, recipe: Mapping[str, Any]
                      "init": DEFAULT_INIT, "train_pooler": True}  # fmt: skip
     chosen = {name: next(v for v in (getattr(cfg, name), recipe.get(name), default) if v is not None)
               for name, default in kind_defaults.items()}  # fmt: skip
+    if cfg.head_lr_ratio is None and recipe.get("head_lr_ratio") is None:
+        chosen["head_lr_ratio"] = default_head_lr_ratio(kind, chosen["lr"])
     # A quantized base is chosen to save memory: both memory settings default to on with it.
     saving = cfg.quantize is not None
     return dataclasses.replace(

@@ -7,6 +7,7 @@ the rows are encoded; optimizer and schedule are built; a checkpoint, if resumin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -28,7 +29,7 @@ from lorakit.tasks import TaskData, TaskSpec, load_task
 from lorakit.training import checkpoint as ckpt
 from lorakit.training import distributed as dist_util
 from lorakit.training import rundir
-from lorakit.training.config import TrainConfig, resolve_task_defaults
+from lorakit.training.config import RECIPE_FIELDS, TrainConfig, resolve_task_defaults
 from lorakit.training.evaluate import encode, set_class_weights
 from lorakit.training.metrics_log import MetricsLog
 from lorakit.training.optim import build_optimizer, build_scheduler
@@ -136,17 +137,35 @@ def load_data(cfg: TrainConfig, info: dist_util.DistInfo) -> tuple[TaskData, Tra
     return data, cfg
 
 
-def check_output_dir(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> Path | None:
-    """Refuse to mix runs in one folder; on resume, check the settings match and find the checkpoint."""
-    saved_cfg = out / TRAIN_CONFIG
+def started_settings(out: Path) -> dict[str, Any] | None:
+    """The settings the run in ``out`` started with (its ``train_config.json``), or None without one."""
+    saved = out / TRAIN_CONFIG
+    if not saved.is_file():
+        return None
+    # A field added since the run started is missing from its file: it ran with the default.
+    return {**TrainConfig.field_defaults(), **json.loads(saved.read_text())}
+
+
+def with_saved_recipe(cfg: TrainConfig, started: dict[str, Any] | None) -> TrainConfig:
+    """On resume, the recipe fields (lr, head lr ratio, init, pooler) left unset take the values the run
+    started with, so a run begun under other defaults (an older lorakit's) continues as it began."""
+    if started is None:
+        return cfg
+    kept = {n: started[n] for n in RECIPE_FIELDS if getattr(cfg, n) is None and started[n] is not None}
+    return dataclasses.replace(cfg, **kept)
+
+
+def check_output_dir(
+    out: Path, cfg: TrainConfig, resume: bool, overwrite: bool, started: dict[str, Any] | None
+) -> Path | None:
+    """Refuse to mix runs in one folder; on resume, check the settings match ``started`` (the run's saved
+    settings) and find the checkpoint."""
     if resume:
-        if saved_cfg.is_file():
-            # A field added since the run started is missing from its file: it ran with the default.
-            old = {**TrainConfig.field_defaults(), **json.loads(saved_cfg.read_text())}
+        if started is not None:
             new = cfg.to_dict()
-            changed = rundir.changed_settings(old, new, RESUME_MAY_CHANGE)
+            changed = rundir.changed_settings(started, new, RESUME_MAY_CHANGE)
             if changed:
-                details = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
+                details = ", ".join(f"{k}: {started.get(k)!r} -> {new[k]!r}" for k in changed)
                 raise ConfigError(f"--resume: {out} was started with different settings ({details})")
         return ckpt.latest_checkpoint(out)
     held = rundir.what_it_holds(out, TRAINED_FILES, (METRICS_LOG, EVAL_RESULTS), (ckpt.CHECKPOINTS,))
@@ -265,8 +284,9 @@ def prepare_run(
     """Build the ``Run``; a resumed run that already finished returns its final metrics instead."""
     out = Path(cfg.out)
     check_settings(cfg, info, resume)
-    data, cfg = load_data(cfg, info)
-    resume_from = check_output_dir(out, cfg, resume, overwrite)
+    started = started_settings(out) if resume else None
+    data, cfg = load_data(with_saved_recipe(cfg, started), info)
+    resume_from = check_output_dir(out, cfg, resume, overwrite, started)
     if resume and (out / EVAL_RESULTS).is_file():
         say(info, f"lorakit train: {out} already finished; nothing to resume")
         return json.loads((out / EVAL_RESULTS).read_text())
