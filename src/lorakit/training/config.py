@@ -362,12 +362,12 @@ def resolve_task_defaults(cfg: TrainConfig, kind: str, recipe: Mapping[str, Any]
     if unknown:
         raise ConfigError(f"a task recipe can set {list(RECIPE_FIELDS)} only, not {unknown}")
     full = cfg.method in FULL_WEIGHT_METHODS
-    kind_defaults = {"lr": FULL_WEIGHT_LR if full else DEFAULT_LR[kind], "head_lr_ratio": DEFAULT_HEAD_LR_RATIO[kind],
-                     "init": DEFAULT_INIT, "train_pooler": True}  # fmt: skip
-    chosen = {name: next(v for v in (getattr(cfg, name), recipe.get(name), default) if v is not None)
-              for name, default in kind_defaults.items()}  # fmt: skip
-    if cfg.head_lr_ratio is None and recipe.get("head_lr_ratio") is None:
-        chosen["head_lr_ratio"] = default_head_lr_ratio(kind, chosen["lr"])
+    def first_set(name: str, default: Any) -> Any:  # the user's value, else the recipe's, else the default
+        return next(v for v in (getattr(cfg, name), recipe.get(name), default) if v is not None)
+
+    chosen = {"lr": first_set("lr", FULL_WEIGHT_LR if full else DEFAULT_LR[kind]),
+              "init": first_set("init", DEFAULT_INIT), "train_pooler": first_set("train_pooler", True)}  # fmt: skip
+    chosen["head_lr_ratio"] = first_set("head_lr_ratio", default_head_lr_ratio(kind, chosen["lr"]))
     # A quantized base is chosen to save memory: both memory settings default to on with it.
     saving = cfg.quantize is not None
     return dataclasses.replace(
