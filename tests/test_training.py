@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from lorakit import ConfigError
 from lorakit.data import DataError
-from lorakit.errors import AdapterFileError
+from lorakit.errors import AdapterFileError, LorakitError
 from lorakit.methods import METHODS, register_method
 from lorakit.tasks import TaskSpec, load_task
 from lorakit.training import checkpoint as ckpt
@@ -147,6 +147,7 @@ def test_config_typo_names_the_key_and_the_known_keys(tmp_path):
         ({"epochs": "0"}, "epochs must be positive"),
         ({"task": ""}, "task is required"),
         ({"compile": True, "fsdp": True}, "compile and fsdp cannot be combined"),
+        ({"model_dropout": "1.0"}, r"model_dropout must be in \[0, 1\) or none"),
     ],
 )
 def test_config_values_are_checked(override, message):
@@ -881,6 +882,55 @@ def test_train_pooler_false_trains_the_classifier_alone():
 
     assert trained_heads(None) == trained_heads(True) == {"classifier", "bert.pooler"}
     assert trained_heads(False) == {"classifier"}
+
+
+def _train_mode_outputs(model: torch.nn.Module, inputs: torch.Tensor) -> list[torch.Tensor]:
+    """Two train-mode forwards and an eval-mode one (no dropout) of the same inputs."""
+    outputs = []
+    for training in (True, True, False):
+        model.train(training)
+        with torch.no_grad():
+            outputs.append(model(inputs).logits)
+    return outputs
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_model_dropout_zero_makes_training_forwards_deterministic(family):
+    """Every dropout of the base goes: BERT's and GPT-2's nn.Dropout modules (which their SDPA attention
+    reads) and the float rate Llama's attention reads at each forward."""
+    import tiny
+    from lorakit.models import set_model_dropout
+
+    model = getattr(tiny, f"tiny_{family}")()
+    if family == "llama":
+        model.config.attention_dropout = 0.5
+        model = type(model)(model.config)  # the attention modules read the rate when built
+    inputs = tiny.ids(batch=2, seq=9)
+    first, second, _ = _train_mode_outputs(model, inputs)
+    assert not torch.equal(first, second)  # dropout is on as the config says
+    assert set_model_dropout(model, 0.0) > 0
+    first, second, evaluated = _train_mode_outputs(model, inputs)
+    assert torch.equal(first, second) and torch.allclose(first, evaluated, atol=1e-6)
+    if family == "llama":
+        assert model.config.attention_dropout == 0.5  # the config (what a saved model carries) is untouched
+
+
+def test_model_dropout_leaves_the_adapters_own_dropout_and_default_leaves_the_model_alone():
+    from tiny import tiny_bert
+
+    def dropout_rates(cfg: TrainConfig) -> tuple[set[float], set[float]]:
+        model = tiny_bert()
+        prepare_model(model, cfg)
+        rates = {n: m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+        adapters = {p for n, p in rates.items() if ".adapters." in n}
+        return adapters, {p for n, p in rates.items() if ".adapters." not in n}
+
+    assert dropout_rates(base_cfg(task="rte", data="d", dropout=0.3, model_dropout=0.0)) == ({0.3}, {0.0})
+    assert dropout_rates(base_cfg(task="rte", data="d", dropout=0.3)) == ({0.3}, {0.1})  # BertConfig's own
+    with pytest.raises(LorakitError, match=r"model dropout must be in \[0, 1\)"):
+        from lorakit.models import set_model_dropout
+
+        set_model_dropout(tiny_bert(), 1.5)
 
 
 def test_classification_scoring_batches_by_length_and_returns_predictions_in_input_order(monkeypatch):

@@ -24,6 +24,10 @@ TASK_HEAD_NAMES: tuple[str, ...] = ("classifier", "score", "classification_head"
 POOLER_NAME = "pooler"
 # The slices of a fused query/key/value projection, in output-column order (GPT-2's c_attn).
 QKV_SLICES: tuple[str, ...] = ("q", "k", "v")
+# Attributes under which transformers' attention modules keep their dropout rate as a plain float (read
+# at every forward, e.g. Llama's ``attention_dropout``); other dropout lives in ``nn.Dropout`` modules.
+FLOAT_DROPOUT_ATTRIBUTES: tuple[str, ...] = ("attention_dropout", "dropout", "dropout_p", "dropout_prob",
+                                             "attn_drop", "attn_dropout")  # fmt: skip
 
 # spec_fields(config, model_type) -> keyword arguments of estimate.ArchSpec after name and family.
 SpecFields = Callable[[Mapping[str, Any], str], dict[str, Any]]

@@ -224,6 +224,34 @@ def finish_loaded(model: nn.Module, tokenizer: object, name_or_path: str | Path)
     model.config._name_or_path = str(name_or_path)
 
 
+def set_model_dropout(model: nn.Module, p: float) -> int:
+    """Set the dropout rate of every dropout inside ``model``: its ``nn.Dropout`` modules and the float rates
+    attention modules read at each forward (``arch.FLOAT_DROPOUT_ATTRIBUTES``). Call it before an adapter is
+    added, so that the adapter's own dropout keeps its setting. The model's config is left as it is, so a
+    model saved later still carries its original rates.
+
+    Args:
+        model: a freshly loaded model.
+        p: the new rate, in [0, 1).
+
+    Returns:
+        How many rates were set.
+    """
+    from lorakit.arch import FLOAT_DROPOUT_ATTRIBUTES
+
+    if not 0.0 <= p < 1.0:
+        raise LorakitError(f"model dropout must be in [0, 1), got {p!r}")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p, count = p, count + 1
+        for name in FLOAT_DROPOUT_ATTRIBUTES:
+            if type(getattr(module, name, None)) is float:  # not an nn.Dropout, nor a flag
+                setattr(module, name, p)
+                count += 1
+    return count
+
+
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each block's activations in backward (torch's non-reentrant checkpoint), by the name the
     installed transformers gives it: ``gradient_checkpointing_enable`` warns as deprecated since 5.2x.

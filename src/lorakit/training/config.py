@@ -73,6 +73,10 @@ class TrainConfig:
         metadata={"help": "modules to adapt: aliases (q,k,v,o,ffn), names, suffixes or regexes"},
     )
     dropout: float = _f(0.0, "LoRA dropout on the adapter input")
+    model_dropout: float | None = _f(
+        None, "the base model's own dropout (hidden, attention, head) while training; none: as its config says. "
+        "0 suits one-epoch runs, and on CPU lets attention take PyTorch's fused kernel (docs/training.md)"
+    )
     modules_to_save: list[str] | None = field(
         default=None,
         metadata={
@@ -246,6 +250,8 @@ class TrainConfig:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError("dropout and label_smoothing must be in [0, 1)")
+        if self.model_dropout is not None and not 0.0 <= self.model_dropout < 1.0:
+            raise ConfigError(f"model_dropout must be in [0, 1) or none, got {self.model_dropout!r}")
         if self.head_lr_ratio is not None and not self.head_lr_ratio > 0:
             raise ConfigError(f"head_lr_ratio must be positive, got {self.head_lr_ratio!r}")
         if self.loraplus_ratio is not None and not (self.loraplus_ratio > 0 and math.isfinite(self.loraplus_ratio)):

@@ -205,12 +205,17 @@ def build_model(cfg: TrainConfig, spec: TaskSpec, model_kwargs: dict[str, Any]) 
 
 
 def prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
-    """Apply ``cfg.method`` to ``model`` in place, with the options ``cfg`` carries.
+    """Apply ``cfg.method`` to ``model`` in place, with the options ``cfg`` carries: first the base's own
+    dropout (``model_dropout``) and quantization (``quantize``) when asked for, then the method.
 
     Args:
         model: a freshly loaded model.
         cfg: the run's settings (``method`` and the method's fields or ``method_options``).
     """
+    if cfg.model_dropout is not None:  # before the method: an adapter's own dropout keeps its setting
+        from lorakit.models import set_model_dropout
+
+        set_model_dropout(model, cfg.model_dropout)
     if cfg.quantize:  # before the method, so LoRA wraps the quantized layers (resume and FSDP pass here too)
         from lorakit.quant import quantize_base, quantized_layers
 
