@@ -15,6 +15,7 @@ Writes ``parity.json`` (every run, resumable: finished runs are skipped) and ``p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -28,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from lorakit.demo import SENTIMENT_GROUP_WINDOW, SENTIMENT_HEAD_LR_RATIO
+from lorakit.demo import MODEL_DROPOUT, SENTIMENT_GROUP_WINDOW, SENTIMENT_HEAD_LR_RATIO
 from lorakit.metrics.glue import glue_metrics
-from lorakit.models import load_model, quiet_third_party_notices
+from lorakit.models import load_model, quiet_third_party_notices, set_model_dropout
 from lorakit.tasks import TaskSpec, load_task
 from lorakit.training.config import TrainConfig, resolve_task_defaults
 from lorakit.training.evaluate import collate, encode, loss_sum, score
@@ -58,6 +59,7 @@ class ParityCase:
     batch_size: int = 32
     length_grouping: bool = False  # both sides then step through the same length-grouped batches
     group_window: int = 50
+    model_dropout: float | None = None  # both sides: the base's own dropout while training (None: its config's)
 
 
 CASES = {
@@ -72,7 +74,7 @@ CASES = {
     # The demo's sentiment task at the demo's budget (its data: `lorakit demo` writes runs/demo/data/).
     "demo": ParityCase("demo", "text", "runs/demo/data/sentiment", "accuracy", 0, 1, lr=3e-3,
                        head_lr_ratio=SENTIMENT_HEAD_LR_RATIO, length_grouping=True,
-                       group_window=SENTIMENT_GROUP_WINDOW),
+                       group_window=SENTIMENT_GROUP_WINDOW, model_dropout=MODEL_DROPOUT),
     "e2e": ParityCase("e2e", "e2e", str(E2E), "BLEU", 0, 0, model="smollm2-135m", max_steps=60,
                       eval_samples=40),
 }
@@ -86,7 +88,8 @@ def case_config(case: ParityCase, seed: int, out: Path) -> TrainConfig:
         "max_length": 64 if case.task == "text" else 128, "length_grouping": case.length_grouping,
         "group_window": case.group_window}
     return TrainConfig(model=case.model, task=case.task, data=case.data, seed=seed, out=str(out), plot=False,
-                       keep_checkpoints=1, lr=case.lr, head_lr_ratio=case.head_lr_ratio, **extra)  # fmt: skip
+                       keep_checkpoints=1, lr=case.lr, head_lr_ratio=case.head_lr_ratio,
+                       model_dropout=case.model_dropout, **extra)  # fmt: skip
 
 
 def peft_model(cfg: TrainConfig, spec: TaskSpec):
@@ -95,6 +98,8 @@ def peft_model(cfg: TrainConfig, spec: TaskSpec):
 
     torch.manual_seed(cfg.seed)
     model, tok = load_model(cfg.model, spec.model_task, num_labels=spec.num_labels)
+    if cfg.model_dropout is not None:  # as the lorakit side: before the adapter, whose dropout stays 0
+        set_model_dropout(model, cfg.model_dropout)
     names = ["query", "value"] if cfg.model == "minilm-l6" else ["q_proj", "v_proj"]
     task_type = "SEQ_CLS" if spec.model_task == "seq-cls" else "CAUSAL_LM"
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, target_modules=names, task_type=task_type, lora_dropout=0.0)
@@ -204,8 +209,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--merge-from", type=Path, nargs="*", default=[],
                         help="other --out folders whose finished runs join this table (runs split over processes)")
     parser.add_argument("--report-only", action="store_true", help="write the table of finished runs, run nothing")
+    parser.add_argument("--demo-data", help="the demo case's data folder (default: what `lorakit demo` writes); "
+                        "e.g. one whose test.jsonl holds the validation reviews of scripts/demo_recipe_search.py")
     args = parser.parse_args(argv)
     quiet_third_party_notices()  # this script's lines and lorakit's, not PEFT's dependencies' notices
+    if args.demo_data:
+        CASES["demo"] = dataclasses.replace(CASES["demo"], data=args.demo_data)
     cases = [CASES[c] for c in args.cases.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     store = args.out / "parity.json"

@@ -69,6 +69,8 @@ def test_demo_runs_end_to_end_in_miniature(minilm_path, tmp_path, capsys):
     # plot run keeps the classification default: 10 x, capped at a head lr of 1e-2 (10/3 x at lr 3e-3).
     assert configs["sentiment"]["head_lr_ratio"] == 1.0
     assert configs["plot"]["lr"] * configs["plot"]["head_lr_ratio"] == pytest.approx(1e-2)
+    # One pass over the data: MiniLM's own dropout is off in both runs (lorakit.demo.MODEL_DROPOUT).
+    assert configs["sentiment"]["model_dropout"] == configs["plot"]["model_dropout"] == 0.0
     assert "LOAD REPORT" not in captured.err and "MISSING" not in captured.err  # transformers' noise filtered
 
 
