@@ -2,7 +2,7 @@
 
 MiniLM-L6 with the demo's adapter (Wq, Wv, r=8, classifier and pooler trained) takes training steps on
 batches of the demo's review snippets. Steps alternate between the model's own dropout (0.1, as its config
-says) and none (``--model-dropout 0``, ``lorakit.models.set_model_dropout``), on the same weights and the
+says) and none (``--model-dropout 0``, ``lorakit.io.models.set_model_dropout``), on the same weights and the
 same batches, so machine load hits both sides alike. Prints the median step time of each and the ratio.
 
     .venv/bin/python scripts/bench_model_dropout.py --steps 12 --batch-size 32
@@ -18,7 +18,7 @@ import time
 import torch
 
 from lorakit.demo import DEMO_LABELS, shipped_snippets
-from lorakit.models import load_model, set_model_dropout
+from lorakit.io.models import load_model, set_model_dropout
 from lorakit.training.config import TrainConfig
 from lorakit.training.prepare import prepare_model
 

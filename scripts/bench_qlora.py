@@ -100,15 +100,15 @@ class Side:
 
 def _load(side: Side) -> tuple:
     """(model, tokenizer, info): quantized sides load as the trainer does, layer by layer."""
-    from lorakit.heap import return_freed_memory_promptly
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
+    from lorakit.quant.heap import return_freed_memory_promptly
 
     if side.heap:
         return_freed_memory_promptly()
     if side.library == "peft" or side.precision == "fp32":
         model, tok = load_model("smollm2-135m")
         return model, tok, {}
-    from lorakit.quant_load import load_quantized
+    from lorakit.quant.load import load_quantized
 
     model, tok, report = load_quantized("smollm2-135m", side.precision)
     return model, tok, {"quantized_layers": len(report.layers), "dense_MiB": report.dense_bytes / 2**20,
@@ -130,7 +130,7 @@ def _prepare(side: Side, model, args) -> dict:
 
         inject(model, LoraConfig(r=args.r, alpha=args.alpha, targets=("q", "k", "v", "o", "ffn"), init="kaiming"))
     if side.checkpointing:
-        from lorakit.models import enable_activation_checkpointing
+        from lorakit.io.models import enable_activation_checkpointing
 
         enable_activation_checkpointing(model)
     model.config.use_cache = False
@@ -161,11 +161,11 @@ def _held_out_loss(model, rows: list[dict], pad: int, batch: int) -> float:
 
 
 def _loss(model, batch: dict, side: Side):
-    """The model's own loss (what a PEFT user writes), or the trainer's: lorakit.fast.causal_lm_loss, the same
+    """The model's own loss (what a PEFT user writes), or the trainer's: lorakit.lora.kernels.causal_lm_loss, the same
     value with the LM head only at labelled positions and in chunks."""
     if side.model_loss:
         return model(**batch).loss
-    from lorakit.fast import causal_lm_loss
+    from lorakit.lora.kernels import causal_lm_loss
 
     return causal_lm_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
 
@@ -192,7 +192,7 @@ def _train(model, train: list[dict], args, pad: int, side: Side) -> list[float]:
 def worker(name: str, args) -> dict:
     import torch
 
-    import lorakit.quant  # noqa: F401  (imports bitsandbytes on every side: equal baselines)
+    import lorakit.quant.linear  # noqa: F401  (imports bitsandbytes on every side: equal baselines)
 
     torch.set_num_threads(args.threads)
     side = Side.parse(name)

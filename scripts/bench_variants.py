@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--r", type=int, default=8)
     args = parser.parse_args()
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
 
     torch.manual_seed(0)
     configs = {

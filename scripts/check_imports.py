@@ -4,14 +4,19 @@ Reads the sources with ``ast`` (nothing is imported), so it runs in a second and
 Every import counts, including ones inside functions: a lazy import still ties the two modules together.
 Imports under ``if TYPE_CHECKING:`` are skipped (they never run).
 
-Layers, lowest first (a module may import its own layer and the ones below):
+Layers, lowest first (a module may import its own layer and the ones below). Every module must lie in one:
+a module no prefix covers is reported, so a new package is placed on purpose.
 
-    core         the library itself: layers, targets, files, adapters, arch, kinds, data, metrics, analysis
+    base         lorakit.errors, lorakit.version (leaves)
+    lora         lorakit.lora: architecture facts, layer kinds, config, targets, layers, adapters, kernels
+    io           lorakit.io: adapter files, atomic writes, built-in models
+    quant        lorakit.quant: quantized frozen bases and their loader (which reads models through io)
+    arith        lorakit.arith: adapter arithmetic (combine, hot swap)
+    data         lorakit.data, lorakit.metrics, lorakit.generation, lorakit.analysis
     methods      lorakit.methods (the method registry and the non-LoRA methods)
     training     lorakit.training and lorakit.tasks
     experiments  lorakit.experiments and lorakit.bench (comparisons, latency, benchmarks)
-    apps         lorakit.serve, lorakit.cli, lorakit.commands, lorakit.demo, lorakit.generate_command,
-                 lorakit.__main__
+    apps         lorakit.serve, lorakit.cli, lorakit.demo, lorakit.__main__ and the package face
 
 Usage: ``python scripts/check_imports.py [SRC_DIR]`` (default: ``src`` next to this script). Exit status 1
 when a cycle or an upward import exists; each is printed with the file and line of every import in it.
@@ -26,8 +31,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGE = "lorakit"
-# Sub-packages / modules → layer; the first matching prefix wins, anything else is "core".
+# Sub-packages / modules → layer; the first matching prefix wins.
 LAYERS: tuple[tuple[str, str], ...] = (
+    ("lorakit.errors", "base"),
+    ("lorakit.version", "base"),
+    ("lorakit.lora", "lora"),
+    ("lorakit.io", "io"),
+    ("lorakit.quant", "quant"),
+    ("lorakit.arith", "arith"),
+    ("lorakit.data", "data"),
+    ("lorakit.metrics", "data"),
+    ("lorakit.generation", "data"),
+    ("lorakit.analysis", "data"),
     ("lorakit.methods", "methods"),
     ("lorakit.training", "training"),
     ("lorakit.tasks", "training"),
@@ -35,12 +50,10 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("lorakit.bench", "experiments"),
     ("lorakit.serve", "apps"),
     ("lorakit.cli", "apps"),
-    ("lorakit.commands", "apps"),
     ("lorakit.demo", "apps"),
-    ("lorakit.generate_command", "apps"),
     ("lorakit.__main__", "apps"),
 )
-ORDER = ("core", "methods", "training", "experiments", "apps")
+ORDER = ("base", "lora", "io", "quant", "arith", "data", "methods", "training", "experiments", "apps")
 
 
 @dataclass(frozen=True)
@@ -52,12 +65,17 @@ class Edge:
     line: int
 
 
+UNPLACED = "unplaced"
+
+
 def layer_of(module: str) -> str:
-    """The layer of a dotted module name."""
+    """The layer of a dotted module name (the package face is an app: it re-exports every layer)."""
+    if module == PACKAGE:
+        return "apps"
     for prefix, layer in LAYERS:
         if module == prefix or module.startswith(prefix + "."):
             return layer
-    return "core"
+    return UNPLACED
 
 
 def module_names(src: Path) -> dict[str, Path]:
@@ -82,7 +100,7 @@ def _type_checking_lines(tree: ast.AST) -> set[int]:
 
 
 def _resolve(name: str, known: dict[str, Path]) -> str | None:
-    """The longest known module that ``name`` is or lies in (``lorakit.files.read_adapter`` → files)."""
+    """The longest known module that ``name`` is or lies in (``lorakit.io.files.read_adapter`` → files)."""
     while name:
         if name in known:
             return name
@@ -165,7 +183,13 @@ def cycles(all_edges: list[Edge]) -> list[list[str]]:
 def upward(all_edges: list[Edge]) -> list[Edge]:
     """Imports from a lower layer into a higher one."""
     rank = {layer: i for i, layer in enumerate(ORDER)}
-    return [e for e in all_edges if rank[layer_of(e.target)] > rank[layer_of(e.source)]]
+    placed = [e for e in all_edges if UNPLACED not in (layer_of(e.source), layer_of(e.target))]
+    return [e for e in placed if rank[layer_of(e.target)] > rank[layer_of(e.source)]]
+
+
+def unplaced(src: Path) -> list[str]:
+    """Modules that no prefix in ``LAYERS`` covers."""
+    return [m for m in module_names(src) if layer_of(m) == UNPLACED]
 
 
 def report(src: Path) -> list[str]:
@@ -187,6 +211,7 @@ def report(src: Path) -> list[str]:
             f"upward import: {e.source} [{layer_of(e.source)}] (line {e.line}) imports "
             f"{e.target} [{layer_of(e.target)}]"
         )
+    lines += [f"unplaced module: {m} (add its prefix to LAYERS)" for m in unplaced(src)]
     return lines
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from lorakit import LoraConfig, combine_adapters, inject, read_adapter, save_adapter
-from lorakit.combine import MODES
-from lorakit.models import load_model
+from lorakit.arith.combine import MODES
+from lorakit.io.models import load_model
 
 DENSITY, SVD_RANK = 0.5, 8
 

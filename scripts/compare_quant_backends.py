@@ -96,7 +96,7 @@ def quantize(model, backend):
                 new = new.to("cpu")
                 deq = new.weight.data.float() * new.weight.SCB.float()[:, None] / 127
             elif backend.startswith("lorakit-"):
-                from lorakit.quant import QuantizedLinear
+                from lorakit.quant.linear import QuantizedLinear
 
                 new = QuantizedLinear(lin, backend.split("-")[1])
                 deq = new.dequantize()

@@ -3,7 +3,7 @@
     for m in default trim thr256 thr1024 thr4096; do python scripts/heap_threshold_probe.py $m; done
 
 ``default``: glibc as it comes; ``trim``: ``malloc_trim(0)`` after every step; ``thrN``: mmap threshold
-N KiB (what ``lorakit.heap.return_freed_memory_promptly`` sets, at 256). One setting per process, since
+N KiB (what ``lorakit.quant.heap.return_freed_memory_promptly`` sets, at 256). One setting per process, since
 mallopt cannot be undone; 8 steps of 4 x 64 random tokens with gradient checkpointing, 2 threads.
 """
 
@@ -17,14 +17,14 @@ import torch
 
 
 def main(mode: str) -> None:
-    from lorakit.heap import set_mmap_threshold, trim_heap
+    from lorakit.quant.heap import set_mmap_threshold, trim_heap
 
     if mode.startswith("thr"):
         set_mmap_threshold(int(mode[3:]) * 1024)
     from lorakit import LoraConfig, inject
-    from lorakit.fast import causal_lm_loss
-    from lorakit.models import enable_activation_checkpointing
-    from lorakit.quant_load import load_quantized
+    from lorakit.io.models import enable_activation_checkpointing
+    from lorakit.lora.kernels import causal_lm_loss
+    from lorakit.quant.load import load_quantized
 
     torch.set_num_threads(2)
     model, _, _ = load_quantized("smollm2-135m", "nf4")

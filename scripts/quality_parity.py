@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from lorakit.demo import MODEL_DROPOUT, SENTIMENT_GROUP_WINDOW, SENTIMENT_HEAD_LR_RATIO
+from lorakit.io.models import load_model, quiet_third_party_notices, set_model_dropout
 from lorakit.metrics.glue import glue_metrics
-from lorakit.models import load_model, quiet_third_party_notices, set_model_dropout
 from lorakit.tasks import TaskSpec, load_task
 from lorakit.training.config import TrainConfig, resolve_task_defaults
 from lorakit.training.evaluate import collate, encode, loss_sum, score

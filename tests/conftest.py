@@ -27,14 +27,14 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
-    from lorakit.models import model_path
+    from lorakit.io.models import model_path
 
     return model_path("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
-    from lorakit.models import model_path
+    from lorakit.io.models import model_path
 
     return model_path("minilm-l6")
 
@@ -42,7 +42,7 @@ def minilm_path() -> str:
 @pytest.fixture
 def smollm2(smollm2_path):
     """(model, tokenizer): a fresh SmolLM2-135M in fp32, eval mode."""
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
 
     model, tok = load_model("smollm2-135m")
     return model.eval(), tok
@@ -51,7 +51,7 @@ def smollm2(smollm2_path):
 @pytest.fixture
 def minilm_cls(minilm_path):
     """(model, tokenizer): a fresh MiniLM-L6 sequence classifier (2 labels, head seeded)."""
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
 
     torch.manual_seed(0)
     model, tok = load_model("minilm-l6", task="seq-cls", num_labels=2)

@@ -17,7 +17,7 @@ from lorakit import (
     set_adapter,
     unmerge,
 )
-from lorakit.adapters import lora_layers
+from lorakit.lora.adapters import lora_layers
 from tiny import ids, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 
 

@@ -1,4 +1,4 @@
-"""lorakit.arch is the one table of architecture facts: a family registered here reaches targeting,
+"""lorakit.lora.arch is the one table of architecture facts: a family registered here reaches targeting,
 injection, files, estimates and bottleneck adapters with no other change; the built-in tables match the
 real models they describe."""
 
@@ -11,12 +11,13 @@ import torch
 from tests.tiny import tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
-from lorakit import LoraConfig, arch, inject
+from lorakit import LoraConfig, inject
 from lorakit.analysis.estimate import ArchSpec, arch_from_config, lora_trainable_params, total_params
 from lorakit.errors import TargetError
-from lorakit.files import load_adapter, read_adapter, save_adapter
+from lorakit.io.files import load_adapter, read_adapter, save_adapter
+from lorakit.lora import arch
+from lorakit.lora.targets import resolve_targets
 from lorakit.methods.bottleneck import adapter_sites
-from lorakit.targets import resolve_targets
 
 
 class _Block(nn.Module):

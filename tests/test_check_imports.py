@@ -25,14 +25,15 @@ def test_reports_a_cycle_with_the_lines_of_its_imports(tmp_path):
     check = _script()
     src = _package(tmp_path, {
         "__init__.py": "",
-        "a.py": "from lorakit.b import x\n",
-        "b.py": "x = 1\n\ndef f():\n    from lorakit import a  # lazy, still a dependency\n",
-        "c.py": "import lorakit.a\n",
+        "lora/__init__.py": "",
+        "lora/a.py": "from lorakit.lora.b import x\n",
+        "lora/b.py": "x = 1\n\ndef f():\n    from lorakit.lora import a  # lazy, still a dependency\n",
+        "lora/c.py": "import lorakit.lora.a\n",
     })  # fmt: skip
-    assert check.cycles(check.edges(src)) == [["lorakit.a", "lorakit.b"]]
+    assert check.cycles(check.edges(src)) == [["lorakit.lora.a", "lorakit.lora.b"]]
     lines = check.report(src)
-    assert lines[0] == "cycle among 2 modules: lorakit.a, lorakit.b"
-    assert "    lorakit.b (line 4) imports lorakit.a" in lines
+    assert lines[0] == "cycle among 2 modules: lorakit.lora.a, lorakit.lora.b"
+    assert "    lorakit.lora.b (line 4) imports lorakit.lora.a" in lines
     assert check.main([str(src)]) == 1
 
 
@@ -40,20 +41,23 @@ def test_reports_upward_imports_and_ignores_type_checking_ones(tmp_path):
     check = _script()
     src = _package(tmp_path, {
         "__init__.py": "",
-        "layers.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from lorakit.training import t\n",
-        "files.py": "from .training.t import run\n",  # relative imports resolve too
+        "lora/__init__.py": "",
+        "lora/layers.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from lorakit.training import t\n",
+        "io/__init__.py": "",
+        "io/files.py": "from ..training.t import run\n",  # relative imports resolve too
         "training/__init__.py": "",
-        "training/t.py": "from lorakit.layers import *\n\ndef run():\n    pass\n",
+        "training/t.py": "from lorakit.lora.layers import *\n\ndef run():\n    pass\n",
     })  # fmt: skip
     assert check.cycles(check.edges(src)) == []
     assert check.report(src) == [
-        "upward import: lorakit.files [core] (line 1) imports lorakit.training.t [training]"
+        "upward import: lorakit.io.files [io] (line 1) imports lorakit.training.t [training]"
     ]
 
 
 def test_a_clean_package_passes(tmp_path, capsys):
     check = _script()
-    files = {"__init__.py": "", "a.py": "import os\n", "methods/__init__.py": "from lorakit import a\n"}
+    files = {"__init__.py": "", "lora/__init__.py": "", "lora/a.py": "import os\n",
+             "methods/__init__.py": "from lorakit.lora import a\n"}
     src = _package(tmp_path, files)
     assert check.main([str(src)]) == 0
     assert "clean" in capsys.readouterr().out
@@ -67,5 +71,5 @@ def test_lorakit_imports_downward_only_and_has_no_cycles():
     assert check.cycles(edges) == []
     assert check.upward(edges) == []
     # The layers and kinds leaves import nothing of lorakit but errors (and arch, for layout facts).
-    leaf = {e.target for e in edges if e.source in ("lorakit.kinds", "lorakit.arch")}
+    leaf = {e.target for e in edges if e.source in ("lorakit.lora.kinds", "lorakit.lora.arch")}
     assert leaf <= {"lorakit.errors"}

@@ -115,7 +115,7 @@ def test_third_party_notices_are_hidden_and_other_warnings_kept():
     import logging
     import warnings
 
-    from lorakit.models import quiet_third_party_notices
+    from lorakit.io.models import quiet_third_party_notices
 
     bnb = logging.getLogger("bitsandbytes")
     previous = bnb.level

@@ -1,4 +1,4 @@
-"""Adapter arithmetic (lorakit.combine): equal to PEFT's add_weighted_adapter, closed forms, clear errors."""
+"""Adapter arithmetic (lorakit.arith.combine): equal to PEFT's add_weighted_adapter, closed forms, clear errors."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, combine_adapters, inject, load_adapter, read_adapter, save_adapter
+from lorakit.arith.combine import MODES
 from lorakit.cli import main as cli_main
-from lorakit.combine import MODES
 from lorakit.errors import AdapterFileError, ConfigError
 from tiny import ids, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 
@@ -266,7 +266,7 @@ def test_cli_combines_and_reports_errors(same_rank, mixed_rank, tmp_path, capsys
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_every_mode_equals_peft_on_smollm2(mode, smollm2, tmp_path, monkeypatch):
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
 
     model, tok = smollm2
     configs = {"a": LoraConfig(r=8, alpha=16), "b": LoraConfig(r=8 if mode in LOW_RANK else 4, alpha=32)}

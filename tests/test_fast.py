@@ -1,4 +1,4 @@
-"""Every fast path in lorakit.fast against the plain formula: forward values and gradients."""
+"""Every fast path in lorakit.lora.kernels against the plain formula: forward values and gradients."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit import LoraConfig, inject, route_rows
-from lorakit.fast import causal_lm_loss, linear_cross_entropy, lora_linear, routed_delta
-from lorakit.layers import AdapterSpec, LoraLayer
+from lorakit.lora.kernels import causal_lm_loss, linear_cross_entropy, lora_linear, routed_delta
+from lorakit.lora.layers import AdapterSpec, LoraLayer
 from tiny import ids, randomize_lora, tiny_gpt2, tiny_llama
 
 

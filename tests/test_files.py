@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import lorakit.files as files
+import lorakit.io.files as files
 from lorakit import AdapterFileError, LoraConfig, inject, load_adapter, read_adapter, save_adapter, set_adapter
-from lorakit.adapters import configs, lora_layers
+from lorakit.lora.adapters import configs, lora_layers
 from tiny import ids, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 
 

@@ -11,9 +11,9 @@ import torch
 
 import lorakit
 from lorakit import ConfigError, LoraConfig, inject, merge_and_unload, save_adapter
-from lorakit.generate_command import generate_main
+from lorakit.cli.generate import generate_main
 from lorakit.generation import encode_prompt
-from lorakit.models import load_model
+from lorakit.io.models import load_model
 from test_training import one_thread, tiny_llama  # noqa: F401
 from tiny import randomize_lora
 

@@ -1,4 +1,4 @@
-"""Hot-swap (lorakit.hotswap): adapters of other ranks and alphas swap into a compiled model without a
+"""Hot-swap (lorakit.arith.hotswap): adapters of other ranks and alphas swap into a compiled model without a
 recompilation (torch._dynamo counters), with outputs equal to loading each adapter afresh.
 
 Fast tests compile a two-layer MLP; the slow one compiles a whole (tiny) Llama, whose tracing is slow."""
@@ -11,8 +11,8 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from lorakit import LoraConfig, inject, load_adapter, read_adapter, save_adapter
+from lorakit.arith.hotswap import hotswap_adapter, prepare_for_hotswap
 from lorakit.errors import AdapterFileError, ConfigError
-from lorakit.hotswap import hotswap_adapter, prepare_for_hotswap
 from tiny import ids, randomize_lora, tiny_llama
 
 

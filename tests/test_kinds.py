@@ -1,4 +1,4 @@
-"""lorakit.kinds: each layer kind carries its shapes, merge and fast-path choice; a new base type plugs in as
+"""lorakit.lora.kinds: each layer kind carries its shapes, merge and fast-path choice; a new base type plugs in as
 one more kind (the extension point a quantized base uses), and adapter hosts declare their parameters."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit import LoraConfig, inject, merge, unmerge
-from lorakit.adapters import parameter_report
 from lorakit.errors import TargetError
-from lorakit.kinds import CONV1D, EMBEDDING, LINEAR, LayerKind, adapter_param_names, kind_of, kinds, register_kind
-from lorakit.layers import AdapterSpec, LoraLayer
+from lorakit.lora.adapters import parameter_report
+from lorakit.lora.kinds import CONV1D, EMBEDDING, LINEAR, LayerKind, adapter_param_names, kind_of, kinds, register_kind
+from lorakit.lora.layers import AdapterSpec, LoraLayer
 
 
 class RoundedLinear(nn.Module):
@@ -53,7 +53,7 @@ def rounded_kind():
     before = kinds()
     register_kind(RoundedKind())
     yield
-    import lorakit.kinds as module
+    import lorakit.lora.kinds as module
 
     module._KINDS[:] = before
 

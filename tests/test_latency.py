@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from lorakit.adapters import lora_layers
 from lorakit.errors import ConfigError
 from lorakit.experiments import latency
 from lorakit.experiments.latency import build_variant, format_table, latency_main, run_latency
+from lorakit.lora.adapters import lora_layers
 
 SETTINGS = {"r": 4, "targets": "q,v", "bottleneck": 4, "prefix": 3}
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lorakit import LoraConfig, inject, merge, parameter_report, unmerge
-from lorakit.layers import AdapterSpec, LoraLayer
+from lorakit.lora.layers import AdapterSpec, LoraLayer
 from tiny import ids, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 
 

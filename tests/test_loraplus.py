@@ -32,7 +32,7 @@ def _lr_by_name(model, optimizer) -> dict[str, float]:
 
 
 def test_b_matrices_get_ratio_times_the_lr_and_nothing_else_moves(tiny_bert):  # noqa: F811
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
 
     model, _ = load_model(tiny_bert, "seq-cls", num_labels=2)
     cfg = base_cfg(task="rte", data="d", lr=1e-3, head_lr_ratio=10.0, loraplus_ratio=16.0)
@@ -65,7 +65,7 @@ def test_same_parameters_get_the_b_lr_as_in_peft(tiny_llama):  # noqa: F811
     import peft
     from peft.optimizers import create_loraplus_optimizer
 
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
 
     cfg = base_cfg(task="e2e", data="d", lr=1e-3, head_lr_ratio=1.0, loraplus_ratio=16.0, targets=["q", "v"])
     mine, _ = load_model(tiny_llama, "causal-lm")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, inject, load_adapter, save_adapter
-from lorakit.models import load_model
+from lorakit.io.models import load_model
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install -e '.[test]'")
 

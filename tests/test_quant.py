@@ -20,8 +20,8 @@ from lorakit import (
     set_adapter,
     unmerge,
 )
-from lorakit.adapters import lora_layers
-from lorakit.quant import QUANTIZED_LINEAR, QuantizedLinear, get_scheme, quantize_base, quantized_layers
+from lorakit.lora.adapters import lora_layers
+from lorakit.quant.linear import QUANTIZED_LINEAR, QuantizedLinear, get_scheme, quantize_base, quantized_layers
 from tiny import ids, randomize_lora, tiny_bert, tiny_llama
 
 SCHEMES = ["nf4", "int8"]

@@ -1,4 +1,4 @@
-"""Loading a base quantized layer by layer (lorakit.quant_load): equal to load-then-quantize, strict files."""
+"""Loading a base quantized layer by layer (lorakit.quant.load): equal to load-then-quantize, strict files."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorakit import LorakitError
-from lorakit.models import load_model
-from lorakit.quant import QuantizedLinear, quantize_base
-from lorakit.quant_load import copy_from_file, load_quantized, weight_files
+from lorakit.io.models import load_model
+from lorakit.quant.linear import QuantizedLinear, quantize_base
+from lorakit.quant.load import copy_from_file, load_quantized, weight_files
 from lorakit.training.config import TrainConfig, resolve_task_defaults
 from test_training import make_tiny_llama
 
@@ -71,9 +71,9 @@ def test_streamed_load_refuses_what_it_cannot_do(tmp_path):
 
 
 def test_chunked_copy_is_exact_for_big_and_scalar_tensors(tmp_path, monkeypatch):
-    import lorakit.quant_load
+    import lorakit.quant.load
 
-    monkeypatch.setattr(lorakit.quant_load, "CHUNK_BYTES", 3 * 16 * 4)  # three rows of 16 floats per slice
+    monkeypatch.setattr(lorakit.quant.load, "CHUNK_BYTES", 3 * 16 * 4)  # three rows of 16 floats per slice
     big, scalar = torch.randn(10, 16), torch.tensor(2.5)
     save_file({"big": big, "scalar": scalar}, tmp_path / "w.safetensors")
     out_big, out_scalar = torch.zeros(10, 16), torch.zeros(())
@@ -110,7 +110,7 @@ def test_heap_setting_is_taken_on_glibc():
     import ctypes.util
     import platform
 
-    from lorakit.heap import return_freed_memory_promptly, trim_heap
+    from lorakit.quant.heap import return_freed_memory_promptly, trim_heap
 
     trim_heap()  # never raises, glibc or not
     on_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and ctypes.util.find_library("c")

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, inject, merge, merge_and_unload, unmerge
-from lorakit.adapters import lora_layers
 from lorakit.errors import LorakitError
-from lorakit.models import BUILTINS, load_model, model_path
+from lorakit.io.models import BUILTINS, load_model, model_path
+from lorakit.lora.adapters import lora_layers
 
 
 def _randomize(model, seed=0, std=0.02):

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from lorakit import AdapterFileError, ConfigError, LoraConfig, TargetError, inject, read_adapter, save_adapter
 from lorakit.cli import main
-from lorakit.targets import resolve_targets
+from lorakit.lora.targets import resolve_targets
 from tiny import randomize_lora, tiny_bert, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def _saved(path: Path, model=None, **cfg) -> Path:
 
 def _edit(path: Path, tensors=None, config=None) -> None:
     """Rewrite an adapter as an attacker would: edit tensors and/or config, keep the checksum valid."""
-    from lorakit.files import _sha256
+    from lorakit.io.files import _sha256
 
     weights, config_path = path / "adapter_model.safetensors", path / "adapter_config.json"
     raw = json.loads(config_path.read_text())
@@ -62,7 +62,7 @@ def _smollm2_module_names() -> list[str]:
     """Every module name of SmolLM2-135M, from its config on the meta device (no weights loaded)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lorakit.models import model_path
+    from lorakit.io.models import model_path
 
     config = AutoConfig.from_pretrained(model_path("smollm2-135m"))
     with torch.device("meta"):
@@ -77,7 +77,7 @@ def test_evil_patterns_over_every_smollm2_module_name_take_well_under_2s(watchdo
     config = LoraConfig(rank_pattern={EVIL: 4}, alpha_pattern={EVIL: 2.0})
     start = time.perf_counter()
     ranks = [config.rank_for(n) for n in names] + [config.alpha_for(n) for n in names]
-    from lorakit.targets import _matches_plain
+    from lorakit.lora.targets import _matches_plain
 
     hits = [n for n in names if _matches_plain(EVIL, n)]
     elapsed = time.perf_counter() - start

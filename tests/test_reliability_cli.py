@@ -16,7 +16,7 @@ import torch
 
 from lorakit import LoraConfig, inject, save_adapter
 from lorakit.cli import main
-from lorakit.fsutil import KILL_ENV
+from lorakit.io.fsutil import KILL_ENV
 from test_training import base_cfg, make_tiny_bert, one_thread, write_sentiment_csv  # noqa: F401
 from tiny import randomize_lora
 
@@ -27,7 +27,7 @@ INPUT = {"input_ids": torch.tensor([[101, 2023, 2003, 1037, 2307, 102]])}
 @pytest.fixture(scope="module")
 def base_and_adapter(tmp_path_factory):
     """A tiny BERT base folder and a LoRA adapter for it (with a trained classifier head)."""
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
 
     root = tmp_path_factory.mktemp("merge")
     base = make_tiny_bert(root / "base")
@@ -139,7 +139,7 @@ def test_no_bad_input_prints_a_traceback(base_and_adapter, tmp_path, capsys, one
 
 
 def test_a_full_disk_during_the_final_save_is_one_line_and_keeps_nothing_half_written(tmp_path, capsys, monkeypatch, one_thread):  # noqa: F811, E501
-    import lorakit.files as files
+    import lorakit.io.files as files
 
     model = make_tiny_bert(tmp_path / "base")
     data = write_sentiment_csv(tmp_path / "data", 8, 4)

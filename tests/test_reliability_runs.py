@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from lorakit import ConfigError, LoraConfig, inject, load_adapter, read_adapter, save_adapter
 from lorakit.cli import main
 from lorakit.errors import TrainingDivergedError
-from lorakit.fsutil import KILL_ENV
+from lorakit.io.fsutil import KILL_ENV
 from lorakit.training import checkpoint as ckpt
 from lorakit.training import loop as trainer
 from lorakit.training.metrics_log import MetricsLog

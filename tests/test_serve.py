@@ -17,7 +17,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 import lorakit  # noqa: E402
-from lorakit.adapters import configs  # noqa: E402
+from lorakit.lora.adapters import configs  # noqa: E402
 from lorakit.serve import adapters_admin  # noqa: E402
 from lorakit.serve.app import ServeSettings, create_app  # noqa: E402
 from lorakit.serve.engine import Engine  # noqa: E402

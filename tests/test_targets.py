@@ -2,7 +2,7 @@ import pytest
 from torch import nn
 
 from lorakit import LoraConfig, TargetError, inject
-from lorakit.targets import resolve_targets
+from lorakit.lora.targets import resolve_targets
 from tiny import tiny_bert, tiny_gpt2, tiny_llama
 
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorakit.cli import main
-from lorakit.training.cli import eval_main, train_main
+from lorakit.cli.train import eval_main, train_main
 from test_training import one_thread  # noqa: F401
 
 
@@ -73,7 +73,7 @@ def test_eval_json_reproduces_the_training_score(rte_run, shared_data, capfd, on
 
 def test_eval_of_a_merged_model_folder_matches_the_adapter(rte_run, shared_data, tmp_path, capfd, one_thread):  # noqa: F811
     from lorakit import merge_and_unload
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
     from lorakit.training.outputs import load_trained
 
     model, tok = load_model("minilm-l6", "seq-cls", num_labels=2)

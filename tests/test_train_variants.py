@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 from tests.tiny import tiny_llama as tiny_llama_model
 
-from lorakit.adapters import lora_layers
+from lorakit.cli.train import eval_main, parse_train_args, train_main
 from lorakit.errors import ConfigError, TargetError
-from lorakit.models import load_model
+from lorakit.io.models import load_model
+from lorakit.lora.adapters import lora_layers
 from lorakit.training import checkpoint as ckpt
-from lorakit.training.cli import eval_main, parse_train_args, train_main
 from lorakit.training.outputs import load_trained
 from lorakit.training.prepare import prepare_model
 from lorakit.training.trainer import train
@@ -275,7 +275,7 @@ def test_use_dora_trains_through_the_cli_and_loads_in_peft(tmp_path, capfd, monk
 
 
 def test_quantize_nf4_trains_through_the_cli_and_saves_a_plain_adapter(tmp_path, capfd, monkeypatch, one_thread):  # noqa: F811
-    from lorakit.quant import QuantizedLinear
+    from lorakit.quant.linear import QuantizedLinear
 
     model, out = _train_tiny_chat_lm(tmp_path, monkeypatch, "qlora", ["--quantize", "nf4"])
     assert "quantized" in capfd.readouterr().out

@@ -34,7 +34,7 @@ def make_tiny_bert(path: Path, dropout: float = 0.0) -> Path:
     """A 2-layer, 32-wide random BERT with the real MiniLM tokenizer, saved like MiniLM: no task head."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from lorakit.models import model_path
+    from lorakit.io.models import model_path
 
     if (path / "config.json").is_file():
         return path
@@ -54,7 +54,7 @@ def make_tiny_llama(path: Path) -> Path:
     """A 2-layer random Llama with the real SmolLM2 tokenizer (for the E2E / causal-LM path)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from lorakit.models import model_path
+    from lorakit.io.models import model_path
 
     if (path / "config.json").is_file():
         return path
@@ -198,7 +198,7 @@ def _trainable(model) -> set[str]:
 
 
 def test_lora_method_trains_adapters_and_the_classifier_head(tiny_bert):
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
 
     model, _ = load_model(tiny_bert, "seq-cls", num_labels=2)
     prepare_model(model, base_cfg(task="rte", data="d", targets=["q", "v"]))
@@ -212,7 +212,7 @@ def test_lora_method_trains_adapters_and_the_classifier_head(tiny_bert):
 
 
 def test_task_heads_get_head_lr_ratio_times_the_lr(tiny_bert):
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
 
     model, _ = load_model(tiny_bert, "seq-cls", num_labels=2)
     cfg = base_cfg(task="rte", data="d", lr=1e-3, head_lr_ratio=10.0)
@@ -230,7 +230,7 @@ def test_task_heads_get_head_lr_ratio_times_the_lr(tiny_bert):
 
 
 def test_head_and_full_methods(tiny_bert):
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
 
     model, _ = load_model(tiny_bert, "seq-cls", num_labels=2)
     prepare_model(model, base_cfg(task="rte", data="d", method="head"))
@@ -246,8 +246,8 @@ def test_a_registered_method_is_reachable_from_the_trainer_apply_method_and_ever
     """How methods plug in: one function that sets requires_grad, registered once; the trainer, the Python
     API, compare and the loaders all find it in the one registry, and saving and loading come for free."""
     from lorakit.experiments.compare import known_methods
+    from lorakit.io.models import load_model
     from lorakit.methods import apply_method, load_method
-    from lorakit.models import load_model
 
     def bias_only(model):  # BitFit-like: biases and the new classifier head
         for name, p in model.named_parameters():
@@ -320,7 +320,7 @@ def _write_legacy_state(model, path: Path, cfg: TrainConfig) -> None:
 
 @pytest.mark.parametrize("method", ["bitfit", "head"])
 def test_old_trainable_state_folders_still_load(tiny_bert, tmp_path, method):
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
 
     cfg = base_cfg(task="rte", data="d", method=method, model=str(tiny_bert))
     model, _ = load_model(tiny_bert, "seq-cls", num_labels=2)
@@ -346,7 +346,7 @@ def test_old_trainable_state_folders_still_load(tiny_bert, tmp_path, method):
 
 
 def test_checkpoint_round_trip_restores_optimizer_scheduler_and_rng(tiny_bert, tmp_path):
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
 
     cfg = base_cfg(task="rte", data="d", dropout=0.1, lr=1e-3, head_lr_ratio=10.0)
 
@@ -405,12 +405,12 @@ def test_incomplete_checkpoints_are_ignored_and_pruned(tmp_path):
 
 @pytest.fixture
 def no_model_loading(monkeypatch):
-    import lorakit.models
+    import lorakit.io.models
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded although the input is invalid")
 
-    monkeypatch.setattr(lorakit.models, "load_model", refuse)
+    monkeypatch.setattr(lorakit.io.models, "load_model", refuse)
 
 
 def test_bad_inputs_fail_before_training(tmp_path, no_model_loading):
@@ -533,7 +533,7 @@ def test_stsb_targets_are_scaled_to_unit_range_and_predictions_back(tiny_bert, t
     Training sees scores in [0, 1]; predictions come back in 0-5."""
     from transformers import AutoTokenizer
 
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
     from lorakit.training.evaluate import predict_classification
 
     data = load_task(base_cfg(task="stsb", data=str(_stsb_folder(tmp_path))))
@@ -634,7 +634,7 @@ def test_e2e_loss_covers_reference_tokens_only(tiny_llama):
 
 def test_left_padded_beam_search_matches_one_prompt_at_a_time(tiny_llama, one_thread):
     from lorakit.data import E2EItem
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
 
     model, tok = load_model(tiny_llama)
     items = [
@@ -680,7 +680,7 @@ def test_e2e_run_scores_one_hypothesis_per_mr_against_all_references(
 
 @pytest.mark.slow
 def test_e2e_run_and_eval_cli_json_with_real_metrics(tiny_llama, tmp_path, one_thread, capfd, shared_data):
-    from lorakit.training.cli import eval_main
+    from lorakit.cli.train import eval_main
 
     out = tmp_path / "out"
     cfg = base_cfg(
@@ -752,7 +752,7 @@ def test_gradient_checkpointing_gives_the_same_adapter_and_bf16_stays_close(
 
 
 def test_baselines_train_save_and_load_through_the_trainer(tiny_bert, tmp_path):
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
 
     cfg = base_cfg(task="rte", data="d", method="bitfit")
     model, _ = load_model(tiny_bert, "seq-cls", num_labels=2)
@@ -899,7 +899,7 @@ def test_model_dropout_zero_makes_training_forwards_deterministic(family):
     """Every dropout of the base goes: BERT's and GPT-2's nn.Dropout modules (which their SDPA attention
     reads) and the float rate Llama's attention reads at each forward."""
     import tiny
-    from lorakit.models import set_model_dropout
+    from lorakit.io.models import set_model_dropout
 
     model = getattr(tiny, f"tiny_{family}")()
     if family == "llama":
@@ -928,7 +928,7 @@ def test_model_dropout_leaves_the_adapters_own_dropout_and_default_leaves_the_mo
     assert dropout_rates(base_cfg(task="rte", data="d", dropout=0.3, model_dropout=0.0)) == ({0.3}, {0.0})
     assert dropout_rates(base_cfg(task="rte", data="d", dropout=0.3)) == ({0.3}, {0.1})  # BertConfig's own
     with pytest.raises(LorakitError, match=r"model dropout must be in \[0, 1\)"):
-        from lorakit.models import set_model_dropout
+        from lorakit.io.models import set_model_dropout
 
         set_model_dropout(tiny_bert(), 1.5)
 

@@ -49,7 +49,7 @@ def test_generation_tasks_count_reference_pairs(tmp_path):
 
 def test_validation_shows_a_progress_bar(tiny_llama, tmp_path, capsys):  # noqa: F811
     from lorakit.data import E2EItem
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
     from lorakit.tasks import TaskSpec
 
     model, tok = load_model(tiny_llama)

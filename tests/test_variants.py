@@ -11,11 +11,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit import LoraConfig, inject, merge, unmerge
-from lorakit.adapters import delete_adapter, disabled, route_rows, set_adapter
 from lorakit.errors import AdapterFileError, ConfigError, MergeError, TargetError
-from lorakit.files import load_adapter, read_adapter, save_adapter
-from lorakit.layers import AdapterSpec, LoraLayer
-from lorakit.targets import resolve_targets
+from lorakit.io.files import load_adapter, read_adapter, save_adapter
+from lorakit.lora.adapters import delete_adapter, disabled, route_rows, set_adapter
+from lorakit.lora.layers import AdapterSpec, LoraLayer
+from lorakit.lora.targets import resolve_targets
 
 peft = pytest.importorskip("peft")
 

@@ -1,8 +1,10 @@
 """lorakit: Low-Rank Adaptation for Hugging Face transformers. The public API, re-exported."""
 
-__version__ = "0.1.0"
-
-from lorakit.adapters import (
+from lorakit.arith.combine import combine_adapters
+from lorakit.errors import AdapterFileError, ConfigError, LorakitError, MergeError, TargetError
+from lorakit.generation import generate
+from lorakit.io.files import load_adapter, read_adapter, save_adapter
+from lorakit.lora.adapters import (
     active_adapter,
     delete_adapter,
     disabled,
@@ -14,11 +16,8 @@ from lorakit.adapters import (
     set_adapter,
     unmerge,
 )
-from lorakit.combine import combine_adapters
-from lorakit.config import LoraConfig
-from lorakit.errors import AdapterFileError, ConfigError, LorakitError, MergeError, TargetError
-from lorakit.files import load_adapter, read_adapter, save_adapter
-from lorakit.generation import generate
+from lorakit.lora.config import LoraConfig
+from lorakit.version import __version__
 
 __all__ = [
     "AdapterFileError",

@@ -30,7 +30,7 @@ import torch
 
 from lorakit import load_adapter, merge, merge_and_unload, route_rows, set_adapter, unmerge
 from lorakit.errors import LorakitError
-from lorakit.models import load_model, quiet_transformers
+from lorakit.io.models import load_model, quiet_transformers
 from lorakit.training.config import TrainConfig
 from lorakit.training.trainer import train
 

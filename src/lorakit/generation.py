@@ -1,11 +1,11 @@
 """Text generation with a base model and any number of adapters: the Python API behind `lorakit generate`
-(the command itself is ``lorakit.generate_command``, which sits above training and loads trained states).
+(the command itself is ``lorakit.cli.generate``, which sits above training and loads trained states).
 
 Prompts are generated in left-padded batches (every prompt ends at the same position, so ``generate``
 continues each one); with several adapters loaded, each prompt picks its own and a batch mixes them
 through ``lorakit.route_rows``, which equals running that prompt with its adapter merged.
 
->>> model, tok = lorakit.models.load_model("smollm2-135m")
+>>> model, tok = lorakit.io.models.load_model("smollm2-135m")
 >>> lorakit.load_adapter(model, "runs/sft", name="sft")
 >>> lorakit.generate(model, tok, ["What is LoRA?"], adapters=["sft"], chat=True)
 """
@@ -130,7 +130,7 @@ def generate_ids(
     """
     from tqdm.auto import tqdm
 
-    from lorakit.adapters import route_rows
+    from lorakit.lora.adapters import route_rows
 
     settings = settings or GenerationSettings()
     if adapters is not None and len(adapters) != len(prompts):
@@ -170,7 +170,7 @@ def generate(
     """Generate a continuation (or, with ``chat``, a reply) for each prompt.
 
     Args:
-        model / tokenizer: from ``lorakit.models.load_model`` (adapters loaded with ``load_adapter``).
+        model / tokenizer: from ``lorakit.io.models.load_model`` (adapters loaded with ``load_adapter``).
         prompts: texts, or message lists (rendered with the chat template).
         adapters: an adapter name for every prompt, one name for all, or None (the model as it is).
         chat / system: apply the chat template, with an optional system message.

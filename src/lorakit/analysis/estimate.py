@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorakit import arch as _arch
+from lorakit.lora import arch as _arch
 
 TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "ffn")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16-mixed")
@@ -63,7 +63,7 @@ class ArchSpec:
     def __post_init__(self) -> None:
         fam = _arch.family(self.family)  # raises ValueError naming the known families
         if fam.param_counts is None:
-            raise ValueError(f"family {self.family!r} has no estimate formulas (lorakit.arch)")
+            raise ValueError(f"family {self.family!r} has no estimate formulas (lorakit.lora.arch)")
         for attr in ("hidden", "layers", "heads", "intermediate", "vocab"):
             if getattr(self, attr) <= 0:
                 raise ValueError(f"{attr} must be positive, got {getattr(self, attr)}")
@@ -172,7 +172,7 @@ ALIASES: dict[str, str] = {
 
 
 def arch_from_config(config: Mapping[str, Any], name: str = "config") -> ArchSpec:
-    """ArchSpec from a transformers ``config.json`` dictionary; each family reads its own (``lorakit.arch``).
+    """ArchSpec from a transformers ``config.json`` dictionary; each family reads its own (``lorakit.lora.arch``).
 
     Args:
         config: the parsed ``config.json``.
@@ -210,7 +210,7 @@ def load_arch(model: ArchSpec | str | Path) -> ArchSpec:
 
 def total_params(arch_spec: ArchSpec) -> int:
     """Parameter count of the model: backbone plus (untied) LM head for causal LMs; encoders with
-    their pooler (BERT/RoBERTa, as ``BertModel``); task heads excluded. Per-family terms: ``lorakit.arch``.
+    their pooler (BERT/RoBERTa, as ``BertModel``); task heads excluded. Per-family terms: ``lorakit.lora.arch``.
 
     Args:
         arch_spec: the architecture.

@@ -10,7 +10,7 @@ The math follows Hu et al. 2021, Section 7 and Appendix G/H:
 * Table 7: ‖UᵀWV‖_F with U, V the top-r singular vectors of ΔW, of W itself, or random; the
   amplification factor is ‖ΔW‖_F / ‖UᵀWV‖_F (Appendix H.4).
 
-Only :func:`analyze_main` touches a real model (lazily, through ``lorakit.models.load_model``).
+Only :func:`analyze_main` touches a real model (lazily, through ``lorakit.io.models.load_model``).
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ class LoraFactors(NamedTuple):
 def read_lora_matrices(adapter_dir: str | Path) -> dict[str, LoraFactors]:
     """{module name: (A, B, scaling)} of a lorakit or PEFT adapter directory, in float64.
 
-    Parsing and validation are ``lorakit.files.read_adapter``'s (one reader of the format): module names
+    Parsing and validation are ``lorakit.io.files.read_adapter``'s (one reader of the format): module names
     drop the ``base_model.model.`` prefix, fused c_attn slices become ``<...>.c_attn.q``, and scaling
     honours ``use_rslora`` and ``rank_pattern``/``alpha_pattern`` as PEFT reads them.
     """
-    from lorakit.files import read_adapter
+    from lorakit.io.files import read_adapter
 
     matrices = read_adapter(adapter_dir).lora_matrices()
     return {name: LoraFactors(a.to(_DT), b.to(_DT), s) for name, (a, b, s) in sorted(matrices.items())}
@@ -171,8 +171,8 @@ def weight_from_model(model: torch.nn.Module, module_name: str) -> Tensor:
         model: the base model.
         module_name: a module name, or a fused module's name plus a slice (``...attn.c_attn.q``).
     """
-    from lorakit.arch import QKV_SLICES, family_of, fused_slices, slice_span
-    from lorakit.kinds import is_conv1d
+    from lorakit.lora.arch import QKV_SLICES, family_of, fused_slices, slice_span
+    from lorakit.lora.kinds import is_conv1d
 
     base, _, last = module_name.rpartition(".")
     slices = fused_slices(family_of(model), base) or QKV_SLICES
@@ -351,8 +351,8 @@ def format_analysis(result: Mapping[str, Any]) -> str:
 
 
 def _model_weights(name_or_path: str, task: str) -> Callable[[str], Tensor | None]:
-    """A weight source backed by ``lorakit.models.load_model`` (imported lazily: heavy, optional)."""
-    from lorakit.models import load_model
+    """A weight source backed by ``lorakit.io.models.load_model`` (imported lazily: heavy, optional)."""
+    from lorakit.io.models import load_model
 
     model, _ = load_model(name_or_path, task=task)
 
@@ -373,7 +373,7 @@ def analyze_main(argv: list[str]) -> int:
     )
     parser.add_argument("adapters", nargs="+", help="adapter directories (PEFT layout)")
     parser.add_argument("--model", help="base model (name or path) for the ΔW-vs-W comparison")
-    parser.add_argument("--task", default="causal-lm", help="task passed to lorakit.models.load_model")
+    parser.add_argument("--task", default="causal-lm", help="task passed to lorakit.io.models.load_model")
     parser.add_argument("--out", help="directory for analysis.json and PNG figures")
     parser.add_argument("--layers", help="layer indices to keep, e.g. 0,5,10-12")
     parser.add_argument("--draws", type=int, default=5, help="random draws for the baselines")

@@ -31,7 +31,7 @@ class Case:
     model: str = "smollm2-135m"  # a lorakit built-in, "gpt2-124m", or "gpt2-L{layers}-D{width}"
     method: str = "lorakit"  # full | peft | lorakit | base
     precision: str = "fp32"  # fp32 | bf16-autocast | bf16-base (bf16 frozen weights, fp32 LoRA)
-    loss: str = "model"  # model: model(labels=...).loss | labels: lorakit.fast.causal_lm_loss
+    loss: str = "model"  # model: model(labels=...).loss | labels: lorakit.lora.kernels.causal_lm_loss
     mode: str = "unmerged"  # infer: unmerged | merged
     batch: int = 4
     seq: int = 128
@@ -45,7 +45,7 @@ class Case:
     repeats: int = 5
     device: str = "cpu"
     threads: int = 0  # 0: torch's default
-    compile: bool = False  # lorakit side only: lorakit.fast.compile_for_training, compiled before measuring
+    compile: bool = False  # lorakit side only: lorakit.lora.kernels.compile_for_training, compiled before measuring
     data: str = "e2e"  # tokens: e2e (MR, reference) pairs, or sft (the same pairs as chats)
 
     def to_json(self) -> str:
@@ -89,7 +89,7 @@ def _pair(model: str, mine: tuple[str, str], theirs: tuple[str, str], label: str
 def default_cases(device: str = "cpu") -> list[Case]:
     """The default suite (`lorakit bench`): about 10 minutes on an idle 2-core CPU."""
     cases: list[Case] = []
-    # 1. Train steps, one process each (peak memory). "labels" rows use lorakit.fast.causal_lm_loss.
+    # 1. Train steps, one process each (peak memory). "labels" rows use lorakit.lora.kernels.causal_lm_loss.
     reps = {"warmup": 1, "repeats": 3}
     for precision in PRECISIONS:
         if precision == "fp32":

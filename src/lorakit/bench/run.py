@@ -316,7 +316,7 @@ def _train_section(results: list[dict[str, Any]], report: dict[str, Any]) -> lis
             "step mem = peak RSS during the measured steps minus RSS once the model was loaded and set up. "
             "CPU s = median CPU seconds of the process per step (with one thread: the work, without the "
             "time spent waiting for a core).",
-            "loss `labels` = `lorakit.fast.causal_lm_loss` (LM head + softmax only where labels are, "
+            "loss `labels` = `lorakit.lora.kernels.causal_lm_loss` (LM head + softmax only where labels are, "
             f"chunked; {train[0].get('labelled_fraction', 0):.0%} of positions are labelled, E2E-style "
             "packing); `model` = `model(**batch, labels=...).loss`.",
             "GPT-2: lorakit adapts the q and v thirds of `c_attn` with one rank-r pair each (as the paper); "

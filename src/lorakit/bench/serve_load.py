@@ -46,7 +46,7 @@ def write_adapters(folder: Path, count: int) -> dict[str, str]:
     import torch
 
     import lorakit
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
 
     model, _ = load_model(MODEL)
     out = {}
@@ -186,7 +186,7 @@ def peft_batched(adapters: dict[str, str], requests: list[tuple[str, str]], max_
     import torch
     from peft import PeftModel
 
-    from lorakit.models import load_model, quiet_third_party_notices
+    from lorakit.io.models import load_model, quiet_third_party_notices
 
     base, tok = load_model(MODEL)
     names = list(adapters)

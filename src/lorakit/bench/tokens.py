@@ -94,7 +94,7 @@ def _collate(rows: list[dict[str, Any]], idx: list[int], pad_id: int, device: st
 def _held_out_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
     """Mean per-target loss (teacher forcing, fp32) over the held-out batches."""
     from lorakit.bench.worker import _inner
-    from lorakit.fast import causal_lm_loss
+    from lorakit.lora.kernels import causal_lm_loss
 
     model.eval()
     total, count = 0.0, 0

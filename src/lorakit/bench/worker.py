@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.arch import Family, family, family_of
 from lorakit.bench.cases import Case
 from lorakit.bench.timing import CPU_TIMES, time_alternating, time_one
 from lorakit.data.collate import IGNORE_INDEX
-from lorakit.kinds import adapter_param_names
+from lorakit.lora.arch import Family, family, family_of
+from lorakit.lora.kinds import adapter_param_names
 
 
 # -- memory ----------------------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ def build_model(name: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Modul
         torch.manual_seed(0)
         cfg = GPT2Config(n_layer=layers, n_embd=width, n_head=max(1, width // 64))
         return GPT2LMHeadModel(cfg).to(dtype), None
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
 
     model, tokenizer = load_model(name, dtype=dtype)
     # safetensors weights may still be mmap-backed file pages that only become resident when first
@@ -239,7 +239,7 @@ def autocast_ctx(precision: str, device: str) -> contextlib.AbstractContextManag
 
 
 def _inner(model: nn.Module) -> nn.Module:
-    """The transformers model under a PeftModel wrapper (for lorakit.fast.causal_lm_loss)."""
+    """The transformers model under a PeftModel wrapper (for lorakit.lora.kernels.causal_lm_loss)."""
     get = getattr(model, "get_base_model", None)
     return get() if callable(get) else model
 
@@ -256,7 +256,7 @@ def make_train_step(
     """forward + backward + AdamW over the trainable parameters; returns the loss. Cycles through
     ``batches`` when given a list. ``compile``: compile the backbone as ``lorakit train --compile`` does
     and take one step here, so that the compilation is neither timed nor in the step memory."""
-    from lorakit.fast import causal_lm_loss, compile_for_training
+    from lorakit.lora.kernels import causal_lm_loss, compile_for_training
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
@@ -530,7 +530,7 @@ def run_switch(case: Case, measure: Measure) -> dict[str, Any]:
 
 def _copy_peft_init(peft_model: nn.Module, lorakit_model: nn.Module) -> None:
     """Give lorakit's adapters PEFT's initial A (B is zero in both), so both runs start identically."""
-    from lorakit.adapters import lora_layers
+    from lorakit.lora.adapters import lora_layers
 
     peft_modules = dict(peft_model.get_base_model().named_modules())
     with torch.no_grad():

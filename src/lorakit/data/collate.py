@@ -16,6 +16,7 @@ from typing import Any
 
 from lorakit.data.e2e import E2EItem, e2e_prompt, e2e_training_pairs
 from lorakit.data.text import DataError, Example
+from lorakit.lora.kernels import IGNORE_INDEX  # one definition, beside the loss that skips it
 
 __all__ = [
     "IGNORE_INDEX",
@@ -26,8 +27,6 @@ __all__ = [
     "encode_e2e_prompt",
     "encoded_rows",
 ]
-
-IGNORE_INDEX = -100  # label value torch's cross-entropy skips
 
 
 def _check_max_length(max_length: int) -> None:

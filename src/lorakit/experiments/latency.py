@@ -35,14 +35,14 @@ RANDOM_MODELS = {
 
 
 def load_base(name: str, device: str) -> nn.Module:
-    """A causal LM in eval mode: a random GPT-2 by name, else anything ``lorakit.models.load_model`` loads."""
+    """A causal LM in eval mode: a random GPT-2 by name, else anything ``lorakit.io.models.load_model`` loads."""
     if name in RANDOM_MODELS:
         from transformers import GPT2Config, GPT2LMHeadModel
 
         torch.manual_seed(0)
         model = GPT2LMHeadModel(GPT2Config(**RANDOM_MODELS[name]))
     else:
-        from lorakit.models import load_model
+        from lorakit.io.models import load_model
 
         model, _ = load_model(name, "causal-lm")
     return model.to(device).eval()

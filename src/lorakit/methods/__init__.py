@@ -17,8 +17,8 @@ from typing import Any
 
 from torch import nn
 
-from lorakit.files import CONFIG_NAME as ADAPTER_CONFIG
-from lorakit.files import WEIGHTS_NAME as ADAPTER_WEIGHTS
+from lorakit.io.files import CONFIG_NAME as ADAPTER_CONFIG
+from lorakit.io.files import WEIGHTS_NAME as ADAPTER_WEIGHTS
 from lorakit.methods.bitfit import apply_bitfit
 from lorakit.methods.bottleneck import apply_adapter
 from lorakit.methods.finetune import apply_fttop, apply_full, apply_head

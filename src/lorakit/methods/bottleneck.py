@@ -18,8 +18,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from lorakit.arch import families, family_of
 from lorakit.errors import ConfigError
+from lorakit.lora.arch import families, family_of
 from lorakit.methods.finetune import freeze_all, transformer_blocks, unfreeze, unfreeze_head
 
 ATTR = "lorakit_adapter"  # the child module each adapted projection carries

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from lorakit.arch import POOLER_NAME
-from lorakit.arch import TASK_HEAD_NAMES as HEAD_NAMES  # one list of task-head names, in lorakit.arch
 from lorakit.errors import ConfigError
+from lorakit.lora.arch import POOLER_NAME
+from lorakit.lora.arch import TASK_HEAD_NAMES as HEAD_NAMES  # one list of task-head names, in lorakit.lora.arch
 
 
 def num_layers(model: nn.Module) -> int:

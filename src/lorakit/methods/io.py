@@ -6,7 +6,7 @@ This is the one file format for trained state that is not a LoRA adapter: ``appl
 
 The JSON names the method and its options (enough to rebuild the structure on a fresh base model), the
 base model's fingerprint, every tensor's shape and the checksum of the weights file. Saves are atomic per
-file (``lorakit.files.write_weights_and_config``); loads check everything they can before touching the model.
+file (``lorakit.io.files.write_weights_and_config``); loads check everything they can before touching the model.
 No pickle anywhere. LoRA has its own PEFT-compatible files: use ``lorakit.save_adapter``.
 """
 
@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit import __version__
 from lorakit.errors import AdapterFileError, ConfigError
-from lorakit.files import _fingerprint, check_finite, read_pair, read_weights, write_weights_and_config
+from lorakit.io.files import _fingerprint, check_finite, read_pair, read_weights, write_weights_and_config
 from lorakit.methods.registry import METHODS, MethodResult, apply_method, method_of
+from lorakit.version import __version__
 
 CONFIG_NAME = "method_config.json"
 WEIGHTS_NAME = "method_model.safetensors"

@@ -7,10 +7,10 @@ from typing import Any
 
 from torch import nn
 
-from lorakit.adapters import inject
-from lorakit.config import DEFAULT_INIT, LoraConfig
 from lorakit.errors import ConfigError
-from lorakit.files import load_adapter, save_adapter
+from lorakit.io.files import load_adapter, save_adapter
+from lorakit.lora.adapters import inject
+from lorakit.lora.config import DEFAULT_INIT, LoraConfig
 from lorakit.methods.finetune import lora_head_names
 
 

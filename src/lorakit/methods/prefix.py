@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorakit.arch import family_of
 from lorakit.data.collate import IGNORE_INDEX
 from lorakit.errors import ConfigError
+from lorakit.lora.arch import family_of
 from lorakit.methods.finetune import freeze_all, hidden_size, num_layers, unfreeze, unfreeze_head
 
 IMPL = "lorakit_prefix"  # the attention implementation name prefix_layer registers

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.adapters import configs, route_rows
 from lorakit.errors import LorakitError
-from lorakit.files import load_adapter, read_adapter
+from lorakit.io.files import load_adapter, read_adapter
+from lorakit.lora.adapters import configs, route_rows
 from lorakit.serve.protocol import APIError
 
 

@@ -7,7 +7,7 @@ express: lorakit's per-slice fused adapters and per-module rank/alpha patterns.
 
 from __future__ import annotations
 
-from lorakit.files import AdapterFile
+from lorakit.io.files import AdapterFile
 
 VLLM_DEFAULT_MAX_LORA_RANK = 16
 

@@ -24,8 +24,8 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from lorakit.adapters import configs, delete_adapter, route_rows, set_adapter
 from lorakit.errors import LorakitError
+from lorakit.lora.adapters import configs, delete_adapter, route_rows, set_adapter
 from lorakit.serve.metrics import ServeMetrics
 from lorakit.serve.sequence import Sequence
 

@@ -19,13 +19,13 @@ def build(model_name: str, adapters: dict[str, str], *, task: str = "causal-lm",
     """(engine, base tokenizer) for a built-in name or folder with ``adapters`` ({name: dir}) loaded.
 
     Args:
-        model_name: ``lorakit.models`` name or local folder.
+        model_name: ``lorakit.io.models`` name or local folder.
         adapters: adapter ids and their directories.
         task: "causal-lm" or "seq-cls" (the head size comes from the first adapter's saved head).
         engine_kwargs: passed to ``Engine`` (max_batch, max_queue, batching).
     """
-    from lorakit.files import read_adapter
-    from lorakit.models import load_model
+    from lorakit.io.files import read_adapter
+    from lorakit.io.models import load_model
     from lorakit.serve import adapters_admin
     from lorakit.serve.engine import Engine
     from lorakit.serve.protocol import APIError

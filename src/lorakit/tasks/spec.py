@@ -19,7 +19,7 @@ class TaskSpec:
 
     name: str  # canonical: the task registry's name (a GLUE name, "text", "e2e" …)
     kind: str  # "classification", "regression" or "generation"
-    model_task: str  # lorakit.models.load_model task: "seq-cls" or "causal-lm"
+    model_task: str  # lorakit.io.models.load_model task: "seq-cls" or "causal-lm"
     num_labels: int | None = None
     label_names: list[str] = field(default_factory=list)
     # Regression: the score range, mapped to [0, 1] for training and back for predictions. An unscaled

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lorakit.errors import LorakitError, TrainingDivergedError
-from lorakit.fsutil import debug_kill_point, file_mode, replace_path
+from lorakit.io.fsutil import debug_kill_point, file_mode, replace_path
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"

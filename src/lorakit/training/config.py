@@ -22,9 +22,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from lorakit.config import DEFAULT_INIT
 from lorakit.errors import ConfigError
-from lorakit.fsutil import file_mode
+from lorakit.io.fsutil import file_mode
+from lorakit.lora.config import DEFAULT_INIT
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -275,7 +275,7 @@ class TrainConfig:
 
     def _check_lora_variants(self) -> None:
         """init / use_dora / exclude / layers: LoraConfig's own checks, run now rather than at injection."""
-        from lorakit.config import INIT_KINDS, LoraConfig
+        from lorakit.lora.config import INIT_KINDS, LoraConfig
 
         if self.init is not None and self.init not in INIT_KINDS:
             raise ConfigError(f"init must be one of {list(INIT_KINDS)}, got {self.init!r}")
@@ -284,7 +284,7 @@ class TrainConfig:
         variants["quantize"] = self.quantize
         given = [name for name, value in variants.items() if value]
         if self.quantize is not None:
-            from lorakit.quant import get_scheme
+            from lorakit.quant.linear import get_scheme
 
             get_scheme(self.quantize)  # a ConfigError naming nf4 / int8
         if self.method != "lora":
@@ -394,7 +394,7 @@ def check_finite_and_patterns(cfg: TrainConfig) -> None:
         ConfigError: naming the field and its value.
         TargetError: naming a target that is not a valid regular expression.
     """
-    from lorakit.targets import check_target_pattern
+    from lorakit.lora.targets import check_target_pattern
 
     for f in fields(cfg):
         value = getattr(cfg, f.name)

@@ -107,7 +107,7 @@ def loss_sum(
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     labels = batch["labels"]
     if spec.kind == "generation":
-        from lorakit.fast import causal_lm_loss
+        from lorakit.lora.kernels import causal_lm_loss
         from lorakit.methods.prefix import INFIX_KWARG, needs_labels
 
         if needs_labels(model):

@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
-from lorakit.adapters import lora_layers, saved_module_parameters
 from lorakit.errors import ConfigError
+from lorakit.lora.adapters import lora_layers, saved_module_parameters
 from lorakit.training.checkpoint import trainable_parameters
 from lorakit.training.config import TrainConfig
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterFileError
-from lorakit.files import CONFIG_NAME, WEIGHTS_NAME, check_finite, read_pair, read_weights
+from lorakit.io.files import CONFIG_NAME, WEIGHTS_NAME, check_finite, read_pair, read_weights
 from lorakit.methods import get_method
 from lorakit.methods import io as method_io
 from lorakit.training.config import TrainConfig

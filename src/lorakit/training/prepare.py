@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from lorakit.adapters import parameter_report
 from lorakit.data import DataError
 from lorakit.errors import ConfigError
-from lorakit.fast import compile_for_training
+from lorakit.lora.adapters import parameter_report
+from lorakit.lora.kernels import compile_for_training
 from lorakit.methods import get_method
 from lorakit.tasks import TaskData, TaskSpec, load_task
 from lorakit.training import checkpoint as ckpt
@@ -187,14 +187,14 @@ def claim_output_dir(out: Path, cfg: TrainConfig, info: dist_util.DistInfo, resu
 
 def build_model(cfg: TrainConfig, spec: TaskSpec, model_kwargs: dict[str, Any]) -> tuple[nn.Module, Any]:
     """Load the base model and apply ``cfg.method`` (the registry's ``prepare_for_training``)."""
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
 
-    if cfg.return_freed_memory:  # on with --quantize: memory is the point (lorakit.heap)
-        from lorakit.heap import return_freed_memory_promptly
+    if cfg.return_freed_memory:  # on with --quantize: memory is the point (lorakit.quant.heap)
+        from lorakit.quant.heap import return_freed_memory_promptly
 
         return_freed_memory_promptly()
     if cfg.quantize and spec.model_task == "causal-lm":  # quantized while loading: no fp32 base in memory
-        from lorakit.quant_load import load_quantized
+        from lorakit.quant.load import load_quantized
 
         model, tokenizer, report = load_quantized(cfg.model, cfg.quantize, spec.model_task, **model_kwargs)
         print(f"lorakit: {report.summary()} (layer by layer while loading)", flush=True)
@@ -213,11 +213,11 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
         cfg: the run's settings (``method`` and the method's fields or ``method_options``).
     """
     if cfg.model_dropout is not None:  # before the method: an adapter's own dropout keeps its setting
-        from lorakit.models import set_model_dropout
+        from lorakit.io.models import set_model_dropout
 
         set_model_dropout(model, cfg.model_dropout)
     if cfg.quantize:  # before the method, so LoRA wraps the quantized layers (resume and FSDP pass here too)
-        from lorakit.quant import quantize_base, quantized_layers
+        from lorakit.quant.linear import quantize_base, quantized_layers
 
         if not quantized_layers(model):  # build_model may have quantized it while loading
             print(f"lorakit: {quantize_base(model, cfg.quantize).summary()}", flush=True)
@@ -236,7 +236,7 @@ def _model_kwargs(spec: TaskSpec) -> dict[str, Any]:
 def place_model(model: nn.Module, cfg: TrainConfig, info: dist_util.DistInfo) -> nn.Module:
     """Training settings on the model, onto the device, compiled and wrapped (DDP/FSDP) as asked."""
     if cfg.gradient_checkpointing:
-        from lorakit.models import enable_activation_checkpointing
+        from lorakit.io.models import enable_activation_checkpointing
 
         enable_activation_checkpointing(model)
     if getattr(model.config, "use_cache", None):

@@ -20,7 +20,7 @@ def evaluate_model(cfg: TrainConfig, adapter: str | None) -> tuple[dict[str, flo
     """
     import torch
 
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
     from lorakit.training.distributed import pick_device
 
     data = load_task(cfg, roles=("eval",))  # data errors before the model is loaded

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.adapters import active_adapter, configs, lora_layers
 from lorakit.errors import AdapterFileError, ConfigError
-from lorakit.files import AdapterFile, read_adapter
-from lorakit.layers import LoraLayer
+from lorakit.io.files import AdapterFile, read_adapter
+from lorakit.lora.adapters import active_adapter, configs, lora_layers
+from lorakit.lora.layers import LoraLayer
 
 
 def _adapted(model: nn.Module, name: str | None) -> tuple[str, list[tuple[str, LoraLayer]]]:

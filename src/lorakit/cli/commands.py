@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lorakit.errors import ConfigError
-from lorakit.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter
-from lorakit.fsutil import debug_kill_point, file_mode, remove, replace_path, stale_temps
+from lorakit.io.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter
+from lorakit.io.fsutil import debug_kill_point, file_mode, remove, replace_path, stale_temps
 
 
 def merge_main(argv: list[str]) -> int:
@@ -23,9 +23,9 @@ def merge_main(argv: list[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (atomically)")
     args = parser.parse_args(argv)
 
-    from lorakit.adapters import merge_and_unload
-    from lorakit.files import load_adapter
-    from lorakit.models import load_model
+    from lorakit.io.files import load_adapter
+    from lorakit.io.models import load_model
+    from lorakit.lora.adapters import merge_and_unload
 
     check_new_output(args.out, args.overwrite)  # before minutes of loading and merging
     for name, source in (("adapter", args.adapter), ("model", Path(args.model))):

@@ -5,7 +5,7 @@
 * PiSSA (Meng et al. 2024): A, B from the top-r singular triplets of W0; OLoRA (Büyükakyüz 2024): from a
   QR decomposition of W0. Both replace W0 by the residual ``W0 − s·B0·A0``, so the model starts unchanged.
 
-Everything works on ΔW and W in (out, in) layout, in fp32; the layer kind (``lorakit.kinds``) maps layouts.
+Everything works on ΔW and W in (out, in) layout, in fp32; the layer kind (``lorakit.lora.kinds``) maps layouts.
 """
 
 from __future__ import annotations

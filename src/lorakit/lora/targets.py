@@ -11,7 +11,8 @@ import re
 
 from torch import nn
 
-from lorakit.arch import (
+from lorakit.errors import TargetError
+from lorakit.lora.arch import (
     QKV_SLICES,
     TARGET_ALIASES,
     TASK_HEAD_NAMES,
@@ -20,9 +21,8 @@ from lorakit.arch import (
     known_model_types,
     model_type_of,
 )
-from lorakit.errors import TargetError
-from lorakit.kinds import AdapterHost, find_kind, supported_names
-from lorakit.patterns import PatternError, compile_pattern
+from lorakit.lora.kinds import AdapterHost, find_kind, supported_names
+from lorakit.lora.patterns import PatternError, compile_pattern
 
 _REGEX_CHARS = set("^$*+?[](){}|\\")
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer except the output and task heads
@@ -193,7 +193,7 @@ def resolve_targets(
     exclude: tuple[str, ...] | list[str] = (),
     layers: tuple[int, ...] | None = None,
 ) -> dict[str, tuple[str, ...] | None]:
-    """Map each target pattern to modules: aliases through the model's family (``lorakit.arch``),
+    """Map each target pattern to modules: aliases through the model's family (``lorakit.lora.arch``),
     ``all-linear`` (every linear layer but the output and task heads, as PEFT), other patterns as module
     names (suffix at a dot boundary) or RE2 regular expressions (full match).
 

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorakit.arch import QKV_SLICES, slice_span
 from lorakit.errors import TargetError
-from lorakit.fast import fused_eligible, lora_linear, routed_delta
-from lorakit.kinds import AdapterHost, LayerKind, is_conv1d, kind_of
-from lorakit.variants import (
+from lorakit.lora.arch import QKV_SLICES, slice_span
+from lorakit.lora.kernels import fused_eligible, lora_linear, routed_delta
+from lorakit.lora.kinds import AdapterHost, LayerKind, is_conv1d, kind_of
+from lorakit.lora.variants import (
     RESIDUAL_INITS,
     base_product,
     dora_extra,
@@ -50,7 +50,7 @@ class AdapterSpec:
 
     ``init_std`` None means 1/r, ``LoraConfig``'s default. ``fused`` lists all slices of a fused
     projection in output order when ``slices`` picks some of them. ``init`` "pissa" / "olora" and
-    ``use_dora`` are the variants of ``lorakit.variants``.
+    ``use_dora`` are the variants of ``lorakit.lora.variants``.
     """
 
     r: int
@@ -142,7 +142,7 @@ class LoraLayer(AdapterHost):
         self.adapters = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
-        # Mixed-batch routing, set by lorakit.adapters.route_rows: row → index into routing_names (0 = base).
+        # Mixed-batch routing, set by lorakit.lora.adapters.route_rows: row → index into routing_names (0 = base).
         self.row_index: Tensor | None = None
         self.routing_names: tuple[str | None, ...] = ()
         self._stack_cache: tuple[tuple, Tensor, Tensor] | None = None
@@ -259,7 +259,7 @@ class LoraLayer(AdapterHost):
             out = self.base_layer(x, *args, **kwargs)
             return out + self._dora_delta(x, out, weights).to(out.dtype)
         if not args and not kwargs and fused_eligible(self, x, weights):
-            # The common case (frozen Linear/Conv1D, no dropout): one fused op, see lorakit.fast.
+            # The common case (frozen Linear/Conv1D, no dropout): one fused op, see lorakit.lora.kernels.
             return lora_linear(
                 x,
                 self.base_layer.weight,

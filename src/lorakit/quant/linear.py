@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from lorakit.arch import POOLER_NAME, TASK_HEAD_NAMES
 from lorakit.errors import ConfigError, MergeError, TargetError
-from lorakit.heap import trim_heap
-from lorakit.kinds import AdapterHost, LayerKind, kind_of, register_kind
+from lorakit.lora.arch import POOLER_NAME, TASK_HEAD_NAMES
+from lorakit.lora.kinds import AdapterHost, LayerKind, kind_of, register_kind
+from lorakit.quant.heap import trim_heap
 
 NF4_BLOCKSIZE = 64  # QLoRA's block size: one fp32 absmax per 64 weights (4.5 bits a weight in all)
 
@@ -346,7 +346,7 @@ def quantize_base(
         skip: module-name patterns (fnmatch, matched on the full name or its dotted tail) to keep dense.
         include_head: quantize the heads too (a tied LM head is then untied from the input embedding).
         fill: called as ``fill(name, linear)`` just before each layer is quantized, to load its weights
-            into an uninitialised model one layer at a time (:func:`lorakit.quant_load.load_quantized`).
+            into an uninitialised model one layer at a time (:func:`lorakit.quant.load.load_quantized`).
 
     Raises:
         ConfigError: unknown scheme, a skip pattern matching nothing, bitsandbytes missing.

@@ -125,7 +125,7 @@ def _trusted_base(adapter_config: dict[str, Any]) -> dict[str, Any]:
     ``base_model_name_or_path`` is data written by whoever made the file: a path like ``../../x`` would
     be resolved against the working directory, and a hub id would be fetched. Only built-in names are
     taken from it; anything else needs ``--model`` from the user."""
-    from lorakit.models import BUILTINS
+    from lorakit.io.models import BUILTINS
 
     base = adapter_config.get("base_model_name_or_path") if isinstance(adapter_config, dict) else None
     return {"model": base} if isinstance(base, str) and base in BUILTINS else {}

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from lorakit.errors import ConfigError
-from lorakit.patterns import PatternError, compile_pattern, suffix_match
+from lorakit.lora.patterns import PatternError, compile_pattern, suffix_match
 
 InitKind = Literal["gaussian", "kaiming", "pissa", "olora"]
 INIT_KINDS = ("gaussian", "kaiming", "pissa", "olora")
@@ -30,11 +30,11 @@ class LoraConfig:
     """Hyper-parameters of one LoRA adapter.
 
     ``targets`` are aliases (``q``, ``k``, ``v``, ``o``, ``ffn``, ``all-linear``), module names, dotted
-    suffixes, or regular expressions (see ``lorakit.targets``); ``exclude`` removes matching modules again
+    suffixes, or regular expressions (see ``lorakit.lora.targets``); ``exclude`` removes matching modules again
     (each pattern must remove one), and ``layers`` keeps only the blocks with these indices.
     ``rank_pattern`` / ``alpha_pattern`` override ``r`` / ``alpha`` for modules whose name ends with the
     pattern (a regex), exactly as PEFT reads them. ``init`` "pissa" / "olora" and ``use_dora`` are the
-    variants of ``lorakit.variants`` (docs/variants.md).
+    variants of ``lorakit.lora.variants`` (docs/variants.md).
     """
 
     r: int = 8

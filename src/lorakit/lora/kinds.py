@@ -87,7 +87,7 @@ class LayerKind:
         return None
 
     def fast_path(self, base: nn.Module) -> bool:
-        """Whether ``lorakit.fast.lora_linear`` may stand in for ``base``'s forward."""
+        """Whether ``lorakit.lora.kernels.lora_linear`` may stand in for ``base``'s forward."""
         return type(base) is nn.Linear  # subclasses (quantized, custom) keep their own forward
 
     @torch.no_grad()

@@ -22,15 +22,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lorakit import __version__
-from lorakit.adapters import DEFAULT, active_adapter, configs, inject, lora_layers, set_adapter
-from lorakit.arch import QKV_SLICES, families, family_of, fused_slices, slice_span
-from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, ConfigError
-from lorakit.fsutil import debug_kill_point, file_mode, fsync_dir, stale_temps
-from lorakit.kinds import LayerKind, adapter_param_names
-from lorakit.layers import WHOLE, LoraLayer, ModuleCopies
-from lorakit.variants import RESIDUAL_INITS
+from lorakit.io.fsutil import debug_kill_point, file_mode, fsync_dir, stale_temps
+from lorakit.lora.adapters import DEFAULT, active_adapter, configs, inject, lora_layers, set_adapter
+from lorakit.lora.arch import QKV_SLICES, families, family_of, fused_slices, slice_span
+from lorakit.lora.config import LoraConfig
+from lorakit.lora.kinds import LayerKind, adapter_param_names
+from lorakit.lora.layers import WHOLE, LoraLayer, ModuleCopies
+from lorakit.lora.variants import RESIDUAL_INITS
+from lorakit.version import __version__
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -237,7 +237,7 @@ def set_model_dropout(model: nn.Module, p: float) -> int:
     Returns:
         How many rates were set.
     """
-    from lorakit.arch import FLOAT_DROPOUT_ATTRIBUTES
+    from lorakit.lora.arch import FLOAT_DROPOUT_ATTRIBUTES
 
     if not 0.0 <= p < 1.0:
         raise LorakitError(f"model dropout must be in [0, 1), got {p!r}")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorakit.data.collate import IGNORE_INDEX  # one definition, beside the collators
+IGNORE_INDEX = -100  # label value torch's cross-entropy skips; the collators import it from here
 
 
 # -- fused LoRA linear ---------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ def fused_eligible(layer: nn.Module, x: Tensor, weights: nn.Module) -> bool:
     """Whether ``LoraLayer.forward`` may use ``lora_linear``: a plain frozen Linear / Conv1D base, no dropout,
     equal ranks, and an input the base layer itself would accept (so errors stay the base layer's)."""
     base = layer.base_layer
-    if not layer.kind.fast_path(base):  # the layer kind decides (lorakit.kinds)
+    if not layer.kind.fast_path(base):  # the layer kind decides (lorakit.lora.kinds)
         return False
     if base.weight.requires_grad or not isinstance(weights.dropout, nn.Identity):
         return False

@@ -34,10 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lorakit import __version__
 from lorakit.errors import AdapterFileError, ConfigError
-from lorakit.files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFile, read_adapter, write_weights_and_config
-from lorakit.layers import WHOLE
+from lorakit.io.files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFile, read_adapter, write_weights_and_config
+from lorakit.lora.layers import WHOLE
+from lorakit.version import __version__
 
 Source = str | Path | AdapterFile
 Slot = tuple[str, str]  # (module, slice key: WHOLE or q/k/v)
@@ -333,7 +333,7 @@ def combine_adapters(
     for every mode PEFT has, its tensors equal PEFT's ``add_weighted_adapter`` (see the module doc).
 
     Args:
-        sources: adapter directories (lorakit's or PEFT's) or parsed :class:`~lorakit.files.AdapterFile` s.
+        sources: adapter directories (lorakit's or PEFT's) or parsed :class:`~lorakit.io.files.AdapterFile` s.
         weights: one weight per source (negative subtracts); None weighs each 1.
         out: the directory to write (atomically).
         mode: one of :data:`MODES`: PEFT's ``combination_type`` names (``linear``, ``cat``, ``svd``,

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lorakit.arch import family_of, fused_slices
-from lorakit.config import LoraConfig
 from lorakit.errors import MergeError, TargetError
-from lorakit.kinds import adapter_hosts, adapter_param_names
-from lorakit.layers import AdapterSpec, LoraLayer, ModuleCopies
-from lorakit.targets import ALL_LINEAR, resolve_targets
+from lorakit.lora.arch import family_of, fused_slices
+from lorakit.lora.config import LoraConfig
+from lorakit.lora.kinds import adapter_hosts, adapter_param_names
+from lorakit.lora.layers import AdapterSpec, LoraLayer, ModuleCopies
+from lorakit.lora.targets import ALL_LINEAR, resolve_targets
 
 DEFAULT = "default"
 
@@ -415,13 +415,13 @@ class ParameterReport:
 
 def parameter_report(model: nn.Module) -> ParameterReport:
     """Counts each parameter once (tied weights too) under the type of the module that owns it; adapter
-    parameters under their host's label (``lorakit.kinds.AdapterHost``).
+    parameters under their host's label (``lorakit.lora.kinds.AdapterHost``).
 
     Args:
         model: any module.
     """
     by_type: dict[str, list[int]] = {}
-    adapter_state = adapter_param_names(model)  # adapter hosts declare theirs (lorakit.kinds.AdapterHost)
+    adapter_state = adapter_param_names(model)  # adapter hosts declare theirs (lorakit.lora.kinds.AdapterHost)
     for param_name, p in model.named_parameters():  # named_parameters skips tied duplicates
         owner_name = param_name.rpartition(".")[0]
         if param_name in adapter_state:

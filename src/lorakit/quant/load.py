@@ -19,8 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.heap import trim_heap
-from lorakit.models import (
+from lorakit.io.models import (
     TASK_CLASSES,
     _check_local_model,
     finish_loaded,
@@ -28,7 +27,8 @@ from lorakit.models import (
     model_path,
     quiet_transformers,
 )
-from lorakit.quant import QuantizationReport, quantize_base
+from lorakit.quant.heap import trim_heap
+from lorakit.quant.linear import QuantizationReport, quantize_base
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

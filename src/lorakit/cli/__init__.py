@@ -14,12 +14,12 @@ import warnings
 # name → (module:function taking argv and returning an exit code, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("lorakit.demo:demo_main", "fine-tune minilm-l6 with LoRA on shipped movie reviews, end to end"),
-    "merge": ("lorakit.commands:merge_main", "merge an adapter into its base and save a plain transformers folder"),
-    "info": ("lorakit.commands:info_main", "show what an adapter directory holds"),
-    "combine": ("lorakit.combine:combine_main", "combine weighted adapters into one (linear, cat, svd, ties, dare)"),
-    "train": ("lorakit.training.cli:train_main", "fine-tune a model on a task (LoRA or a baseline method)"),
-    "eval": ("lorakit.training.cli:eval_main", "score a base model + adapter on a task"),
-    "generate": ("lorakit.generate_command:generate_main", "generate text with a base model and adapters (streams)"),
+    "merge": ("lorakit.cli.commands:merge_main", "merge an adapter into its base and save a plain transformers folder"),
+    "info": ("lorakit.cli.commands:info_main", "show what an adapter directory holds"),
+    "combine": ("lorakit.arith.combine:combine_main", "combine weighted adapters (linear, cat, svd, ties, dare)"),
+    "train": ("lorakit.cli.train:train_main", "fine-tune a model on a task (LoRA or a baseline method)"),
+    "eval": ("lorakit.cli.train:eval_main", "score a base model + adapter on a task"),
+    "generate": ("lorakit.cli.generate:generate_main", "generate text with a base model and adapters (streams)"),
     "compare": ("lorakit.experiments.compare:compare_main", "run methods x seeds on a task, write a table + plot"),
     "latency": ("lorakit.experiments.latency:latency_main", "inference latency of methods vs the base model"),
     "estimate": ("lorakit.analysis.estimate:estimate_main", "trainable parameters, file sizes, memory"),
@@ -36,7 +36,8 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # warnings raised by lorakit's own files
+# warnings raised by lorakit's own files (this module lies in lorakit/cli/)
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 def plain_lorakit_warnings() -> None:
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lorakit {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
-    from lorakit.models import quiet_third_party_notices
+    from lorakit.io.models import quiet_third_party_notices
 
     quiet_third_party_notices()
     plain_lorakit_warnings()

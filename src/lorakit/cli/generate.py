@@ -69,8 +69,8 @@ def load_for_generation(model_name: str, adapters: Sequence[tuple[str, str]], de
         adapters: adapters to load; a single one may also be a non-LoRA trained state from `lorakit train`.
         device: auto, cpu or cuda.
     """
-    from lorakit.files import load_adapter
-    from lorakit.models import load_model
+    from lorakit.io.files import load_adapter
+    from lorakit.io.models import load_model
     from lorakit.training.distributed import pick_device
     from lorakit.training.outputs import load_trained
 
