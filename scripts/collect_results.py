@@ -1,4 +1,4 @@
-"""Print the markdown tables of docs/results.md from the runs under runs/results (see results_*.sh)."""
+"""Print the markdown tables of docs/records/results.md from the runs under runs/results (see results_*.sh)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ train() {  # train DIR [flags...]: skip finished runs
   local dir=$1; shift
   [ -f "$dir/eval_results.json" ] || .venv/bin/lorakit train "${COMMON[@]}" --out "$dir" --overwrite "$@"
 }
-# The LoRA row of docs/results.md, scored on all 55 test MRs with the paper's decoding (beam 10, lp 0.8).
+# The LoRA row of docs/records/results.md, scored on all 55 test MRs with the paper's decoding (beam 10, lp 0.8).
 train $OUT/r8-s1 --r 8 --seed 1
 # The zero-shot base, same test MRs, same decoding.
 [ -f $OUT/base.json ] || .venv/bin/lorakit eval --model smollm2-135m --task e2e --data "$DATA" --json > $OUT/base.json

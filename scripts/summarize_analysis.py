@@ -1,4 +1,4 @@
-"""Summarise runs/results/analysis/analysis.json (from `lorakit analyze`) for docs/results.md section 5."""
+"""Summarise runs/results/analysis/analysis.json (from `lorakit analyze`) for docs/records/results.md section 5."""
 
 from __future__ import annotations
 

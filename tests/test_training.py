@@ -864,7 +864,7 @@ def test_rte_recipe_trains_its_head_at_the_adapter_lr_unless_told(tmp_path):
     told = load_data(base_cfg(task="rte", data=str(tmp_path / "RTE"), head_lr_ratio=4.0), one)[1]
     assert (rte.head_lr_ratio, sst2.head_lr_ratio, told.head_lr_ratio) == (1.0, 10.0, 4.0)
     assert rte.lr == sst2.lr == 1e-3
-    # At all pairs x 10 epochs PEFT's two choices beat ours on RTE (docs/results.md): RTE's entry takes them.
+    # At all pairs x 10 epochs PEFT's two choices beat ours on RTE (docs/records/results.md): RTE's entry takes them.
     assert (rte.init, rte.train_pooler, sst2.init, sst2.train_pooler) == ("kaiming", False, "gaussian", True)
 
 

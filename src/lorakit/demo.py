@@ -35,14 +35,10 @@ from lorakit.training.config import TrainConfig
 from lorakit.training.trainer import train
 
 DEMO_LABELS = {"sentiment": ("rotten", "fresh"), "plot": ("review", "plot")}
-SENTIMENT_GROUP_WINDOW = 8  # batches per length-sorting window for the sentiment task (docs/training.md)
-# The sentiment head at the adapter's lr, not the classification default (10 x, capped at a head lr of 1e-2:
-# 3.3 x at the demo's lr of 3e-3). Chosen on reviews outside every demo split, never on the test set
-# (scripts/demo_recipe_search.py, three seeds): 80.5 % at 1 x, 80.3 % at the default, 78.7 % at a plain 10 x.
+SENTIMENT_GROUP_WINDOW = 8  # batches per length-sorting window for the sentiment task (docs/records/demo.md)
+# The sentiment head learns at the adapter's lr: best on reviews outside every split (docs/records/demo.md).
 SENTIMENT_HEAD_LR_RATIO = 1.0
-# One pass over the data sees each snippet once, so MiniLM's own dropout (0.1) only adds noise; without it a
-# step takes 0.85 x the time on CPU (scripts/bench_model_dropout.py). On the same validation reviews, three
-# seeds: 80.5 % without, 80.5 % with (scripts/demo_recipe_search.py, variants head1x and no-model-dropout).
+# One epoch sees each snippet once, so MiniLM's own dropout only costs time (docs/records/demo.md).
 MODEL_DROPOUT = 0.0
 
 
@@ -78,10 +74,7 @@ def make_tasks(rows: list[tuple[str, str]], train_size: int, test_size: int, see
     plots = [(t, "plot") for t, c in rows if c == "plot"]
     rng.shuffle(reviews)
     rng.shuffle(plots)
-    # A review's length says nothing about its sentiment, so sentiment batches are grouped by length in small
-    # windows: 263 s instead of 358 s for the demo, 78.9 % instead of 79.4 % (one seed, 800 snippets, head at
-    # 10 x lr then: within noise). Plot summaries are longer than reviews, so grouped plot batches are nearly
-    # single-class (95.2 % vs 98.9 %): that task keeps random batches.
+    # Length predicts plot vs review but not sentiment: only sentiment is grouped (docs/records/training-defaults.md).
     sentiment = DemoTask("sentiment", DEMO_LABELS["sentiment"], reviews[test_size : test_size + train_size],
                          reviews[:test_size], group_window=SENTIMENT_GROUP_WINDOW,
                          head_lr_ratio=SENTIMENT_HEAD_LR_RATIO)  # fmt: skip
@@ -220,7 +213,7 @@ def demo_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-size", type=int, default=800, help="held-out snippets per task")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=32)
-    # 3e-3 measured best for this one-epoch budget: 78.2 % at 1e-3, 79.0 % at 2e-3, 79.5 % at 3e-3.
+    # The best lr measured for this one-epoch budget (docs/records/demo.md).
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)

@@ -345,7 +345,7 @@ def bench_serve_main(argv: list[str]) -> int:
 
 
 def render_table(report: dict) -> str:
-    """The markdown table docs/performance.md carries: medians of repeated runs, then the targets."""
+    """The markdown table docs/records/performance.md carries: medians of repeated runs, then the targets."""
     lines = ["| system | adapters | concurrency | requests | tokens/s (median) | runs tok/s | p50 s | p99 s | "
              "TTFT p50 s | CPU ms/token |", "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in report["results"]:

@@ -170,8 +170,8 @@ def compile_for_training(model: nn.Module) -> nn.Module:
     In place (``nn.Module.compile``), so parameter names, adapters and saved files are unchanged. Inductor
     fuses the norms, activations and rotary embeddings around the matmuls and, in backward, recomputes those
     cheap element-wise results instead of keeping them: fewer passes over memory and about a third less
-    activation memory (``docs/performance.md``). The head stays eager so ``causal_lm_loss`` still computes
-    logits only where labels are. Compiling costs minutes once; run generation and evaluation under
+    activation memory (``docs/records/performance.md``). The head stays eager so ``causal_lm_loss`` still
+    computes logits only where labels are. Compiling costs minutes once; run generation and evaluation under
     ``torch.compiler.set_stance("force_eager")``, whose changing shapes would otherwise recompile.
     """
     target = _backbone(model) or model

@@ -66,7 +66,7 @@ def lora_head_names(model: nn.Module, include_pooler: bool = True) -> list[str]:
     """What LoRA trains in full for a sequence classifier: the new head and, where the head reads a
     pretrained pooler (BERT family), that pooler too. all-MiniLM-L6-v2's pooler (never trained by its
     sentence-embedding objective) outputs |x| ~ 0.05, so a head on it barely moves in a short run:
-    SST-2, 64 steps, 57 % frozen vs 74 % trained (docs/training.md).
+    SST-2, 64 steps, 57 % frozen vs 74 % trained (docs/records/training-defaults.md).
 
     Args:
         model: a sequence classifier (anything else: no heads).

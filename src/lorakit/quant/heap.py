@@ -48,7 +48,7 @@ def set_mmap_threshold(nbytes: int) -> bool:
 def return_freed_memory_promptly() -> bool:
     """From now on, serve every allocation of 256 KiB or more with its own mapping, returned when freed.
 
-    Costs page faults on reuse (measured in ``docs/quantization.md``); lorakit turns it on for a quantized
-    base, where peak memory is what the user asked to save. Returns whether glibc took the setting.
+    Costs page faults on reuse (measured in ``docs/records/quantization.md``); lorakit turns it on for a
+    quantized base, where peak memory is what the user asked to save. Returns whether glibc took the setting.
     """
     return set_mmap_threshold(MMAP_THRESHOLD_BYTES)

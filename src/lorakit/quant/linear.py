@@ -1,6 +1,6 @@
 """Quantized frozen base (QLoRA): NF4 or int8 weight-only linear layers with full-precision LoRA on top.
 
-The kernels are bitsandbytes' (its CPU backend; see ``docs/quantization.md`` for why not torchao).
+The kernels are bitsandbytes' (its CPU backend; see ``docs/records/quantization.md`` for why not torchao).
 A :class:`QuantizedLinear` stores the packed weight as buffers and dequantizes it in forward and again in
 backward, so no dense copy of the base weight outlives a matmul (the QLoRA recipe). Its ``weight`` is a
 read-only :class:`QuantizedWeight`: shapes, device and dtype are the dense layer's, any read dequantizes,

@@ -98,7 +98,7 @@ def _filler(files: dict[str, Path]):
     """``fill(name, linear)`` for :func:`quantize_base`: the layer's weight and bias from the file."""
 
     def fill(name: str, linear: nn.Linear) -> None:
-        trim_heap()  # the previous layer's fp32 weight and quantizer scratch (979 MiB at the end without, 564 with)
+        trim_heap()  # the previous layer's fp32 weight and quantizer scratch lower the peak (docs/quantization.md)
         with torch.no_grad():
             weight = read_tensor(files, f"{name}.weight", linear.weight.shape)
             linear.weight.data = weight  # the never-touched empty one is freed

@@ -15,10 +15,8 @@ if TYPE_CHECKING:
 
 GLUE_CARVE_FRACTION = 0.1  # of train, held out when a task folder has no dev file (STS-B here)
 GLUE_CARVE_MAX = 1000
-# Task recipes that differ from the classification defaults (docs/training.md, "RTE"). RTE: at 10 x head lr
-# the pooler and classifier collapse onto one class for the whole run (47.3 % dev, 2,490 pairs x 3 epochs);
-# at 1 x, all pairs x 10 epochs: 54.5 % with the pooler trained and gaussian A, 58.5 % with the classifier
-# alone and kaiming-uniform A (PEFT's choices; PEFT 57.2 %), three seeds each (docs/results.md).
+# Task recipes that differ from the classification defaults; RTE's head collapses at 10 x and learns better
+# with PEFT's choices (docs/records/training-defaults.md, "RTE").
 RECIPES: dict[str, dict[str, Any]] = {"rte": {"head_lr_ratio": 1.0, "init": "kaiming", "train_pooler": False}}
 
 

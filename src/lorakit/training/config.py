@@ -326,14 +326,14 @@ class TrainConfig:
         return write_json_atomic(path, self.to_dict())
 
 
-# The peak lr a run gets when none is given: measured on the parity cases (docs/results.md). LoRA and the
-# other small-parameter methods want ~1e-3 on these short budgets; updating every weight wants far less.
+# The peak lr a run gets when none is given: small-parameter methods want larger steps than full fine-tuning
+# (measured on the parity cases, docs/records/results.md).
 DEFAULT_LR = {"classification": 1e-3, "regression": 1e-3, "generation": 5e-4}
-# A classifier head needs larger steps than the adapter (SST-2, 64 steps: 57 % at 1x, 72-76 % at 10x); a
-# regression head does not (STS-B, same budget: Pearson 0.65 at 1x, 0.49 at 10x).
+# A fresh classifier head needs larger steps than the adapter; a regression head does not
+# (docs/records/training-defaults.md).
 DEFAULT_HEAD_LR_RATIO = {"classification": 10.0, "regression": 1.0, "generation": 1.0}
-# The head lr the classification ratio gives at the default lr (1e-3 x 10). A default ratio never puts the
-# head above it: at the demo's lr of 3e-3, 10 x (a head at 3e-2) spiked the head's loss (docs/training.md).
+# The head lr the classification ratio gives at the default lr; a default ratio never puts the head above
+# it, since higher spiked the head's loss (docs/records/training-defaults.md, "The cap on the head's lr").
 MAX_DEFAULT_HEAD_LR = 1e-2
 FULL_WEIGHT_LR = 5e-5
 FULL_WEIGHT_METHODS = ("full", "fttop2")

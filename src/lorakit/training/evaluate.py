@@ -39,7 +39,7 @@ __all__ = [
 ]  # fmt: skip
 
 # Metrics that score a majority-class predictor at 0 whatever the class balance: a model trained on the
-# plain loss for them sits at that 0 for most of a short run (CoLA, ~70 % acceptable).
+# plain loss for them sits at that 0 for most of a short run (docs/records/training-defaults.md).
 BALANCE_FOR_METRICS = ("matthews_corr",)
 
 
