@@ -215,7 +215,7 @@ def test_shutdown_with_a_half_sent_request_ends_after_the_timeout_with_a_503(bas
     finally:
         _stop(proc)
     assert reply.startswith(b"HTTP/1.1 503"), reply
-    assert b"shutting down" in reply
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["type"] == "server_error"
     assert 1.5 < took < 20, took
 
 
@@ -236,6 +236,31 @@ def test_a_second_signal_forces_the_exit_with_a_503_for_the_open_request(base_di
         _stop(proc)
     assert reply.startswith(b"HTTP/1.1 503"), reply
     assert took < 15, took
+
+
+def test_a_forced_shutdown_fails_running_and_queued_requests_with_a_503(tok, adapter_dir):
+    from serve_util import Gate
+
+    model = tiny_lm(tok)
+    engine = Engine(model, tok, max_batch=1, max_queue=8)
+    with BackgroundServer(create_app(engine, ServeSettings(base_name="tiny", max_model_len=160))) as srv:
+        answers: dict[str, tuple] = {}
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 100}
+        clients = [threading.Thread(target=lambda k=k, extra=extra: answers.__setitem__(
+            k, raw(srv.url, "POST", "/v1/completions", {**body, **extra}))) for k, extra in
+            (("plain", {}), ("stream", {"stream": True}))]
+        with Gate(engine):  # both are accepted, neither has run: the abort meets them queued
+            for client in clients:
+                client.start()
+            wait_for(lambda: len(engine.waiting) == 2, 30, "both requests to queue")
+            engine.abort("the server is shutting down")
+        for client in clients:
+            client.join(30)
+    assert answers["plain"][0] == 503 and answers["plain"][2]["error"]["type"] == "server_error"
+    lines = [ln for ln in answers["stream"][2].splitlines() if ln.startswith("data: ")]
+    assert json.loads(lines[-2].removeprefix("data: "))["error"]["message"] == "the server is shutting down"
+    assert lines[-1] == "data: [DONE]"
+    assert engine.stats["error"] == 2
 
 
 # -- items 5 and 6: what the key protects ----------------------------------------------------------------

@@ -159,7 +159,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return APIError(exc.status_code, str(exc.detail), code=None, headers=exc.headers).response()
+        kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), kind, headers=exc.headers).response()
 
     @app.exception_handler(Exception)
     async def internal(_: Request, exc: Exception) -> JSONResponse:

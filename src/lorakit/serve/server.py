@@ -46,7 +46,7 @@ def build(model_name: str, adapters: dict[str, str], *, task: str = "causal-lm",
         try:
             adapters_admin.load(model, name, path, task, need_heads=need_heads)
         except APIError as exc:
-            raise LorakitError(f"--adapter {name}={path}: {exc.message}") from exc
+            raise LorakitError(f"--adapter {name}={path}: {exc.message.removeprefix(f'{path}: ')}") from exc
     return Engine(model, tokenizer, **engine_kwargs), tokenizer, need_heads
 
 

@@ -1,6 +1,6 @@
 """uvicorn's server with a bounded drain: SIGTERM/SIGINT waits at most ``--shutdown-timeout`` seconds for
 open requests; then, or at once on a second signal, every request still running or still sending its body
-gets a clean 503 and the process exits.
+gets a clean 503 and the process exits (a third signal exits without waiting for those 503s).
 
 uvicorn alone waits without bound for a connection whose request is half sent, and only a second SIGINT
 (not SIGTERM) forces it out, cutting every open response without a word.
@@ -16,8 +16,9 @@ from typing import Any
 
 import uvicorn
 
-# After the in-flight requests were failed, how long their 503s get to reach the clients before the exit.
-ERROR_FLUSH_S = 2.0
+# After the in-flight requests were failed, the longest wait for their 503s to reach the clients (the engine
+# fails running sequences at its next step boundary, and one step of a long prompt's prefill can take seconds).
+ERROR_FLUSH_S = 10.0
 
 
 class DrainingServer(uvicorn.Server):
@@ -35,6 +36,9 @@ class DrainingServer(uvicorn.Server):
         self.forced = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.forced:  # a third signal: out now, answered or not
+            self.force_exit = True
+            return
         if self.should_exit:
             # The second signal: the watchdog aborts now. Not uvicorn's force_exit yet, which would drop the
             # open responses without the 503 the watchdog gives them first.
