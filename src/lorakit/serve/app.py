@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorakit.serve import adapters_admin
 from lorakit.serve.engine import Engine, QueueFull, ShuttingDown, UnknownAdapter
-from lorakit.serve.limits import RequestLimits, UploadSwitch
+from lorakit.serve.limits import RequestLimits, ShutdownSwitch
 from lorakit.serve.names import shown
 from lorakit.serve.protocol import (
     AdapterBody,
@@ -77,8 +77,11 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         settings: limits, identity and the API key.
     """
 
+    loops: list[asyncio.AbstractEventLoop] = []
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loops.append(asyncio.get_running_loop())
         engine.start()
         yield
         # uvicorn has already waited for open requests; this finishes anything still queued.
@@ -89,16 +92,21 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     # No /docs, /redoc, /openapi.json: they load scripts from a CDN and describe the API to anyone;
     # docs/serving.md documents the endpoints instead.
     app = FastAPI(title="lorakit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    switch = UploadSwitch()
+    switch = ShutdownSwitch()
     app.add_middleware(RequestLimits, max_bytes=settings.max_request_bytes, switch=switch)
     app.state.engine, app.state.settings = engine, settings
 
-    def abort() -> None:  # a forced shutdown: every open request gets a clean 503 (serve/shutdown.py)
+    def abort() -> None:  # a forced shutdown: every open request gets a clean 503 (serve/shutdown.py); any thread
         engine.abort("the server is shutting down")
-        switch.close()
+        loops[0].call_soon_threadsafe(switch.close)
 
     app.state.abort = abort
     _install_error_handlers(app)
+    _add_routes(app, engine, settings, switch)
+    return app
+
+
+def _add_routes(app: FastAPI, engine: Engine, settings: ServeSettings, switch: ShutdownSwitch) -> None:
     check_key = _auth_dependency(settings.api_key)
     auth = [Depends(check_key)]
 
@@ -108,14 +116,13 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", lambda: Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST),
                       methods=["GET"], dependencies=auth)
-    routes = Routes(engine, settings)
+    routes = Routes(engine, settings, switch)
     app.add_api_route("/v1/models", routes.models, methods=["GET"], dependencies=auth)
     app.add_api_route("/v1/completions", routes.completions, methods=["POST"], dependencies=auth)
     app.add_api_route("/v1/chat/completions", routes.chat, methods=["POST"], dependencies=auth)
     app.add_api_route("/v1/classify", routes.classify, methods=["POST"], dependencies=auth)
     app.add_api_route("/v1/adapters", routes.load_adapter, methods=["POST"], dependencies=auth)
     app.add_api_route("/v1/adapters/{name}", routes.unload_adapter, methods=["DELETE"], dependencies=auth)
-    return app
 
 
 def _health(engine: Engine, settings: ServeSettings, request: Request, check_key: Any) -> dict[str, Any]:
@@ -173,10 +180,12 @@ class Routes:
     Args:
         engine: the engine all requests go through.
         settings: limits and identity.
+        switch: closed by a forced shutdown (None: never).
     """
 
-    def __init__(self, engine: Engine, settings: ServeSettings) -> None:
+    def __init__(self, engine: Engine, settings: ServeSettings, switch: ShutdownSwitch | None = None) -> None:
         self.engine, self.settings = engine, settings
+        self.switch = switch or ShutdownSwitch()
         self.tokenizer = engine.tokenizer
         # One worker: tokenisation leaves the event loop (other clients and /health keep being answered),
         # and a fast tokenizer is never entered by two threads at once.
@@ -315,14 +324,23 @@ class Routes:
         except ShuttingDown as exc:
             raise APIError(503, str(exc), "server_error", headers={"Retry-After": "5"}) from exc
 
+    async def _next(self, events: asyncio.Queue[Event]) -> Event | None:
+        """The sequence's next event; None after 0.25 s without one; a 503 once a shutdown is forced (the
+        answer goes out at once, not after the engine's current step)."""
+        try:
+            return await asyncio.wait_for(events.get(), timeout=0.25)
+        except asyncio.TimeoutError:
+            if self.switch.closed:
+                return Event(finish_reason="error", error="the server is shutting down", status=503)
+            return None
+
     async def _collect(self, seq: Sequence, events: asyncio.Queue[Event], rid: str, model: str, chat: bool,
                        request: Request) -> Response:
         parts: list[str] = []
         try:
             while True:
-                try:
-                    ev = await asyncio.wait_for(events.get(), timeout=0.25)
-                except asyncio.TimeoutError:
+                ev = await self._next(events)
+                if ev is None:
                     # Polled: a non-streaming client that hangs up cancels its sequence.
                     if await request.is_disconnected():
                         return Response(status_code=499)
@@ -345,7 +363,9 @@ class Routes:
             if chat:
                 yield sse(completion_object(rid, model, "", None, chat=True, chunk=True, role=True))
             while True:
-                ev = await events.get()
+                ev = await self._next(events)
+                if ev is None:
+                    continue
                 if ev.error:
                     yield sse(APIError(ev.status, ev.error, "server_error").body())
                     break

@@ -19,8 +19,9 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 
 
-class UploadSwitch:
-    """Once closed, every request whose body is still arriving fails with a 503."""
+class ShutdownSwitch:
+    """Closed when a shutdown is forced: requests still sending their body, and handlers waiting for the
+    engine, answer 503 at once."""
 
     def __init__(self) -> None:
         self._event: asyncio.Event | None = None
@@ -35,6 +36,10 @@ class UploadSwitch:
         """Close it (call on the server's event loop)."""
         self.event().set()
 
+    @property
+    def closed(self) -> bool:
+        return self._event is not None and self._event.is_set()
+
 
 class RequestLimits:
     """Wraps an ASGI app: a body cap, and a switch that fails requests still sending their body.
@@ -45,7 +50,7 @@ class RequestLimits:
         switch: closed on a forced shutdown.
     """
 
-    def __init__(self, app: Any, max_bytes: int, switch: UploadSwitch) -> None:
+    def __init__(self, app: Any, max_bytes: int, switch: ShutdownSwitch) -> None:
         self.app, self.max_bytes, self.switch = app, max_bytes, switch
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
