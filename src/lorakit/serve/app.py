@@ -187,8 +187,8 @@ class Routes:
         self.engine, self.settings = engine, settings
         self.switch = switch or ShutdownSwitch()
         self.tokenizer = engine.tokenizer
-        # One worker: tokenisation leaves the event loop (other clients and /health keep being answered),
-        # and a fast tokenizer is never entered by two threads at once.
+        # Tokenisation leaves the event loop (other clients and /health keep being answered); one worker, so
+        # requests never tokenise in parallel with each other (the engine thread only decodes).
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="lorakit-tokenize")
         # No token is longer than the longest vocabulary entry, so a text longer than this many characters
         # cannot fit the context, and is refused before it is tokenised.
