@@ -193,6 +193,7 @@ def load_model(
     with quiet_transformers():
         model, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
     _report_new_weights(name_or_path, info.get("missing_keys") or [])
+    model.lorakit_new_weights = tuple(sorted(info.get("missing_keys") or []))  # e.g. an untrained task head
     finish_loaded(model, tokenizer, name_or_path)
     return model, tokenizer
 

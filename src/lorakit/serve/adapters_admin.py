@@ -11,20 +11,29 @@ from torch import nn
 from lorakit.errors import LorakitError
 from lorakit.io.files import load_adapter, read_adapter
 from lorakit.lora.adapters import configs, route_rows
+from lorakit.serve.names import adapter_name_problem
 from lorakit.serve.protocol import APIError
 
 
-def check_servable(path: str | Path, task: str) -> None:
+def check_servable(path: str | Path, task: str, need_heads: tuple[str, ...] = ()) -> None:
     """Refuse adapter files a shared server cannot route per row (raises ``APIError`` 400).
 
     Args:
         path: the adapter directory.
         task: the server's task ("causal-lm" or "seq-cls").
+        need_heads: modules the file must carry its own copy of (the base's untrained classifier head).
     """
     try:
         parsed = read_adapter(path)
     except LorakitError as exc:
         raise APIError(400, str(exc), param="path") from exc
+    except RecursionError as exc:  # json's decoder on a config nested thousands of levels deep
+        raise APIError(400, f"{path}: adapter_config.json is nested too deeply to be an adapter config",
+                       param="path") from exc
+    missing = [m for m in need_heads if m not in parsed.saved_modules]
+    if missing:
+        raise APIError(400, f"{path}: this adapter carries no trained {', '.join(missing)} (modules_to_save), and "
+                       "the base model's is untrained (random): its answers would mean nothing", param="path")
     if parsed.biases:
         # bias="all"/"lora_only" files overwrite the base model's biases, which every row shares.
         raise APIError(400, f"{path}: this adapter trains biases of the base model ({len(parsed.biases)} tensors); "
@@ -35,7 +44,7 @@ def check_servable(path: str | Path, task: str) -> None:
         raise APIError(400, f"{path} is a sequence-classification adapter; this server serves {task}", param="path")
 
 
-def load(model: nn.Module, name: str, path: str, task: str) -> None:
+def load(model: nn.Module, name: str, path: str, task: str, need_heads: tuple[str, ...] = ()) -> None:
     """Load adapter ``name`` from ``path`` without activating it; the model is unchanged on any error.
 
     Args:
@@ -43,13 +52,15 @@ def load(model: nn.Module, name: str, path: str, task: str) -> None:
         name: the new adapter's model id.
         path: its directory.
         task: the server's task.
+        need_heads: modules the file must carry (see ``check_servable``).
     """
+    problem = adapter_name_problem(name)
+    if problem:
+        raise APIError(400, problem, param="name")
     if name in configs(model):
         raise APIError(409, f"adapter {name!r} is already loaded; DELETE /v1/adapters/{name} first",
                        code="adapter_exists", param="name")
-    if not name.isidentifier():
-        raise APIError(400, f"adapter name {name!r} must be a Python identifier", param="name")
-    check_servable(path, task)
+    check_servable(path, task, need_heads)
     try:
         load_adapter(model, path, name, activate=False)
     except LorakitError as exc:  # the loader's own message: mismatched shapes, missing modules, ...

@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorakit.serve import adapters_admin
 from lorakit.serve.engine import Engine, QueueFull, ShuttingDown, UnknownAdapter
+from lorakit.serve.limits import RequestLimits, ShutdownSwitch
+from lorakit.serve.names import shown
 from lorakit.serve.protocol import (
     AdapterBody,
     APIError,
@@ -50,6 +53,9 @@ class ServeSettings:
         max_model_len: prompt + max_tokens must fit in this many positions.
         retry_after_s: the Retry-After a 429 carries.
         max_classify_inputs: the most texts one /v1/classify request may hold.
+        max_request_bytes: the largest request body; more is a 413 before any of it is parsed.
+        untrained_heads: modules of the base (a classifier's head) that no checkpoint trained: requests for the
+            base id are refused, and adapters must carry their own copy of each.
     """
 
     base_name: str
@@ -59,6 +65,8 @@ class ServeSettings:
     max_model_len: int = 2048
     retry_after_s: int = 1
     max_classify_inputs: int = 64
+    max_request_bytes: int = 1 << 20
+    untrained_heads: tuple[str, ...] = ()
 
 
 def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
@@ -69,34 +77,62 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         settings: limits, identity and the API key.
     """
 
+    loops: list[asyncio.AbstractEventLoop] = []
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loops.append(asyncio.get_running_loop())
         engine.start()
         yield
         # uvicorn has already waited for open requests; this finishes anything still queued.
         await asyncio.to_thread(engine.shutdown)
 
-    app = FastAPI(title="lorakit serve", lifespan=lifespan)
+    if settings.api_key is not None and not settings.api_key.strip():
+        raise ValueError("api_key is empty: give a key or None")
+    # No /docs, /redoc, /openapi.json: they load scripts from a CDN and describe the API to anyone;
+    # docs/serving.md documents the endpoints instead.
+    app = FastAPI(title="lorakit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    switch = ShutdownSwitch()
+    app.add_middleware(RequestLimits, max_bytes=settings.max_request_bytes, switch=switch)
     app.state.engine, app.state.settings = engine, settings
+
+    def abort() -> None:  # a forced shutdown: every open request gets a clean 503 (serve/shutdown.py); any thread
+        engine.abort("the server is shutting down")
+        loops[0].call_soon_threadsafe(switch.close)
+
+    app.state.abort = abort
     _install_error_handlers(app)
-    auth = [Depends(_auth_dependency(settings.api_key))]
-    app.add_api_route("/health", lambda: _health(engine, settings), methods=["GET"])
+    _add_routes(app, engine, settings, switch)
+    return app
+
+
+def _add_routes(app: FastAPI, engine: Engine, settings: ServeSettings, switch: ShutdownSwitch) -> None:
+    check_key = _auth_dependency(settings.api_key)
+    auth = [Depends(check_key)]
+
+    def health(request: Request) -> dict[str, Any]:
+        return _health(engine, settings, request, check_key)
+
+    app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", lambda: Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST),
                       methods=["GET"], dependencies=auth)
-    routes = Routes(engine, settings)
+    routes = Routes(engine, settings, switch)
     app.add_api_route("/v1/models", routes.models, methods=["GET"], dependencies=auth)
     app.add_api_route("/v1/completions", routes.completions, methods=["POST"], dependencies=auth)
     app.add_api_route("/v1/chat/completions", routes.chat, methods=["POST"], dependencies=auth)
     app.add_api_route("/v1/classify", routes.classify, methods=["POST"], dependencies=auth)
     app.add_api_route("/v1/adapters", routes.load_adapter, methods=["POST"], dependencies=auth)
     app.add_api_route("/v1/adapters/{name}", routes.unload_adapter, methods=["DELETE"], dependencies=auth)
-    return app
 
 
-def _health(engine: Engine, settings: ServeSettings) -> dict[str, Any]:
-    return {"status": "ok" if engine.accepting else "draining", "model": settings.base_name,
-            "task": settings.task, "adapters": engine.adapters(), "active": len(engine.active),
-            "queued": len(engine.waiting)}
+def _health(engine: Engine, settings: ServeSettings, request: Request, check_key: Any) -> dict[str, Any]:
+    status = {"status": "ok" if engine.accepting else "draining"}
+    try:
+        check_key(request)
+    except APIError:  # without the key, liveness only: adapter names and load are the key holder's business
+        return status
+    return {**status, "model": settings.base_name, "task": settings.task, "adapters": engine.adapters(),
+            "active": len(engine.active), "queued": len(engine.waiting)}
 
 
 def _auth_dependency(api_key: str | None):
@@ -120,13 +156,18 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def bad_body(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # its loc holds a character offset, not a field
+            offset = first.get("loc", ("body", "?"))[-1]
+            detail = (first.get("ctx") or {}).get("error", "invalid JSON")
+            return APIError(400, f"the body is not valid JSON: {detail} at character {offset}").response()
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid body")
         return APIError(400, message, param=where or None).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return APIError(exc.status_code, str(exc.detail), code=None).response()
+        kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), kind, headers=exc.headers).response()
 
     @app.exception_handler(Exception)
     async def internal(_: Request, exc: Exception) -> JSONResponse:
@@ -139,11 +180,29 @@ class Routes:
     Args:
         engine: the engine all requests go through.
         settings: limits and identity.
+        switch: closed by a forced shutdown (None: never).
     """
 
-    def __init__(self, engine: Engine, settings: ServeSettings) -> None:
+    def __init__(self, engine: Engine, settings: ServeSettings, switch: ShutdownSwitch | None = None) -> None:
         self.engine, self.settings = engine, settings
+        self.switch = switch or ShutdownSwitch()
         self.tokenizer = engine.tokenizer
+        # Tokenisation leaves the event loop (other clients and /health keep being answered); one worker, so
+        # requests never tokenise in parallel with each other (the engine thread only decodes).
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="lorakit-tokenize")
+        # No token is longer than the longest vocabulary entry, so a text longer than this many characters
+        # cannot fit the context, and is refused before it is tokenised.
+        longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+        self.max_prompt_chars = settings.max_model_len * max(longest, 1)
+
+    async def _off_loop(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, lambda: fn(*args, **kwargs))
+
+    def _check_chars(self, chars: int) -> None:
+        if chars > self.max_prompt_chars:
+            raise APIError(400, f"the prompt has {chars} characters: more than this model's maximum context of "
+                           f"{self.settings.max_model_len} tokens can hold (at most {self.max_prompt_chars} "
+                           "characters)", code="context_length_exceeded", param="prompt")
 
     # -- models and adapters -------------------------------------------------------------------------
     async def models(self) -> dict[str, Any]:
@@ -160,7 +219,7 @@ class Routes:
             return None
         if model in self.engine.adapters():
             return model
-        raise APIError(404, f"the model {model!r} does not exist; GET /v1/models lists "
+        raise APIError(404, f"the model {shown(model)} does not exist; GET /v1/models lists "
                        f"{[self.settings.base_name, *self.engine.adapters()]}", code="model_not_found",
                        param="model")
 
@@ -168,7 +227,8 @@ class Routes:
         if body.name == self.settings.base_name:
             raise APIError(400, f"{body.name!r} is the base model's id", param="name")
         future = self.engine.call(lambda: adapters_admin.load(self.engine.model, body.name, body.path,
-                                                               self.settings.task))
+                                                               self.settings.task,
+                                                               need_heads=self.settings.untrained_heads))
         await asyncio.wrap_future(future)  # AdapterFileError etc. become 400/409 in adapters_admin
         return {"id": body.name, "object": "model", "owned_by": "lorakit", "parent": self.settings.base_name,
                 "path": body.path}
@@ -190,7 +250,8 @@ class Routes:
                 raise APIError(400, "prompt: one prompt per request (send a string)", param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            ids = self.tokenizer(prompt, add_special_tokens=True).input_ids
+            self._check_chars(len(prompt))
+            ids = (await self._off_loop(self.tokenizer, prompt, add_special_tokens=True)).input_ids
         else:
             ids = [int(t) for t in prompt]
             if any(t < 0 or t >= len(self.tokenizer) for t in ids):
@@ -201,12 +262,14 @@ class Routes:
         self._need_task("causal-lm", "/v1/chat/completions")
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise APIError(400, f"{self.settings.base_name} has no chat template; use /v1/completions")
+        messages = chat_text(body.messages)
+        self._check_chars(sum(len(m["content"]) for m in messages))
         try:
-            text = self.tokenizer.apply_chat_template(chat_text(body.messages), add_generation_prompt=True,
-                                                      tokenize=False)
+            text = await self._off_loop(self.tokenizer.apply_chat_template, messages, add_generation_prompt=True,
+                                        tokenize=False)
         except Exception as exc:  # a template error is the request's fault (bad roles, order)
             raise APIError(400, f"messages: the chat template refused them: {exc}", param="messages") from exc
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        ids = (await self._off_loop(self.tokenizer, text, add_special_tokens=False)).input_ids
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         return await self._generate(body, ids, max_tokens, request, chat=True)
 
@@ -261,20 +324,29 @@ class Routes:
         except ShuttingDown as exc:
             raise APIError(503, str(exc), "server_error", headers={"Retry-After": "5"}) from exc
 
+    async def _next(self, events: asyncio.Queue[Event]) -> Event | None:
+        """The sequence's next event; None after 0.25 s without one; a 503 once a shutdown is forced (the
+        answer goes out at once, not after the engine's current step)."""
+        try:
+            return await asyncio.wait_for(events.get(), timeout=0.25)
+        except asyncio.TimeoutError:
+            if self.switch.closed:
+                return Event(finish_reason="error", error="the server is shutting down", status=503)
+            return None
+
     async def _collect(self, seq: Sequence, events: asyncio.Queue[Event], rid: str, model: str, chat: bool,
                        request: Request) -> Response:
         parts: list[str] = []
         try:
             while True:
-                try:
-                    ev = await asyncio.wait_for(events.get(), timeout=0.25)
-                except asyncio.TimeoutError:
+                ev = await self._next(events)
+                if ev is None:
                     # Polled: a non-streaming client that hangs up cancels its sequence.
                     if await request.is_disconnected():
                         return Response(status_code=499)
                     continue
                 if ev.error:
-                    raise APIError(500, ev.error, "server_error")
+                    raise APIError(ev.status, ev.error, "server_error")
                 parts.append(ev.text)
                 if ev.finish_reason:
                     break
@@ -291,9 +363,11 @@ class Routes:
             if chat:
                 yield sse(completion_object(rid, model, "", None, chat=True, chunk=True, role=True))
             while True:
-                ev = await events.get()
+                ev = await self._next(events)
+                if ev is None:
+                    continue
                 if ev.error:
-                    yield sse(APIError(500, ev.error, "server_error").body())
+                    yield sse(APIError(ev.status, ev.error, "server_error").body())
                     break
                 finish = ev.finish_reason
                 if ev.text or finish:
@@ -320,6 +394,13 @@ class Routes:
         if len(models) != len(texts):
             raise APIError(400, "model: a list of models needs one per input", param="model")
         adapters = [self.adapter_for(m) for m in models]
+        if None in adapters and self.settings.untrained_heads:
+            raise APIError(400, f"{self.settings.base_name} has no trained classifier head "
+                           f"({', '.join(self.settings.untrained_heads)} is random until an adapter trains it): "
+                           f"ask for an adapter, one of {self.engine.adapters()}", param="model")
+        # Inputs are truncated to max_model_len tokens: characters past what that many tokens can cover never
+        # count, so they are not tokenised at all.
+        texts = [t[: self.max_prompt_chars] for t in texts]
         for m in set(models):
             self.engine.metrics.requests.labels(m, "classify").inc()
         start = time.perf_counter()

@@ -69,6 +69,7 @@ class Engine:
         self._cv = threading.Condition()
         self._accepting = True
         self._stop = False
+        self._abort: str | None = None  # set by abort(): fail everything at the next step boundary
         # Adapter names as other threads see them: a snapshot refreshed by the engine thread after it changed
         # the model, so no HTTP thread iterates the model's registry while a load mutates it.
         self._loaded = frozenset(configs(model))
@@ -141,6 +142,14 @@ class Engine:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def abort(self, message: str) -> None:
+        """Refuse new work and fail every accepted request with a 503 ``message`` at the next step boundary
+        (a forced shutdown: their clients get a clean error instead of a cut connection)."""
+        with self._cv:
+            self._accepting = False
+            self._abort = message
+            self._cv.notify()
+
     # -- the engine thread ---------------------------------------------------------------------------
     def _run(self) -> None:
         # no_grad, not inference_mode: adapters hot-loaded here must stay normal tensors (lorakit caches
@@ -152,6 +161,8 @@ class Engine:
                         self._cv.wait()
                     if self._stop and not (self.waiting or self.active or self._commands or self._unloading):
                         return
+                if self._abort:
+                    self._fail_all(self._abort)
                 self._run_commands()
                 self._drop_cancelled()
                 self._reap_unloads()
@@ -169,6 +180,18 @@ class Engine:
                     seq.fail(f"internal error: {type(exc).__name__}: {exc}")
             self.active = [s for s in self.active if not s.done]
             self._batch = None
+
+    def _fail_all(self, message: str) -> None:
+        with self._cv:
+            seqs, self.waiting = [*self.waiting, *self.active], collections.deque()
+            commands, self._commands = list(self._commands), collections.deque()
+        self.active, self._batch = [], None
+        for seq in seqs:
+            if not seq.done:
+                seq.fail(message, status=503)
+            self._observe(seq)
+        for _, future in commands:
+            future.set_exception(ShuttingDown(message))
 
     def _run_commands(self) -> None:
         while True:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -62,7 +62,8 @@ class CompletionBody(_Sampling):
 
 
 class ChatMessage(_Body):
-    role: str
+    # An enum, not free text: the role is pasted into the chat template, so a free string could forge a turn.
+    role: Literal["system", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
 

@@ -37,6 +37,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    status: int = 500  # the HTTP status an error answers with (503: the server is shutting down)
 
 
 @dataclass
@@ -114,11 +115,11 @@ class Sequence:
         self.sent = len(self.text)
         self.sink(Event(rest, reason, len(self.prompt_ids), self.completion_tokens))
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, status: int = 500) -> None:
         """End with an error event (the HTTP layer turns it into an OpenAI error or a last SSE chunk)."""
         self.finish_reason = "error"
         self.sink(Event(finish_reason="error", prompt_tokens=len(self.prompt_ids),
-                        completion_tokens=self.completion_tokens, error=message))
+                        completion_tokens=self.completion_tokens, error=message, status=status))
 
     def cancel_done(self) -> None:
         self.finish_reason = "cancelled"

@@ -16,7 +16,8 @@ from lorakit.errors import LorakitError
 
 
 def build(model_name: str, adapters: dict[str, str], *, task: str = "causal-lm", **engine_kwargs: Any):
-    """(engine, base tokenizer) for a built-in name or folder with ``adapters`` ({name: dir}) loaded.
+    """(engine, base tokenizer, untrained heads) for a built-in name or folder with ``adapters`` ({name: dir})
+    loaded. The untrained heads are a classifier's head modules no checkpoint held (random weights).
 
     Args:
         model_name: ``lorakit.io.models`` name or local folder.
@@ -31,6 +32,7 @@ def build(model_name: str, adapters: dict[str, str], *, task: str = "causal-lm",
     from lorakit.serve.protocol import APIError
 
     kwargs: dict[str, Any] = {}
+    need_heads: tuple[str, ...] = ()
     if task == "seq-cls" and adapters:
         heads = [s["weight"] for s in read_adapter(next(iter(adapters.values()))).saved_modules.values()
                  if "weight" in s]
@@ -38,12 +40,14 @@ def build(model_name: str, adapters: dict[str, str], *, task: str = "causal-lm",
             kwargs["num_labels"] = heads[-1].shape[0]
     model, tokenizer = load_model(model_name, task=task, **kwargs)
     model.eval()
+    if task == "seq-cls":  # a head the checkpoint did not hold is random: adapters must bring their own
+        need_heads = tuple(sorted({k.rsplit(".", 1)[0] for k in getattr(model, "lorakit_new_weights", ())}))
     for name, path in adapters.items():
         try:
-            adapters_admin.load(model, name, path, task)
+            adapters_admin.load(model, name, path, task, need_heads=need_heads)
         except APIError as exc:
-            raise LorakitError(f"--adapter {name}={path}: {exc.message}") from exc
-    return Engine(model, tokenizer, **engine_kwargs), tokenizer
+            raise LorakitError(f"--adapter {name}={path}: {exc.message.removeprefix(f'{path}: ')}") from exc
+    return Engine(model, tokenizer, **engine_kwargs), tokenizer, need_heads
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -55,7 +59,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
-                   help="require Authorization: Bearer KEY (default: $LORAKIT_API_KEY)")
+                   help="require Authorization: Bearer KEY (default: $LORAKIT_API_KEY; empty is refused)")
     p.add_argument("--max-batch", type=int, default=32, help="most sequences decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="most waiting requests; more get 429")
     p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens accepted")
@@ -63,28 +67,25 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                    "(default: the model's position limit, at most 4096)")
     p.add_argument("--no-batching", action="store_true", help="one request at a time (benchmark baseline)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20,
+                   help="largest request body; more is a 413 (default 1 MiB)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="on SIGTERM/SIGINT, wait at most this "
+                   "many seconds for open requests, then fail them with a 503 (a second signal: at once)")
     return p.parse_args(argv)
-
-
-def _adapter_args(items: list[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise LorakitError(f"--adapter {item!r}: expected NAME=DIR")
-        out[name] = path
-    return out
 
 
 def make_app(args: argparse.Namespace):
     """The FastAPI app ``lorakit serve`` would run for these parsed arguments."""
     from lorakit.serve.app import ServeSettings, create_app
+    from lorakit.serve.options import adapter_args, check_args, check_model_len
 
-    engine, _ = build(args.model, _adapter_args(args.adapter), task=args.task, max_batch=args.max_batch,
-                      max_queue=args.max_queue, batching=not args.no_batching)
-    limit = getattr(engine.model.config, "max_position_embeddings", None) or 4096
+    check_args(args)
+    engine, _, heads = build(args.model, adapter_args(args.adapter, args.model), task=args.task,
+                      max_batch=args.max_batch, max_queue=args.max_queue, batching=not args.no_batching)
+    model_len = check_model_len(args.max_model_len, getattr(engine.model.config, "max_position_embeddings", None))
     settings = ServeSettings(base_name=args.model, task=args.task, api_key=args.api_key,
-                             max_tokens_cap=args.max_tokens_cap, max_model_len=args.max_model_len or min(limit, 4096))
+                             max_tokens_cap=args.max_tokens_cap, max_model_len=model_len,
+                             max_request_bytes=args.max_request_bytes, untrained_heads=heads)
     return create_app(engine, settings)
 
 
@@ -95,12 +96,16 @@ def serve_main(argv: list[str]) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from lorakit.serve.shutdown import DrainingServer
+
     app = make_app(args)
-    key = " (API key required)" if args.api_key else ""
-    print(f"lorakit serve: {args.model} with {app.state.engine.adapters()} on http://{args.host}:{args.port}{key}",
-          flush=True)
-    # SIGINT/SIGTERM: uvicorn stops accepting, waits for open requests, then the lifespan drains the engine.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=None)
+    key = "API key required" if args.api_key else "no API key: anyone who can connect may use it"
+    print(f"lorakit serve: {args.model} with {app.state.engine.adapters()} on http://{args.host}:{args.port} "
+          f"({key})", flush=True)
+    # SIGINT/SIGTERM: stop accepting, wait up to --shutdown-timeout for open requests (the lifespan then
+    # drains the engine); past it, or on a second signal, the rest get a 503 and the process exits.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=None)
+    DrainingServer(config, args.shutdown_timeout, app.state.abort).run()
     return 0
 
 
