@@ -11,10 +11,11 @@ from typing import Any
 from torch import Tensor
 
 from lorakit.errors import AdapterFileError, ConfigError
-from lorakit.io.layout import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFile, _key_pattern
+from lorakit.io.layout import CONFIG_NAME, PEFT_UNSUPPORTED_TARGET, PREFIX, WEIGHTS_NAME, AdapterFile, _key_pattern
 from lorakit.io.pairs import check_finite, read_pair, read_weights
-from lorakit.lora.config import LoraConfig
+from lorakit.lora.config import LoraConfig, is_finite_number, is_rank
 from lorakit.lora.layers import WHOLE
+from lorakit.lora.patterns import PatternError, fullmatch
 from lorakit.lora.variants import RESIDUAL_INITS
 
 
@@ -33,9 +34,9 @@ def _split_saved_key(key: str, saved_names: list[str]) -> tuple[str, str] | None
     return None
 
 
-
 def _parse_config(raw: dict[str, Any], meta: dict[str, Any], config_path: Path) -> LoraConfig:
     """The LoraConfig of a file: lorakit's own section when present, else built from PEFT's keys."""
+    _check_peft_numbers(raw, config_path)
     try:
         if "config" in meta:
             config = LoraConfig.from_dict(meta["config"])
@@ -43,7 +44,7 @@ def _parse_config(raw: dict[str, Any], meta: dict[str, Any], config_path: Path) 
             config = LoraConfig(
                 r=int(raw["r"]),
                 alpha=float(raw.get("lora_alpha", raw["r"])),
-                targets=tuple(raw.get("target_modules") or ()) or ("(from file)",),
+                targets=_targets_of(raw, config_path) or ("(from file)",),
                 dropout=float(raw.get("lora_dropout") or 0.0),
                 use_rslora=bool(raw.get("use_rslora", False)),
                 bias=raw.get("bias", "none"),
@@ -63,6 +64,64 @@ def _parse_config(raw: dict[str, Any], meta: dict[str, Any], config_path: Path) 
             "with PEFT's path_initial_model_for_weight_conversion (a plain LoRA on the original base)"
         )
     return config
+
+
+def _check_peft_numbers(raw: dict[str, Any], config_path: Path) -> None:
+    """PEFT's own numbers, as strictly as PEFT takes them: ``r: 4.7`` or ``r: "4"`` is no rank, and an
+    alpha may be zero or negative (adapter arithmetic makes those) but not NaN or infinite."""
+    ranks = {"r": raw["r"]} if "r" in raw else {}
+    ranks.update({f"rank_pattern[{k!r}]": v for k, v in _mapping(raw, "rank_pattern", config_path).items()})
+    alphas = {"lora_alpha": raw["lora_alpha"]} if "lora_alpha" in raw else {}
+    alphas.update({f"alpha_pattern[{k!r}]": v for k, v in _mapping(raw, "alpha_pattern", config_path).items()})
+    for key, value in ranks.items():
+        if not is_rank(value):
+            raise AdapterFileError(f"{config_path}: {key} must be a whole number >= 1, got {value!r}")
+    for key, value in alphas.items():
+        if not is_finite_number(value):
+            raise AdapterFileError(f"{config_path}: {key} must be a finite number, got {value!r}")
+
+
+def _mapping(raw: dict[str, Any], key: str, config_path: Path) -> dict[str, Any]:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise AdapterFileError(f"{config_path}: {key} must be a JSON object, got {value!r}")
+    return value
+
+
+def _targets_of(raw: dict[str, Any], config_path: Path) -> tuple[str, ...]:
+    """PEFT's ``target_modules``: one regex (a string) or a list of module names, never split further."""
+    targets = raw.get("target_modules")
+    if targets is None or isinstance(targets, str):
+        return (targets,) if targets else ()
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise AdapterFileError(f"{config_path}: target_modules must be a string or a list of strings")
+    return tuple(targets)
+
+
+def _uncovered(targets: str | list[str], modules: list[str]) -> list[str]:
+    """The modules PEFT's ``target_modules`` would not adapt: a string is a regex matched against the
+    whole module name, a list names modules by their last dotted parts."""
+    if isinstance(targets, str):
+        return [m for m in modules if not fullmatch(targets, m)]
+    return [m for m in modules if not any(m == t or m.endswith("." + t) for t in targets)]
+
+
+def _check_targets_cover(parsed: AdapterFile, config_path: Path) -> None:
+    """Refuse a file whose ``target_modules`` does not name the modules it holds tensors for: PEFT would
+    adapt other modules than lorakit (or refuse the file), so the file contradicts itself."""
+    targets = parsed.raw_config.get("target_modules")
+    if not targets or (isinstance(targets, list) and PEFT_UNSUPPORTED_TARGET in targets):
+        return  # lorakit's per-slice files name a module PEFT cannot find, on purpose
+    _targets_of(parsed.raw_config, config_path)
+    try:
+        uncovered = _uncovered(targets, sorted(parsed.pairs))
+    except PatternError as exc:
+        raise AdapterFileError(f"{config_path}: target_modules: {exc}") from None
+    if uncovered:
+        raise AdapterFileError(
+            f"{config_path}: target_modules={targets!r} does not cover {len(uncovered)} module(s) the file "
+            f"holds tensors for, e.g. {uncovered[0]!r}: PEFT would adapt other modules than these tensors"
+        )
 
 
 def _sort_tensors(parsed: AdapterFile, tensors: dict[str, Tensor], weights_path: Path) -> None:
@@ -160,6 +219,7 @@ def read_adapter(path: str | Path) -> AdapterFile:
     _sort_tensors(parsed, tensors, weights_path)
     _check_pairs(parsed, weights_path)
     _check_all_modules_present(parsed, meta, weights_path)
+    _check_targets_cover(parsed, config_path)
     return parsed
 
 

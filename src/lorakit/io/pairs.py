@@ -81,6 +81,49 @@ def write_weights_and_config(
     return path
 
 
+# A config is a few kilobytes; these bounds only stop hostile files (a 100,000-deep nest overflows the parser).
+MAX_CONFIG_BYTES = 16 << 20
+MAX_CONFIG_DEPTH = 64
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def read_json_config(config_path: Path) -> Any:
+    """Parse a JSON config file a user or an attacker may have written, within bounds.
+
+    Args:
+        config_path: the file.
+
+    Raises:
+        AdapterFileError: the file is too large, nested too deeply, or not valid UTF-8 JSON.
+        OSError: the file cannot be read.
+    """
+    size = config_path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise AdapterFileError(f"{config_path} is {size} bytes; a config may be at most {MAX_CONFIG_BYTES}")
+    text = config_path.read_bytes()
+    too_deep = AdapterFileError(f"{config_path} is nested more than {MAX_CONFIG_DEPTH} levels deep")
+    try:
+        value = json.loads(text.decode("utf-8"))
+    except RecursionError:
+        raise too_deep from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{config_path} is not valid JSON: {exc}") from None
+    if _depth(value) > MAX_CONFIG_DEPTH:
+        raise too_deep
+    return value
+
+
 def _recorded_sha(config: dict[str, Any]) -> str | None:
     """The weights checksum a config records: top level (method files, trained states) or ``lorakit``."""
     meta = config.get("lorakit")
@@ -97,7 +140,7 @@ def _pending_config(path: Path, config_name: str, weights_path: Path) -> tuple[P
     actual = _sha256(weights_path)
     for candidate in pending:
         try:
-            config = json.loads(candidate.read_text(encoding="utf-8"))
+            config = read_json_config(candidate)
         except (OSError, ValueError):
             continue  # a config the kill cut short: not a complete generation
         if isinstance(config, dict) and _recorded_sha(config) == actual:
@@ -115,7 +158,7 @@ def settle_pair(path: Path, config_name: str, weights_name: str) -> None:
     """
     config_path, weights_path = path / config_name, path / weights_name
     try:
-        current = _recorded_sha(json.loads(config_path.read_text(encoding="utf-8")))
+        current = _recorded_sha(read_json_config(config_path))
     except (OSError, ValueError, AttributeError):
         current = None
     stale = stale_temps(path, f".{config_name}.tmp-*") + stale_temps(path, f".{weights_name}.tmp-*")
@@ -141,10 +184,7 @@ def read_pair(path: str | Path, config_name: str, weights_name: str, what: str) 
         raise AdapterFileError(f"{path} is not a saved {what}: {weights_path.name} is missing")
     config = None
     if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise AdapterFileError(f"{config_path} is not valid JSON: {exc}") from exc
+        config = read_json_config(config_path)
     pending = _pending_config(path, config_name, weights_path)
     if pending is not None and (not isinstance(config, dict) or _recorded_sha(config) != _recorded_sha(pending[1])):
         config = pending[1]
