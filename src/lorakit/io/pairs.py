@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from lorakit.errors import AdapterFileError
-from lorakit.io.fsutil import debug_kill_point, file_mode, fsync_dir, stale_temps
+from lorakit.io.fsutil import debug_kill_point, disk_errors, file_mode, fsync_dir, stale_temps
 
 
 def _sha256(path: Path) -> str:
@@ -62,7 +62,8 @@ def write_weights_and_config(
     tmp_weights = path / f".{weights_name}.tmp-{os.getpid()}"
     tmp_config = path / f".{config_name}.tmp-{os.getpid()}"
     try:
-        save_file(tensors, tmp_weights, metadata={"format": "pt"})
+        with disk_errors(path / weights_name):
+            save_file(tensors, tmp_weights, metadata={"format": "pt"})
         os.chmod(tmp_weights, file_mode())  # safetensors creates 0600; the JSON beside it gets the umask's
         debug_kill_point("pair:weights-written")
         tmp_config.write_text(json.dumps(config_with(_sha256(tmp_weights)), indent=2, sort_keys=True))
