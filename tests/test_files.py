@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lorakit.io.files as files
+import lorakit.io.pairs as pairs
 from lorakit import AdapterFileError, LoraConfig, inject, load_adapter, read_adapter, save_adapter, set_adapter
 from lorakit.lora.adapters import configs, lora_layers
 from tiny import ids, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
@@ -102,7 +103,7 @@ def test_interrupted_save_keeps_the_old_adapter(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed mid-save")
 
-    monkeypatch.setattr(files, "save_file", crash)
+    monkeypatch.setattr(pairs, "save_file", crash)  # the one writer of safetensors + JSON pairs
     with pytest.raises(KeyboardInterrupt):
         save_adapter(model, path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before  # and no temp litter

@@ -3,7 +3,6 @@ input or file-system failure prints a traceback: each is one `lorakit <cmd>: err
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -61,8 +60,8 @@ def _one_error_line(capsys, command: str) -> str:
 
 # == 5. merge: refuse, or replace atomically ===============================================================
 @pytest.mark.parametrize("existing", ["file", "folder"])
-def test_merge_refuses_an_existing_out_unless_overwrite(base_and_adapter, tmp_path, capsys, existing):
-    base, adapter, expected = base_and_adapter
+def test_merge_refuses_an_out_it_did_not_write_even_with_overwrite(base_and_adapter, tmp_path, capsys, existing):
+    base, adapter, _ = base_and_adapter
     out = tmp_path / "m"
     if existing == "file":
         out.write_text("precious")
@@ -71,23 +70,63 @@ def test_merge_refuses_an_existing_out_unless_overwrite(base_and_adapter, tmp_pa
         (out / "config.json").write_text("{}")
         (out / "model-00001-of-00002.safetensors").write_bytes(b"stale")
     before = {p.name: p.read_bytes() for p in out.iterdir()} if out.is_dir() else out.read_bytes()
+    for extra in ((), ("--overwrite",)):
+        assert _merge(base, adapter, out, *extra) == 1
+        line = _one_error_line(capsys, "merge")
+        assert ("is a file" if existing == "file" else "did not write") in line, line
+        assert ({p.name: p.read_bytes() for p in out.iterdir()} if out.is_dir() else out.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no lock or temporary folder left
+
+
+def test_merge_overwrite_replaces_only_its_own_files(base_and_adapter, tmp_path, capsys):
+    base, adapter, expected = base_and_adapter
+    out = tmp_path / "m"
+    assert _merge(base, adapter, out) == 0
     assert _merge(base, adapter, out) == 1
     line = _one_error_line(capsys, "merge")
-    assert "already exists" in line and "--overwrite" in line
-    assert ({p.name: p.read_bytes() for p in out.iterdir()} if out.is_dir() else out.read_bytes()) == before
+    assert "already holds" in line and "--overwrite" in line
+    # The user's files beside the merged model, and a shard an earlier merge wrote that this one does not.
+    (out / "notes.txt").write_text("mine")
+    (out / "eval").mkdir()
+    (out / "eval" / "scores.json").write_text("{}")
+    marker = json.loads((out / ".lorakit-output.json").read_text())
+    marker["files"].append("model-00002-of-00002.safetensors")
+    (out / ".lorakit-output.json").write_text(json.dumps(marker))
+    (out / "model-00002-of-00002.safetensors").write_bytes(b"stale")
     assert _merge(base, adapter, out, "--overwrite") == 0
-    assert not (out / "model-00001-of-00002.safetensors").exists()  # replaced whole, nothing stale mixed in
+    assert (out / "notes.txt").read_text() == "mine" and (out / "eval" / "scores.json").read_text() == "{}"
+    assert not (out / "model-00002-of-00002.safetensors").exists()  # its own stale shard: gone
     torch.testing.assert_close(_merged_logits(out), expected, atol=1e-5, rtol=0)
-    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folder left
-    assert len({f.stat().st_mode & 0o777 for f in out.iterdir()}) == 1  # one file mode, not 0600 and 0644
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folder or lock left
+    own = [f for f in out.iterdir() if f.is_file() and f.name != "notes.txt"]
+    assert len({f.stat().st_mode & 0o777 for f in own}) == 1  # one file mode, not 0600 and 0644
+
+
+def test_merge_overwrite_out_dot_never_wipes_the_working_directory(base_and_adapter, tmp_path, capsys,
+                                                                   monkeypatch):  # fmt: skip
+    base, adapter, _ = base_and_adapter
+    work = tmp_path / "work"
+    (work / "src").mkdir(parents=True)
+    (work / "src" / "main.py").write_text("print('precious')")
+    (work / "README").write_text("precious")
+    monkeypatch.chdir(work)
+    assert _merge(base, adapter, ".", "--overwrite") == 1
+    assert "did not write" in _one_error_line(capsys, "merge")
+    assert sorted(p.name for p in work.iterdir()) == ["README", "src"]
+    assert (work / "src" / "main.py").read_text() == "print('precious')"
+
+
+def _earlier_merge_output(out: Path) -> None:
+    out.mkdir()
+    (out / "config.json").write_text('{"old": true}')
+    (out / ".lorakit-output.json").write_text(json.dumps({"command": "merge", "files": ["config.json"]}))
 
 
 @pytest.mark.parametrize("window", ["folder:written", "folder:replaced"])
 def test_a_kill_during_merge_leaves_the_old_out_or_the_new_one_and_no_leftovers(base_and_adapter, tmp_path, window):
     base, adapter, expected = base_and_adapter
     out = tmp_path / "m"
-    out.mkdir()
-    (out / "config.json").write_text('{"old": true}')
+    _earlier_merge_output(out)
     # A real process (not a fork: a forked child of a process running torch can deadlock in its threads).
     env = {**os.environ, KILL_ENV: window, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     argv = ["--model", str(base), "--adapter", str(adapter), "--out", str(out), "--overwrite"]
@@ -98,7 +137,7 @@ def test_a_kill_during_merge_leaves_the_old_out_or_the_new_one_and_no_leftovers(
     else:  # after: the complete new model
         torch.testing.assert_close(_merged_logits(out), expected, atol=1e-5, rtol=0)
     assert _merge(base, adapter, out, "--overwrite") == 0  # the next merge clears what the kill left
-    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # the dead merge's lock was taken over and released
     torch.testing.assert_close(_merged_logits(out), expected, atol=1e-5, rtol=0)
 
 
@@ -121,9 +160,9 @@ def _bad_inputs(tmp: Path, base: Path, adapter: Path) -> list[tuple[str, list[st
          if not Path("../../etc").is_dir() else "holds no config.json"),
         ("train", [*train, "--data", str(deep), "--out", str(tmp / "o3")], "train.csv, line 5002: not valid UTF-8"),
         ("merge", ["--model", str(tmp / "nope"), "--adapter", str(adapter), "--out", str(tmp / "m")], "no such folder"),
-        ("merge", ["--model", str(base), "--adapter", str(adapter), "--out", str(tmp / "a_file")], "already exists"),
+        ("merge", ["--model", str(base), "--adapter", str(adapter), "--out", str(tmp / "a_file")], "is a file"),
         ("merge", ["--model", str(base), "--adapter", str(adapter), "--out", str(tmp / "a_file" / "m"),
-                   "--overwrite"], "File exists"),
+                   "--overwrite"], "is a file"),
         ("merge", ["--model", str(base), "--adapter", str(adapter), "--out", str(adapter.parent), "--overwrite"],
          "holds the adapter being merged"),
         ("info", [str(tmp / "nope")], "does not exist"),
@@ -136,25 +175,6 @@ def test_no_bad_input_prints_a_traceback(base_and_adapter, tmp_path, capsys, one
         assert main([command, *argv]) == 1, argv
         line = _one_error_line(capsys, command)
         assert expected in line, (argv, line)
-
-
-def test_a_full_disk_during_the_final_save_is_one_line_and_keeps_nothing_half_written(tmp_path, capsys, monkeypatch, one_thread):  # noqa: F811, E501
-    import lorakit.io.files as files
-
-    model = make_tiny_bert(tmp_path / "base")
-    data = write_sentiment_csv(tmp_path / "data", 8, 4)
-
-    def full(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
-
-    monkeypatch.setattr(files, "save_file", full)
-    out = tmp_path / "o"
-    rc = main(["train", "--task", "text", "--data", str(data), "--model", str(model), "--out", str(out),
-               "--max-steps", "1", "--batch-size", "4", "--no-plot"])  # fmt: skip
-    line = _one_error_line(capsys, "train")
-    assert rc == 1 and "No space left on device" in line
-    assert not list(out.glob("adapter*")) and not list(out.glob(".*tmp*"))
 
 
 def test_eval_does_not_trust_the_base_path_an_adapter_file_names(base_and_adapter, tmp_path, capsys):

@@ -22,7 +22,6 @@ PEFT's call gives the very same masks.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import re
@@ -36,6 +35,7 @@ from torch import Tensor
 
 from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.io.files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFile, read_adapter, write_weights_and_config
+from lorakit.io.fsutil import LOCK_NAME, claim_output, mark_output, output_lock
 from lorakit.lora.layers import WHOLE
 from lorakit.version import __version__
 
@@ -359,8 +359,27 @@ def combine_adapters(
     names = [str(n) for n in names]
     options = _options(mode, len(sources), rank, density, majority_sign, clamp, seed)
     weight_list = _weights(weights, len(sources))
-    out = _check_out(out, sources, overwrite)
-    adapters = [s if isinstance(s, AdapterFile) else read_adapter(s) for s in sources]
+    out = _check_out(out, sources)
+    with output_lock(out / LOCK_NAME, out):  # a folder created for it goes again if nothing is written
+        claim_output(out, "combine", overwrite=overwrite, own_names=_OWN_NAMES, held=_held_adapter)
+        adapters = [s if isinstance(s, AdapterFile) else read_adapter(s) for s in sources]
+        provenance = {"mode": mode, "weights": weight_list, "sources": names, "density": density,
+                      "majority_sign": majority_sign, "clamp": clamp, "seed": seed}  # fmt: skip
+        tensors, raw = _combined_file(adapters, names, weight_list, options, keep_extras_from, provenance)
+
+        def config_with(sha256: str) -> dict[str, Any]:
+            raw["lorakit"]["sha256"] = sha256
+            return raw
+
+        write_weights_and_config(out, tensors, WEIGHTS_NAME, config_with, CONFIG_NAME)
+        mark_output(out, "combine", list(_OWN_NAMES))
+    return out
+
+
+def _combined_file(adapters: list[AdapterFile], names: list[str], weight_list: list[float], options: Options,
+                   keep_extras_from: int | None, provenance: dict[str, Any],
+                   ) -> tuple[dict[str, Tensor], dict[str, Any]]:  # fmt: skip
+    """(tensors, config) of the combined adapter, after checking the inputs fit together."""
     _check_same_base(adapters, names)
     _check_same_targets(adapters, names)
     _check_extras(adapters, names, keep_extras_from)
@@ -370,53 +389,21 @@ def combine_adapters(
     combined = _combine_slots(adapters, names, weight_list, options)
     out_rank = next(iter(combined.values()))[0].shape[0]
     extras = adapters[keep_extras_from] if keep_extras_from is not None else None
-    provenance = {"mode": mode, "weights": weight_list, "sources": names, "rank": out_rank, "density": density,
-                  "majority_sign": majority_sign, "clamp": clamp, "seed": seed}  # fmt: skip
-    raw = _raw_config(adapters[0], out_rank, extras, provenance)
-
-    def config_with(sha256: str) -> dict[str, Any]:
-        raw["lorakit"]["sha256"] = sha256
-        return raw
-
-    write_weights_and_config(out, _tensors(combined, extras, adapters[0].embedding_modules), WEIGHTS_NAME,
-                             config_with, CONFIG_NAME)  # fmt: skip
-    return out
+    raw = _raw_config(adapters[0], out_rank, extras, {**provenance, "rank": out_rank})
+    return _tensors(combined, extras, adapters[0].embedding_modules), raw
 
 
-def _check_out(out: str | Path, sources: Sequence[Source], overwrite: bool) -> Path:
+_OWN_NAMES = (CONFIG_NAME, WEIGHTS_NAME)  # the exact files combine writes
+
+
+def _held_adapter(out: Path) -> str | None:
+    return "an adapter" if any((out / name).exists() for name in _OWN_NAMES) else None
+
+
+def _check_out(out: str | Path, sources: Sequence[Source]) -> Path:
     out = Path(out)
     for source in sources:
         if isinstance(source, (str, Path)) and Path(source).resolve() == out.resolve():
             raise ConfigError(f"out {out} is one of the inputs; write the combined adapter elsewhere")
-    if not overwrite and ((out / CONFIG_NAME).exists() or (out / WEIGHTS_NAME).exists()):
-        raise ConfigError(f"{out} already holds an adapter; pass overwrite=True (--overwrite) to replace it")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out {out} is a file, not a directory")
     return out
 
-
-def combine_main(argv: list[str]) -> int:
-    """``lorakit combine``: weighted combination of adapters into one adapter directory."""
-    parser = argparse.ArgumentParser(prog="lorakit combine", description="Combine weighted adapters into one "
-                                     "(PEFT's add_weighted_adapter modes); writes an ordinary adapter directory.")
-    parser.add_argument("adapters", nargs="+", type=Path, help="adapter directories")
-    parser.add_argument("--out", required=True, type=Path, help="output adapter directory")
-    parser.add_argument("--mode", required=True, choices=sorted(MODES), help="combination mode (PEFT's names)")
-    parser.add_argument("--weights", type=lambda s: [float(w) for w in s.split(",")],
-                        help="comma-separated weight per adapter (default 1 each)")  # fmt: skip
-    parser.add_argument("--rank", type=int, help="target rank of the SVD modes (default: the largest input rank)")
-    parser.add_argument("--density", type=float, help="fraction kept by ties / dare / magnitude_prune modes")
-    parser.add_argument("--majority-sign", default="total", choices=SIGN_METHODS, help="TIES sign election")
-    parser.add_argument("--clamp", type=float, help="SVD modes: clamp factors at this quantile")
-    parser.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks")
-    parser.add_argument("--keep-extras-from", type=int, help="keep this input's (0-based) heads and biases")
-    parser.add_argument("--overwrite", action="store_true", help="replace an adapter already at --out")
-    args = parser.parse_args(argv)
-    out = combine_adapters(args.adapters, args.weights, args.out, mode=args.mode, rank=args.rank,
-                           density=args.density, majority_sign=args.majority_sign, clamp=args.clamp,
-                           seed=args.seed, keep_extras_from=args.keep_extras_from,
-                           overwrite=args.overwrite)  # fmt: skip
-    combined = read_adapter(out)
-    print(f"combined {len(args.adapters)} adapters ({args.mode}) → {out} (r={combined.config.r}, "
-          f"{len(combined.pairs)} modules)")  # fmt: skip
-    return 0

@@ -14,9 +14,9 @@ import warnings
 # name → (module:function taking argv and returning an exit code, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("lorakit.demo:demo_main", "fine-tune minilm-l6 with LoRA on shipped movie reviews, end to end"),
-    "merge": ("lorakit.cli.commands:merge_main", "merge an adapter into its base and save a plain transformers folder"),
-    "info": ("lorakit.cli.commands:info_main", "show what an adapter directory holds"),
-    "combine": ("lorakit.arith.combine:combine_main", "combine weighted adapters (linear, cat, svd, ties, dare)"),
+    "merge": ("lorakit.cli.merge:merge_main", "merge an adapter into its base and save a plain transformers folder"),
+    "info": ("lorakit.cli.info:info_main", "show what an adapter directory holds"),
+    "combine": ("lorakit.cli.combine:combine_main", "combine weighted adapters (linear, cat, svd, ties, dare)"),
     "train": ("lorakit.cli.train:train_main", "fine-tune a model on a task (LoRA or a baseline method)"),
     "eval": ("lorakit.cli.train:eval_main", "score a base model + adapter on a task"),
     "generate": ("lorakit.cli.generate:generate_main", "generate text with a base model and adapters (streams)"),

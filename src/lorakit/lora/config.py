@@ -61,10 +61,11 @@ class LoraConfig:
             if isinstance(value, str):
                 value = tuple(t.strip() for t in value.split(",") if t.strip())
             object.__setattr__(self, name, tuple(value))
-        if not isinstance(self.r, int) or self.r < 1:
+        if not is_rank(self.r):
             raise ConfigError(f"r must be a positive integer, got {self.r!r}")
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
-            raise ConfigError(f"alpha must be a positive finite number, got {self.alpha!r}")
+        # PEFT accepts any finite alpha: zero or negative is legitimate adapter arithmetic (combine makes it).
+        if not is_finite_number(self.alpha):
+            raise ConfigError(f"alpha must be a finite number, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INIT_KINDS:
@@ -80,11 +81,11 @@ class LoraConfig:
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"{name} must be a mapping of pattern -> value, got {getattr(self, name)!r}")
         for pattern, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or rank < 1:
+            if not is_rank(rank):
                 raise ConfigError(f"rank_pattern[{pattern!r}] must be a positive integer, got {rank!r}")
         for pattern, alpha in self.alpha_pattern.items():
-            if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-                raise ConfigError(f"alpha_pattern[{pattern!r}] must be a positive finite number, got {alpha!r}")
+            if not is_finite_number(alpha):
+                raise ConfigError(f"alpha_pattern[{pattern!r}] must be a finite number, got {alpha!r}")
         for pattern in (*self.rank_pattern, *self.alpha_pattern):
             try:
                 compile_pattern(pattern)
@@ -145,3 +146,21 @@ class LoraConfig:
         if unknown:
             raise ConfigError(f"unknown LoraConfig field(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**data)
+
+
+def is_rank(value: Any) -> bool:
+    """Whether ``value`` is a rank: a true integer >= 1, not a bool, 4.0 or "4" (PEFT refuses those too).
+
+    Args:
+        value: a value from a config or a file.
+    """
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def is_finite_number(value: Any) -> bool:
+    """Whether ``value`` is a finite int or float (not a bool).
+
+    Args:
+        value: a value from a config or a file.
+    """
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lorakit.errors import LorakitError, TrainingDivergedError
-from lorakit.io.fsutil import debug_kill_point, file_mode, replace_path
+from lorakit.io.fsutil import debug_kill_point, disk_errors, file_mode, replace_path
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
@@ -194,7 +194,8 @@ def save_checkpoint(
         save_trained(model, tmp)  # creates tmp (the method's own files, e.g. the LoRA adapter)
         tmp.mkdir(exist_ok=True)
         tensors, meta_json = _state_files(step, model, optimizer, scheduler, state, rng_states, trainable)
-        save_file(tensors, tmp / STATE_TENSORS, metadata={"format": "pt"})
+        with disk_errors(final):
+            save_file(tensors, tmp / STATE_TENSORS, metadata={"format": "pt"})
         os.chmod(tmp / STATE_TENSORS, file_mode())  # safetensors creates 0600: one mode for all files
         (tmp / STATE_JSON).write_text(json.dumps(meta_json, indent=2, sort_keys=True))
         for f in tmp.iterdir():

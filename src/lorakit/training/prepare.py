@@ -22,6 +22,7 @@ from torch import nn
 
 from lorakit.data import DataError
 from lorakit.errors import ConfigError
+from lorakit.io.fsutil import claim_output, mark_output
 from lorakit.lora.adapters import parameter_report
 from lorakit.lora.kernels import compile_for_training
 from lorakit.methods import get_method
@@ -160,6 +161,8 @@ def check_output_dir(
 ) -> Path | None:
     """Refuse to mix runs in one folder; on resume, check the settings match ``started`` (the run's saved
     settings) and find the checkpoint."""
+    claim_output(out, "train", overwrite=overwrite or resume, own_names=RUN_NAMES, held=_held_results,
+                 hint="pass --resume to continue it or --overwrite to start over")
     if resume:
         if started is not None:
             new = cfg.to_dict()
@@ -168,10 +171,15 @@ def check_output_dir(
                 details = ", ".join(f"{k}: {started.get(k)!r} -> {new[k]!r}" for k in changed)
                 raise ConfigError(f"--resume: {out} was started with different settings ({details})")
         return ckpt.latest_checkpoint(out)
-    held = rundir.what_it_holds(out, TRAINED_FILES, (METRICS_LOG, EVAL_RESULTS), (ckpt.CHECKPOINTS,))
-    if held and not overwrite:
-        raise ConfigError(f"{out} already holds {held}: pass --resume to continue it or --overwrite to start over")
     return None
+
+
+# Every name a run writes into its folder: a folder holding only these is a run's from before markers.
+RUN_NAMES = (*RUN_FILES, ckpt.CHECKPOINTS, TENSORBOARD_DIR)
+
+
+def _held_results(out: Path) -> str | None:
+    return rundir.what_it_holds(out, TRAINED_FILES, (METRICS_LOG, EVAL_RESULTS), (ckpt.CHECKPOINTS,))
 
 
 def claim_output_dir(out: Path, cfg: TrainConfig, info: dist_util.DistInfo, resume: bool, overwrite: bool) -> None:
@@ -183,6 +191,7 @@ def claim_output_dir(out: Path, cfg: TrainConfig, info: dist_util.DistInfo, resu
             rundir.clear_run(out, kept, (ckpt.CHECKPOINTS, TENSORBOARD_DIR))
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / TRAIN_CONFIG)
+        mark_output(out, "train")
 
 
 def build_model(cfg: TrainConfig, spec: TaskSpec, model_kwargs: dict[str, Any]) -> tuple[nn.Module, Any]:

@@ -13,6 +13,10 @@ Data order comes from a seeded ``torch.Generator`` per epoch (``sampler``), so t
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
+from lorakit.io.fsutil import LOCK_NAME, output_lock
 from lorakit.training import distributed as dist_util
 from lorakit.training.config import TrainConfig
 from lorakit.training.finish import finish
@@ -34,11 +38,15 @@ def train(
             due): a test hook that simulates a crash.
     """
     info = dist_util.setup(cfg.device)
+    out = Path(cfg.out)
+    # One writer per run folder: rank 0 holds the lock for every rank, from the folder check to the results.
+    lock = output_lock(out / LOCK_NAME, out) if info.is_main else contextlib.nullcontext()
     try:
-        run = prepare_run(cfg, info, resume=resume, overwrite=overwrite, kill_after_step=kill_after_step)
-        if isinstance(run, dict):
-            return run  # a resumed run that had already finished
-        run_loop(run)
-        return finish(run)
+        with lock:
+            run = prepare_run(cfg, info, resume=resume, overwrite=overwrite, kill_after_step=kill_after_step)
+            if isinstance(run, dict):
+                return run  # a resumed run that had already finished
+            run_loop(run)
+            return finish(run)
     finally:
         dist_util.teardown(info)
