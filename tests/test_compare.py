@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lorakit.cli.compare import compare_main
 from lorakit.errors import ConfigError
 from lorakit.experiments import compare
-from lorakit.experiments.compare import compare_main, parse_spec, run_compare, trainable_count, write_outputs
+from lorakit.experiments.compare import parse_spec, run_compare, trainable_count, write_outputs
 
 BASE = {"task": "rte", "data": "/nowhere/RTE"}
 SIZES = {"lora": 1000, "bitfit": 300, "adapter_h": 5000}
@@ -42,7 +43,7 @@ class FakeRunner:
 
 
 def specs(*texts: str):
-    fields = compare._train_fields()
+    fields = compare.train_fields()
     return [parse_spec(t, fields) for t in texts]
 
 
@@ -102,7 +103,7 @@ def test_table_plot_and_failures(tmp_path, monkeypatch):
 
 
 def test_specs_and_errors(tmp_path, monkeypatch):
-    spec = parse_spec("adapter_h:bottleneck=64:lr=1e-3", compare._train_fields())
+    spec = parse_spec("adapter_h:bottleneck=64:lr=1e-3", compare.train_fields())
     assert (spec.method, spec.settings, spec.options) == ("adapter_h", {"lr": "1e-3"}, {"bottleneck": "64"})
     assert spec.dirname == "adapter_h__bottleneck=64__lr=1e-3"
     with pytest.raises(ConfigError, match="key=value"):
@@ -116,12 +117,12 @@ def test_specs_and_errors(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="unknown key"):
         run_compare(specs("lora"), [0], {**BASE, "bad_field": 1}, tmp_path)
     assert runner.calls == []  # nothing ran: every config is checked first
-    if "method_options" not in compare._train_fields():
+    if "method_options" not in compare.train_fields():
         with pytest.raises(ConfigError, match="this training pipeline has no method_options"):
             run_compare(specs("adapter_h:bottleneck=8"), [0], BASE, tmp_path)
     # With a pipeline that takes method_options, they are passed as key=value strings.
     fields = [*compare.CONTROLLED, "task", "data", "method_options"]
-    monkeypatch.setattr(compare, "_train_fields", lambda: fields)
+    monkeypatch.setattr(compare, "train_fields", lambda: fields)
     monkeypatch.setattr(compare, "_normalised", dict)
     run_compare(specs("adapter_h:bottleneck=8"), [0], BASE, tmp_path)
     assert runner.configs[-1]["method_options"] == ["bottleneck=8"]

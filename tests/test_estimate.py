@@ -15,7 +15,6 @@ from lorakit.analysis.estimate import (
     activation_bytes,
     arch_from_config,
     estimate,
-    estimate_main,
     load_arch,
     lora_trainable_params,
     parse_ranks,
@@ -23,6 +22,7 @@ from lorakit.analysis.estimate import (
     peft_tensor_shapes,
     total_params,
 )
+from lorakit.cli.estimate import estimate_main
 
 
 def paper_m(n: int) -> str:

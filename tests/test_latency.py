@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
+from lorakit.cli.latency import latency_main
 from lorakit.errors import ConfigError
 from lorakit.experiments import latency
-from lorakit.experiments.latency import build_variant, format_table, latency_main, run_latency
+from lorakit.experiments.latency import build_variant, format_table, run_latency
 from lorakit.lora.adapters import lora_layers
 
 SETTINGS = {"r": 4, "targets": "q,v", "bottleneck": 4, "prefix": 3}

@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from lorakit import ConfigError
+from lorakit.cli.common import add_config_arguments
 from lorakit.training import checkpoint as ckpt
 from lorakit.training import hooks
-from lorakit.training.config import add_config_arguments, resolve_config
+from lorakit.training.config import resolve_config
 from lorakit.training.optim import build_optimizer, lora_b_parameters
 from lorakit.training.prepare import prepare_model
 from lorakit.training.trainer import train

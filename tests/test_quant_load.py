@@ -12,7 +12,8 @@ from lorakit import LorakitError
 from lorakit.io.models import load_model
 from lorakit.quant.linear import QuantizedLinear, quantize_base
 from lorakit.quant.load import copy_from_file, load_quantized, weight_files
-from lorakit.training.config import TrainConfig, resolve_task_defaults
+from lorakit.training.config import TrainConfig
+from lorakit.training.defaults import resolve_task_defaults
 from test_training import make_tiny_llama
 
 

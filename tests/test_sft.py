@@ -190,7 +190,7 @@ def test_sft_run_trains_on_chats_and_eval_scores_loss_and_generations(
     tiny_llama, tmp_path, one_thread, monkeypatch, capsys  # noqa: F811
 ):
     import lorakit.metrics.d2t
-    from lorakit.cli.train import eval_main
+    from lorakit.cli.evaluate import eval_main
     from lorakit.training.trainer import train
 
     seen = {}
@@ -219,7 +219,7 @@ def test_sft_run_trains_on_chats_and_eval_scores_loss_and_generations(
 
 
 def test_test_file_is_an_alias_of_eval_file(tmp_path, monkeypatch):
-    from lorakit.cli import train as cli
+    from lorakit.cli import evaluate as cli
 
     got = {}
     monkeypatch.setattr(cli, "evaluate_model", lambda cfg, adapter: (got.setdefault("cfg", cfg), ({}, []))[1])

@@ -12,7 +12,6 @@ from safetensors.torch import save_file
 
 from lorakit.analysis.subspace import (
     analyze_adapters,
-    analyze_main,
     delta_w_svd,
     delta_w_vs_w,
     energy_captured,
@@ -24,6 +23,7 @@ from lorakit.analysis.subspace import (
     subspace_similarity_grid,
     weight_from_model,
 )
+from lorakit.cli.analyze import analyze_main
 
 DT = torch.float64
 

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from lorakit.cli import main
-from lorakit.cli.train import eval_main, train_main
+from lorakit.cli.evaluate import eval_main
+from lorakit.cli.train import train_main
 from test_training import one_thread  # noqa: F401
 
 

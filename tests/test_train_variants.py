@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 from tests.tiny import tiny_llama as tiny_llama_model
 
-from lorakit.cli.train import eval_main, parse_train_args, train_main
+from lorakit.cli.evaluate import eval_main
+from lorakit.cli.train import parse_train_args, train_main
 from lorakit.errors import ConfigError, TargetError
 from lorakit.io.models import load_model
 from lorakit.lora.adapters import lora_layers

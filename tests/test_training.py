@@ -680,7 +680,7 @@ def test_e2e_run_scores_one_hypothesis_per_mr_against_all_references(
 
 @pytest.mark.slow
 def test_e2e_run_and_eval_cli_json_with_real_metrics(tiny_llama, tmp_path, one_thread, capfd, shared_data):
-    from lorakit.cli.train import eval_main
+    from lorakit.cli.evaluate import eval_main
 
     out = tmp_path / "out"
     cfg = base_cfg(
@@ -807,7 +807,7 @@ def test_compiled_training_matches_eager_and_evaluates_eagerly(
 
 
 def test_task_kind_defaults_fill_only_what_the_user_left_unset():
-    from lorakit.training.config import resolve_task_defaults
+    from lorakit.training.defaults import resolve_task_defaults
 
     cls = resolve_task_defaults(base_cfg(task="rte", data="d"), "classification")
     assert (cls.lr, cls.head_lr_ratio) == (1e-3, 10.0)
@@ -831,7 +831,7 @@ def test_task_kind_defaults_fill_only_what_the_user_left_unset():
 
 
 def test_default_head_lr_ratio_never_puts_a_classifier_head_above_1e_2():
-    from lorakit.training.config import resolve_task_defaults
+    from lorakit.training.defaults import resolve_task_defaults
 
     def head_lr(**given) -> float:
         cfg = resolve_task_defaults(base_cfg(task="sst2", data="d", **given), "classification")

@@ -1,12 +1,10 @@
-"""`lorakit serve`: load a base model and adapters, then run the app on uvicorn.
+"""The server behind `lorakit serve` (``lorakit.cli.serve``): load a base model and adapters, build the app.
 
 Also ``BackgroundServer``: the same server on a free loopback port in a thread, for tests and the bench.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import socket
 import threading
 import time
@@ -46,26 +44,6 @@ def build(model_name: str, adapters: dict[str, str], *, task: str = "causal-lm",
     return Engine(model, tokenizer, **engine_kwargs), tokenizer
 
 
-def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="lorakit serve", description="An OpenAI-compatible server for one base "
-                                "model and many LoRA adapters, with continuous mixed-adapter batching.")
-    p.add_argument("--model", required=True, help="built-in name (smollm2-135m, minilm-l6) or local folder")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="load an adapter (repeat)")
-    p.add_argument("--task", default="causal-lm", choices=("causal-lm", "seq-cls"))
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
-                   help="require Authorization: Bearer KEY (default: $LORAKIT_API_KEY)")
-    p.add_argument("--max-batch", type=int, default=32, help="most sequences decoded together")
-    p.add_argument("--max-queue", type=int, default=64, help="most waiting requests; more get 429")
-    p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens accepted")
-    p.add_argument("--max-model-len", type=int, default=None, help="prompt + max_tokens limit "
-                   "(default: the model's position limit, at most 4096)")
-    p.add_argument("--no-batching", action="store_true", help="one request at a time (benchmark baseline)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    return p.parse_args(argv)
-
-
 def _adapter_args(items: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items:
@@ -76,8 +54,12 @@ def _adapter_args(items: list[str]) -> dict[str, str]:
     return out
 
 
-def make_app(args: argparse.Namespace):
-    """The FastAPI app ``lorakit serve`` would run for these parsed arguments."""
+def make_app(args: Any):
+    """The FastAPI app ``lorakit serve`` would run for these parsed arguments.
+
+    Args:
+        args: ``lorakit serve``'s parsed arguments (``lorakit.cli.serve``).
+    """
     from lorakit.serve.app import ServeSettings, create_app
 
     engine, _ = build(args.model, _adapter_args(args.adapter), task=args.task, max_batch=args.max_batch,
@@ -86,22 +68,6 @@ def make_app(args: argparse.Namespace):
     settings = ServeSettings(base_name=args.model, task=args.task, api_key=args.api_key,
                              max_tokens_cap=args.max_tokens_cap, max_model_len=args.max_model_len or min(limit, 4096))
     return create_app(engine, settings)
-
-
-def serve_main(argv: list[str]) -> int:
-    args = _parse(argv)
-    import torch
-    import uvicorn
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    app = make_app(args)
-    key = " (API key required)" if args.api_key else ""
-    print(f"lorakit serve: {args.model} with {app.state.engine.adapters()} on http://{args.host}:{args.port}{key}",
-          flush=True)
-    # SIGINT/SIGTERM: uvicorn stops accepting, waits for open requests, then the lifespan drains the engine.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=None)
-    return 0
 
 
 class BackgroundServer:
