@@ -12,7 +12,9 @@ from tests.tiny import tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
 from lorakit import LoraConfig, inject
-from lorakit.analysis.estimate import ArchSpec, arch_from_config, lora_trainable_params, total_params
+from lorakit.analysis.arch_counts import FamilyCounts, linear_params, register_counts, unregister_counts
+from lorakit.analysis.arch_spec import ArchSpec, arch_from_config, total_params
+from lorakit.analysis.estimate import lora_trainable_params
 from lorakit.errors import TargetError
 from lorakit.io.files import load_adapter, read_adapter, save_adapter
 from lorakit.lora import arch
@@ -51,9 +53,9 @@ class Toyformer(nn.Module):
         return self.head(h)
 
 
-def _toy_counts(a, attn: int) -> tuple[int, int, int]:
-    h, inner = a.hidden, a.intermediate
-    return attn + arch.linear_params(h, inner, True) + arch.linear_params(inner, h, True), a.vocab * h, 0
+def _toy_counts(spec, attn: int) -> tuple[int, int, int]:
+    h, inner = spec.hidden, spec.intermediate
+    return attn + linear_params(h, inner, True) + linear_params(inner, h, True), spec.vocab * h, 0
 
 
 TOY = arch.Family(
@@ -61,8 +63,10 @@ TOY = arch.Family(
     {"q": (arch.Site("mix", "q"),), "k": (arch.Site("mix", "k"),), "v": (arch.Site("mix", "v"),),
      "o": (arch.Site("out"),), "ffn": (arch.Site("up"), arch.Site("down"))},
     layer_prefix="stack.{i}.", fused={"mix": arch.QKV_SLICES}, untied_head=True,
-    spec_fields=lambda c, mt: dict(hidden=c["d"], layers=c["n"], heads=1, intermediate=2 * c["d"], vocab=c["v"],
-                                   tied_embeddings=False),
+)  # fmt: skip
+TOY_COUNTS = FamilyCounts(
+    read_config=lambda config, model_type: dict(hidden=config["d"], layers=config["n"], heads=1,
+                                                intermediate=2 * config["d"], vocab=config["v"], tied_embeddings=False),
     param_counts=_toy_counts,
 )  # fmt: skip
 
@@ -70,8 +74,10 @@ TOY = arch.Family(
 @pytest.fixture
 def toy_family():
     arch.register(TOY)
+    register_counts("toy", TOY_COUNTS)
     yield TOY
     arch.unregister("toy")
+    unregister_counts("toy")
 
 
 def test_an_unknown_family_has_no_aliases_until_registered(toy_family):

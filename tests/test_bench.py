@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
-from lorakit.bench.cases import Case, default_cases, run_in_subprocess, select
-from lorakit.bench.run import bench_main, compute_ratios, render_markdown
+from lorakit.bench.report import render_markdown
+from lorakit.bench.suites import Case, default_cases, run_in_subprocess, select
+from lorakit.bench.verdicts import compute_ratios
+from lorakit.cli.bench import bench_main
 
 
 def test_a_paired_case_runs_in_a_subprocess_and_reports_time_memory_and_load():

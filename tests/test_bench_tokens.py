@@ -6,10 +6,11 @@ import math
 
 import pytest
 
-from lorakit.bench.cases import Case
-from lorakit.bench.run import compute_ratios, render_markdown
+from lorakit.bench.measure import Measure
+from lorakit.bench.report import render_markdown
+from lorakit.bench.suites import Case
 from lorakit.bench.tokens import run_tokens, tokens_cases
-from lorakit.bench.worker import Measure
+from lorakit.bench.verdicts import compute_ratios
 from test_training import one_thread  # noqa: F401
 
 

@@ -10,17 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from lorakit.analysis.arch_spec import PRESETS, arch_from_config, load_arch, total_params
 from lorakit.analysis.estimate import (
-    PRESETS,
     activation_bytes,
-    arch_from_config,
     estimate,
-    load_arch,
     lora_trainable_params,
     parse_ranks,
     parse_targets,
     peft_tensor_shapes,
-    total_params,
 )
 from lorakit.cli.estimate import estimate_main
 

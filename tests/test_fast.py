@@ -9,7 +9,8 @@ from torch import nn
 
 from lorakit import LoraConfig, inject, route_rows
 from lorakit.lora.kernels import causal_lm_loss, linear_cross_entropy, lora_linear, routed_delta
-from lorakit.lora.layers import AdapterSpec, LoraLayer
+from lorakit.lora.layers import LoraLayer
+from lorakit.lora.weights import AdapterSpec
 from tiny import ids, randomize_lora, tiny_gpt2, tiny_llama
 
 

@@ -13,7 +13,8 @@ from lorakit import LoraConfig, inject, merge, unmerge
 from lorakit.errors import TargetError
 from lorakit.lora.adapters import parameter_report
 from lorakit.lora.kinds import CONV1D, EMBEDDING, LINEAR, LayerKind, adapter_param_names, kind_of, kinds, register_kind
-from lorakit.lora.layers import AdapterSpec, LoraLayer
+from lorakit.lora.layers import LoraLayer
+from lorakit.lora.weights import AdapterSpec
 
 
 class RoundedLinear(nn.Module):

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from lorakit import LoraConfig, inject, merge, parameter_report, unmerge
-from lorakit.lora.layers import AdapterSpec, LoraLayer
+from lorakit.lora.layers import LoraLayer
+from lorakit.lora.weights import AdapterSpec
 from tiny import ids, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 
 

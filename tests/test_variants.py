@@ -14,8 +14,9 @@ from lorakit import LoraConfig, inject, merge, unmerge
 from lorakit.errors import AdapterFileError, ConfigError, MergeError, TargetError
 from lorakit.io.files import load_adapter, read_adapter, save_adapter
 from lorakit.lora.adapters import delete_adapter, disabled, route_rows, set_adapter
-from lorakit.lora.layers import AdapterSpec, LoraLayer
+from lorakit.lora.layers import LoraLayer
 from lorakit.lora.targets import resolve_targets
+from lorakit.lora.weights import AdapterSpec
 
 peft = pytest.importorskip("peft")
 

@@ -1,6 +1,6 @@
-"""The bench's subprocess entry: ``python -m lorakit.bench.runner CASE_JSON`` runs one case, prints one JSON line.
+"""The bench's subprocess entry: ``python -m lorakit.bench.child CASE_JSON`` runs one case, prints one JSON line.
 
-It owns the table from a case kind to its runner, so the runners' modules (``worker``, ``tokens``) need not
+It owns the table from a case kind to its runner, so the runners' modules (``measure``, ``tokens``) need not
 import each other.
 """
 
@@ -16,10 +16,7 @@ from typing import Any
 
 import torch
 
-from lorakit.bench.cases import Case
-from lorakit.bench.timing import CPU_TIMES
-from lorakit.bench.tokens import run_tokens
-from lorakit.bench.worker import (
+from lorakit.bench.measure import (
     Measure,
     run_infer,
     run_merge,
@@ -29,6 +26,9 @@ from lorakit.bench.worker import (
     run_switch,
     run_train,
 )
+from lorakit.bench.suites import Case
+from lorakit.bench.timing import CPU_TIMES
+from lorakit.bench.tokens import run_tokens
 
 RUNNERS: dict[str, Callable[[Case, Measure], dict[str, Any]]] = {
     "quality": run_quality,
@@ -67,7 +67,7 @@ def run_case(case: Case) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m lorakit.bench.runner CASE_JSON", file=sys.stderr)
+        print("usage: python -m lorakit.bench.child CASE_JSON", file=sys.stderr)
         return 2
     result = run_case(Case.from_json(argv[0]))
     print(json.dumps(result), flush=True)

@@ -333,7 +333,7 @@ def run_in_subprocess(case: Case, timeout: float = 900.0) -> dict[str, Any]:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env.setdefault("HF_HUB_OFFLINE", "1")
-    cmd = [sys.executable, "-m", "lorakit.bench.runner", case.to_json()]
+    cmd = [sys.executable, "-m", "lorakit.bench.child", case.to_json()]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:

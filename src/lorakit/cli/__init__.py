@@ -1,7 +1,8 @@
 """The `lorakit` command: thin; parses arguments and calls the API.
 
-Subcommands live next to the code they drive and are imported lazily, so `lorakit info` does not pay
-for importing the trainer or the benchmark suite.
+Each subcommand is one module of this package (``cli/train.py``, ``cli/serve.py`` ...), parsing with the
+argument groups of ``cli/common.py`` and calling the library; modules are imported lazily, so `lorakit info`
+does not pay for importing the trainer or the benchmark suite.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "latency": ("lorakit.cli.latency:latency_main", "inference latency of methods vs the base model"),
     "estimate": ("lorakit.cli.estimate:estimate_main", "trainable parameters, file sizes, memory"),
     "analyze": ("lorakit.cli.analyze:analyze_main", "spectra and subspace similarity of adapters"),
-    "bench": ("lorakit.bench.run:bench_main", "speed and memory benchmark, side by side with PEFT"),
+    "bench": ("lorakit.cli.bench:bench_main", "speed and memory benchmark, side by side with PEFT"),
     "serve": ("lorakit.cli.serve:serve_main", "OpenAI-compatible server: one base, many adapters, batched"),
 }
 

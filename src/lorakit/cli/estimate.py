@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from lorakit.analysis import estimate
+from lorakit.analysis.arch_spec import PRESETS
+from lorakit.analysis.estimate import PRECISIONS, estimate, format_estimate
 from lorakit.cli.common import add_json
 
 
@@ -22,12 +23,12 @@ def estimate_main(argv: list[str]) -> int:
     parser.add_argument("--r", default="8", help="rank, or per target: q=8,v=4")
     parser.add_argument("--batch", type=int, help="batch size (with --seq: adds an activation estimate)")
     parser.add_argument("--seq", type=int, help="sequence length")
-    parser.add_argument("--precision", choices=estimate.PRECISIONS, default="bf16-mixed")
+    parser.add_argument("--precision", choices=PRECISIONS, default="bf16-mixed")
     add_json(parser)
     parser.add_argument("--list-presets", action="store_true", help="list built-in architectures and exit")
     args = parser.parse_args(argv)
     if args.list_presets:
-        for name, spec in estimate.PRESETS.items():
+        for name, spec in PRESETS.items():
             print(f"{name:<14} {spec.family:<11} {spec.layers:>3} layers  d={spec.hidden}")
         return 0
     if args.model is None:
@@ -35,7 +36,7 @@ def estimate_main(argv: list[str]) -> int:
         print("lorakit estimate: error: MODEL_OR_CONFIG is required", file=sys.stderr)
         return 2
     try:
-        est = estimate.estimate(
+        est = estimate(
             args.model,
             method=args.method,
             targets=args.targets,
@@ -47,5 +48,5 @@ def estimate_main(argv: list[str]) -> int:
     except (ValueError, OSError) as exc:
         print(f"lorakit estimate: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(est.to_dict(), indent=2) if args.json else estimate.format_estimate(est))
+    print(json.dumps(est.to_dict(), indent=2) if args.json else format_estimate(est))
     return 0
