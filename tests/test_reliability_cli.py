@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_training import base_cfg, make_tiny_bert, one_thread, write_sentiment_csv  # noqa: F401
 
 from lorakit import LoraConfig, inject, save_adapter
 from lorakit.cli import main
 from lorakit.io.fsutil import KILL_ENV
-from test_training import base_cfg, make_tiny_bert, one_thread, write_sentiment_csv  # noqa: F401
 from tiny import randomize_lora
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_training import base_cfg, make_tiny_bert, no_model_loading, one_thread, write_sentiment_csv  # noqa: F401
 
 from lorakit import ConfigError, LoraConfig, inject, load_adapter, read_adapter, save_adapter
 from lorakit.cli import main
@@ -22,7 +23,6 @@ from lorakit.training import checkpoint as ckpt
 from lorakit.training import loop as trainer
 from lorakit.training.metrics_log import MetricsLog
 from lorakit.training.trainer import train
-from test_training import base_cfg, make_tiny_bert, no_model_loading, one_thread, write_sentiment_csv  # noqa: F401
 from tiny import randomize_lora, tiny_llama
 
 PAIR_WINDOWS = ["pair:weights-written", "pair:config-written", "pair:weights-renamed", "pair:config-renamed"]

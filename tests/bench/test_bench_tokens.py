@@ -11,11 +11,10 @@ from lorakit.bench.report import render_markdown
 from lorakit.bench.suites import Case
 from lorakit.bench.tokens import run_tokens, tokens_cases
 from lorakit.bench.verdicts import compute_ratios
-from test_training import one_thread  # noqa: F401
 
 
 @pytest.mark.slow  # ~45 s on 2 shared cores: 4 sides x 4 steps of a 50k-vocabulary model
-def test_tokens_case_compares_grouped_random_and_peft(one_thread):  # noqa: F811
+def test_tokens_case_compares_grouped_random_and_peft(one_thread):
     case = Case(id="tokens/tiny/e2e", kind="tokens", model="gpt2-L1-D32", batch=8, loss="labels",
                 group="tokens", warmup=1, repeats=3, targets=("o",))  # fmt: skip  (PEFT cannot slice c_attn)
     result = run_tokens(case, Measure("cpu"))

@@ -14,14 +14,13 @@ from lorakit import ConfigError, LoraConfig, inject, merge_and_unload, save_adap
 from lorakit.cli.generate import generate_main
 from lorakit.generation import encode_prompt
 from lorakit.io.models import load_model
-from test_training import one_thread, tiny_llama  # noqa: F401
 from tiny import randomize_lora
 
 PROMPTS = ["The weather today is", "name : Aromi | food : Chinese ||", "Once upon"]
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_llama, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
+def adapters(tiny_llama, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
     out = {}
     for seed, name in ((1, "alpha"), (2, "beta")):
@@ -49,7 +48,7 @@ def _reference(model_path: Path, adapter: Path | None, prompt_ids: list[int], se
 
 @pytest.mark.parametrize("beams", [1, 3])
 def test_jsonl_records_route_to_their_adapters_and_equal_merged_generate(
-    tiny_llama, adapters, tmp_path, one_thread, beams  # noqa: F811
+    tiny_llama, adapters, tmp_path, one_thread, beams
 ):
     records = [{"prompt": PROMPTS[0], "adapter": "alpha", "id": 7}, {"prompt": PROMPTS[1], "adapter": "beta"},
                {"prompt": PROMPTS[2], "adapter": None}, {"prompt": PROMPTS[1], "adapter": "alpha"}]  # fmt: skip
@@ -73,7 +72,7 @@ def test_jsonl_records_route_to_their_adapters_and_equal_merged_generate(
     assert expected[1] != expected[3]  # the two adapters really differ on the same prompt
 
 
-def test_python_api_chat_and_sampling_equal_merged_generate(tiny_llama, adapters, one_thread):  # noqa: F811
+def test_python_api_chat_and_sampling_equal_merged_generate(tiny_llama, adapters, one_thread):
     model, tok = load_model(tiny_llama)
     lorakit.load_adapter(model, adapters["beta"], name="beta")
     chat_ids = encode_prompt(tok, "Hi there", chat=True)
@@ -89,7 +88,7 @@ def test_python_api_chat_and_sampling_equal_merged_generate(tiny_llama, adapters
 
 
 def test_prompt_arguments_stream_to_stdout_and_stdin_lines_are_prompts(
-    tiny_llama, adapters, capsys, monkeypatch, one_thread  # noqa: F811
+    tiny_llama, adapters, capsys, monkeypatch, one_thread
 ):
     import io
 

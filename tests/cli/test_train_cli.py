@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 from lorakit.cli import main
 from lorakit.cli.evaluate import eval_main
 from lorakit.cli.train import train_main
-from test_training import one_thread  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +57,7 @@ def test_train_writes_the_documented_layout(rte_run):
     assert set(result) == {"accuracy"} and 0.0 <= result["accuracy"] <= 1.0
 
 
-def test_eval_json_reproduces_the_training_score(rte_run, shared_data, capfd, one_thread):  # noqa: F811
+def test_eval_json_reproduces_the_training_score(rte_run, shared_data, capfd, one_thread):
     capfd.readouterr()
     argv = ["--model", "minilm-l6", "--adapter", str(rte_run), "--task", "rte", "--data",
             str(shared_data / "glue" / "RTE"), "--json"]  # fmt: skip
@@ -72,7 +71,7 @@ def test_eval_json_reproduces_the_training_score(rte_run, shared_data, capfd, on
     assert "accuracy" in table and "rte" in table
 
 
-def test_eval_of_a_merged_model_folder_matches_the_adapter(rte_run, shared_data, tmp_path, capfd, one_thread):  # noqa: F811
+def test_eval_of_a_merged_model_folder_matches_the_adapter(rte_run, shared_data, tmp_path, capfd, one_thread):
     from lorakit import merge_and_unload
     from lorakit.io.models import load_model
     from lorakit.training.outputs import load_trained

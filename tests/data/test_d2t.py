@@ -14,7 +14,7 @@ from lorakit.data import DataError
 from lorakit.data.webnlg import D2TItem, d2t_splits, linearise, load_dart, load_webnlg
 from lorakit.metrics.d2t import d2t_metrics, ter
 from lorakit.metrics.nlg import bleu, java_available
-from test_training import base_cfg, one_thread, tiny_llama  # noqa: F401
+from train_util import base_cfg
 
 
 def _webnlg(path: Path, entries: list[dict]) -> Path:
@@ -129,7 +129,7 @@ def test_meteor_is_the_e2e_scorer_and_ranks_sensibly():
 # -- runs ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("task", ["webnlg", "dart"])
 def test_short_run_scores_generations_with_the_d2t_metrics(
-    task, tiny_llama, tmp_path, one_thread, shared_data, monkeypatch  # noqa: F811
+    task, tiny_llama, tmp_path, one_thread, shared_data, monkeypatch
 ):
     import lorakit.metrics.d2t
     from lorakit.training.trainer import train

@@ -10,7 +10,7 @@ import pytest
 
 from lorakit.data import GLUE_TASKS, DataError, Example, get_glue_task, load_glue
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "glue"
 
 

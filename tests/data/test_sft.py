@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 
 import pytest
 
 from lorakit.data import DataError
 from lorakit.data.sft import SftRecord, encode_sft, load_sft, sft_splits
-from test_training import base_cfg, one_thread, tiny_llama  # noqa: F401
+from train_util import base_cfg, chat, write_chat_folder, write_jsonl
 
 IGNORE = -100
 
@@ -31,15 +30,6 @@ def test_smollm2_chat_template_survives_the_gguf_conversion(tok):
     assert tok.convert_ids_to_tokens(tok("<|im_start|>", add_special_tokens=False)["input_ids"]) == ["<|im_start|>"]
 
 
-def _jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return path
-
-
-def _chat(*turns: tuple[str, str]) -> dict:
-    return {"messages": [{"role": r, "content": c} for r, c in turns]}
-
-
 # -- loading ----------------------------------------------------------------------------------------------
 GOOD = {"prompt": "p", "completion": "c"}
 BAD_RECORDS = [
@@ -51,18 +41,18 @@ BAD_RECORDS = [
     ({"prompt": "p", "completion": "  "}, r"line 2: empty completion"),
     ({"messages": "hi"}, r"line 2: 'messages' must be a non-empty list"),
     ({"messages": [{"content": "x"}]}, r"line 2: messages\[0\] must be an object with 'role' and 'content'"),
-    (_chat(("user", "q"), ("bot", "a")), r"line 2: messages\[1\] has role 'bot'"),
+    (chat(("user", "q"), ("bot", "a")), r"line 2: messages\[1\] has role 'bot'"),
     ({"messages": [{"role": "user", "content": 5}]}, r"line 2: messages\[0\] content must be text"),
-    (_chat(("user", "q"), ("system", "s"), ("assistant", "a")), r"line 2: messages\[1\] is a system message"),
-    (_chat(("user", "q"), ("assistant", "")), r"line 2: messages\[1\] is an empty assistant message"),
-    (_chat(("system", "s"), ("assistant", "a")), r"line 2: the first non-system message must be the user's"),
-    (_chat(("user", "q"), ("assistant", "a"), ("user", "again")), r"line 2: the last message must be the assistant's"),
+    (chat(("user", "q"), ("system", "s"), ("assistant", "a")), r"line 2: messages\[1\] is a system message"),
+    (chat(("user", "q"), ("assistant", "")), r"line 2: messages\[1\] is an empty assistant message"),
+    (chat(("system", "s"), ("assistant", "a")), r"line 2: the first non-system message must be the user's"),
+    (chat(("user", "q"), ("assistant", "a"), ("user", "again")), r"line 2: the last message must be the assistant's"),
 ]
 
 
 @pytest.mark.parametrize("record, message", BAD_RECORDS)
 def test_each_malformed_record_names_file_line_and_problem(tmp_path, record, message):
-    path = _jsonl(tmp_path / "train.jsonl", [GOOD, record])
+    path = write_jsonl(tmp_path / "train.jsonl", [GOOD, record])
     with pytest.raises(DataError, match=rf"train\.jsonl, {message}"):
         load_sft(path)
 
@@ -79,10 +69,11 @@ def test_tables_custom_fields_and_file_errors(tmp_path):
     (tmp_path / "c.txt").write_text("x")
     with pytest.raises(DataError, match=r"unsupported file type '\.txt'"):
         load_sft(tmp_path / "c.txt")
-    _jsonl(tmp_path / "d.jsonl", [])
+    write_jsonl(tmp_path / "d.jsonl", [])
     with pytest.raises(DataError, match=r"d\.jsonl: no records"):
         load_sft(tmp_path / "d.jsonl")
-    _jsonl(tmp_path / "e.jsonl", [{"conv": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+    conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    write_jsonl(tmp_path / "e.jsonl", [{"conv": conv}])
     assert load_sft(tmp_path / "e.jsonl", messages_field="conv")[0].messages == (("user", "q"), ("assistant", "a"))
 
 
@@ -163,7 +154,7 @@ def test_refuse_and_a_completion_that_cannot_fit_are_errors_naming_the_record(to
 # -- splits -----------------------------------------------------------------------------------------------
 def test_valid_is_carved_from_train_disjoint_by_prompt_and_test_falls_back(tmp_path):
     records = [{"prompt": f"q{i % 30}", "completion": f"a{i}"} for i in range(90)]  # 30 prompts x 3
-    path = _jsonl(tmp_path / "train.jsonl", records)
+    path = write_jsonl(tmp_path / "train.jsonl", records)
     fields = ("prompt", "completion", "messages")
     with pytest.warns(UserWarning, match=r"carved 9 of 90 records"):
         splits = sft_splits({"train": path, "valid": None, "test": None}, seed=0, fields=fields)
@@ -176,18 +167,8 @@ def test_valid_is_carved_from_train_disjoint_by_prompt_and_test_falls_back(tmp_p
 
 
 # -- a run -----------------------------------------------------------------------------------------------
-def _write_chat_folder(folder: Path) -> Path:
-    folder.mkdir()
-    colours = ["red", "blue", "green", "black", "white", "pink"]
-    rows = [_chat(("user", f"Colour {i}?"), ("assistant", colours[i % 6])) for i in range(24)]
-    _jsonl(folder / "train.jsonl", rows)
-    _jsonl(folder / "valid.jsonl", rows[:4])
-    _jsonl(folder / "test.jsonl", [{"prompt": "Say yes:", "completion": " yes"}, rows[5]])
-    return folder
-
-
 def test_sft_run_trains_on_chats_and_eval_scores_loss_and_generations(
-    tiny_llama, tmp_path, one_thread, monkeypatch, capsys  # noqa: F811
+    tiny_llama, tmp_path, one_thread, monkeypatch, capsys
 ):
     import lorakit.metrics.d2t
     from lorakit.cli.evaluate import eval_main
@@ -201,7 +182,7 @@ def test_sft_run_trains_on_chats_and_eval_scores_loss_and_generations(
 
     seen_refs = seen
     monkeypatch.setattr(lorakit.metrics.d2t, "d2t_metrics", fake_d2t)
-    data = _write_chat_folder(tmp_path / "chat")
+    data = write_chat_folder(tmp_path / "chat")
     out = tmp_path / "run"
     cfg = base_cfg(model=str(tiny_llama), task="sft", data=str(data), out=str(out), max_length=96,
                    max_steps=3, num_beams=1, max_new_tokens=4, lr=1e-2)  # fmt: skip

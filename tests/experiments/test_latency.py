@@ -16,13 +16,8 @@ from lorakit.lora.adapters import lora_layers
 SETTINGS = {"r": 4, "targets": "q,v", "bottleneck": 4, "prefix": 3}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny forwards run faster on one thread, and far faster when other jobs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny forwards run faster on one thread, and far faster when other jobs share the CPU.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tests.tiny import tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
 from lorakit import LoraConfig, inject
@@ -20,6 +19,7 @@ from lorakit.io.files import load_adapter, read_adapter, save_adapter
 from lorakit.lora import arch
 from lorakit.lora.targets import resolve_targets
 from lorakit.methods.bottleneck import adapter_sites
+from tiny import tiny_bert, tiny_gpt2, tiny_llama
 
 
 class _Block(nn.Module):

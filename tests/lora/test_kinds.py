@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.tiny import tiny_bert
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -15,6 +14,7 @@ from lorakit.lora.adapters import parameter_report
 from lorakit.lora.kinds import CONV1D, EMBEDDING, LINEAR, LayerKind, adapter_param_names, kind_of, kinds, register_kind
 from lorakit.lora.layers import LoraLayer
 from lorakit.lora.weights import AdapterSpec
+from tiny import tiny_bert
 
 
 class RoundedLinear(nn.Module):

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from tests.tiny import ids, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -17,6 +16,7 @@ from lorakit.lora.adapters import delete_adapter, disabled, route_rows, set_adap
 from lorakit.lora.layers import LoraLayer
 from lorakit.lora.targets import resolve_targets
 from lorakit.lora.weights import AdapterSpec
+from tiny import ids, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 

@@ -30,13 +30,8 @@ def ids(batch: int = 2, seq: int = 7, vocab: int = 64, seed: int = 2) -> torch.T
     return torch.randint(2, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small forwards run faster on one thread, and far faster when other jobs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Small forwards run faster on one thread, and far faster when other jobs share the CPU.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(model: torch.nn.Module) -> int:

@@ -24,7 +24,7 @@ from lorakit.metrics import (
 )
 from lorakit.metrics import nlg as nlg_module
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_java = pytest.mark.skipif(not java_available(), reason="java not on PATH (METEOR / PTB tokenizer)")
 NIST_BETA = math.log(2) / math.log(1.5) ** 2
 

@@ -14,7 +14,7 @@ from lorakit.quant.linear import QuantizedLinear, quantize_base
 from lorakit.quant.load import copy_from_file, load_quantized, weight_files
 from lorakit.training.config import TrainConfig
 from lorakit.training.defaults import resolve_task_defaults
-from test_training import make_tiny_llama
+from tiny import make_tiny_llama
 
 
 def _tied_tiny_llama(path):

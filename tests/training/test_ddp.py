@@ -13,9 +13,10 @@ import pytest
 from safetensors.torch import load_file
 
 from lorakit.training.trainer import train
-from test_training import base_cfg, make_tiny_bert, one_thread, write_sentiment_csv  # noqa: F401
+from tiny import make_tiny_bert
+from train_util import base_cfg, write_sentiment_csv
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def losses(out: Path) -> list[float]:
     return [r["loss"] for r in records if r["split"] == "train"]
 
 
-def test_two_gloo_processes_match_one_process(setup, one_thread):  # noqa: F811
+def test_two_gloo_processes_match_one_process(setup, one_thread):
     root, model, data = setup
     single = train(run_config(model, data, root / "single"))
     out = root / "ddp"
@@ -66,7 +67,7 @@ def test_two_gloo_processes_match_one_process(setup, one_thread):  # noqa: F811
     assert len(losses(out)) == 10  # 5 steps per epoch: the 4-example tail is trained on, not dropped
 
 
-def test_gradient_accumulation_matches_one_big_batch(setup, one_thread):  # noqa: F811
+def test_gradient_accumulation_matches_one_big_batch(setup, one_thread):
     root, model, data = setup
     # The head at 1x lr: at the default 10x (lr 2e-2), Adam's first steps turn float rounding in near-zero
     # pooler gradients into ~3e-5 differences, which says nothing about how the gradients are accumulated.
@@ -78,7 +79,7 @@ def test_gradient_accumulation_matches_one_big_batch(setup, one_thread):  # noqa
 
 
 @pytest.mark.slow
-def test_fsdp_over_two_gloo_processes_matches_one_process(setup, one_thread):  # noqa: F811
+def test_fsdp_over_two_gloo_processes_matches_one_process(setup, one_thread):
     root, model, data = setup
     if not (root / "single" / "adapter_model.safetensors").is_file():
         train(run_config(model, data, root / "single"))

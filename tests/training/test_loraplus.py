@@ -17,14 +17,8 @@ from lorakit.training.config import resolve_config
 from lorakit.training.optim import build_optimizer, lora_b_parameters
 from lorakit.training.prepare import prepare_model
 from lorakit.training.trainer import train
-from test_training import (  # noqa: F401
-    base_cfg,
-    make_tiny_bert,
-    one_thread,
-    tiny_bert,
-    tiny_llama,
-    write_sentiment_csv,
-)
+from tiny import make_tiny_bert
+from train_util import base_cfg, write_sentiment_csv
 
 
 def _lr_by_name(model, optimizer) -> dict[str, float]:
@@ -32,7 +26,7 @@ def _lr_by_name(model, optimizer) -> dict[str, float]:
     return {n: lr_of[id(p)] for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_b_matrices_get_ratio_times_the_lr_and_nothing_else_moves(tiny_bert):  # noqa: F811
+def test_b_matrices_get_ratio_times_the_lr_and_nothing_else_moves(tiny_bert):
     from lorakit.io.models import load_model
 
     model, _ = load_model(tiny_bert, "seq-cls", num_labels=2)
@@ -60,7 +54,7 @@ def test_b_matrices_get_ratio_times_the_lr_and_nothing_else_moves(tiny_bert):  #
     assert all(plain_lrs[n] == pytest.approx(1e-3) for n in b_names | a_names)
 
 
-def test_same_parameters_get_the_b_lr_as_in_peft(tiny_llama):  # noqa: F811
+def test_same_parameters_get_the_b_lr_as_in_peft(tiny_llama):
     """On a Llama (no biases, no embedding LoRA, so PEFT's quirks do not arise) lorakit's groups give
     ratio x lr to the same parameters as PEFT's create_loraplus_optimizer: compared as (shape, lr) lists."""
     import peft
@@ -110,7 +104,7 @@ def _cfg(model, data, out, **kw):
     )  # fmt: skip
 
 
-def test_loraplus_trains_and_an_interrupted_run_resumes_to_the_same_adapter(setup, one_thread, monkeypatch):  # noqa: F811
+def test_loraplus_trains_and_an_interrupted_run_resumes_to_the_same_adapter(setup, one_thread, monkeypatch):
     root, model, data = setup
     reference = train(_cfg(model, data, root / "reference", loraplus_ratio=16.0))
     plain = train(_cfg(model, data, root / "plain"))

@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 from lorakit import ConfigError
 from lorakit.training import checkpoint as ckpt
 from lorakit.training.trainer import train
-from test_training import base_cfg, make_tiny_bert, one_thread, write_sentiment_csv  # noqa: F401
+from tiny import make_tiny_bert
+from train_util import cli_args, run_config, train_records, write_sentiment_csv
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -29,32 +30,7 @@ def setup(tmp_path_factory):
     return root, model, data
 
 
-def run_config(model: Path, data: Path, out: Path):
-    # 5 steps per epoch; checkpoints at 3 and 6; valid at 4 and 8; the kill after step 7 loses step 7's
-    # work and its log line, in the second epoch.
-    return base_cfg(
-        model=str(model), task="text", data=str(data), out=str(out), max_steps=9, save_interval=3,
-        eval_interval=4, dropout=0.1, lr=2e-3, log_interval=1, keep_checkpoints=0,
-    )  # fmt: skip
-
-
-def cli_args(cfg) -> list[str]:
-    return [
-        "--model", cfg.model, "--task", cfg.task, "--data", cfg.data, "--out", cfg.out,
-        "--max-steps", str(cfg.max_steps), "--save-interval", str(cfg.save_interval),
-        "--eval-interval", str(cfg.eval_interval), "--dropout", str(cfg.dropout), "--lr", str(cfg.lr),
-        "--log-interval", "1", "--keep-checkpoints", "0", "--batch-size", str(cfg.batch_size),
-        "--eval-batch-size", str(cfg.eval_batch_size), "--max-length", str(cfg.max_length), "--no-plot",
-    ]  # fmt: skip
-
-
-def train_records(out: Path) -> list[dict]:
-    keep = ("split", "step", "loss", "lr", "accuracy", "macro_f1")  # not timings
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: r[k] for k in keep if k in r} for r in records]
-
-
-def test_sigkill_then_resume_matches_an_uninterrupted_run(setup, one_thread):  # noqa: F811
+def test_sigkill_then_resume_matches_an_uninterrupted_run(setup, one_thread):
     root, model, data = setup
     reference = train(run_config(model, data, root / "reference"))
 
@@ -85,7 +61,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(setup, one_thread):  #
         assert s == pytest.approx(r, abs=1e-6)
 
 
-def test_resume_refuses_changed_settings_and_returns_a_finished_run(setup, one_thread):  # noqa: F811
+def test_resume_refuses_changed_settings_and_returns_a_finished_run(setup, one_thread):
     root, model, data = setup
     cfg = run_config(model, data, root / "finished")
     cfg.max_steps = 2

@@ -18,10 +18,10 @@ from lorakit.errors import ConfigError
 from lorakit.training import checkpoint as ckpt
 from lorakit.training.sampler import epoch_batches, epoch_order, global_batches, padded_share
 from lorakit.training.trainer import train
-from test_resume import cli_args, run_config, train_records
-from test_training import base_cfg, make_tiny_bert, one_thread  # noqa: F401
+from tiny import make_tiny_bert
+from train_util import base_cfg, cli_args, run_config, train_records
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _rows(n: int, seed: int = 0) -> list[dict]:
@@ -77,7 +77,7 @@ def _write_varied_csv(folder: Path) -> Path:
     return folder
 
 
-def test_sigkill_then_resume_with_length_grouping_matches_an_uninterrupted_run(tmp_path, one_thread):  # noqa: F811
+def test_sigkill_then_resume_with_length_grouping_matches_an_uninterrupted_run(tmp_path, one_thread):
     model = make_tiny_bert(tmp_path / "tiny-bert-dropout", dropout=0.1)
     data = _write_varied_csv(tmp_path / "data")
     reference_cfg = run_config(model, data, tmp_path / "reference")

@@ -10,7 +10,6 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.tiny import tiny_llama as tiny_llama_model
 
 from lorakit.cli.evaluate import eval_main
 from lorakit.cli.train import parse_train_args, train_main
@@ -21,9 +20,9 @@ from lorakit.training import checkpoint as ckpt
 from lorakit.training.outputs import load_trained
 from lorakit.training.prepare import prepare_model
 from lorakit.training.trainer import train
-from test_resume import train_records
-from test_sft import _write_chat_folder
-from test_training import base_cfg, make_tiny_bert, make_tiny_llama, one_thread, write_sentiment_csv  # noqa: F401
+from tiny import make_tiny_bert, make_tiny_llama
+from tiny import tiny_llama as tiny_llama_model
+from train_util import base_cfg, train_records, write_chat_folder, write_sentiment_csv
 
 REQUIRED = ["--task", "text", "--data", "d"]
 
@@ -135,7 +134,7 @@ def test_a_bad_config_file_value_names_the_file_and_the_key(tmp_path):
         parse_train_args([*REQUIRED, "--config", str(path)])
 
 
-def test_resume_accepts_a_run_saved_before_the_variant_fields_existed(tmp_path, one_thread):  # noqa: F811
+def test_resume_accepts_a_run_saved_before_the_variant_fields_existed(tmp_path, one_thread):
     model = make_tiny_bert(tmp_path / "tiny-bert")
     data = write_sentiment_csv(tmp_path / "data", n_train=16, n_test=8)
     cfg = base_cfg(model=str(model), task="text", data=str(data), out=str(tmp_path / "run"), max_steps=2,
@@ -180,7 +179,7 @@ def _lose_work_after(out, step: int) -> None:
             shutil.rmtree(path)
 
 
-def test_a_resumed_pissa_run_equals_an_uninterrupted_one(pissa_setup, one_thread):  # noqa: F811
+def test_a_resumed_pissa_run_equals_an_uninterrupted_one(pissa_setup, one_thread):
     root, model, data = pissa_setup
     out = root / "run"
     reference = train(_pissa_cfg(model, data, out))
@@ -209,7 +208,7 @@ def test_a_resumed_pissa_run_equals_an_uninterrupted_one(pissa_setup, one_thread
         assert s == pytest.approx(r, abs=1e-6)
 
 
-def test_eval_of_a_pissa_run_loads_the_converted_file_on_the_original_base(pissa_setup, capfd, one_thread):  # noqa: F811
+def test_eval_of_a_pissa_run_loads_the_converted_file_on_the_original_base(pissa_setup, capfd, one_thread):
     root, model, data = pissa_setup
     out = root / "eval-run"
     final = train(_pissa_cfg(model, data, out))
@@ -238,7 +237,7 @@ def _train_tiny_chat_lm(tmp_path, monkeypatch, name: str, extra: list[str]):
     # METEOR starts a JVM; the real metrics are tested in test_d2t.py.
     monkeypatch.setattr(lorakit.metrics.d2t, "d2t_metrics", lambda h, r, seen=None: {"BLEU": 0.0})
     model = make_tiny_llama(tmp_path / "tiny-llama")
-    data = _write_chat_folder(tmp_path / "chat")
+    data = write_chat_folder(tmp_path / "chat")
     out = tmp_path / name
     argv = ["--model", str(model), "--task", "sft", "--data", str(data), "--out", str(out), *extra,
             "--targets", "all-linear", "--max-steps", "12", "--batch-size", "8", "--lr", "1e-2", "--log-interval", "1",
@@ -252,7 +251,7 @@ def _train_tiny_chat_lm(tmp_path, monkeypatch, name: str, extra: list[str]):
     return model, out
 
 
-def test_use_dora_trains_through_the_cli_and_loads_in_peft(tmp_path, capfd, monkeypatch, one_thread):  # noqa: F811
+def test_use_dora_trains_through_the_cli_and_loads_in_peft(tmp_path, capfd, monkeypatch, one_thread):
     model, out = _train_tiny_chat_lm(tmp_path, monkeypatch, "dora", ["--use-dora", "--save-interval", "6"])
     trained = json.loads((out / "checkpoints" / "step-6" / ckpt.STATE_JSON).read_text())["parameters"]
     assert sum(n.endswith(".magnitude") for n in trained) == 14  # all 7 linear layers of both blocks train m
@@ -275,7 +274,7 @@ def test_use_dora_trains_through_the_cli_and_loads_in_peft(tmp_path, capfd, monk
 # -- QLoRA -----------------------------------------------------------------------------------------------------
 
 
-def test_quantize_nf4_trains_through_the_cli_and_saves_a_plain_adapter(tmp_path, capfd, monkeypatch, one_thread):  # noqa: F811
+def test_quantize_nf4_trains_through_the_cli_and_saves_a_plain_adapter(tmp_path, capfd, monkeypatch, one_thread):
     from lorakit.quant.linear import QuantizedLinear
 
     model, out = _train_tiny_chat_lm(tmp_path, monkeypatch, "qlora", ["--quantize", "nf4"])

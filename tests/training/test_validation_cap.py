@@ -10,7 +10,7 @@ import torch
 from lorakit.tasks import load_task
 from lorakit.training.config import TrainConfig
 from lorakit.training.evaluate import validate
-from test_training import base_cfg, tiny_llama  # noqa: F401
+from train_util import base_cfg
 
 
 def _e2e_cfg(data, **kw) -> TrainConfig:
@@ -47,7 +47,7 @@ def test_generation_tasks_count_reference_pairs(tmp_path):
     assert len(pairs) == 100 and {(it.mr, it.references[0]) for it in data.valid} <= pairs
 
 
-def test_validation_shows_a_progress_bar(tiny_llama, tmp_path, capsys):  # noqa: F811
+def test_validation_shows_a_progress_bar(tiny_llama, tmp_path, capsys):
     from lorakit.data import E2EItem
     from lorakit.io.models import load_model
     from lorakit.tasks import TaskSpec
