@@ -12,12 +12,7 @@ from lorakit.cli.common import add_device, add_json, add_model, add_threads, pos
 from lorakit.experiments import latency
 
 
-def latency_main(argv: list[str]) -> int:
-    """``lorakit latency``: see ``--help``.
-
-    Args:
-        argv: the arguments after ``lorakit latency``.
-    """
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit latency", description=latency.__doc__.split("\n\n")[0])
     add_model(parser, default="smollm2-135m",
               help_=f"built-in name, folder or hub id; or {', '.join(latency.RANDOM_MODELS)} (random)")
@@ -37,7 +32,16 @@ def latency_main(argv: list[str]) -> int:
     parser.add_argument("--stat", choices=("median", "min"), default="median",
                         help="table statistic over repeats (min: least disturbed by other jobs)")
     add_json(parser, "print the full report as JSON, not a table")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def latency_main(argv: list[str]) -> int:
+    """``lorakit latency``: see ``--help``.
+
+    Args:
+        argv: the arguments after ``lorakit latency``.
+    """
+    args = _parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]

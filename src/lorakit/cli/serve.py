@@ -30,6 +30,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def serve_main(argv: list[str]) -> int:
+    """``lorakit serve``: load the base and adapters, then serve until SIGINT/SIGTERM.
+
+    Args:
+        argv: the arguments after ``lorakit serve``.
+    """
     args = _parse(argv)
     import torch
     import uvicorn
