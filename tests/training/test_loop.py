@@ -1,5 +1,5 @@
-"""The training loop: lr schedule, data order and micro-batches, epochs, gradient checkpointing, bf16,
-baseline methods and torch.compile, on tiny random models."""
+"""The training loop: lr schedule, epochs, gradient checkpointing, bf16, baseline methods and
+torch.compile, on tiny random models (data order and micro-batches: test_sampler.py)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ from lorakit.training import checkpoint as ckpt
 from lorakit.training.optim import lr_factor
 from lorakit.training.outputs import load_trained, save_trained
 from lorakit.training.prepare import prepare_model
-from lorakit.training.sampler import epoch_order, global_batches, local_micro_batches
 from lorakit.training.trainer import train
 from train_util import base_cfg, trainable_names, write_sentiment_csv
 
-# -- schedule and batching -------------------------------------------------------------------------------
+# -- schedule --------------------------------------------------------------------------------------------
 
 
 def test_lr_schedules():
@@ -28,22 +27,6 @@ def test_lr_schedules():
     assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_factor(9, 10, 2, "constant") == 1.0
     assert lr_factor(9, 10, 0, "linear") == pytest.approx(0.1)  # the last step still learns
-
-
-def test_data_order_depends_only_on_seed_and_epoch():
-    assert epoch_order(20, 3, 1) == epoch_order(20, 3, 1)
-    assert epoch_order(20, 3, 1) != epoch_order(20, 3, 2)
-    assert sorted(epoch_order(20, 3, 1)) == list(range(20))
-
-
-@pytest.mark.parametrize("world, accum", [(1, 1), (2, 1), (2, 2), (3, 2)])
-def test_micro_batches_partition_each_global_batch(world, accum):
-    for batch in global_batches(list(range(23)), 8, world):
-        parts = [local_micro_batches(batch, r, world, accum) for r in range(world)]
-        assert sorted(i for rank in parts for mb in rank for i in mb) == sorted(batch)
-        assert len({len(rank) for rank in parts}) == 1  # same number of micro-steps on every rank
-        assert all(mb for rank in parts for mb in rank)
-    assert global_batches(list(range(9)), 8, 2) == [list(range(8))]  # a 1-example tail cannot feed 2 ranks
 
 
 

@@ -1,5 +1,6 @@
-"""Length-grouped batches: deterministic, every example once per epoch, less padding, logged padding share,
-and a run killed mid-epoch then resumed equals an uninterrupted one."""
+"""The sampler: data order by seed and epoch, global batches split into micro-batches per rank, and
+length-grouped batches (deterministic, every example once per epoch, less padding, logged padding share;
+a run killed mid-epoch then resumed equals an uninterrupted one)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 
 from lorakit.errors import ConfigError
 from lorakit.training import checkpoint as ckpt
-from lorakit.training.sampler import epoch_batches, epoch_order, global_batches, padded_share
+from lorakit.training.sampler import epoch_batches, epoch_order, global_batches, local_micro_batches, padded_share
 from lorakit.training.trainer import train
 from tiny import make_tiny_bert
 from train_util import base_cfg, cli_args, run_config, train_records
@@ -109,3 +110,19 @@ def test_sigkill_then_resume_with_length_grouping_matches_an_uninterrupted_run(t
     b = load_file(tmp_path / "killed" / "adapter_model.safetensors")
     for key in a:
         assert (a[key] - b[key]).abs().max().item() <= 1e-6, key
+
+
+def test_data_order_depends_only_on_seed_and_epoch():
+    assert epoch_order(20, 3, 1) == epoch_order(20, 3, 1)
+    assert epoch_order(20, 3, 1) != epoch_order(20, 3, 2)
+    assert sorted(epoch_order(20, 3, 1)) == list(range(20))
+
+
+@pytest.mark.parametrize("world, accum", [(1, 1), (2, 1), (2, 2), (3, 2)])
+def test_micro_batches_partition_each_global_batch(world, accum):
+    for batch in global_batches(list(range(23)), 8, world):
+        parts = [local_micro_batches(batch, r, world, accum) for r in range(world)]
+        assert sorted(i for rank in parts for mb in rank for i in mb) == sorted(batch)
+        assert len({len(rank) for rank in parts}) == 1  # same number of micro-steps on every rank
+        assert all(mb for rank in parts for mb in rank)
+    assert global_batches(list(range(9)), 8, 2) == [list(range(8))]  # a 1-example tail cannot feed 2 ranks
