@@ -76,7 +76,7 @@ def main() -> None:
             names = iter(f"{mode}-{r}" for r in range(args.repeats))
             first = f"{mode}-0"
             theirs = _best(_peft_call(peft_model, mode, names, theirs_kw), args.repeats)
-            # DARE's masks differ unless both draw from one seeded stream, as tests/test_combine.py arranges.
+            # DARE's masks differ unless both draw from one seeded stream, as tests/arith/test_combine.py arranges.
             random = MODES[mode].merger.prune == "random"
             diff = float("nan") if random else _max_diff(read_adapter(out), peft_model, first)
             print(f"{mode:<20}{ours:>10.3f}{theirs:>10.3f}{ours / theirs:>8.2f}{diff:>15.2e}")

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorakit.demo import DEMO_LABELS, DemoTask, demo_parser, make_tasks, shipped_snippets, task_config, write_rows
+from lorakit.cli.demo import demo_parser
+from lorakit.demo import DEMO_LABELS, DemoTask, make_tasks, shipped_snippets, task_config, write_rows
 from lorakit.training.config import write_json_atomic
 from lorakit.training.trainer import train
 

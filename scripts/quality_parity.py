@@ -33,7 +33,8 @@ from lorakit.demo import MODEL_DROPOUT, SENTIMENT_GROUP_WINDOW, SENTIMENT_HEAD_L
 from lorakit.io.models import load_model, quiet_third_party_notices, set_model_dropout
 from lorakit.metrics.glue import glue_metrics
 from lorakit.tasks import TaskSpec, load_task
-from lorakit.training.config import TrainConfig, resolve_task_defaults
+from lorakit.training.config import TrainConfig
+from lorakit.training.defaults import resolve_task_defaults
 from lorakit.training.evaluate import collate, encode, loss_sum, score
 from lorakit.training.optim import lr_factor
 from lorakit.training.sampler import epoch_batches

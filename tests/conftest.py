@@ -1,5 +1,8 @@
 """Shared fixtures. Real models are converted once (cached on disk) and loaded fresh per test, since
-LoRA injection mutates a model; loading the converted safetensors takes well under a second."""
+LoRA injection mutates a model; loading the converted safetensors takes well under a second. Tiny saved
+models (``tiny_bert``, ``tiny_llama``: folders, from ``tiny.make_tiny_*``) are built once per test module.
+
+Test helpers are imported bare (``from tiny import ...``): pytest puts this folder on ``sys.path``."""
 
 from __future__ import annotations
 
@@ -56,3 +59,40 @@ def minilm_cls(minilm_path):
     torch.manual_seed(0)
     model, tok = load_model("minilm-l6", task="seq-cls", num_labels=2)
     return model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A tiny random BERT folder with the MiniLM tokenizer (``tiny.make_tiny_bert``)."""
+    from tiny import make_tiny_bert
+
+    return make_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bert")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A tiny random Llama folder with the SmolLM2 tokenizer (``tiny.make_tiny_llama``)."""
+    from tiny import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture
+def one_thread():
+    """2 shared cores: one intra-op thread per process avoids oversubscription stalls (and varies less)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if a model is loaded (bad input must be refused first)."""
+    import lorakit.io.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded although the input is invalid")
+
+    monkeypatch.setattr(lorakit.io.models, "load_model", refuse)
+

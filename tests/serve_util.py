@@ -10,25 +10,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import BertForSequenceClassification, LlamaForCausalLM
 
 import lorakit
-from tiny import randomize_lora
+from tiny import bert_config, llama_config, randomize_lora
 
 
 def tiny_lm(tokenizer, seed: int = 0) -> LlamaForCausalLM:
     """A 2-layer Llama over the real SmolLM2 vocabulary, so prompts and chat templates are real text."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    cfg = llama_config(vocab_size=len(tokenizer), max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
     return LlamaForCausalLM(cfg).eval()
 
 
 def tiny_classifier(tokenizer, seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:
     torch.manual_seed(seed)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                     vocab_size=len(tokenizer), max_position_embeddings=128, num_labels=num_labels)
+    cfg = bert_config(vocab_size=len(tokenizer), max_position_embeddings=128, num_labels=num_labels)
     return BertForSequenceClassification(cfg).eval()
 
 

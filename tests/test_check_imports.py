@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.script_util import load_script
+from script_util import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 

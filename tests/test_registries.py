@@ -14,7 +14,7 @@ from lorakit.metrics import METRICS, register_metric
 from lorakit.tasks import TASKS, Task, get_task, register_task
 from lorakit.tasks.text import load_text_task
 from lorakit.training.trainer import train
-from test_training import base_cfg, make_tiny_bert, one_thread, tiny_bert, write_sentiment_csv  # noqa: F401
+from train_util import base_cfg, write_sentiment_csv
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "lorakit"
 # name → the one module that may define it
@@ -47,7 +47,7 @@ def test_each_registry_is_defined_in_exactly_one_module():
     assert not [p for p in SRC.rglob("*.py") if _module_level_names(p) & leftovers]
 
 
-def test_a_registered_task_and_metric_reach_the_trainer(tiny_bert, tmp_path, one_thread):  # noqa: F811
+def test_a_registered_task_and_metric_reach_the_trainer(tiny_bert, tmp_path, one_thread):
     data = write_sentiment_csv(tmp_path / "data", n_train=16, n_test=8)
 
     def scored_by_count(predictions, items, spec):

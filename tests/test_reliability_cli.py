@@ -16,8 +16,8 @@ import torch
 from lorakit import LoraConfig, inject, save_adapter
 from lorakit.cli import main
 from lorakit.io.fsutil import KILL_ENV
-from test_training import base_cfg, make_tiny_bert, one_thread, write_sentiment_csv  # noqa: F401
-from tiny import randomize_lora
+from tiny import make_tiny_bert, randomize_lora
+from train_util import write_sentiment_csv
 
 REPO = Path(__file__).resolve().parents[1]
 INPUT = {"input_ids": torch.tensor([[101, 2023, 2003, 1037, 2307, 102]])}
@@ -169,7 +169,7 @@ def _bad_inputs(tmp: Path, base: Path, adapter: Path) -> list[tuple[str, list[st
     ]  # fmt: skip
 
 
-def test_no_bad_input_prints_a_traceback(base_and_adapter, tmp_path, capsys, one_thread):  # noqa: F811
+def test_no_bad_input_prints_a_traceback(base_and_adapter, tmp_path, capsys, one_thread):
     base, adapter, _ = base_and_adapter
     for command, argv, expected in _bad_inputs(tmp_path, base, adapter):
         assert main([command, *argv]) == 1, argv

@@ -18,8 +18,8 @@ from lorakit import LoraConfig, inject, save_adapter
 from lorakit.cli import main
 from lorakit.errors import ConfigError
 from lorakit.io.fsutil import LOCK_NAME, output_lock
-from test_training import make_tiny_bert, one_thread, write_sentiment_csv  # noqa: F401
-from tiny import randomize_lora
+from tiny import make_tiny_bert, randomize_lora
+from train_util import write_sentiment_csv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def _combine(inputs: list[Path], out: Path, *extra: str) -> int:
 
 # == 1. --overwrite: one meaning ========================================================================
 def test_train_refuses_a_folder_of_foreign_files_even_with_overwrite(bert_and_data, tmp_path, capsys,
-                                                                      one_thread):  # noqa: F811  # fmt: skip
+                                                                      one_thread):  # fmt: skip
     base, data = bert_and_data
     out = tmp_path / "project"
     (out / "checkpoints").mkdir(parents=True)  # a user's own folder of that name: --overwrite deleted it
@@ -71,7 +71,7 @@ def test_train_refuses_a_folder_of_foreign_files_even_with_overwrite(bert_and_da
 
 
 def test_train_overwrite_keeps_the_users_files_in_its_own_run_folder(bert_and_data, tmp_path, capsys,
-                                                                      one_thread):  # noqa: F811  # fmt: skip
+                                                                      one_thread):  # fmt: skip
     base, data = bert_and_data
     out = tmp_path / "run"
     assert _train(base, data, out) == 0
@@ -209,7 +209,7 @@ def _leftovers(folder: Path) -> list[str]:
 
 @pytest.mark.parametrize("where", ["final save", "checkpoint"])
 def test_a_full_disk_during_training_saves_is_one_line(bert_and_data, small_fs, capsys, where,
-                                                        one_thread):  # noqa: F811  # fmt: skip
+                                                        one_thread):  # fmt: skip
     base, data = bert_and_data
     out = small_fs / "run"
     _fill_leaving(small_fs, 96 << 10)  # room for the config and logs, not for a rank-256 adapter

@@ -22,8 +22,8 @@ from lorakit.training import checkpoint as ckpt
 from lorakit.training import loop as trainer
 from lorakit.training.metrics_log import MetricsLog
 from lorakit.training.trainer import train
-from test_training import base_cfg, make_tiny_bert, no_model_loading, one_thread, write_sentiment_csv  # noqa: F401
-from tiny import randomize_lora, tiny_llama
+from tiny import make_tiny_bert, randomize_lora, tiny_llama
+from train_util import base_cfg, write_sentiment_csv
 
 PAIR_WINDOWS = ["pair:weights-written", "pair:config-written", "pair:weights-renamed", "pair:config-renamed"]
 
@@ -85,7 +85,7 @@ def _diverge_from_call(monkeypatch, n: int) -> None:
     monkeypatch.setattr(trainer, "loss_sum", loss_sum)
 
 
-def test_a_diverging_run_stops_keeps_the_old_adapter_and_its_last_checkpoint(setup, tmp_path, monkeypatch, one_thread):  # noqa: F811
+def test_a_diverging_run_stops_keeps_the_old_adapter_and_its_last_checkpoint(setup, tmp_path, monkeypatch, one_thread):
     out = tmp_path / "run"
     train(_cfg(setup, out, max_steps=2))
     before = _snapshot(out)
@@ -103,7 +103,7 @@ def test_a_diverging_run_stops_keeps_the_old_adapter_and_its_last_checkpoint(set
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
 
 
-def test_run_files_share_one_mode(setup, tmp_path, one_thread):  # noqa: F811
+def test_run_files_share_one_mode(setup, tmp_path, one_thread):
     out = tmp_path / "run"
     train(_cfg(setup, out, max_steps=2, save_interval=1))
     modes = {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_file()}
@@ -119,7 +119,7 @@ def test_metrics_log_is_strict_json(tmp_path):
 
 
 # == 4. run folders ========================================================================================
-def test_a_folder_holding_only_an_adapter_needs_overwrite(setup, tmp_path, no_model_loading):  # noqa: F811
+def test_a_folder_holding_only_an_adapter_needs_overwrite(setup, tmp_path, no_model_loading):
     out = tmp_path / "ad"
     model = tiny_llama()
     inject(model, LoraConfig(targets=("q",)))
@@ -128,7 +128,7 @@ def test_a_folder_holding_only_an_adapter_needs_overwrite(setup, tmp_path, no_mo
         train(_cfg(setup, out))
 
 
-def test_a_run_that_failed_before_its_first_step_does_not_block_its_folder(setup, tmp_path, no_model_loading):  # noqa: F811
+def test_a_run_that_failed_before_its_first_step_does_not_block_its_folder(setup, tmp_path, no_model_loading):
     out = tmp_path / "run"
     out.mkdir()
     (out / "train_config.json").write_text("{}")  # what a run that died loading its model leaves
@@ -136,7 +136,7 @@ def test_a_run_that_failed_before_its_first_step_does_not_block_its_folder(setup
         train(_cfg(setup, out))
 
 
-def test_resume_accepts_the_same_folder_spelled_differently(setup, tmp_path, monkeypatch, one_thread):  # noqa: F811
+def test_resume_accepts_the_same_folder_spelled_differently(setup, tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
     first = train(_cfg(setup, Path("runs/x"), max_steps=2))
     for spelling in ("./runs/x", str(tmp_path / "runs" / "x"), "runs/../runs/x"):

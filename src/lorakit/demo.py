@@ -13,7 +13,6 @@ and the sentiment adapter is merged, checked against the unmerged model, and sav
 
 from __future__ import annotations
 
-import argparse
 import bz2
 import csv
 import importlib.util
@@ -40,6 +39,20 @@ SENTIMENT_GROUP_WINDOW = 8  # batches per length-sorting window for the sentimen
 SENTIMENT_HEAD_LR_RATIO = 1.0
 # One epoch sees each snippet once, so MiniLM's own dropout only costs time (docs/records/demo.md).
 MODEL_DROPOUT = 0.0
+
+
+@dataclass
+class DemoSettings:
+    """The demo's budget and output folder (``lorakit demo``'s flags, ``lorakit.cli.demo``)."""
+
+    train_size: int
+    test_size: int
+    epochs: float
+    batch_size: int
+    lr: float
+    r: int
+    seed: int
+    out: Path
 
 
 @dataclass
@@ -107,14 +120,14 @@ def write_task(task: DemoTask, folder: Path) -> Path:
     return folder
 
 
-def task_config(task: DemoTask, data: Path, out: Path, args: argparse.Namespace) -> TrainConfig:
+def task_config(task: DemoTask, data: Path, out: Path, args: DemoSettings) -> TrainConfig:
     """The trainer's config for one demo task: the demo's budget and the task's batching and head lr.
 
     Args:
         task: the demo task (its labels, batching and head lr).
         data: the folder ``write_task`` wrote.
         out: the adapter's output folder.
-        args: the demo's parsed command line (r, lr, epochs, batch size, seed).
+        args: the demo's settings (r, lr, epochs, batch size, seed).
     """
     return TrainConfig(
         model="minilm-l6", task="text", data=str(data), out=str(out), label_names=list(task.labels),
@@ -125,7 +138,7 @@ def task_config(task: DemoTask, data: Path, out: Path, args: argparse.Namespace)
     )  # fmt: skip
 
 
-def train_task(task: DemoTask, data: Path, out: Path, args: argparse.Namespace) -> dict[str, float]:
+def train_task(task: DemoTask, data: Path, out: Path, args: DemoSettings) -> dict[str, float]:
     """One adapter, trained by lorakit's trainer with the demo's budget."""
     return train(task_config(task, data, out, args), overwrite=True)
 
@@ -207,22 +220,15 @@ def trained_counts(folder: Path) -> tuple[int, int]:
     return lora, head
 
 
-def demo_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorakit demo", description=__doc__)
-    parser.add_argument("--train-size", type=int, default=10000, help="sentiment training snippets")
-    parser.add_argument("--test-size", type=int, default=800, help="held-out snippets per task")
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=32)
-    # The best lr measured for this one-epoch budget (docs/records/demo.md).
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
-    return parser
+def run_demo(args: DemoSettings) -> int:
+    """Train both adapters, serve them in one mixed batch, merge one and check it; print what happened.
 
+    Args:
+        args: the demo's settings.
 
-def demo_main(argv: list[str]) -> int:
-    args = demo_parser().parse_args(argv)
+    Returns:
+        0 when merged and unmerged predictions agree and the mixed batch matches training's evaluation, else 1.
+    """
     start = time.perf_counter()
     tasks = make_tasks(shipped_snippets(), args.train_size, args.test_size, args.seed)
     results = {}

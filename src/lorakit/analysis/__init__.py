@@ -1,21 +1,10 @@
 """Cost arithmetic (``estimate``) and post-hoc analysis of learned adapters (``analyze``)."""
 
-from lorakit.analysis.estimate import (
-    PRESETS,
-    ArchSpec,
-    Estimate,
-    MemoryEstimate,
-    arch_from_config,
-    estimate,
-    estimate_main,
-    load_arch,
-    lora_trainable_params,
-    total_params,
-)
+from lorakit.analysis.arch_spec import PRESETS, ArchSpec, arch_from_config, load_arch, total_params
+from lorakit.analysis.estimate import Estimate, MemoryEstimate, estimate, lora_trainable_params
 from lorakit.analysis.subspace import (
     LoraFactors,
     analyze_adapters,
-    analyze_main,
     delta_w_svd,
     delta_w_vs_w,
     energy_captured,
@@ -35,13 +24,11 @@ __all__ = [
     "LoraFactors",
     "MemoryEstimate",
     "analyze_adapters",
-    "analyze_main",
     "arch_from_config",
     "delta_w_svd",
     "delta_w_vs_w",
     "energy_captured",
     "estimate",
-    "estimate_main",
     "expected_random_similarity",
     "load_arch",
     "lora_trainable_params",

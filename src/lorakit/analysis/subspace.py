@@ -10,15 +10,13 @@ The math follows Hu et al. 2021, Section 7 and Appendix G/H:
 * Table 7: ‖UᵀWV‖_F with U, V the top-r singular vectors of ΔW, of W itself, or random; the
   amplification factor is ‖ΔW‖_F / ‖UᵀWV‖_F (Appendix H.4).
 
-Only :func:`analyze_main` touches a real model (lazily, through ``lorakit.io.models.load_model``).
+Only :func:`model_weights` touches a real model (lazily, through ``lorakit.io.models.load_model``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -289,32 +287,23 @@ def analyze_adapters(
             from lorakit.analysis import plots as _plots
 
             result["files"] = _plots.write_all(result, out, heatmap_layers=heatmap_layers)
-        (out / "analysis.json").write_text(json.dumps(_json_safe(result), indent=1))
+        (out / "analysis.json").write_text(json.dumps(json_safe(result), indent=1))
     return result
 
 
-def _json_safe(x: Any) -> Any:
+def json_safe(x: Any) -> Any:
+    """``x`` with NaN and ±inf floats, at any depth, replaced by None (strict JSON).
+
+    Args:
+        x: a number, dict, list or tuple of them.
+    """
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
+        return [json_safe(v) for v in x]
     return x
-
-
-def _parse_layers(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if "-" in part:
-            lo, hi = part.split("-")
-            out.extend(range(int(lo), int(hi) + 1))
-        elif part:
-            out.append(int(part))
-    return out
 
 
 def format_analysis(result: Mapping[str, Any]) -> str:
@@ -350,7 +339,7 @@ def format_analysis(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _model_weights(name_or_path: str, task: str) -> Callable[[str], Tensor | None]:
+def model_weights(name_or_path: str, task: str) -> Callable[[str], Tensor | None]:
     """A weight source backed by ``lorakit.io.models.load_model`` (imported lazily: heavy, optional)."""
     from lorakit.io.models import load_model
 
@@ -363,44 +352,3 @@ def _model_weights(name_or_path: str, task: str) -> Callable[[str], Tensor | Non
             return None  # the adapter names a module this model lacks: skip the comparison
 
     return get
-
-
-def analyze_main(argv: list[str]) -> int:
-    """``lorakit analyze ADAPTER [ADAPTER2 ...] [--model MODEL] [--out DIR] [--layers ...] [--json]``."""
-    parser = argparse.ArgumentParser(
-        prog="lorakit analyze",
-        description="Spectra of ΔW, subspace similarity between adapters, and ΔW versus W (LoRA paper §7).",
-    )
-    parser.add_argument("adapters", nargs="+", help="adapter directories (PEFT layout)")
-    parser.add_argument("--model", help="base model (name or path) for the ΔW-vs-W comparison")
-    parser.add_argument("--task", default="causal-lm", help="task passed to lorakit.io.models.load_model")
-    parser.add_argument("--out", help="directory for analysis.json and PNG figures")
-    parser.add_argument("--layers", help="layer indices to keep, e.g. 0,5,10-12")
-    parser.add_argument("--draws", type=int, default=5, help="random draws for the baselines")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--json", action="store_true", help="print the full result as JSON")
-    args = parser.parse_args(argv)
-    errors: tuple[type[Exception], ...] = (ValueError, OSError, KeyError)
-    try:
-        from lorakit.errors import LorakitError
-
-        errors = (*errors, LorakitError)
-    except ImportError:  # the analysis does not need the core package
-        pass
-    try:
-        weights = _model_weights(args.model, args.task) if args.model else None
-        result = analyze_adapters(
-            args.adapters,
-            weights,
-            args.out,
-            layers=_parse_layers(args.layers),
-            draws=args.draws,
-            seed=args.seed,
-            plots=not args.no_plots,
-        )
-    except errors as exc:
-        print(f"lorakit analyze: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(_json_safe(result), indent=1) if args.json else format_analysis(result))
-    return 0

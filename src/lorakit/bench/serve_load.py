@@ -9,7 +9,6 @@ adapter switched per request) and (b) PEFT's batched ``generate(adapter_names=..
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import os
@@ -260,22 +259,6 @@ def target_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"check": name, "ratio": ratio, "target": target, "met": ratio >= target} for name, ratio, target in checks]
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lorakit bench serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("--adapters", default="1,8,32", help="distinct adapters per run (comma list)")
-    p.add_argument("--concurrency", default="1,8,32", help="closed-loop clients (comma list)")
-    p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
-    p.add_argument("--rounds", type=int, default=2, help="requests per client in each cell")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="runs of each batched cell and of (b); tables report the median (0.1 of noise is common)")
-    p.add_argument("--baseline-requests", type=int, default=16, help="requests for baselines (a) and (b)")
-    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[4] / "shared/data/e2e/valid.txt")
-    p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--no-peft", action="store_true", help="skip baseline (b)")
-    p.add_argument("--out", type=Path, default=Path("runs/bench_serve"))
-    return p
-
-
 def _cell(server: ServerProcess, prompts: list[str], adapters: int, concurrency: int, n: int,
           max_tokens: int) -> dict:
     requests = [(f"task{i % adapters}", prompts[i % len(prompts)]) for i in range(n)]
@@ -311,8 +294,13 @@ def _serve_grid(adapter_files: dict[str, str], prompts: list[str], args, counts,
         server.stop()
 
 
-def bench_serve_main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+def run_serve_bench(args: Any, argv: list[str]) -> int:
+    """The whole load test: lorakit serve's grid, baselines (a) and (b), then JSON, markdown and a plot.
+
+    Args:
+        args: ``lorakit bench serve``'s parsed flags (``lorakit.cli.bench``).
+        argv: the command line, recorded in the report.
+    """
     counts = [int(x) for x in args.adapters.split(",")]
     levels = [int(x) for x in args.concurrency.split(",")]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

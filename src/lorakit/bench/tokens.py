@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.bench.cases import Case
+from lorakit.bench.suites import Case
 
 # "lorakit-random-order2" is random batching from another shuffle: how far the held-out loss moves with the
 # batch order alone, the yardstick for "equal loss" after a short run.
@@ -48,9 +48,9 @@ def _synthetic_rows(n: int, vocab: int, seed: int = 0) -> list[dict[str, list[in
 
 def bench_rows(case: Case, tokenizer: Any, vocab: int, n: int) -> list[dict[str, list[int]]]:
     """``n`` encoded rows: E2E pairs (``case.data == "e2e"``) or the same pairs as chats (``"sft"``)."""
-    from lorakit.bench.worker import _e2e_file
+    from lorakit.bench.build import e2e_file
 
-    path = _e2e_file()
+    path = e2e_file()
     if tokenizer is None or path is None:
         return _synthetic_rows(n, vocab)
     from lorakit.data.collate import encode_e2e_for_training, encoded_rows
@@ -93,7 +93,7 @@ def _collate(rows: list[dict[str, Any]], idx: list[int], pad_id: int, device: st
 
 def _held_out_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
     """Mean per-target loss (teacher forcing, fp32) over the held-out batches."""
-    from lorakit.bench.worker import _inner
+    from lorakit.bench.build import inner_model
     from lorakit.lora.kernels import causal_lm_loss
 
     model.eval()
@@ -101,7 +101,7 @@ def _held_out_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> 
     with torch.no_grad():
         for b in batches:
             n = int((b["labels"][:, 1:] != -100).sum())
-            total += float(causal_lm_loss(_inner(model), b["input_ids"], b["attention_mask"], b["labels"])) * n
+            total += float(causal_lm_loss(inner_model(model), b["input_ids"], b["attention_mask"], b["labels"])) * n
             count += n
     model.train()
     return total / max(count, 1)
@@ -109,7 +109,8 @@ def _held_out_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> 
 
 def run_tokens(case: Case, measure: Any) -> dict[str, Any]:
     """``warmup + repeats`` steps per side, interleaved; useful tokens/s over the timed steps."""
-    from lorakit.bench.worker import _copy_peft_init, apply_method, build_model, make_train_step, shared_copy
+    from lorakit.bench.build import apply_method, build_model, make_train_step, shared_copy
+    from lorakit.bench.measure import copy_peft_init
 
     base, tok = build_model(case.model)
     base = base.to(case.device)
@@ -123,7 +124,7 @@ def run_tokens(case: Case, measure: Any) -> dict[str, Any]:
     models = {s: apply_method(shared_copy(base), "lorakit", case.r, case.targets) for s in ours}
     models["peft-random"] = apply_method(base, "peft", case.r, case.targets)
     for side in ours:
-        _copy_peft_init(models["peft-random"], models[side])  # one start for every side
+        copy_peft_init(models["peft-random"], models[side])  # one start for every side
     feeds = {s: [_collate(rows, orders[s][k], pad_id, case.device) for k in range(steps)] for s in SIDES}
     train_steps = {s: make_train_step(models[s], feeds[s], "fp32", "model" if s.startswith("peft") else case.loss,
                                       case.device, lr=1e-3) for s in SIDES}  # fmt: skip

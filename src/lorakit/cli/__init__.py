@@ -1,7 +1,8 @@
 """The `lorakit` command: thin; parses arguments and calls the API.
 
-Subcommands live next to the code they drive and are imported lazily, so `lorakit info` does not pay
-for importing the trainer or the benchmark suite.
+Each subcommand is one module of this package (``cli/train.py``, ``cli/serve.py`` ...), parsing with the
+argument groups of ``cli/common.py`` and calling the library; modules are imported lazily, so `lorakit info`
+does not pay for importing the trainer or the benchmark suite.
 """
 
 from __future__ import annotations
@@ -13,19 +14,19 @@ import warnings
 
 # name → (module:function taking argv and returning an exit code, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("lorakit.demo:demo_main", "fine-tune minilm-l6 with LoRA on shipped movie reviews, end to end"),
+    "demo": ("lorakit.cli.demo:demo_main", "fine-tune minilm-l6 with LoRA on shipped movie reviews, end to end"),
     "merge": ("lorakit.cli.merge:merge_main", "merge an adapter into its base and save a plain transformers folder"),
     "info": ("lorakit.cli.info:info_main", "show what an adapter directory holds"),
     "combine": ("lorakit.cli.combine:combine_main", "combine weighted adapters (linear, cat, svd, ties, dare)"),
     "train": ("lorakit.cli.train:train_main", "fine-tune a model on a task (LoRA or a baseline method)"),
-    "eval": ("lorakit.cli.train:eval_main", "score a base model + adapter on a task"),
+    "eval": ("lorakit.cli.evaluate:eval_main", "score a base model + adapter on a task"),
     "generate": ("lorakit.cli.generate:generate_main", "generate text with a base model and adapters (streams)"),
-    "compare": ("lorakit.experiments.compare:compare_main", "run methods x seeds on a task, write a table + plot"),
-    "latency": ("lorakit.experiments.latency:latency_main", "inference latency of methods vs the base model"),
-    "estimate": ("lorakit.analysis.estimate:estimate_main", "trainable parameters, file sizes, memory"),
-    "analyze": ("lorakit.analysis.subspace:analyze_main", "spectra and subspace similarity of adapters"),
-    "bench": ("lorakit.bench.run:bench_main", "speed and memory benchmark, side by side with PEFT"),
-    "serve": ("lorakit.serve.server:serve_main", "OpenAI-compatible server: one base, many adapters, batched"),
+    "compare": ("lorakit.cli.compare:compare_main", "run methods x seeds on a task, write a table + plot"),
+    "latency": ("lorakit.cli.latency:latency_main", "inference latency of methods vs the base model"),
+    "estimate": ("lorakit.cli.estimate:estimate_main", "trainable parameters, file sizes, memory"),
+    "analyze": ("lorakit.cli.analyze:analyze_main", "spectra and subspace similarity of adapters"),
+    "bench": ("lorakit.cli.bench:bench_main", "speed and memory benchmark, side by side with PEFT"),
+    "serve": ("lorakit.cli.serve:serve_main", "OpenAI-compatible server: one base, many adapters, batched"),
 }
 
 

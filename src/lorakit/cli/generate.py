@@ -4,19 +4,19 @@ reading records, streaming). An application module: it may import training, the 
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from lorakit.cli.common import add_adapters, add_device, add_model, add_seed
 from lorakit.errors import ConfigError
 from lorakit.generation import GenerationSettings, encode_prompt, generate_ids, stop_token_ids
 
 
 # -- `lorakit generate` -----------------------------------------------------------------------------------
-def _parser():
-    import argparse
-
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lorakit generate",
         description="Generate text with a base model and adapters. Prompts given as arguments stream to the "
@@ -24,9 +24,9 @@ def _parser():
         "from --input or stdin (plain lines are prompts too) and one JSON line per record is written.",
     )
     p.add_argument("prompts", nargs="*", help="prompt text(s); omit to read --input / stdin")
-    p.add_argument("--model", required=True, help="built-in name, local folder or hub id of the base")
-    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
-                   help="adapter or run folder; repeat for several (each record names one in 'adapter')")
+    add_model(p, required=True)
+    add_adapters(p, metavar="[NAME=]DIR",
+                 help_="adapter or run folder; repeat for several (each record names one in 'adapter')")
     p.add_argument("--default-adapter", metavar="NAME",
                    help="adapter for prompts that name none (default: the only one; 'base': no adapter)")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to each prompt")
@@ -38,9 +38,9 @@ def _parser():
     p.add_argument("--sample", action="store_true", help="sample (with --temperature / --top-p) instead of greedy")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    add_seed(p, help_="seed for sampling")
     p.add_argument("--batch-size", type=int, default=8, help="records per batch (JSONL mode)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_device(p)
     return p  # fmt: skip
 
 

@@ -11,13 +11,11 @@ options (``bottleneck``, ``length`` ...) passed as ``method_options``. Outputs, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
 import statistics
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +46,7 @@ class MethodSpec:
         return re.sub(r"[^A-Za-z0-9_.=,+-]+", "_", self.label.replace(":", "__"))
 
 
-def _train_fields() -> list[str]:
+def train_fields() -> list[str]:
     from lorakit.training.config import TrainConfig
 
     return TrainConfig.field_names()
@@ -141,7 +139,7 @@ def run_compare(
 ) -> list[dict[str, Any]]:
     """Run (or skip, or resume) every method x seed; one record per run, also saved as compare.json."""
     out = Path(out)
-    fields = _train_fields()
+    fields = train_fields()
     known = known_methods()
     unknown = sorted({s.method for s in specs if s.method not in known})
     if unknown:
@@ -321,50 +319,3 @@ def write_outputs(
             raise ConfigError(f"plot metric {metric!r} is not among the results' metrics {available}")
         plot(rows, metric, out / PLOT, title)
     return table
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def compare_main(argv: list[str]) -> int:
-    from lorakit.training.config import add_config_arguments, read_config_file
-
-    parser = argparse.ArgumentParser(prog="lorakit compare", description=__doc__.split("\n\n")[0],
-                                     epilog="Every other flag is a training setting, passed to each run.")
-    parser.add_argument("--methods", default="", help="comma-separated method specs (no ',' inside a spec)")
-    parser.add_argument("--method", action="append", default=[], metavar="SPEC",
-                        help="one method spec NAME[:key=value...] (repeatable; may contain commas)")
-    parser.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="comma-separated seeds")
-    parser.add_argument("--out", default="runs/compare", help="directory for every run and the outputs")
-    parser.add_argument("--overwrite", action="store_true", help="retrain runs that already have results")
-    parser.add_argument("--spread", choices=SPREADS, default="std", help="spread over seeds shown after ±")
-    parser.add_argument("--metrics", default=None, help="comma-separated table metrics (default: all)")
-    parser.add_argument("--plot-metric", default=None, help="the plot's y metric (default: the first)")
-    parser.add_argument("--config", metavar="FILE", help="TOML/YAML file of training settings for every run")
-    fields = [f for f in _train_fields() if f not in CONTROLLED]
-    add_config_arguments(parser, only=fields)
-    args = parser.parse_args(argv)
-
-    texts = [t for t in args.methods.split(",") if t.strip()] + args.method
-    if not texts:
-        parser.error("name at least one method: --methods lora,adapter_h,bitfit or --method SPEC")
-    if not args.seeds:
-        parser.error("--seeds needs at least one seed")
-    specs = [parse_spec(t, fields) for t in texts]
-    base: dict[str, Any] = {}
-    if args.config:
-        base.update({k.replace("-", "_"): v for k, v in read_config_file(args.config).items()})
-    base.update({k: v for k, v in vars(args).items() if k in fields})
-    for key in CONTROLLED:
-        base.pop(key, None)
-    records = run_compare(specs, args.seeds, base, args.out, overwrite=args.overwrite,
-                          log=lambda m: print(m, file=sys.stderr, flush=True))
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
-    title = f"{records[0]['model']} · {records[0]['task']}" if records else ""
-    print(write_outputs(records, Path(args.out), spread=args.spread, metrics=metrics,
-                        plot_metric=args.plot_metric, title=title))
-    return 1 if all(r["status"] == "failed" for r in records) else 0

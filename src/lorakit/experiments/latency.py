@@ -10,12 +10,9 @@ the same for every variant and would otherwise dominate memory at batch 16 x 512
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
 import statistics
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -197,53 +194,3 @@ def format_table(report: dict[str, Any], stat: str = "median") -> str:
             parts.append(f"{by_variant[v]:.1f} ({100 * (by_variant[v] / base - 1):+.1f}%)")
         lines.append(f"| {batch} | {seq} | " + " | ".join(parts) + " |")
     return "\n".join(lines)
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def latency_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lorakit latency", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m",
-                        help=f"built-in name, folder or hub id; or {', '.join(RANDOM_MODELS)} (random)")
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                        help="comma-separated: base, lora_merged, lora_unmerged, or any method name")
-    parser.add_argument("--batch-sizes", type=_ints, default=[1, 4, 16])
-    parser.add_argument("--seq-lens", type=_ints, default=[128, 512])
-    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per variant and shape")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed forwards per variant and shape first")
-    parser.add_argument("--r", type=int, default=8, help="LoRA rank")
-    parser.add_argument("--targets", default="q,v", help="LoRA targets")
-    parser.add_argument("--bottleneck", type=int, default=16, help="adapter bottleneck size")
-    parser.add_argument("--prefix-length", type=int, default=10, help="prefix_layer / prefix_embed length")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--full-logits", action="store_true", help="compute logits at every position")
-    parser.add_argument("--stat", choices=("median", "min"), default="median",
-                        help="table statistic over repeats (min: least disturbed by other jobs)")
-    parser.add_argument("--json", action="store_true", help="print the full report as JSON, not a table")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    report = run_latency(
-        args.model, variants, args.batch_sizes, args.seq_lens,
-        repeats=args.repeats, warmup=args.warmup, r=args.r, targets=args.targets, bottleneck=args.bottleneck,
-        prefix=args.prefix_length, device=args.device, full_logits=args.full_logits,
-        log=lambda msg: print(msg, file=sys.stderr, flush=True),
-    )
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        load = report["load_average_before"]
-        print(f"Forward latency, {report['model']} on {report['device']} ({report['threads']} threads), "
-              f"{args.stat} of {report['repeats']} after {report['warmup']} warm-up; load average: {load}\n")
-        print(format_table(report, args.stat))
-    return 0

@@ -17,9 +17,11 @@ from torch import Tensor, nn
 from lorakit.errors import MergeError, TargetError
 from lorakit.lora.arch import family_of, fused_slices
 from lorakit.lora.config import LoraConfig
+from lorakit.lora.copies import ModuleCopies
 from lorakit.lora.kinds import adapter_hosts, adapter_param_names
-from lorakit.lora.layers import AdapterSpec, LoraLayer, ModuleCopies
+from lorakit.lora.layers import LoraLayer
 from lorakit.lora.targets import ALL_LINEAR, resolve_targets
+from lorakit.lora.weights import AdapterSpec
 
 DEFAULT = "default"
 

@@ -3,8 +3,8 @@
 A :class:`Family` names a family's attention and MLP projections (what the target aliases ``q k v o ffn``
 resolve to), its fused projections and their slices (GPT-2's ``c_attn`` holds q, k and v), whether it
 pools its first token (prefix tuning keeps that token first), how bench runs name its modules for PEFT,
-and the shape and parameter-count formulas of ``lorakit.analysis.estimate``. Targeting, files, analysis,
-methods and the bench all ask this module; adding a family means one :func:`register` call (an entry in
+and the shape facts estimates need (their formulas are ``lorakit.analysis.arch_counts``). Targeting, files,
+analysis, methods and the bench all ask this module; adding a family means one :func:`register` call (an entry in
 ``_BUILTIN``) plus its test. Task-head names are not per family: transformers names them by task.
 
 Pure data and arithmetic: no torch, no model is built.
@@ -13,7 +13,7 @@ Pure data and arithmetic: no torch, no model is built.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,11 +28,6 @@ QKV_SLICES: tuple[str, ...] = ("q", "k", "v")
 # at every forward, e.g. Llama's ``attention_dropout``); other dropout lives in ``nn.Dropout`` modules.
 FLOAT_DROPOUT_ATTRIBUTES: tuple[str, ...] = ("attention_dropout", "dropout", "dropout_p", "dropout_prob",
                                              "attn_drop", "attn_dropout")  # fmt: skip
-
-# spec_fields(config, model_type) -> keyword arguments of estimate.ArchSpec after name and family.
-SpecFields = Callable[[Mapping[str, Any], str], dict[str, Any]]
-# param_counts(spec, attention params per layer) -> (params per layer, embeddings, final modules).
-ParamCounts = Callable[[Any, int], tuple[int, int, int]]
 
 
 @dataclass(frozen=True)
@@ -63,9 +58,6 @@ class Family:
         transposed_weights: whether projections store W as (in, out) (PEFT's ``fan_in_fan_out``).
         gated_mlp: whether the MLP has gate and up projections (shapes in estimates).
         untied_head: whether an untied LM head counts in the total (causal LMs).
-        estimate_types: model types whose ``config.json`` ``spec_fields`` reads (default: all of them).
-        spec_fields: reads a ``config.json`` into estimate ``ArchSpec`` fields (None: no estimates).
-        param_counts: the parameter-count formula of estimates (None: no estimates).
     """
 
     name: str
@@ -78,9 +70,6 @@ class Family:
     transposed_weights: bool = False
     gated_mlp: bool = False
     untied_head: bool = False
-    estimate_types: tuple[str, ...] | None = None
-    spec_fields: SpecFields | None = None
-    param_counts: ParamCounts | None = None
 
     def alias_patterns(self, alias: str) -> list[tuple[re.Pattern[str], str | None]]:
         """(regex over full module names, slice) for each site of ``alias``; [] when it has none."""
@@ -215,100 +204,6 @@ def slice_span(out_features: int, slices: tuple[str, ...], name: str) -> tuple[i
     return i * width, (i + 1) * width
 
 
-# -- estimate arithmetic -----------------------------------------------------------------------------------
-def linear_params(d_in: int, d_out: int, bias: bool) -> int:
-    """Parameters of a ``d_in → d_out`` linear layer."""
-    return d_in * d_out + (d_out if bias else 0)
-
-
-def _gpt2_fields(c: Mapping[str, Any], mt: str) -> dict[str, Any]:
-    d = int(c.get("n_embd", 768))
-    return dict(hidden=d, layers=int(c.get("n_layer", 12)), heads=int(c.get("n_head", 12)),
-                intermediate=int(c.get("n_inner") or 4 * d), vocab=int(c.get("vocab_size", 50257)),
-                max_positions=int(c.get("n_positions", 1024)),
-                tied_embeddings=bool(c.get("tie_word_embeddings", True)))  # fmt: skip
-
-
-def _gpt2_counts(a: Any, attn: int) -> tuple[int, int, int]:
-    h, inner = a.hidden, a.intermediate
-    per_layer = 2 * 2 * h + attn + linear_params(h, inner, True) + linear_params(inner, h, True)
-    return per_layer, a.vocab * h + a.max_positions * h, 2 * h
-
-
-def _llama_fields(c: Mapping[str, Any], mt: str) -> dict[str, Any]:
-    attn_bias = bool(c.get("attention_bias", False))
-    return dict(
-        hidden=int(c["hidden_size"]), layers=int(c["num_hidden_layers"]), heads=int(c["num_attention_heads"]),
-        intermediate=int(c["intermediate_size"]), vocab=int(c["vocab_size"]),
-        kv_heads=int(c.get("num_key_value_heads") or c["num_attention_heads"]),
-        head_dim=c.get("head_dim") and int(c.get("head_dim")),
-        tied_embeddings=bool(c.get("tie_word_embeddings", False)),
-        # Qwen2 biases q/k/v but not o; Llama/Mistral follow attention_bias for all four.
-        qkv_bias=True if mt == "qwen2" else attn_bias,
-        o_bias=False if mt == "qwen2" else attn_bias,
-        mlp_bias=bool(c.get("mlp_bias", False)),
-    )  # fmt: skip
-
-
-def _llama_counts(a: Any, attn: int) -> tuple[int, int, int]:
-    h, inner = a.hidden, a.intermediate
-    per_layer = 2 * h + attn + 2 * linear_params(h, inner, a.mlp_bias) + linear_params(inner, h, a.mlp_bias)
-    return per_layer, a.vocab * h, h
-
-
-def _bert_fields(c: Mapping[str, Any], mt: str) -> dict[str, Any]:
-    return dict(hidden=int(c["hidden_size"]), layers=int(c["num_hidden_layers"]),
-                heads=int(c["num_attention_heads"]), intermediate=int(c["intermediate_size"]),
-                vocab=int(c["vocab_size"]), max_positions=int(c.get("max_position_embeddings", 512)),
-                type_vocab=int(c.get("type_vocab_size", 2)), pooler=True)  # fmt: skip
-
-
-def _bert_counts(a: Any, attn: int) -> tuple[int, int, int]:
-    h, inner = a.hidden, a.intermediate
-    per_layer = attn + 2 * h + linear_params(h, inner, True) + linear_params(inner, h, True) + 2 * h
-    embed = (a.vocab + a.max_positions + a.type_vocab) * h + 2 * h
-    return per_layer, embed, linear_params(h, h, True) if a.pooler else 0
-
-
-def _deberta_fields(c: Mapping[str, Any], mt: str) -> dict[str, Any]:
-    pos_att = c.get("pos_att_type") or ()
-    if isinstance(pos_att, str):
-        pos_att = tuple(p.strip() for p in pos_att.lower().split("|") if p.strip())
-    max_pos = int(c.get("max_position_embeddings", 512))
-    max_rel = int(c.get("max_relative_positions", -1))
-    max_rel = max_pos if max_rel < 1 else max_rel
-    buckets = int(c.get("position_buckets", -1))
-    relative = bool(c.get("relative_attention", False))
-    if c.get("embedding_size") not in (None, c.get("hidden_size")):
-        raise ValueError("deberta-v2 with embedding_size != hidden_size is not supported")
-    return dict(
-        hidden=int(c["hidden_size"]), layers=int(c["num_hidden_layers"]), heads=int(c["num_attention_heads"]),
-        intermediate=int(c["intermediate_size"]), vocab=int(c["vocab_size"]),
-        head_dim=c.get("attention_head_size") and int(c.get("attention_head_size")),
-        max_positions=max_pos, type_vocab=int(c.get("type_vocab_size", 0)), relative_attention=relative,
-        rel_positions=2 * (buckets if buckets > 0 else max_rel) if relative else 0,
-        share_att_key=bool(c.get("share_att_key", False)), pos_att_type=tuple(pos_att),
-        rel_layer_norm=relative and "layer_norm" in str(c.get("norm_rel_ebd", "none")).lower(),
-        conv_kernel_size=int(c.get("conv_kernel_size", 0)),
-        position_biased_input=bool(c.get("position_biased_input", True)),
-    )  # fmt: skip
-
-
-def _deberta_counts(a: Any, attn: int) -> tuple[int, int, int]:
-    h, inner = a.hidden, a.intermediate
-    pos_proj = 0
-    if a.relative_attention and not a.share_att_key:
-        pos_proj = sum(linear_params(h, a.q_dim, True) for t in ("c2p", "p2c") if t in a.pos_att_type)
-    per_layer = attn + pos_proj + 2 * h + linear_params(h, inner, True) + linear_params(inner, h, True) + 2 * h
-    embed = a.vocab * h + 2 * h
-    embed += a.max_positions * h if a.position_biased_input else 0
-    embed += a.type_vocab * h
-    final = a.rel_positions * h + (2 * h if a.rel_layer_norm else 0)
-    if a.conv_kernel_size > 0:  # one ConvLayer after the first encoder layer: Conv1d + LayerNorm
-        final += h * h * a.conv_kernel_size + h + 2 * h
-    return per_layer, embed, final
-
-
 def _sites(*modules: str) -> tuple[Site, ...]:
     return tuple(Site(m) for m in modules)
 
@@ -319,7 +214,6 @@ _BUILTIN = (
         {"q": _sites("self_attn.q_proj"), "k": _sites("self_attn.k_proj"), "v": _sites("self_attn.v_proj"),
          "o": _sites("self_attn.o_proj"), "ffn": _sites("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")},
         layer_prefix="model.layers.{i}.", gated_mlp=True, untied_head=True,
-        estimate_types=("llama", "mistral", "qwen2"), spec_fields=_llama_fields, param_counts=_llama_counts,
     ),
     Family(
         "bert", ("bert", "roberta", "xlm-roberta", "electra"), r"layer\.\d+\.",
@@ -327,7 +221,6 @@ _BUILTIN = (
          "v": _sites("attention.self.value"), "o": _sites("attention.output.dense"),
          "ffn": _sites("intermediate.dense", "output.dense")},
         layer_prefix="encoder.layer.{i}.", pools_first_token=True,
-        estimate_types=("bert", "roberta", "xlm-roberta"), spec_fields=_bert_fields, param_counts=_bert_counts,
     ),
     Family(
         # GPT-2 fuses q, k, v into one Conv1D (c_attn); the paper adapts only the q and v thirds.
@@ -335,7 +228,7 @@ _BUILTIN = (
         {"q": (Site("attn.c_attn", "q"),), "k": (Site("attn.c_attn", "k"),), "v": (Site("attn.c_attn", "v"),),
          "o": _sites("attn.c_proj"), "ffn": _sites("mlp.c_fc", "mlp.c_proj")},
         layer_prefix="transformer.h.{i}.", fused={"attn.c_attn": QKV_SLICES}, transposed_weights=True,
-        untied_head=True, spec_fields=_gpt2_fields, param_counts=_gpt2_counts,
+        untied_head=True,
     ),
     Family(
         "deberta-v2", ("deberta-v2",), r"layer\.\d+\.",
@@ -343,7 +236,6 @@ _BUILTIN = (
          "v": _sites("attention.self.value_proj"), "o": _sites("attention.output.dense"),
          "ffn": _sites("intermediate.dense", "output.dense")},
         layer_prefix="encoder.layer.{i}.", pools_first_token=True,
-        spec_fields=_deberta_fields, param_counts=_deberta_counts,
     ),
 )  # fmt: skip
 for _family in _BUILTIN:

@@ -1,4 +1,4 @@
-"""Fast paths for training and serving LoRA models, each equal to the plain formula (see tests/test_fast.py).
+"""Fast paths for training and serving LoRA models, each equal to the plain formula (see tests/lora/test_kernels.py).
 
 * ``lora_linear``: one autograd Function for ``W0·x (+b) + s·B·(A·x)`` on a frozen Linear / Conv1D base,
   whole or per fused slice. Forward accumulates the low-rank term into the base output in place; backward

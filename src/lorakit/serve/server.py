@@ -1,12 +1,10 @@
-"""`lorakit serve`: load a base model and adapters, then run the app on uvicorn.
+"""The server behind `lorakit serve` (``lorakit.cli.serve``): load a base model and adapters, build the app.
 
 Also ``BackgroundServer``: the same server on a free loopback port in a thread, for tests and the bench.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import socket
 import threading
 import time
@@ -50,32 +48,12 @@ def build(model_name: str, adapters: dict[str, str], *, task: str = "causal-lm",
     return Engine(model, tokenizer, **engine_kwargs), tokenizer, need_heads
 
 
-def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="lorakit serve", description="An OpenAI-compatible server for one base "
-                                "model and many LoRA adapters, with continuous mixed-adapter batching.")
-    p.add_argument("--model", required=True, help="built-in name (smollm2-135m, minilm-l6) or local folder")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="load an adapter (repeat)")
-    p.add_argument("--task", default="causal-lm", choices=("causal-lm", "seq-cls"))
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
-                   help="require Authorization: Bearer KEY (default: $LORAKIT_API_KEY; empty is refused)")
-    p.add_argument("--max-batch", type=int, default=32, help="most sequences decoded together")
-    p.add_argument("--max-queue", type=int, default=64, help="most waiting requests; more get 429")
-    p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens accepted")
-    p.add_argument("--max-model-len", type=int, default=None, help="prompt + max_tokens limit "
-                   "(default: the model's position limit, at most 4096)")
-    p.add_argument("--no-batching", action="store_true", help="one request at a time (benchmark baseline)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--max-request-bytes", type=int, default=1 << 20,
-                   help="largest request body; more is a 413 (default 1 MiB)")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="on SIGTERM/SIGINT, wait at most this "
-                   "many seconds for open requests, then fail them with a 503 (a second signal: at once)")
-    return p.parse_args(argv)
+def make_app(args: Any):
+    """The FastAPI app ``lorakit serve`` would run for these parsed arguments.
 
-
-def make_app(args: argparse.Namespace):
-    """The FastAPI app ``lorakit serve`` would run for these parsed arguments."""
+    Args:
+        args: ``lorakit serve``'s parsed arguments (``lorakit.cli.serve``).
+    """
     from lorakit.serve.app import ServeSettings, create_app
     from lorakit.serve.options import adapter_args, check_args, check_model_len
 
@@ -87,26 +65,6 @@ def make_app(args: argparse.Namespace):
                              max_tokens_cap=args.max_tokens_cap, max_model_len=model_len,
                              max_request_bytes=args.max_request_bytes, untrained_heads=heads)
     return create_app(engine, settings)
-
-
-def serve_main(argv: list[str]) -> int:
-    args = _parse(argv)
-    import torch
-    import uvicorn
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from lorakit.serve.shutdown import DrainingServer
-
-    app = make_app(args)
-    key = "API key required" if args.api_key else "no API key: anyone who can connect may use it"
-    print(f"lorakit serve: {args.model} with {app.state.engine.adapters()} on http://{args.host}:{args.port} "
-          f"({key})", flush=True)
-    # SIGINT/SIGTERM: stop accepting, wait up to --shutdown-timeout for open requests (the lifespan then
-    # drains the engine); past it, or on a second signal, the rest get a 503 and the process exits.
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=None)
-    DrainingServer(config, args.shutdown_timeout, app.state.abort).run()
-    return 0
 
 
 class BackgroundServer:

@@ -7,17 +7,13 @@ key and the full list, because a silently ignored typo ("learning_rate = 1e-5") 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import json
 import math
 import os
-import sys
 import tempfile
-import types
 import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -25,11 +21,7 @@ from typing import Any
 from lorakit.errors import ConfigError
 from lorakit.io.fsutil import file_mode
 from lorakit.lora.config import DEFAULT_INIT
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
+from lorakit.training.coerce import coerce_value, read_config_file
 
 SCHEDULES = ("linear", "cosine", "constant")
 CLASS_WEIGHTS = ("auto", "none", "balanced")
@@ -213,7 +205,7 @@ class TrainConfig:
             if value is not None:
                 setattr(self, name, [str(v) for v in value])
         if self.layers is not None:
-            self.layers = _coerce("layers", self.layers, list[int], "TrainConfig")
+            self.layers = coerce_value("layers", self.layers, list[int], "TrainConfig")
         self.validate()
 
     def validate(self) -> None:
@@ -318,69 +310,12 @@ class TrainConfig:
         """Build from a mapping; keys may use '-' or '_'. Unknown keys are an error naming them."""
         data = {str(k).replace("-", "_"): v for k, v in data.items()}
         check_keys(data, source)
-        hints = _hints()
-        return cls(**{k: _coerce(k, v, hints[k], source) for k, v in data.items()})
+        hints = typing.get_type_hints(TrainConfig)
+        return cls(**{k: coerce_value(k, v, hints[k], source) for k, v in data.items()})
 
     def save(self, path: str | Path) -> Path:
         """Write the resolved config as JSON, atomically (temp file + rename)."""
         return write_json_atomic(path, self.to_dict())
-
-
-# The peak lr a run gets when none is given: small-parameter methods want larger steps than full fine-tuning
-# (measured on the parity cases, docs/records/results.md).
-DEFAULT_LR = {"classification": 1e-3, "regression": 1e-3, "generation": 5e-4}
-# A fresh classifier head needs larger steps than the adapter; a regression head does not
-# (docs/records/training-defaults.md).
-DEFAULT_HEAD_LR_RATIO = {"classification": 10.0, "regression": 1.0, "generation": 1.0}
-# The head lr the classification ratio gives at the default lr; a default ratio never puts the head above
-# it, since higher spiked the head's loss (docs/records/training-defaults.md, "The cap on the head's lr").
-MAX_DEFAULT_HEAD_LR = 1e-2
-FULL_WEIGHT_LR = 5e-5
-FULL_WEIGHT_METHODS = ("full", "fttop2")
-# The fields a task's recipe (``TaskSpec.recipe``) may set: each defaults to None, meaning "not given".
-RECIPE_FIELDS = ("lr", "head_lr_ratio", "init", "train_pooler")
-
-
-def default_head_lr_ratio(kind: str, lr: float) -> float:
-    """The kind's head lr ratio, lowered where it would put the head above ``MAX_DEFAULT_HEAD_LR``, but
-    never below 1 (the head then learns at the adapter's lr).
-
-    Args:
-        kind: the task kind, ``"classification"``, ``"regression"`` or ``"generation"``.
-        lr: the run's resolved learning rate.
-    """
-    ratio = DEFAULT_HEAD_LR_RATIO[kind]
-    return min(ratio, max(1.0, MAX_DEFAULT_HEAD_LR / lr))
-
-
-def resolve_task_defaults(cfg: TrainConfig, kind: str, recipe: Mapping[str, Any] | None = None) -> TrainConfig:
-    """``cfg`` with every run-dependent default filled in: the learning rate, the head's lr ratio, the LoRA
-    init, whether the pooler trains and, from ``quantize``, gradient checkpointing and the heap setting.
-
-    Args:
-        cfg: the run's config; fields the user set are kept.
-        kind: the task kind, ``"classification"``, ``"regression"`` or ``"generation"``.
-        recipe: the task's own defaults (``TaskSpec.recipe``, fields of ``RECIPE_FIELDS``); they win over
-            the kind's, and a field the user set wins over them.
-    """
-    recipe = dict(recipe or {})
-    unknown = sorted(set(recipe) - set(RECIPE_FIELDS))
-    if unknown:
-        raise ConfigError(f"a task recipe can set {list(RECIPE_FIELDS)} only, not {unknown}")
-    full = cfg.method in FULL_WEIGHT_METHODS
-    def first_set(name: str, default: Any) -> Any:  # the user's value, else the recipe's, else the default
-        return next(v for v in (getattr(cfg, name), recipe.get(name), default) if v is not None)
-
-    chosen = {"lr": first_set("lr", FULL_WEIGHT_LR if full else DEFAULT_LR[kind]),
-              "init": first_set("init", DEFAULT_INIT), "train_pooler": first_set("train_pooler", True)}  # fmt: skip
-    chosen["head_lr_ratio"] = first_set("head_lr_ratio", default_head_lr_ratio(kind, chosen["lr"]))
-    # A quantized base is chosen to save memory: both memory settings default to on with it.
-    saving = cfg.quantize is not None
-    return dataclasses.replace(
-        cfg, **chosen,
-        gradient_checkpointing=saving if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing,
-        return_freed_memory=saving if cfg.return_freed_memory is None else cfg.return_freed_memory,
-    )  # fmt: skip
 
 
 def check_finite_and_patterns(cfg: TrainConfig) -> None:
@@ -425,128 +360,6 @@ def check_keys(data: dict[str, Any], source: str) -> None:
             )
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ConfigError(f"{source}: unknown key(s) {', '.join(hints)}; known keys: {', '.join(known)}")
-
-
-def _hints() -> dict[str, Any]:
-    return typing.get_type_hints(TrainConfig)
-
-
-def _base_type(hint: Any) -> tuple[Any, bool]:
-    """(the non-None type, whether None is allowed) of an annotation like ``int | None``."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return rest[0], True
-    return hint, False
-
-
-def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
-    """Convert a file/CLI value to the field's type, with an error that names the field."""
-    base, optional = _base_type(hint)
-    if value is None or (
-        optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "")
-    ):
-        if not optional:
-            raise ConfigError(f"{source}: {name} cannot be empty")
-        return None
-    try:
-        if base is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(value).lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(value)
-            return int(value)
-        if base is float:
-            if isinstance(value, bool):
-                raise ValueError(value)
-            return float(value)
-        if typing.get_origin(base) is list:
-            return _coerce_list(value, typing.get_args(base)[0])
-        return str(value)
-    except (TypeError, ValueError):
-        what = "comma-separated list of integers" if base == list[int] else getattr(base, "__name__", base)
-        raise ConfigError(f"{source}: {name} = {value!r} is not a valid {what}") from None
-
-
-def _coerce_list(value: Any, item: type) -> list[Any]:
-    """A list from ``"a,b"`` or a sequence; items of type ``item`` (str or int: ``"0,1,5"`` → ``[0, 1, 5]``)."""
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(value)
-    if item is int:
-        if any(isinstance(v, (bool, float)) for v in value):
-            raise ValueError(value)
-        return [int(v) for v in value]
-    return [str(v) for v in value]
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML (.toml) or YAML (.yaml/.yml) file into a flat mapping.
-
-    A ``[train]`` table (TOML) or ``train:`` mapping (YAML) is accepted as the root, so one file can hold
-    other sections too.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".toml":
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        elif suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError:
-                raise ConfigError(
-                    f"{path}: YAML configs need PyYAML (pip install pyyaml), or use TOML"
-                ) from None
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        elif suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-        else:
-            raise ConfigError(f"{path}: config files must be .toml, .yaml/.yml or .json")
-    except ConfigError:
-        raise
-    except Exception as exc:  # each parser has its own error type; all mean "this file is malformed"
-        raise ConfigError(f"{path}: cannot parse: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of key = value at the top level")
-    if set(data) == {"train"} and isinstance(data["train"], dict):
-        data = data["train"]
-    nested = [k for k, v in data.items() if isinstance(v, dict)]
-    if nested:
-        raise ConfigError(f"{path}: unexpected section(s) {nested}; put training keys at the top level")
-    return data
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, only: list[str] | None = None) -> None:
-    """One ``--flag`` per TrainConfig field. Defaults are suppressed so only given flags override."""
-    hints = _hints()
-    defaults = TrainConfig.field_defaults()
-    for f in fields(TrainConfig):
-        if only is not None and f.name not in only:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        base, _ = _base_type(hints[f.name])
-        help_ = f"{f.metadata.get('help', '')} (default: {defaults[f.name]})"
-        if base is bool:
-            parser.add_argument(
-                flag,
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=help_,
-            )
-        else:
-            metavar = "LIST" if typing.get_origin(base) is list else f.name.upper()
-            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar, help=help_)
 
 
 def resolve_config(config_file: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:

@@ -30,7 +30,8 @@ from lorakit.tasks import TaskData, TaskSpec, load_task
 from lorakit.training import checkpoint as ckpt
 from lorakit.training import distributed as dist_util
 from lorakit.training import rundir
-from lorakit.training.config import RECIPE_FIELDS, TrainConfig, resolve_task_defaults
+from lorakit.training.config import TrainConfig
+from lorakit.training.defaults import RECIPE_FIELDS, resolve_task_defaults
 from lorakit.training.evaluate import encode, set_class_weights
 from lorakit.training.metrics_log import MetricsLog
 from lorakit.training.optim import build_optimizer, build_scheduler
