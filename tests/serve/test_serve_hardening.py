@@ -384,8 +384,8 @@ def test_a_deeply_nested_adapter_config_is_a_400(server, adapter_dir, tmp_path, 
     (deep / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
     (deep / "adapter_model.safetensors").write_bytes((Path(adapter_dir) / "adapter_model.safetensors").read_bytes())
     err = _error(raw(server.url, "POST", "/v1/adapters", {"name": "deep", "path": str(deep)}), 400)
-    assert "nested too deeply" in err["message"]
-    with pytest.raises(LorakitError, match="nested too deeply"):
+    assert "nested more than 64 levels deep" in err["message"]
+    with pytest.raises(LorakitError, match="nested more than 64 levels deep"):
         make_app(_parse(["--model", base_dir, "--adapter", f"deep={deep}"]))
     assert raw(server.url, "GET", "/health")[2]["status"] == "ok"
 

@@ -27,9 +27,6 @@ def check_servable(path: str | Path, task: str, need_heads: tuple[str, ...] = ()
         parsed = read_adapter(path)
     except LorakitError as exc:
         raise APIError(400, str(exc), param="path") from exc
-    except RecursionError as exc:  # json's decoder on a config nested thousands of levels deep
-        raise APIError(400, f"{path}: adapter_config.json is nested too deeply to be an adapter config",
-                       param="path") from exc
     missing = [m for m in need_heads if m not in parsed.saved_modules]
     if missing:
         raise APIError(400, f"{path}: this adapter carries no trained {', '.join(missing)} (modules_to_save), and "
