@@ -473,7 +473,7 @@ def test_text_classification_run_learns_and_writes_every_output(tiny_bert, tmp_p
     for name in ("method_model.safetensors", "method_config.json", "train_config.json", "metrics.jsonl",
                  "eval_results.json", "training.png"):  # fmt: skip
         assert (out / name).is_file(), name
-    assert json.loads((out / "train_config.json").read_text())["label_names"] is None
+    assert json.loads((out / "train_config.json").read_text())["label_names"] == ["neg", "pos"]
     assert json.loads((out / "eval_results.json").read_text()) == result
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["split"] == "train"]
@@ -557,7 +557,7 @@ def test_glue_folder_without_dev_file_scores_a_carved_disjoint_split(tmp_path):
     assert (len(data.train), len(data.eval)) == (36, 4) and data.valid is data.eval
     train_texts = {ex.text for ex in data.train}
     assert not train_texts & {ex.text for ex in data.eval} and len(train_texts | {e.text for e in data.eval}) == 40
-    assert "held out of train.tsv" in data.notes[0]
+    assert "carved 4 of 40 records of train.tsv" in data.notes[0] and "no dev file" in data.notes[0]
     again = load_task(base_cfg(task="stsb", data=str(folder)))
     assert [e.text for e in again.eval] == [e.text for e in data.eval]  # deterministic: eval rescores the same
     other = load_task(base_cfg(task="stsb", data=str(folder), split_seed=5))
