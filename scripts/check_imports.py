@@ -11,6 +11,7 @@ Layers, lowest first (a module may import its own layer and the ones below):
     training     lorakit.training and lorakit.tasks
     experiments  lorakit.experiments and lorakit.bench (comparisons, latency, benchmarks)
     apps         lorakit.serve, lorakit.cli, lorakit.commands, lorakit.demo, lorakit.generate_command,
+                 lorakit.classify, lorakit.classify_command,
                  lorakit.__main__
 
 Usage: ``python scripts/check_imports.py [SRC_DIR]`` (default: ``src`` next to this script). Exit status 1
@@ -38,6 +39,8 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("lorakit.commands", "apps"),
     ("lorakit.demo", "apps"),
     ("lorakit.generate_command", "apps"),
+    ("lorakit.classify", "apps"),
+    ("lorakit.classify_command", "apps"),
     ("lorakit.__main__", "apps"),
 )
 ORDER = ("core", "methods", "training", "experiments", "apps")

@@ -20,6 +20,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lorakit.training.cli:train_main", "fine-tune a model on a task (LoRA or a baseline method)"),
     "eval": ("lorakit.training.cli:eval_main", "score a base model + adapter on a task"),
     "generate": ("lorakit.generate_command:generate_main", "generate text with a base model and adapters (streams)"),
+    "classify": ("lorakit.classify_command:classify_main",
+                 "classify a CSV/TSV/JSONL file with one or more classification adapters (mixed batch)"),
     "compare": ("lorakit.experiments.compare:compare_main", "run methods x seeds on a task, write a table + plot"),
     "latency": ("lorakit.experiments.latency:latency_main", "inference latency of methods vs the base model"),
     "estimate": ("lorakit.analysis.estimate:estimate_main", "trainable parameters, file sizes, memory"),
