@@ -116,6 +116,8 @@ def test_cli_errors_name_the_problem(setup, tmp_path, capsys):
 
 PEAK_RSS = """
 import csv, resource, sys
+import torch
+torch.set_num_threads(1)  # 2 shared cores: intra-op threads only thrash on a model this small
 from lorakit.classify import Settings, classify_file, load_classifier, read_head
 base, adapter, source, out = sys.argv[1:5]
 heads = {"c0": read_head("c0", adapter)}

@@ -13,7 +13,7 @@ from lorakit.cli import main
 from test_training import one_thread  # noqa: F401
 
 POSITIVE = ["a warm and funny film", "great acting and a clever plot", "I loved every minute of it"]
-NEGATIVE = ["dull, slow and far too long", "the plot makes no sense at all", "I wanted my money back"]
+NEGATIVE = ["dull and slow and far too long", "the plot makes no sense at all", "I wanted my money back"]
 
 
 def _csv(path: Path, n: int, tag: str) -> Path:
@@ -35,11 +35,11 @@ def test_one_labelled_file_trains_carves_reports_and_eval_scores_it(tmp_path, ca
     train = _csv(tmp_path / "train.csv", 30, "train")
     assert _train(train, tmp_path / "run") == 0
     err = capsys.readouterr().err
-    assert f"text: no valid file; carved 3 of 30 records of {train} (split_seed 0, stratified by label)" in err
-    assert "text: 6 of 27 training examples (22 %) are cut at --max-length 16" in err
+    assert f"text: no valid file; carved 4 of 30 records of {train} (split_seed 0, stratified by label)" in err
+    assert "text: 6 of 26 training examples (23 %) are cut at --max-length 16; the longest has 41 tokens" in err
     assert "the final metrics are measured on the validation split carved from" in err
     summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
-    assert summary["truncation"]["train"]["cut"] == 6 and summary["examples"] == {"train": 27, "valid": 3, "eval": 3}
+    assert summary["truncation"]["train"]["cut"] == 6 and summary["examples"] == {"train": 26, "valid": 4, "eval": 4}
     assert summary["validation"] == "carved" and summary["scored_on"].startswith("the validation split carved")
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["split"] == "eval" and last["scored_on"] == summary["scored_on"]

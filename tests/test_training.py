@@ -463,6 +463,7 @@ def test_output_dir_of_another_run_needs_resume_or_overwrite(tmp_path, no_model_
 
 def test_text_classification_run_learns_and_writes_every_output(tiny_bert, tmp_path, one_thread):
     data = write_sentiment_csv(tmp_path / "data")
+    (data / "dev.csv").write_text((data / "test.csv").read_text())  # a valid file: all of train is trained on
     out = tmp_path / "out"
     cfg = base_cfg(
         model=str(tiny_bert), task="text", data=str(data), out=str(out), method="full", lr=3e-3,
