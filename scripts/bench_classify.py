@@ -72,6 +72,7 @@ def main(argv: list[str]) -> int:
                                 top_k=None))
             times["transformers pipeline"].append(time.perf_counter() - started)
             assert len(out) == len(texts)
+            print("repeat: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()), flush=True)
     rate = {k: args.rows / statistics.median(v) for k, v in times.items()}
     for k, v in rate.items():
         print(f"{k}: {v:.1f} rows/s (median of {args.repeats}, {args.rows} rows, batch {args.batch_size}, "
