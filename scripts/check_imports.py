@@ -16,7 +16,7 @@ a module no prefix covers is reported, so a new package is placed on purpose.
     methods      lorakit.methods (the method registry and the non-LoRA methods)
     training     lorakit.training and lorakit.tasks
     experiments  lorakit.experiments and lorakit.bench (comparisons, latency, benchmarks)
-    apps         lorakit.serve, lorakit.cli, lorakit.demo, lorakit.__main__ and the package face
+    apps         lorakit.serve, lorakit.cli, lorakit.demo, lorakit.classify, lorakit.__main__ and the package face
 
 Usage: ``python scripts/check_imports.py [SRC_DIR]`` (default: ``src`` next to this script). Exit status 1
 when a cycle or an upward import exists; each is printed with the file and line of every import in it.
@@ -51,6 +51,7 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("lorakit.serve", "apps"),
     ("lorakit.cli", "apps"),
     ("lorakit.demo", "apps"),
+    ("lorakit.classify", "apps"),
     ("lorakit.__main__", "apps"),
 )
 ORDER = ("base", "lora", "io", "quant", "arith", "data", "methods", "training", "experiments", "apps")

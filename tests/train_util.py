@@ -122,3 +122,17 @@ def trainable_names(model) -> set[str]:
         model: a prepared model.
     """
     return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def stsb_folder(root, splits=(("train", 16), ("dev", 8))):
+    """A GLUE STS-B folder of made-up pairs with the real file layout."""
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+    folder = root / "STS-B"
+    folder.mkdir()
+    for split, n in splits:
+        rows = [header] + [
+            f"{i}\tmain-news\tf\t2012\t{i}\tnone\tnone\ta man plays {i}\ta man is playing {i}\t{i * 0.7 % 5:.3f}"
+            for i in range(n)
+        ]
+        (folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return folder

@@ -15,13 +15,14 @@ from lorakit.training import checkpoint as ckpt
 from lorakit.training.config import TrainConfig
 from lorakit.training.evaluate import encode, generate_e2e
 from lorakit.training.trainer import train
-from train_util import base_cfg, write_sentiment_csv
+from train_util import base_cfg, stsb_folder, write_sentiment_csv
 
 # -- short real runs -------------------------------------------------------------------------------------
 
 
 def test_text_classification_run_learns_and_writes_every_output(tiny_bert, tmp_path, one_thread):
     data = write_sentiment_csv(tmp_path / "data")
+    (data / "dev.csv").write_text((data / "test.csv").read_text())  # a valid file: all of train is trained on
     out = tmp_path / "out"
     cfg = base_cfg(
         model=str(tiny_bert), task="text", data=str(data), out=str(out), method="full", lr=3e-3,
@@ -32,7 +33,7 @@ def test_text_classification_run_learns_and_writes_every_output(tiny_bert, tmp_p
     for name in ("method_model.safetensors", "method_config.json", "train_config.json", "metrics.jsonl",
                  "eval_results.json", "training.png"):  # fmt: skip
         assert (out / name).is_file(), name
-    assert json.loads((out / "train_config.json").read_text())["label_names"] is None
+    assert json.loads((out / "train_config.json").read_text())["label_names"] == ["neg", "pos"]
     assert json.loads((out / "eval_results.json").read_text()) == result
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["split"] == "train"]
@@ -74,19 +75,6 @@ def test_stsb_regression_fixture(tiny_bert, tmp_path, one_thread):
     assert all(-1.0 <= v <= 1.0 for v in result.values() if not math.isnan(v))
 
 
-def _stsb_folder(root, splits=(("train", 16), ("dev", 8))):
-    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
-    folder = root / "STS-B"
-    folder.mkdir()
-    for split, n in splits:
-        rows = [header] + [
-            f"{i}\tmain-news\tf\t2012\t{i}\tnone\tnone\ta man plays {i}\ta man is playing {i}\t{i * 0.7 % 5:.3f}"
-            for i in range(n)
-        ]
-        (folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-    return folder
-
-
 def test_stsb_targets_are_scaled_to_unit_range_and_predictions_back(tiny_bert, tmp_path):
     """The STS-B collapse: raw 0-5 targets drove MiniLM's tanh pooler into saturation (Pearson 0.09).
     Training sees scores in [0, 1]; predictions come back in 0-5."""
@@ -95,7 +83,7 @@ def test_stsb_targets_are_scaled_to_unit_range_and_predictions_back(tiny_bert, t
     from lorakit.io.models import load_model
     from lorakit.training.evaluate import predict_classification
 
-    data = load_task(base_cfg(task="stsb", data=str(_stsb_folder(tmp_path))))
+    data = load_task(base_cfg(task="stsb", data=str(stsb_folder(tmp_path))))
     assert data.spec.target_range == (0.0, 5.0)
     rows = encode(data.spec, data.train, AutoTokenizer.from_pretrained(tiny_bert), 32)
     labels = [r["labels"] for r in rows]
@@ -111,12 +99,12 @@ def test_stsb_targets_are_scaled_to_unit_range_and_predictions_back(tiny_bert, t
 
 
 def test_glue_folder_without_dev_file_scores_a_carved_disjoint_split(tmp_path):
-    folder = _stsb_folder(tmp_path, splits=(("train", 40),))
+    folder = stsb_folder(tmp_path, splits=(("train", 40),))
     data = load_task(base_cfg(task="stsb", data=str(folder)))
     assert (len(data.train), len(data.eval)) == (36, 4) and data.valid is data.eval
     train_texts = {ex.text for ex in data.train}
     assert not train_texts & {ex.text for ex in data.eval} and len(train_texts | {e.text for e in data.eval}) == 40
-    assert "held out of train.tsv" in data.notes[0]
+    assert "carved 4 of 40 records of train.tsv" in data.notes[0] and "no dev file" in data.notes[0]
     again = load_task(base_cfg(task="stsb", data=str(folder)))
     assert [e.text for e in again.eval] == [e.text for e in data.eval]  # deterministic: eval rescores the same
     other = load_task(base_cfg(task="stsb", data=str(folder), split_seed=5))

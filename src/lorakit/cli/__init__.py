@@ -21,6 +21,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lorakit.cli.train:train_main", "fine-tune a model on a task (LoRA or a baseline method)"),
     "eval": ("lorakit.cli.evaluate:eval_main", "score a base model + adapter on a task"),
     "generate": ("lorakit.cli.generate:generate_main", "generate text with a base model and adapters (streams)"),
+    "classify": ("lorakit.cli.classify:classify_main",
+                 "classify a CSV/TSV/JSONL file with one or more classification adapters (mixed batch)"),
     "compare": ("lorakit.cli.compare:compare_main", "run methods x seeds on a task, write a table + plot"),
     "latency": ("lorakit.cli.latency:latency_main", "inference latency of methods vs the base model"),
     "estimate": ("lorakit.cli.estimate:estimate_main", "trainable parameters, file sizes, memory"),

@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import math
 import typing
+from collections.abc import Sequence
 from dataclasses import fields
+from pathlib import Path
 
+from lorakit.errors import ConfigError
 from lorakit.training.coerce import base_type
 from lorakit.training.config import TrainConfig
 
@@ -165,3 +168,24 @@ def add_test_file_alias(parser: argparse.ArgumentParser) -> None:
     """
     parser.add_argument("--test-file", dest="eval_file", default=argparse.SUPPRESS, metavar="EVAL_FILE",
                         help="same as --eval-file")  # fmt: skip
+
+
+def adapter_specs(values: Sequence[str]) -> list[tuple[str, str]]:
+    """``(name, folder)`` for each ``--adapter [NAME=]DIR`` value: one unnamed adapter is ``default``, several
+    unnamed ones take their folder's name; names are identifiers other than ``base`` and differ.
+
+    Args:
+        values: the command's ``--adapter`` values.
+    """
+    specs = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = ("default" if len(values) == 1 else Path(value).name.replace("-", "_")), value
+        if not name.isidentifier() or name == "base":
+            raise ConfigError(f"--adapter {value!r}: the name {name!r} must be an identifier other than 'base'")
+        specs.append((name, path))
+    names = [n for n, _ in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--adapter names must differ, got {names}; name them NAME=DIR")
+    return specs

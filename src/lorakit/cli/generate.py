@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lorakit.cli.common import add_adapters, add_device, add_model, add_seed
+from lorakit.cli.common import adapter_specs, add_adapters, add_device, add_model, add_seed
 from lorakit.errors import ConfigError
 from lorakit.generation import GenerationSettings, encode_prompt, generate_ids, stop_token_ids
 
@@ -42,23 +42,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="records per batch (JSONL mode)")
     add_device(p)
     return p  # fmt: skip
-
-
-def _adapter_specs(values: Sequence[str]) -> list[tuple[str, str]]:
-    from pathlib import Path
-
-    specs = []
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep:
-            name, path = ("default" if len(values) == 1 else Path(value).name.replace("-", "_")), value
-        if not name.isidentifier() or name == "base":
-            raise ConfigError(f"--adapter {value!r}: the name {name!r} must be an identifier other than 'base'")
-        specs.append((name, path))
-    names = [n for n, _ in specs]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"--adapter names must differ, got {names}; name them NAME=DIR")
-    return specs
 
 
 def load_for_generation(model_name: str, adapters: Sequence[tuple[str, str]], device: str = "auto"):
@@ -144,7 +127,7 @@ def generate_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                                   do_sample=args.sample, temperature=args.temperature, top_p=args.top_p)
-    specs = _adapter_specs(args.adapter)
+    specs = adapter_specs(args.adapter)
     records = _read_records(args.input, args.prompts)  # input errors before the model loads
     routes = _routes(records, [n for n, _ in specs], args.default_adapter)
     model, tokenizer = load_for_generation(args.model, specs, args.device)

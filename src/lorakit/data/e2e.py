@@ -7,12 +7,12 @@ one example; for evaluation every MR is scored once against all of its reference
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorakit.data.splits import partition
 from lorakit.data.text import DataError, utf8_error
 
 __all__ = [
@@ -85,27 +85,12 @@ def e2e_training_pairs(items: Sequence[E2EItem]) -> list[tuple[str, str]]:
     return [(it.mr, ref) for it in items for ref in it.references]
 
 
-def _mr_rank(seed: int, mr: str) -> bytes:
-    # Hash rank: the split of an MR depends only on (seed, MR), not on file order or other MRs.
-    return hashlib.sha256(f"{seed}\x00{mr}".encode()).digest()
-
-
 def _carve(
     items: list[E2EItem], roles: Sequence[str], fractions: dict[str, float], seed: int
 ) -> dict[str, list[E2EItem]]:
-    """Partition items by MR into ``roles`` with sizes proportional to ``fractions`` (exact counts)."""
-    order = sorted(range(len(items)), key=lambda i: _mr_rank(seed, items[i].mr))
-    total = sum(fractions[r] for r in roles)
-    n = len(items)
-    out: dict[str, list[E2EItem]] = {}
-    start, acc = 0, 0.0
-    for k, role in enumerate(roles):
-        acc += fractions[role]
-        end = n if k == len(roles) - 1 else round(n * acc / total)
-        chosen = sorted(order[start:end])  # keep file order within a split
-        out[role] = [items[i] for i in chosen]
-        start = end
-    return out
+    """Partition items by MR into ``roles`` with sizes proportional to ``fractions`` (the shared rule,
+    ``lorakit.data.splits.partition``)."""
+    return partition(items, {r: fractions[r] for r in roles}, seed, key=lambda it: it.mr)
 
 
 def _carve_source(loaded: dict[str, list[E2EItem]], files: dict[str, Path], missing: list[str]) -> str:

@@ -9,7 +9,6 @@ user text. Every malformed record is a :class:`DataError` naming the file, the l
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.data.collate import IGNORE_INDEX
+from lorakit.data.splits import carve_valid
 from lorakit.data.text import DataError, _records_from_jsonl, _records_from_table
 
 __all__ = [
@@ -153,26 +153,14 @@ def find_sft_file(folder: Path, stems: Sequence[str]) -> Path | None:
     return None
 
 
-def _rank(seed: int, key: str) -> bytes:
-    return hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
-
-
-def carve(records: Sequence[Any], fraction: float, seed: int, key: Any) -> tuple[list[Any], list[Any]]:
-    """(rest, carved): about ``fraction`` of the distinct keys go to ``carved``, chosen by a hash of
-    ``(seed, key)``, so records sharing an input never straddle the two (file order kept in both)."""
-    keys = sorted(dict.fromkeys(key(r) for r in records), key=lambda k: _rank(seed, k))
-    n = max(1, round(len(keys) * fraction)) if len(keys) > 1 else 0
-    chosen = set(keys[:n])
-    return [r for r in records if key(r) not in chosen], [r for r in records if key(r) in chosen]
-
-
 def sft_splits(
     files: dict[str, Path | None], seed: int, fields: tuple[str, str, str], valid_fraction: float = 0.1
 ) -> dict[str, list[SftRecord]]:
     """``{"train", "valid", "test"}`` records from the files found for each role.
 
-    A missing valid file is carved out of train (disjoint by prompt, with a warning); a missing test file
-    falls back to the valid split. Nothing is ever carved out of the test file.
+    A missing valid file is carved out of train (``lorakit.data.splits.carve_valid``: disjoint by prompt, with
+    a warning; none when train is too small or ``valid_fraction`` is 0); a missing test file falls back to
+    the valid split. Nothing is ever carved out of the test file.
 
     Args:
         files: role -> file (None when absent); ``train`` is required.
@@ -186,15 +174,9 @@ def sft_splits(
     if files.get("valid") is not None:
         valid = load_sft(files["valid"], *fields)  # type: ignore[arg-type]
     else:
-        train, valid = carve(train, valid_fraction, seed, SftRecord.key)
-        if not valid or not train:
-            raise DataError(f"{files['train']}: too few distinct prompts to carve a validation split")
-        warnings.warn(
-            f"sft: no valid file; carved {len(valid)} of {len(train) + len(valid)} records of "
-            f"{files['train']} (seed={seed}) as the validation split",
-            UserWarning,
-            stacklevel=2,
-        )
+        carved = carve_valid(train, valid_fraction, seed, task="sft", source=str(files["train"]), key=SftRecord.key)
+        train, valid = carved.train, carved.valid
+        warnings.warn(carved.note, UserWarning, stacklevel=2)
     test = load_sft(files["test"], *fields) if files.get("test") is not None else valid  # type: ignore[arg-type]
     return {"train": train, "valid": valid, "test": test}
 

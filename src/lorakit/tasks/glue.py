@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from lorakit.data import DataError, Example, get_glue_task, glue_split_exists, load_glue
+from lorakit.data import Example, get_glue_task, glue_split_exists, load_glue
+from lorakit.data.splits import carve_valid
 from lorakit.errors import ConfigError
 from lorakit.tasks.spec import TaskData, TaskSpec, subsample
 
 if TYPE_CHECKING:
     from lorakit.training.config import TrainConfig
 
-GLUE_CARVE_FRACTION = 0.1  # of train, held out when a task folder has no dev file (STS-B here)
-GLUE_CARVE_MAX = 1000
+GLUE_CARVE_MAX = 1000  # the most examples carved from train when a task folder has no dev file
 # Task recipes that differ from the classification defaults; RTE's head collapses at 10 x and learns better
 # with PEFT's choices (docs/records/training-defaults.md, "RTE").
 RECIPES: dict[str, dict[str, Any]] = {"rte": {"head_lr_ratio": 1.0, "init": "kaiming", "train_pooler": False}}
@@ -31,16 +30,32 @@ def _glue_train_and_scored(
         train = load_glue(task, cfg.data, "train") if wants_train else []
         return train, load_glue(task, cfg.data, eval_split) if wants_scored else []
     train = load_glue(task, cfg.data, "train")
-    n_held = min(GLUE_CARVE_MAX, max(1, round(GLUE_CARVE_FRACTION * len(train))))
-    if len(train) - n_held < 1:
-        raise DataError(f"{task}: {len(train)} training example(s) are too few to carve a {eval_split} split")
-    held = set(random.Random(cfg.split_seed).sample(range(len(train)), n_held))
-    notes.append(
-        f"no {task} {eval_split} file in {cfg.data}: scoring {n_held} examples held out of train.tsv "
-        f"(split_seed {cfg.split_seed}), training on the other {len(train) - n_held}"
-    )
-    return [ex for i, ex in enumerate(train) if i not in held], [ex for i, ex in enumerate(train) if i in held]
+    fraction = min(cfg.valid_split, GLUE_CARVE_MAX / len(train))
+    regression = get_glue_task(task).is_regression
+    carved = carve_valid(train, fraction, cfg.split_seed, task=task, source="train.tsv",
+                         stratify=None if regression else (lambda ex: ex.label))
+    notes.append(f"{carved.note} (no {eval_split} file in {cfg.data})")
+    return carved.train, carved.valid
 
+
+def glue_spec(task: str) -> TaskSpec:
+    """What GLUE task ``task`` is to the trainer (labels, score range, metrics, recipe).
+
+    Args:
+        task: a GLUE task name.
+    """
+    glue = get_glue_task(task)
+    return TaskSpec(
+        name=glue.name,
+        kind="regression" if glue.is_regression else "classification",
+        model_task="seq-cls",
+        num_labels=glue.num_labels,
+        label_names=list(glue.labels),
+        target_range=glue.score_range,
+        metrics=glue.metrics,
+        metric="glue",
+        recipe=dict(RECIPES.get(glue.name, {})),
+    )
 
 
 def load_glue_task(task: str, cfg: TrainConfig, roles: Sequence[str]) -> TaskData:
@@ -55,17 +70,7 @@ def load_glue_task(task: str, cfg: TrainConfig, roles: Sequence[str]) -> TaskDat
     for name in ("train_file", "valid_file", "eval_file"):
         if getattr(cfg, name):
             raise ConfigError(f"{name} is not used for GLUE tasks: point --data at the task folder instead")
-    spec = TaskSpec(
-        name=glue.name,
-        kind="regression" if glue.is_regression else "classification",
-        model_task="seq-cls",
-        num_labels=glue.num_labels,
-        label_names=list(glue.labels),
-        target_range=glue.score_range,
-        metrics=glue.metrics,
-        metric="glue",
-        recipe=dict(RECIPES.get(glue.name, {})),
-    )
+    spec = glue_spec(glue.name)
     eval_split = cfg.eval_split or glue.splits[1]  # dev (MNLI: dev_matched)
     out = TaskData(spec)
     train, scored = _glue_train_and_scored(glue.name, cfg, eval_split, roles, out.notes)
@@ -75,4 +80,6 @@ def load_glue_task(task: str, cfg: TrainConfig, roles: Sequence[str]) -> TaskDat
     scored = subsample(scored, cfg.max_eval_samples, cfg.split_seed)
     out.valid = scored if "valid" in roles else []
     out.eval = scored if "eval" in roles else []
+    if out.notes and out.eval:
+        out.scored_on = "the validation split carved from train (no dev file)"
     return out

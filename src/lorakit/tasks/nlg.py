@@ -91,4 +91,6 @@ def load_nlg_task(cfg: TrainConfig, roles: Sequence[str]) -> TaskData:
         out.valid = subsample(splits["valid"], cfg.max_eval_samples, cfg.split_seed)
     if "eval" in roles:
         out.eval = subsample(splits[eval_role], cfg.max_eval_samples, cfg.split_seed)
+        if splits[eval_role] is splits["valid"] and eval_role != "valid":
+            out.scored_on = "the validation split (no test file)"
     return out

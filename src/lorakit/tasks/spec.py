@@ -61,6 +61,9 @@ class TaskData:
     valid: list[Any] = field(default_factory=list)
     eval: list[Any] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # how splits were made, shown to the user
+    # What the final metrics are measured on when no eval file exists ("the validation split, carved from
+    # train.csv"); empty when an eval file is scored. Written into metrics.jsonl and the run summary.
+    scored_on: str = ""
 
 
 def subsample(items: Sequence[Any], limit: int | None, seed: int) -> list[Any]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lorakit.data import DataError, Example, load_text_classification
+from lorakit.data.splits import carve_valid
 from lorakit.tasks.spec import TaskData, TaskSpec, subsample
 
 if TYPE_CHECKING:
@@ -25,7 +26,8 @@ def _find_text_file(folder: Path, stems: Sequence[str]) -> Path | None:
 
 def text_files(cfg: TrainConfig, roles: Sequence[str]) -> tuple[Path, Path | None, Path | None]:
     """(train, valid, eval) files: ``--data`` is a folder (train.csv, dev.csv …) or the train file itself;
-    ``--train-file`` / ``--valid-file`` / ``--eval-file`` override, relative to that folder."""
+    ``--train-file`` / ``--valid-file`` / ``--eval-file`` override, relative to that folder. The eval file
+    is ``test.*``; a ``dev``/``valid`` file is the validation split, never the scored one."""
     given = Path(cfg.data) if cfg.data else None
     if given is not None and not given.exists():
         raise DataError(f"data path {given} not found")
@@ -40,17 +42,19 @@ def text_files(cfg: TrainConfig, roles: Sequence[str]) -> tuple[Path, Path | Non
     train_path = given if given is not None and given.is_file() else pick(cfg.train_file, ("train",))
     if train_path is None:
         raise DataError(f"no train file in {folder}: expected train.csv/.tsv/.jsonl (or --train-file)")
-    eval_path = pick(cfg.eval_file, ("test", "dev", "valid", "validation"))
-    valid_path = pick(cfg.valid_file, ("dev", "valid", "validation")) or eval_path
-    if ("eval" in roles or "valid" in roles) and eval_path is None:
-        raise DataError(
-            f"no evaluation file in {folder}: expected test/dev/valid .csv/.tsv/.jsonl (or --eval-file)"
-        )
+    eval_path = pick(cfg.eval_file, ("test",))
+    valid_path = pick(cfg.valid_file, ("dev", "valid", "validation"))
+    if "train" not in roles and "eval" in roles and eval_path is None and valid_path is None:
+        where = f"in {folder}" if folder is not None else f"beside {train_path}"
+        raise DataError(f"no evaluation file {where}: expected test/dev/valid .csv/.tsv/.jsonl (or --eval-file)")
     return train_path, valid_path, eval_path
 
 
 def load_text_task(cfg: TrainConfig, roles: Sequence[str]) -> TaskData:
-    """Train / valid / eval examples from the files in (or named by) ``cfg.data`` (see ``text_files``)."""
+    """Train / valid / eval examples from the files in (or named by) ``cfg.data`` (see ``text_files``).
+
+    Without a valid file the validation split is carved from train (stratified by label, ``lorakit.data.
+    splits``); without a test file the final metrics are those of the validation split, labelled so."""
     train_path, valid_path, eval_path = text_files(cfg, roles)
 
     def read(path: Path, names: list[str] | None) -> tuple[list[Example], list[str]]:
@@ -66,10 +70,34 @@ def load_text_task(cfg: TrainConfig, roles: Sequence[str]) -> TaskData:
         "text", "classification", "seq-cls", num_labels=len(names or []), label_names=list(names or []),
         metric="text",
     )
-    out = TaskData(
-        spec, train=subsample(train, cfg.max_train_samples, cfg.split_seed) if "train" in roles else []
-    )
-    for role, path in (("eval", eval_path), ("valid", valid_path)):
-        if role in roles:
-            setattr(out, role, subsample(read(path, names)[0], cfg.max_eval_samples, cfg.split_seed))  # type: ignore[arg-type]
+    out = TaskData(spec)
+    if "train" in roles:
+        if valid_path is None:
+            carved = carve_valid(train, cfg.valid_split, cfg.split_seed, task="text", source=str(train_path),
+                                 stratify=lambda ex: ex.label)
+            train, out.valid = carved.train, carved.valid
+            out.notes.append(carved.note)
+        else:
+            out.valid = read(valid_path, names)[0]
+        out.train = subsample(train, cfg.max_train_samples, cfg.split_seed)
+    elif "valid" in roles and valid_path is not None:
+        out.valid = read(valid_path, names)[0]
+    out.valid = subsample(out.valid, cfg.max_eval_samples, cfg.split_seed)
+    if "eval" in roles:
+        _set_eval(out, read, names, eval_path, valid_path, train_path, cfg)
+    if "valid" not in roles:
+        out.valid = []
     return out
+
+
+def _set_eval(out: TaskData, read: Any, names: list[str] | None, eval_path: Path | None,
+              valid_path: Path | None, train_path: Path, cfg: TrainConfig) -> None:
+    """The scored split: the test file; else the validation split (its file, or carved), labelled so."""
+    if eval_path is not None:
+        out.eval = subsample(read(eval_path, names)[0], cfg.max_eval_samples, cfg.split_seed)
+    elif valid_path is not None:
+        out.eval = out.valid or subsample(read(valid_path, names)[0], cfg.max_eval_samples, cfg.split_seed)
+        out.scored_on = f"the validation split ({valid_path}; no test file)"
+    else:
+        out.eval = out.valid
+        out.scored_on = f"the validation split carved from {train_path} (no test file)" if out.valid else ""

@@ -138,7 +138,11 @@ class TrainConfig:
         200, "validate during training on a fixed random subset of this many examples (generation tasks: "
         "(input, reference) pairs; none: all); GLUE validates on its dev set"
     )
-    split_seed: int = _f(0, "seed for subsets and carved E2E splits (kept apart from 'seed' so runs compare)")
+    split_seed: int = _f(0, "seed for subsets and carved splits (kept apart from 'seed' so runs compare)")
+    valid_split: float = _f(
+        0.1, "share of train carved as the validation split when there is no valid/dev file (0: train "
+        "without validation)"
+    )
     eval_split: str | None = _f(
         None, "split scored at the end (default: dev for GLUE, test for E2E and text)"
     )
@@ -238,6 +242,8 @@ class TrainConfig:
     def _check_rates(self) -> None:
         if not ((self.lr is None or self.lr > 0) and self.alpha > 0):
             raise ConfigError("lr and alpha must be positive")
+        if not 0.0 <= self.valid_split < 1.0:
+            raise ConfigError(f"valid_split must be in [0, 1), got {self.valid_split!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.label_smoothing < 1.0:

@@ -29,14 +29,17 @@ from lorakit.data import (
     encoded_rows,
 )
 from lorakit.data.sft import SftRecord, encode_sft
+from lorakit.data.truncation import Truncation, measure_truncation
 from lorakit.metrics.registry import get_metric
 from lorakit.tasks import TaskSpec
 from lorakit.training.config import TrainConfig
 
 __all__ = [
     "balanced_class_weights", "collate", "encode", "generate_e2e", "loss_sum", "mean_loss",
-    "predict_classification", "score", "set_class_weights", "validate",
+    "predict_classification", "report_truncation", "score", "set_class_weights", "token_lengths", "validate",
 ]  # fmt: skip
+
+UNCUT = 1_000_000  # a max_length nothing reaches: lengths are measured before the cut
 
 # Metrics that score a majority-class predictor at 0 whatever the class balance: a model trained on the
 # plain loss for them sits at that 0 for most of a short run (docs/records/training-defaults.md).
@@ -91,6 +94,39 @@ def encode(
                 row["labels"] = spec.scale_target(row["labels"])
             row["n_targets"] = 1
     return rows
+
+
+def token_lengths(spec: TaskSpec, items: Sequence[Any], tokenizer: Any) -> list[int]:
+    """Each example's length in tokens before any cut (generation: one per (input, reference) pair), encoded
+    exactly as training encodes it.
+
+    Args:
+        spec: the task.
+        items: its examples.
+        tokenizer: the model's tokenizer.
+    """
+    if not items:
+        return []
+    return [len(r["input_ids"]) for r in encode(spec, items, tokenizer, UNCUT, "left")]
+
+
+def report_truncation(
+    spec: TaskSpec, splits: dict[str, Sequence[Any]], tokenizer: Any, max_length: int
+) -> list[Truncation]:
+    """One ``Truncation`` per non-empty split (``lorakit.data.truncation``); the caller prints the lines.
+
+    Args:
+        spec: the task.
+        splits: role -> examples ("train", "valid", "eval"; a split that is another's object is measured once).
+        tokenizer: the model's tokenizer.
+        max_length: the run's ``max_length``.
+    """
+    out, seen = [], []
+    for role, items in splits.items():
+        if items and not any(items is other for other in seen):
+            seen.append(items)
+            out.append(measure_truncation(spec.name, role, token_lengths(spec, items, tokenizer), max_length))
+    return out
 
 
 def collate(spec: TaskSpec, rows: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Tensor]:

@@ -10,13 +10,16 @@ from lorakit.training import distributed as dist_util
 from lorakit.training.config import json_safe, write_json_atomic
 from lorakit.training.hooks import evaluate, run_validation, save_fsdp
 from lorakit.training.metrics_log import plot_history
-from lorakit.training.outputs import EVAL_RESULTS, PLOT, PREDICTIONS, save_trained
+from lorakit.training.outputs import EVAL_RESULTS, PLOT, PREDICTIONS, RUN_SUMMARY, save_trained
 from lorakit.training.prepare import Run
 
 
 def final_score(run: Run, predictions: list[Any]) -> dict[str, float]:
-    """Validate at the last step, then score the eval split (GLUE: the dev set just validated)."""
+    """Validate at the last step, then score the eval split (GLUE: the dev set just validated); no metrics
+    when the run has neither a validation split nor an eval file."""
     valid_metrics = run_validation(run, run.total_steps)
+    if not run.data.eval:
+        return {}
     if run.spec.kind != "generation" and run.data.valid is run.data.eval:
         return valid_metrics
     return evaluate(run, run.data.eval, final=True, predictions=predictions)
@@ -29,6 +32,22 @@ def write_predictions(run: Run, predictions: list[Any]) -> None:
             fh.write(json.dumps({"mr": item.mr, "prediction": hyp, "references": item.references}) + "\n")
 
 
+def run_summary(run: Run, final: dict[str, float]) -> dict[str, Any]:
+    """What the run trained and scored on: split sizes, how the splits were made, what ``max_length`` cut
+    (per split) and what the final metrics were measured on."""
+    data = run.data
+    return json_safe({
+        "task": run.spec.name,
+        "examples": {"train": len(data.train), "valid": len(data.valid), "eval": len(data.eval)},
+        "notes": list(data.notes),
+        "validation": "none" if not data.valid else "carved" if any("carved" in n for n in data.notes) else "file",
+        "scored_on": data.scored_on or ("nothing (no validation split, no eval file)" if not data.eval
+                                        else "the eval file"),
+        "truncation": {t.split: t.as_dict() for t in run.truncation},
+        "final": final,
+    })  # fmt: skip
+
+
 def finish(run: Run) -> dict[str, float]:
     """Save what was trained, score it, write the results (and plot), and return the final metrics."""
     cfg, info = run.cfg, run.info
@@ -39,7 +58,9 @@ def finish(run: Run) -> dict[str, float]:
     predictions: list[Any] = []
     final = final_score(run, predictions)
     if info.is_main:
-        run.log.write(json_safe({"split": "eval", "step": run.total_steps, **final}))
+        scored_on = {"scored_on": run.data.scored_on} if run.data.scored_on else {}
+        run.log.write(json_safe({"split": "eval", "step": run.total_steps, **scored_on, **final}))
+        write_json_atomic(run.out / RUN_SUMMARY, run_summary(run, final))
         if run.spec.kind == "generation":
             write_predictions(run, predictions)
         write_json_atomic(run.out / EVAL_RESULTS, json_safe(final))

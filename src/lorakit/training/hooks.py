@@ -64,7 +64,10 @@ def evaluate(
 
 
 def run_validation(run: Run, step: int) -> dict[str, float]:
-    """Score the validation set, log it (metrics.jsonl, a line above the bar) and return the metrics."""
+    """Score the validation set, log it (metrics.jsonl, a line above the bar) and return the metrics (none
+    when the run has no validation split)."""
+    if not run.data.valid:
+        return {}
     metrics = evaluate(run, run.data.valid, final=False)
     if run.info.is_main:
         from tqdm.auto import tqdm

@@ -24,6 +24,7 @@ METRICS_LOG = "metrics.jsonl"
 EVAL_RESULTS = "eval_results.json"
 PLOT = "training.png"
 PREDICTIONS = "eval_predictions.jsonl"
+RUN_SUMMARY = "run_summary.json"  # split sizes, how they were made, truncation, what the final score measured
 TENSORBOARD_DIR = "tensorboard"
 # Read only: the trainer's own format for non-LoRA state, before it wrote method_io's.
 LEGACY_WEIGHTS = "trainable_state.safetensors"
@@ -38,7 +39,7 @@ TRAINED_KINDS = (
 # The trained state: kept by --overwrite until the new run's final save replaces it.
 TRAINED_FILES = tuple(name for kind in TRAINED_KINDS for name in kind)
 # Files a run writes into its output directory (removed by --overwrite, nothing else is touched).
-RUN_FILES = (TRAIN_CONFIG, METRICS_LOG, EVAL_RESULTS, PLOT, PREDICTIONS, *TRAINED_FILES)
+RUN_FILES = (TRAIN_CONFIG, METRICS_LOG, EVAL_RESULTS, PLOT, PREDICTIONS, RUN_SUMMARY, *TRAINED_FILES)
 
 
 def save_trained(model: nn.Module, path: str | Path, cfg: TrainConfig) -> Path:

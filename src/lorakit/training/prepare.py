@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lorakit.data import DataError
+from lorakit.data.truncation import Truncation
 from lorakit.errors import ConfigError
 from lorakit.io.fsutil import claim_output, mark_output
 from lorakit.lora.adapters import parameter_report
@@ -32,7 +33,7 @@ from lorakit.training import distributed as dist_util
 from lorakit.training import rundir
 from lorakit.training.config import TrainConfig
 from lorakit.training.defaults import RECIPE_FIELDS, resolve_task_defaults
-from lorakit.training.evaluate import encode, set_class_weights
+from lorakit.training.evaluate import encode, report_truncation, set_class_weights
 from lorakit.training.metrics_log import MetricsLog
 from lorakit.training.optim import build_optimizer, build_scheduler
 from lorakit.training.outputs import (
@@ -82,6 +83,7 @@ class Run:
     state: RunState = field(default_factory=RunState)
     kill_after_step: int | None = None  # a test hook: SIGKILL after this optimizer step
     replica: list[nn.Module] = field(default_factory=list)  # FSDP: rank 0's CPU copy, built once
+    truncation: list[Truncation] = field(default_factory=list)  # per split, measured at load (run summary)
 
     @property
     def spec(self) -> TaskSpec:
@@ -132,6 +134,8 @@ def load_data(cfg: TrainConfig, info: dist_util.DistInfo) -> tuple[TaskData, Tra
     if spec.class_weights is not None:
         shown = ", ".join(f"{n} {w:.2f}" for n, w in zip(spec.label_names, spec.class_weights))
         data.notes.append(f"balanced class weights in the loss ({shown})")
+    if spec.name == "text" and cfg.label_names is None:  # saved with the run: eval and classify map labels alike
+        cfg = dataclasses.replace(cfg, label_names=list(spec.label_names))
     if len(data.train) < info.world_size:
         raise DataError(
             f"{len(data.train)} training example(s) cannot be shared by {info.world_size} processes"
@@ -282,6 +286,12 @@ def announce(run: Run) -> None:
     per_rank = cfg.batch_size // info.world_size
     for note in data.notes:
         say(info, f"lorakit train: {note}")
+    for cut in run.truncation:
+        say(info, f"lorakit train: {cut.line()}")
+    if not data.valid:
+        say(info, "lorakit train: no validation split: training without validation")
+    if data.scored_on:
+        say(info, f"lorakit train: no test file: the final metrics are measured on {data.scored_on}")
     say(
         info,
         f"lorakit train: {cfg.model} on {spec.name} ({len(data.train)} train / {len(data.eval)} eval "
@@ -321,5 +331,8 @@ def prepare_run(
         total, steps_per_epoch, warmup, kill_after_step=kill_after_step,
     )  # fmt: skip
     restore(run, resume_from, resume)
+    run.truncation = report_truncation(
+        data.spec, {"train": data.train, "valid": data.valid, "eval": data.eval}, tokenizer, cfg.max_length
+    )
     announce(run)
     return run
