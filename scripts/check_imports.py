@@ -10,8 +10,9 @@ Layers, lowest first (a module may import its own layer and the ones below):
     methods      lorakit.methods (the method registry and the non-LoRA methods)
     training     lorakit.training and lorakit.tasks
     experiments  lorakit.experiments and lorakit.bench (comparisons, latency, benchmarks)
+    export       lorakit.export (GGUF and merged-model writers, runtime verdicts for `lorakit info`)
     apps         lorakit.serve, lorakit.cli, lorakit.commands, lorakit.demo, lorakit.generate_command,
-                 lorakit.__main__
+                 lorakit.__main__, lorakit.export_command
 
 Usage: ``python scripts/check_imports.py [SRC_DIR]`` (default: ``src`` next to this script). Exit status 1
 when a cycle or an upward import exists; each is printed with the file and line of every import in it.
@@ -31,6 +32,8 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("lorakit.methods", "methods"),
     ("lorakit.training", "training"),
     ("lorakit.tasks", "training"),
+    ("lorakit.export_command", "apps"),
+    ("lorakit.export", "export"),
     ("lorakit.experiments", "experiments"),
     ("lorakit.bench", "experiments"),
     ("lorakit.serve", "apps"),
@@ -40,7 +43,7 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("lorakit.generate_command", "apps"),
     ("lorakit.__main__", "apps"),
 )
-ORDER = ("core", "methods", "training", "experiments", "apps")
+ORDER = ("core", "methods", "training", "experiments", "export", "apps")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ import warnings
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("lorakit.demo:demo_main", "fine-tune minilm-l6 with LoRA on shipped movie reviews, end to end"),
     "merge": ("lorakit.commands:merge_main", "merge an adapter into its base and save a plain transformers folder"),
+    "export": ("lorakit.export_command:export_main",
+               "write an adapter or merged model for llama.cpp, Ollama (GGUF) or transformers (hf)"),
     "info": ("lorakit.commands:info_main", "show what an adapter directory holds"),
     "combine": ("lorakit.combine:combine_main", "combine weighted adapters into one (linear, cat, svd, ties, dare)"),
     "train": ("lorakit.training.cli:train_main", "fine-tune a model on a task (LoRA or a baseline method)"),
