@@ -5,14 +5,14 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
-from export_util import make_adapter
-from tiny import randomize_lora, tiny_gpt2, tiny_llama
 
+from export_util import make_adapter
 from lorakit import LoraConfig, inject, read_adapter, save_adapter
 from lorakit.cli import main
 from lorakit.export.gguf_adapter import refusals
 from lorakit.methods.io import save_method
 from lorakit.methods.registry import apply_method
+from tiny import randomize_lora, tiny_gpt2, tiny_llama
 
 
 def _export(capsys, adapter, out, *extra) -> tuple[int, str]:

@@ -103,3 +103,39 @@ def raise_if_disk_full(out: Path, exc: OSError) -> None:
     """
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         raise ExportError(f"no space left writing {out}; nothing was written") from exc
+
+
+def write_folder_atomically(out: Path, write: Callable[[Path], object], fmt: str) -> list[str]:
+    """Let ``write(tmp)`` fill a fresh sibling folder, add the marker listing its files, then put it at
+    ``out`` in one step (an earlier export there is replaced whole; :func:`check_folder_out` vetted it).
+
+    Args:
+        out: the folder to create or replace.
+        write: fills the folder it is given.
+        fmt: the export format, recorded in the marker.
+
+    Returns:
+        The names of the files written (the marker excluded).
+    """
+    out = Path(os.path.abspath(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in stale_temps(out.parent, f".{out.name}.tmp-*"):
+        remove(leftover)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    remove(tmp)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        names = sorted(p.name for p in tmp.iterdir())
+        (tmp / MARKER).write_text(json.dumps({"format": fmt, "files": names}, indent=1) + "\n")
+        for f in tmp.iterdir():
+            os.chmod(f, file_mode())
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        replace_path(tmp, out)
+    except OSError as exc:
+        raise_if_disk_full(out, exc)
+        raise
+    finally:
+        remove(tmp)
+    return names
