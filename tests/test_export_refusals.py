@@ -92,3 +92,11 @@ def test_existing_output_is_kept(tmp_path, capsys):
     code, err = _export(capsys, tmp_path, foreign, "--overwrite")
     assert code == 1 and "is not a GGUF file" in err
     assert foreign.read_text() == "not mine"
+
+
+def test_dtype_must_suit_the_format(tmp_path, capsys):
+    code, err = _export(capsys, tmp_path, tmp_path / "a.gguf", "--dtype", "q8_0")
+    assert code == 1 and "--dtype 'q8_0' for --format gguf-adapter: choose from f32, f16, bf16" in err
+    code = main(["export", "--adapter", str(tmp_path), "--format", "hf", "--out", str(tmp_path / "m"),
+                 "--requantize"])
+    assert code == 1 and "--requantize applies to --format gguf only" in capsys.readouterr().err
