@@ -90,7 +90,7 @@ def test_existing_output_is_kept(tmp_path, capsys):
     code, err = _export(capsys, tmp_path, foreign)
     assert code == 1 and "already exists; pass --overwrite" in err
     code, err = _export(capsys, tmp_path, foreign, "--overwrite")
-    assert code == 1 and "is not a GGUF file" in err
+    assert code == 1 and "notes.gguf is not a GGUF file" in err
     assert foreign.read_text() == "not mine"
 
 
@@ -100,3 +100,11 @@ def test_dtype_must_suit_the_format(tmp_path, capsys):
     code = main(["export", "--adapter", str(tmp_path), "--format", "hf", "--out", str(tmp_path / "m"),
                  "--requantize"])
     assert code == 1 and "--requantize applies to --format gguf only" in capsys.readouterr().err
+
+
+def test_a_foreign_modelfile_beside_the_output_is_kept(tmp_path, capsys):
+    (tmp_path / "smol.Modelfile").write_text("# my own\n")
+    code = main(["export", "--adapter", str(tmp_path), "--format", "gguf", "--out", str(tmp_path / "smol.gguf"),
+                 "--overwrite"])
+    assert code == 1 and "smol.Modelfile is not a Modelfile lorakit wrote" in capsys.readouterr().err
+    assert (tmp_path / "smol.Modelfile").read_text() == "# my own\n"

@@ -125,7 +125,7 @@ def export_gguf_model(request: ExportRequest) -> list[str]:
     dtype = request.dtype or "f16"
     modelfile = request.out.with_suffix(".Modelfile")
     check_file_out(request.out, request.overwrite)
-    check_file_out(modelfile, request.overwrite, kind="text")
+    check_file_out(modelfile, request.overwrite, kind="modelfile")
     parsed = read_adapter(request.adapter)
     base = _gguf_base(parsed, request)
     merged = load_merged(parsed, request.adapter, base.name)

@@ -26,7 +26,7 @@ def check_file_out(out: Path, overwrite: bool, kind: str = "gguf") -> None:
     Args:
         out: the output file.
         overwrite: whether replacing it was asked for.
-        kind: ``"gguf"`` (must start with the GGUF magic) or ``"text"`` (a Modelfile).
+        kind: ``"gguf"`` (must start with the GGUF magic) or ``"modelfile"`` (must start with ``FROM ./``).
     """
     if not (out.exists() or out.is_symlink()):
         return
@@ -34,10 +34,10 @@ def check_file_out(out: Path, overwrite: bool, kind: str = "gguf") -> None:
         raise ExportError(f"--out {out} is a folder; this format writes one file")
     if not overwrite:
         raise ExportError(f"--out {out} already exists; pass --overwrite to replace it")
-    if kind == "gguf":
-        with open(out, "rb") as fh:
-            if fh.read(4) != GGUF_MAGIC:
-                raise ExportError(f"--out {out} is not a GGUF file: lorakit export replaces only its own outputs")
+    magic, what = (GGUF_MAGIC, "a GGUF file") if kind == "gguf" else (b"FROM ./", "a Modelfile lorakit wrote")
+    with open(out, "rb") as fh:
+        if fh.read(len(magic)) != magic:
+            raise ExportError(f"{out} is not {what}: lorakit export replaces only its own outputs")
 
 
 def check_folder_out(out: Path, overwrite: bool) -> None:
