@@ -108,3 +108,18 @@ def test_a_foreign_modelfile_beside_the_output_is_kept(tmp_path, capsys):
                  "--overwrite"])
     assert code == 1 and "smol.Modelfile is not a Modelfile lorakit wrote" in capsys.readouterr().err
     assert (tmp_path / "smol.Modelfile").read_text() == "# my own\n"
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    import errno
+
+    from lorakit.errors import ExportError
+    from lorakit.export.paths import write_file_atomically
+
+    def write(tmp):
+        tmp.write_bytes(b"GGUF partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(ExportError, match=r"no space left writing .*a\.gguf; nothing was written"):
+        write_file_atomically(tmp_path / "a.gguf", write)
+    assert list(tmp_path.iterdir()) == []
