@@ -14,6 +14,7 @@ a module no prefix covers is reported, so a new package is placed on purpose.
     arith        lorakit.arith: adapter arithmetic (combine, hot swap)
     data         lorakit.data, lorakit.metrics, lorakit.generation, lorakit.analysis
     methods      lorakit.methods (the method registry and the non-LoRA methods)
+    export       lorakit.export: adapters and merged models for other runtimes (GGUF, Ollama, transformers)
     training     lorakit.training and lorakit.tasks
     experiments  lorakit.experiments and lorakit.bench (comparisons, latency, benchmarks)
     apps         lorakit.serve, lorakit.cli, lorakit.demo, lorakit.classify, lorakit.__main__ and the package face
@@ -44,6 +45,7 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("lorakit.generation", "data"),
     ("lorakit.analysis", "data"),
     ("lorakit.methods", "methods"),
+    ("lorakit.export", "export"),
     ("lorakit.training", "training"),
     ("lorakit.tasks", "training"),
     ("lorakit.experiments", "experiments"),
@@ -54,7 +56,7 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("lorakit.classify", "apps"),
     ("lorakit.__main__", "apps"),
 )
-ORDER = ("base", "lora", "io", "quant", "arith", "data", "methods", "training", "experiments", "apps")
+ORDER = ("base", "lora", "io", "quant", "arith", "data", "methods", "export", "training", "experiments", "apps")
 
 
 @dataclass(frozen=True)

@@ -23,3 +23,7 @@ class MergeError(LorakitError, RuntimeError):
 
 class TrainingDivergedError(LorakitError, RuntimeError):
     """Training produced a non-finite loss or gradient; the run stopped before publishing anything."""
+
+
+class ExportError(LorakitError, ValueError):
+    """An adapter or model cannot be written in the asked format (the message names the module and why)."""

@@ -23,6 +23,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("lorakit.cli.generate:generate_main", "generate text with a base model and adapters (streams)"),
     "classify": ("lorakit.cli.classify:classify_main",
                  "classify a CSV/TSV/JSONL file with one or more classification adapters (mixed batch)"),
+    "export": ("lorakit.cli.export:export_main",
+               "write an adapter or its merged model for llama.cpp, Ollama or transformers (gguf-adapter, gguf, hf)"),
     "compare": ("lorakit.cli.compare:compare_main", "run methods x seeds on a task, write a table + plot"),
     "latency": ("lorakit.cli.latency:latency_main", "inference latency of methods vs the base model"),
     "estimate": ("lorakit.cli.estimate:estimate_main", "trainable parameters, file sizes, memory"),

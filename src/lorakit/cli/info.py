@@ -25,9 +25,10 @@ def info_main(argv: list[str]) -> int:
         print(json.dumps(info))
         return 0
     for key, value in info.items():
-        if key == "modules":
+        if key in ("modules", "runtimes"):
             continue
         print(f"{key:<18}{value}")
+    _print_runtimes(info["runtimes"])
     print("modules:")
     for name in info["modules"][:12]:
         print(f"  {name}")
@@ -62,7 +63,20 @@ def _summary(path: Path) -> dict[str, Any]:
         "file_bytes": (path / WEIGHTS_NAME).stat().st_size + (path / CONFIG_NAME).stat().st_size,
         "modules": sorted(parsed.pairs),
     }
+    from lorakit.export.runtimes import runtime_report
     from lorakit.serve.compat import vllm_report
 
     info["vllm_servable"], info["vllm_why_not"], info["vllm_notes"] = vllm_report(parsed)
+    info["runtimes"] = runtime_report(parsed)
     return info
+
+
+def _print_runtimes(runtimes: dict[str, dict[str, Any]]) -> None:
+    """One line per runtime: whether it loads the file as it is, else why not and the way there."""
+    print("runtimes:")
+    for name, verdict in runtimes.items():
+        if verdict["servable"]:
+            print(f"  {name:<10}yes: {verdict['route']}")
+        else:
+            route = f" (instead: {verdict['route']})" if verdict["route"] else ""
+            print(f"  {name:<10}no: {'; '.join(verdict['why_not'])}{route}")

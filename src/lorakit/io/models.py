@@ -73,6 +73,18 @@ def model_path(name_or_path: str | Path) -> str:
     return str(target)
 
 
+def builtin_gguf(name: str) -> Path | None:
+    """The GGUF file a built-in model ships as, or None for a non-GGUF built-in or any other name.
+
+    Args:
+        name: a model name as the user gave it.
+    """
+    spec = BUILTINS.get(str(name))
+    if spec is None or spec.gguf_file is None:
+        return None
+    return _package_dir(spec, str(name)) / spec.gguf_file
+
+
 def _convert_gguf(folder: Path, gguf_file: str, target: Path, name: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,0 +1,65 @@
+"""``--format hf``: the merged model as a transformers folder of safetensors shards, in the asked dtype.
+
+The folder holds only what this export writes (weights, config, generation config, tokenizer files and the
+marker :data:`lorakit.export.paths.MARKER` listing them), so a later ``--overwrite`` can tell it from a
+folder of someone else's files and refuse those.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.export import ExportRequest
+from lorakit.export.base import base_name
+from lorakit.export.merged import load_merged
+from lorakit.export.paths import check_folder_out, write_folder_atomically
+from lorakit.io.files import read_adapter
+
+HF_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_SHARD_SIZE = "2GB"  # shards a hub upload takes comfortably; small bases stay one file
+
+
+def base_dtype(config: Any) -> str:
+    """The base's own dtype as an ``--dtype`` name (fp32 when its config names none lorakit writes).
+
+    Args:
+        config: the base's transformers config.
+    """
+    own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(own, str):
+        own = getattr(torch, own, None)
+    names = {dtype: name for name, dtype in HF_DTYPES.items()}
+    return names.get(own, "fp32")
+
+
+def export_hf(request: ExportRequest) -> list[str]:
+    """Write the merged model as safetensors shards at ``request.out`` (a folder), atomically.
+
+    Args:
+        request: the parsed command line.
+
+    Returns:
+        The lines to print.
+    """
+    from transformers import AutoConfig
+
+    from lorakit.io.models import model_path
+
+    check_folder_out(request.out, request.overwrite)
+    parsed = read_adapter(request.adapter)
+    name = base_name(parsed, request.model)
+    dtype = request.dtype or base_dtype(AutoConfig.from_pretrained(model_path(name)))
+    merged = load_merged(parsed, request.adapter, name)
+    model = merged.model.to(HF_DTYPES[dtype])
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+        merged.tokenizer.save_pretrained(tmp)
+
+    files = write_folder_atomically(request.out, write, "hf")
+    shards = [f for f in files if f.endswith(".safetensors")]
+    return [f"wrote {request.out}: merged {request.adapter} into {name}, {dtype}, {len(shards)} safetensors "
+            f"shard(s), {len(merged.changed)} weights changed by the merge"]
