@@ -308,9 +308,21 @@ class Routes:
         rid = new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._stream(seq, events, rid, body.model, chat, include_usage),
+            return StreamingResponse(self._stream(seq, events, rid, body.model, chat, include_usage, request),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await self._collect(seq, events, rid, body.model, chat, request)
+
+    def _watch(self, seq: Sequence, request: Request) -> asyncio.Task:
+        """A task that cancels ``seq`` the moment its client hangs up, whether or not tokens are flowing."""
+
+        async def watch() -> None:
+            # The body has been read, so the next ASGI message can only be the disconnect.
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            if not seq.done:
+                self.engine.cancel(seq)
+
+        return asyncio.ensure_future(watch())
 
     def _submit(self, seq: Sequence) -> None:
         try:
@@ -337,20 +349,21 @@ class Routes:
     async def _collect(self, seq: Sequence, events: asyncio.Queue[Event], rid: str, model: str, chat: bool,
                        request: Request) -> Response:
         parts: list[str] = []
+        watcher = self._watch(seq, request)
         try:
             while True:
                 ev = await self._next(events)
                 if ev is None:
-                    # Polled: a non-streaming client that hangs up cancels its sequence.
-                    if await request.is_disconnected():
-                        return Response(status_code=499)
                     continue
                 if ev.error:
                     raise APIError(ev.status, ev.error, "server_error")
+                if ev.finish_reason == "cancelled":  # the client hung up: nobody reads an answer
+                    return Response(status_code=499)
                 parts.append(ev.text)
                 if ev.finish_reason:
                     break
         finally:
+            watcher.cancel()
             if not seq.done:
                 self.engine.cancel(seq)
         obj = completion_object(rid, model, "".join(parts), ev.finish_reason, chat=chat, chunk=False)
@@ -358,7 +371,8 @@ class Routes:
         return JSONResponse(obj)
 
     async def _stream(self, seq: Sequence, events: asyncio.Queue[Event], rid: str, model: str, chat: bool,
-                      include_usage: bool) -> AsyncIterator[str]:
+                      include_usage: bool, request: Request) -> AsyncIterator[str]:
+        watcher = self._watch(seq, request)
         try:
             if chat:
                 yield sse(completion_object(rid, model, "", None, chat=True, chunk=True, role=True))
@@ -370,6 +384,8 @@ class Routes:
                     yield sse(APIError(ev.status, ev.error, "server_error").body())
                     break
                 finish = ev.finish_reason
+                if finish == "cancelled":  # the client hung up
+                    return
                 if ev.text or finish:
                     yield sse(completion_object(rid, model, ev.text, finish, chat=chat, chunk=True))
                 if finish:
@@ -381,6 +397,7 @@ class Routes:
             yield sse("[DONE]")
         finally:
             # A client that disconnects mid-stream ends up here (Starlette cancels the generator).
+            watcher.cancel()
             if not seq.done:
                 self.engine.cancel(seq)
 
