@@ -95,3 +95,80 @@ def test_a_client_that_hangs_up_frees_its_running_sequence_within_a_step(tok, ad
         # One step may be under way when the hang-up lands, and one more may start before the flag is read.
         assert seq.completion_tokens <= at_hangup + 2, (at_hangup, seq.completion_tokens)
         wait_for(lambda: not engine.active, 30, "the batch to empty")
+
+
+# -- bounded seeds, Unicode text, and every unimplemented field refused -------------------------------------
+def test_a_seed_outside_int64_is_a_400_and_int64_bounds_are_served(server):
+    for seed in (2**64, 2**63, -(2**63) - 1):
+        err = _error(raw(server.url, "POST", "/v1/completions", {"model": "tiny", "prompt": "hi", "seed": seed}), 400)
+        assert err["param"] == "seed", err
+    for seed in (2**63 - 1, -(2**63)):
+        code, _, body = raw(server.url, "POST", "/v1/completions",
+                            {"model": "tiny", "prompt": "hi", "seed": seed, "max_tokens": 2})
+        assert code == 200, body
+
+
+def _raw_json(url: str, path: str, text: str) -> tuple[int, dict]:
+    """POST a JSON text as is (json.dumps cannot write a lone surrogate the way a client can)."""
+    code, _, body = raw(url, "POST", path, text.encode())
+    return code, body
+
+
+@pytest.mark.parametrize("path,text,param", [
+    ("/v1/completions", '{"model": "tiny", "prompt": "a \\ud800 b"}', "prompt"),
+    ("/v1/completions", '{"model": "tiny", "prompt": ["\\udfff"]}', "prompt[0]"),
+    ("/v1/completions", '{"model": "tiny", "prompt": "hi", "stop": ["\\ud83d"]}', "stop[0]"),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "x\\ud800"}]}',
+     "messages[0].content"),
+])
+def test_a_lone_surrogate_in_text_is_a_400(server, path, text, param):
+    code, body = _raw_json(server.url, path, text)
+    assert code == 400, body
+    assert body["error"]["param"] == param and "surrogate" in body["error"]["message"]
+
+
+# OpenAI's completions and chat fields this server does not implement (each with a value a client would send).
+UNIMPLEMENTED = {
+    "/v1/completions": {"suffix": "x", "best_of": 2, "logit_bias": {"50256": -100}, "presence_penalty": 0.5,
+                        "frequency_penalty": 0.5, "stream_options.bogus": 1},
+    "/v1/chat/completions": {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto",
+                             "response_format": {"type": "json_object"}, "parallel_tool_calls": True,
+                             "functions": [{"name": "f"}], "function_call": "auto", "logit_bias": {"1": 5},
+                             "presence_penalty": 1.0, "frequency_penalty": 1.0, "modalities": ["text"],
+                             "audio": {"voice": "x"}, "prediction": {"type": "content", "content": "x"},
+                             "reasoning_effort": "low", "service_tier": "auto", "store": True,
+                             "metadata": {"a": "b"}, "web_search_options": {}, "messages[0].name": "bob",
+                             "messages[0].tool_calls": []},
+}
+
+
+def _with(body: dict, dotted: str, value) -> dict:
+    """``body`` with ``value`` set at a dotted path (``messages[0].name``, ``stream_options.bogus``)."""
+    body = json.loads(json.dumps(body))
+    *parents, leaf = dotted.split(".")
+    node = body
+    for part in parents:
+        name, _, index = part.partition("[")
+        node = node.setdefault(name, {}) if not index else node[name][int(index[:-1])]
+    node[leaf] = value
+    return body
+
+
+@pytest.mark.parametrize("path,field", [(p, f) for p, fields in UNIMPLEMENTED.items() for f in fields])
+def test_every_unimplemented_field_is_a_400_naming_it_and_null_is_the_default(server, path, field):
+    base = ({"model": "tiny", "prompt": "hi", "max_tokens": 2} if path == "/v1/completions" else
+            {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    if field.startswith("stream_options"):
+        base["stream_options"] = {"include_usage": True}
+        base["stream"] = True
+    err = _error(raw(server.url, "POST", path, _with(base, field, UNIMPLEMENTED[path][field])), 400)
+    assert err["param"] == field and "not supported" in err["message"], err
+    code, _, answer = raw(server.url, "POST", path, _with({**base, "stream": False}, field.split(".")[-1]
+                                                          if "." not in field else field, None))
+    assert code == 200, answer
+
+
+def test_user_is_accepted_it_changes_nothing(server):
+    code, _, body = raw(server.url, "POST", "/v1/completions",
+                        {"model": "tiny", "prompt": "hi", "max_tokens": 2, "user": "someone"})
+    assert code == 200, body

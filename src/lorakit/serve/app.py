@@ -24,7 +24,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lorakit.serve import adapters_admin
 from lorakit.serve.engine import Engine, QueueFull, ShuttingDown, UnknownAdapter
 from lorakit.serve.limits import RequestLimits, ShutdownSwitch
+from lorakit.serve.logprobs import LogprobFormatter
 from lorakit.serve.names import shown
+from lorakit.serve.params import refuse_surrogates, refuse_unknown
 from lorakit.serve.protocol import (
     AdapterBody,
     APIError,
@@ -244,10 +246,12 @@ class Routes:
     # -- generation ----------------------------------------------------------------------------------
     async def completions(self, body: CompletionBody, request: Request) -> Response:
         self._need_task("causal-lm", "/v1/completions")
+        self._check_body(body)
         prompt = body.prompt
-        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
             if len(prompt) != 1:
-                raise APIError(400, "prompt: one prompt per request (send a string)", param="prompt")
+                raise APIError(400, "prompt: one prompt per request (send a string or one list of token ids)",
+                               param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
             self._check_chars(len(prompt))
@@ -256,10 +260,19 @@ class Routes:
             ids = [int(t) for t in prompt]
             if any(t < 0 or t >= len(self.tokenizer) for t in ids):
                 raise APIError(400, "prompt: token id out of the vocabulary", param="prompt")
-        return await self._generate(body, ids, body.max_tokens, request, chat=False)
+        echo = self.tokenizer.decode(ids) if not isinstance(prompt, str) else prompt
+        return await self._generate(body, ids, body.max_tokens, request, chat=False, echo=echo)
+
+    @staticmethod
+    def _check_body(body: CompletionBody | ChatBody) -> None:
+        """400 for unimplemented fields and text that is not Unicode, before anything is tokenised."""
+        refuse_unknown(body)
+        for field in ("prompt", "messages", "stop"):
+            refuse_surrogates(getattr(body, field, None), field)
 
     async def chat(self, body: ChatBody, request: Request) -> Response:
         self._need_task("causal-lm", "/v1/chat/completions")
+        self._check_body(body)
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise APIError(400, f"{self.settings.base_name} has no chat template; use /v1/completions")
         messages = chat_text(body.messages)
@@ -286,17 +299,20 @@ class Routes:
             raise APIError(400, "prompt: it is empty", param="prompt")
         if max_tokens is None:
             max_tokens = max(1, min(s.max_tokens_cap, s.max_model_len - prompt_len))
-        if max_tokens < 1 or max_tokens > s.max_tokens_cap:
-            raise APIError(400, f"max_tokens: {max_tokens} is outside 1..{s.max_tokens_cap} (this server's cap)",
-                           param="max_tokens")
+        least = 0 if getattr(body, "echo", False) else 1  # echo with max_tokens 0 scores the prompt only
+        if max_tokens < least or max_tokens > s.max_tokens_cap:
+            raise APIError(400, f"max_tokens: {max_tokens} is outside {least}..{s.max_tokens_cap} (this server's "
+                           "cap; 0 only with echo)", param="max_tokens")
         if prompt_len + max_tokens > s.max_model_len:
             raise APIError(400, f"this model's maximum context length is {s.max_model_len} tokens; you requested "
                            f"{prompt_len + max_tokens} ({prompt_len} in the prompt, {max_tokens} to generate)",
                            code="context_length_exceeded", param="prompt")
-        return SamplingParams(max_tokens, body.temperature, body.top_p, stops(body.stop), body.seed)
+        logprobs, echo = _logprobs_wanted(body)
+        return SamplingParams(max_tokens, body.temperature, body.top_p, stops(body.stop), body.seed,
+                              logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
 
     async def _generate(self, body: CompletionBody | ChatBody, ids: list[int], max_tokens: int | None,
-                        request: Request, *, chat: bool) -> Response:
+                        request: Request, *, chat: bool, echo: str = "") -> Response:
         params = self._params(body, len(ids), max_tokens)
         adapter = self.adapter_for(body.model)
         loop = asyncio.get_running_loop()
@@ -310,7 +326,20 @@ class Routes:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(self._stream(seq, events, rid, body.model, chat, include_usage, request),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await self._collect(seq, events, rid, body.model, chat, request)
+        obj = await self._collect(seq, events, rid, body.model, chat, request)
+        if isinstance(obj, Response):
+            return obj
+        if getattr(body, "echo", False):
+            obj["choices"][0]["text"] = echo + obj["choices"][0]["text"]
+        if params.logprobs is not None:
+            obj["choices"][0]["logprobs"] = await self._off_loop(self._choice_logprobs, seq, chat)
+        return JSONResponse(obj)
+
+    def _choice_logprobs(self, seq: Sequence, chat: bool) -> dict[str, Any]:
+        formatter = LogprobFormatter(self.tokenizer, chat=chat)
+        if seq.prompt_logprobs is not None:
+            return formatter.format_prompt(seq.prompt_ids, [*seq.prompt_logprobs, *seq.logprobs])
+        return formatter.format(list(seq.logprobs))
 
     def _watch(self, seq: Sequence, request: Request) -> asyncio.Task:
         """A task that cancels ``seq`` the moment its client hangs up, whether or not tokens are flowing."""
@@ -347,7 +376,7 @@ class Routes:
             return None
 
     async def _collect(self, seq: Sequence, events: asyncio.Queue[Event], rid: str, model: str, chat: bool,
-                       request: Request) -> Response:
+                       request: Request) -> dict[str, Any] | Response:
         parts: list[str] = []
         watcher = self._watch(seq, request)
         try:
@@ -368,11 +397,12 @@ class Routes:
                 self.engine.cancel(seq)
         obj = completion_object(rid, model, "".join(parts), ev.finish_reason, chat=chat, chunk=False)
         obj["usage"] = usage(ev.prompt_tokens, ev.completion_tokens)
-        return JSONResponse(obj)
+        return obj
 
     async def _stream(self, seq: Sequence, events: asyncio.Queue[Event], rid: str, model: str, chat: bool,
                       include_usage: bool, request: Request) -> AsyncIterator[str]:
         watcher = self._watch(seq, request)
+        formatter = LogprobFormatter(self.tokenizer, chat=chat) if seq.params.logprobs is not None else None
         try:
             if chat:
                 yield sse(completion_object(rid, model, "", None, chat=True, chunk=True, role=True))
@@ -387,7 +417,9 @@ class Routes:
                 if finish == "cancelled":  # the client hung up
                     return
                 if ev.text or finish:
-                    yield sse(completion_object(rid, model, ev.text, finish, chat=chat, chunk=True))
+                    logprobs = formatter.format(ev.logprobs) if formatter else None
+                    yield sse(completion_object(rid, model, ev.text, finish, chat=chat, chunk=True,
+                                                logprobs=logprobs))
                 if finish:
                     if include_usage:
                         last = completion_object(rid, model, "", None, chat=chat, chunk=True)
@@ -430,3 +462,14 @@ class Routes:
         self.engine.metrics.latency.observe(time.perf_counter() - start)
         data = [{"index": i, "model": m, **row} for i, (m, row) in enumerate(zip(models, rows))]
         return {"object": "list", "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def _logprobs_wanted(body: CompletionBody | ChatBody) -> tuple[int | None, bool]:
+    """(alternatives per token or None for no log-probs, echo) as the request asks; 400 for bad pairs."""
+    if isinstance(body, ChatBody):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
+        return (body.top_logprobs or 0) if body.logprobs else None, False
+    if body.echo and body.stream:
+        raise APIError(400, "echo: not supported with stream", param="echo")
+    return body.logprobs, body.echo

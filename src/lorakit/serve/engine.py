@@ -256,9 +256,15 @@ class Engine:
         ids = torch.tensor([seq.prompt_ids], dtype=torch.long)
         cache = DynamicCache()
         with self._routing([seq.adapter]):
-            out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+            # Every position's logits only when the prompt itself is scored (echo with logprobs).
+            out = self.model(input_ids=ids, cache=cache, use_cache=True,
+                             logits_to_keep=0 if seq.params.prompt_logprobs else 1)
         seq.cache, seq.cache_len = out.cache, len(seq.prompt_ids)
-        seq.accept(seq.sample(out.logits[0, -1]), self.eos_ids, self._decode_text)
+        seq.score_prompt(out.logits[0])
+        if seq.params.max_tokens == 0:
+            seq.finish_unsampled()
+            return
+        self._take(seq, out.logits[0, -1])
         self.metrics.generated(1)
         self.metrics.ttft.observe(time.perf_counter() - seq.t_submit)
 
@@ -276,7 +282,7 @@ class Engine:
         for i, seq in enumerate(rows):
             seq.batch_slot = (out.cache, i, mask.shape[1] - 1 - seq.cache_len)
             seq.cache_len += 1
-            seq.accept(seq.sample(logits[i]), self.eos_ids, self._decode_text)
+            self._take(seq, logits[i])
         self.metrics.generated(len(rows))
         finished = [s for s in rows if s.done]
         self.active = [s for s in rows if not s.done]
@@ -299,6 +305,12 @@ class Engine:
         for i, seq in enumerate(rows):
             mask[i, length - seq.cache_len :] = 1
         return cache, mask
+
+    def _take(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Sample ``seq``'s next token from its row of logits, score it if asked, and append it."""
+        token = seq.sample(logits)
+        seq.score(logits, token)
+        seq.accept(token, self.eos_ids, self._decode_text)
 
     def _decode_text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
