@@ -172,3 +172,106 @@ def test_user_is_accepted_it_changes_nothing(server):
     code, _, body = raw(server.url, "POST", "/v1/completions",
                         {"model": "tiny", "prompt": "hi", "max_tokens": 2, "user": "someone"})
     assert code == 200, body
+
+
+# -- logprobs and echo --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference(tok, adapter_dir):
+    """The same tiny model and adapter in process, adapter switched in: what the server's scores must equal."""
+    import lorakit
+
+    model = tiny_lm(tok)
+    adapters_admin.load(model, "a0", adapter_dir, "causal-lm")
+    lorakit.set_adapter(model, "a0")
+    return model
+
+
+def _logp(model, ids: list[int]):
+    import torch
+
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def test_echo_with_logprobs_scores_the_prompt_like_the_model_in_process(server, tok, reference):
+    ids = tok(PROMPT).input_ids
+    for max_tokens in (0, 1):
+        code, body = _post(server.url, "/v1/completions", {"model": "a0", "prompt": [ids], "echo": True,
+                                                           "logprobs": 2, "max_tokens": max_tokens,
+                                                           "temperature": 0})
+        assert code == 200, body
+        choice = body["choices"][0]
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(ids) + max_tokens
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        expected = _logp(reference, ids)
+        for i in range(1, len(ids)):
+            assert lp["token_logprobs"][i] == pytest.approx(float(expected[i - 1, ids[i]]), abs=1e-4)
+        for top in lp["top_logprobs"][1:]:
+            assert len(top) in (2, 3)  # two alternatives, plus the chosen one when not among them
+        assert "".join(lp["tokens"]) == choice["text"]
+        assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(lp["tokens"]))]
+        assert choice["text"].startswith(PROMPT)
+        assert body["usage"]["completion_tokens"] == max_tokens
+
+
+def test_completion_logprobs_are_the_greedy_tokens_log_probs(server, tok, reference):
+    ids = tok(PROMPT).input_ids
+    code, body = _post(server.url, "/v1/completions", {"model": "a0", "prompt": PROMPT, "logprobs": 3,
+                                                       "max_tokens": 6, "temperature": 0})
+    assert code == 200, body
+    lp = body["choices"][0]["logprobs"]
+    generated = tok(PROMPT + body["choices"][0]["text"]).input_ids[len(ids):]
+    assert "".join(lp["tokens"]) == body["choices"][0]["text"]
+    logp = _logp(reference, ids + generated)
+    for i, (value, top) in enumerate(zip(lp["token_logprobs"], lp["top_logprobs"])):
+        row = logp[len(ids) - 1 + i]
+        assert value == pytest.approx(float(row.max()), abs=1e-4)  # greedy: the chosen token is the argmax
+        assert len(top) == 3 and max(top.values()) == value
+        assert sorted(top.values(), reverse=True) == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
+    assert lp["text_offset"][0] == 0
+
+
+def test_streamed_logprobs_equal_the_non_streamed_ones(server):
+    request = {"model": "a0", "prompt": PROMPT, "logprobs": 1, "max_tokens": 8, "temperature": 0}
+    _, whole = _post(server.url, "/v1/completions", request)
+    code, _, text = raw(server.url, "POST", "/v1/completions", {**request, "stream": True})
+    assert code == 200
+    chunks = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    tokens = [t for c in chunks for t in (c["choices"][0]["logprobs"] or {}).get("tokens", [])]
+    values = [v for c in chunks for v in (c["choices"][0]["logprobs"] or {}).get("token_logprobs", [])]
+    offsets = [v for c in chunks for v in (c["choices"][0]["logprobs"] or {}).get("text_offset", [])]
+    assert tokens == whole["choices"][0]["logprobs"]["tokens"]
+    assert values == pytest.approx(whole["choices"][0]["logprobs"]["token_logprobs"])
+    assert offsets == whole["choices"][0]["logprobs"]["text_offset"]
+
+
+def test_chat_logprobs_and_top_logprobs(server):
+    request = {"model": "a0", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "temperature": 0,
+               "logprobs": True, "top_logprobs": 2}
+    code, body = _post(server.url, "/v1/chat/completions", request)
+    assert code == 200, body
+    content = body["choices"][0]["logprobs"]["content"]
+    assert len(content) == body["usage"]["completion_tokens"]
+    text = "".join(c["token"] for c in content)
+    assert text.startswith(body["choices"][0]["message"]["content"])  # an EOS token may end the list
+    for c in content:
+        assert len(c["top_logprobs"]) == 2 and c["top_logprobs"][0]["logprob"] == pytest.approx(c["logprob"])
+        assert bytes(c["bytes"]).decode() == c["token"]
+    code, body = _post(server.url, "/v1/chat/completions", {**request, "logprobs": False, "top_logprobs": None})
+    assert code == 200 and body["choices"][0]["logprobs"] is None
+
+
+@pytest.mark.parametrize("path,extra,param", [
+    ("/v1/completions", {"logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"logprobs": -1}, "logprobs"),
+    ("/v1/completions", {"max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"echo": True, "stream": True}, "echo"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+])
+def test_bad_logprob_requests_are_400s_naming_the_field(server, path, extra, param):
+    base = ({"model": "tiny", "prompt": "hi"} if path == "/v1/completions" else
+            {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+    err = _error(raw(server.url, "POST", path, {**base, **extra}), 400)
+    assert err["param"] == param, err
