@@ -129,12 +129,10 @@ def test_a_lone_surrogate_in_text_is_a_400(server, path, text, param):
 
 # OpenAI's completions and chat fields this server does not implement (each with a value a client would send).
 UNIMPLEMENTED = {
-    "/v1/completions": {"suffix": "x", "best_of": 2, "logit_bias": {"50256": -100}, "presence_penalty": 0.5,
-                        "frequency_penalty": 0.5, "stream_options.bogus": 1},
+    "/v1/completions": {"suffix": "x", "stream_options.bogus": 1, "guided_json": {}, "ignore_eos": True},
     "/v1/chat/completions": {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto",
                              "response_format": {"type": "json_object"}, "parallel_tool_calls": True,
-                             "functions": [{"name": "f"}], "function_call": "auto", "logit_bias": {"1": 5},
-                             "presence_penalty": 1.0, "frequency_penalty": 1.0, "modalities": ["text"],
+                             "functions": [{"name": "f"}], "function_call": "auto", "modalities": ["text"],
                              "audio": {"voice": "x"}, "prediction": {"type": "content", "content": "x"},
                              "reasoning_effort": "low", "service_tier": "auto", "store": True,
                              "metadata": {"a": "b"}, "web_search_options": {}, "messages[0].name": "bob",
@@ -275,3 +273,117 @@ def test_bad_logprob_requests_are_400s_naming_the_field(server, path, extra, par
             {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
     err = _error(raw(server.url, "POST", path, {**base, **extra}), 400)
     assert err["param"] == param, err
+
+
+# -- sampling controls, per row inside the batched decode -----------------------------------------------------
+def _complete(url: str, **fields) -> dict:
+    code, body = _post(url, "/v1/completions", {"model": "a0", "prompt": PROMPT, "max_tokens": 6,
+                                                "temperature": 0, **fields})
+    assert code == 200, body
+    return body
+
+
+def _ids(tok, body: dict, i: int = 0) -> list[int]:
+    return tok(PROMPT + body["choices"][i]["text"]).input_ids[len(tok(PROMPT).input_ids):]
+
+
+def test_logit_bias_forces_and_bans_tokens(server, tok):
+    greedy = _ids(tok, _complete(server.url))
+    forced = tok(" hello").input_ids[0]
+    assert _ids(tok, _complete(server.url, logit_bias={str(forced): 100}))[:3] == [forced] * 3
+    banned = _ids(tok, _complete(server.url, logit_bias={str(greedy[0]): -100}))
+    assert banned[0] != greedy[0]
+
+
+def test_penalties_change_repeats(server, tok, reference):
+    greedy = _complete(server.url, max_tokens=24)["choices"][0]["text"]
+    for field, value in (("presence_penalty", 2.0), ("frequency_penalty", 2.0), ("repetition_penalty", 2.0)):
+        text = _complete(server.url, max_tokens=24, **{field: value})["choices"][0]["text"]
+        assert text != greedy, field
+    # A frequency penalty is exactly OpenAI's formula: recompute the first penalised step in process.
+    body = _complete(server.url, max_tokens=8, frequency_penalty=2.0, logprobs=0)
+    ids, prompt = _ids(tok, body), tok(PROMPT).input_ids
+    logits = _logp(reference, prompt + ids)  # log-softmax shifts every logit equally: argmax is unchanged
+    for step, token in enumerate(ids):
+        row = logits[len(prompt) - 1 + step].clone()
+        for seen in set(ids[:step]):
+            row[seen] -= 2.0 * ids[:step].count(seen)
+        assert int(row.argmax()) == token, step
+
+
+def test_top_k_1_and_min_p_1_are_greedy_at_any_temperature(server, tok):
+    greedy = _complete(server.url)["choices"][0]["text"]
+    for fields in ({"top_k": 1}, {"min_p": 1.0}):
+        for seed in (1, 2, 3):
+            assert _complete(server.url, temperature=2.0, seed=seed, **fields)["choices"][0]["text"] == greedy
+    # Off values: -1 and 0 leave sampling alone (a seeded sample equals the same seed without top_k).
+    plain = _complete(server.url, temperature=1.0, seed=7)["choices"][0]["text"]
+    assert _complete(server.url, temperature=1.0, seed=7, top_k=-1)["choices"][0]["text"] == plain
+
+
+def test_stop_token_ids_end_the_text_without_the_token(server, tok):
+    full = _complete(server.url, max_tokens=8)
+    ids = _ids(tok, full)
+    body = _complete(server.url, max_tokens=8, stop_token_ids=[ids[3]])
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert _ids(tok, body) == ids[: ids.index(ids[3])]
+
+
+def test_max_completion_tokens_bounds_chat(server):
+    chat = {"model": "a0", "messages": [{"role": "user", "content": "Hi"}], "temperature": 0}
+    for fields, expected in (({"max_completion_tokens": 3}, 3), ({"max_completion_tokens": 2, "max_tokens": 9}, 2)):
+        code, body = _post(server.url, "/v1/chat/completions", {**chat, **fields})
+        assert code == 200 and body["usage"]["completion_tokens"] <= expected, body
+        assert body["choices"][0]["finish_reason"] in ("length", "stop")
+    err = _error(raw(server.url, "POST", "/v1/chat/completions", {**chat, "max_completion_tokens": 10**6}), 400)
+    assert err["param"] == "max_tokens"
+
+
+def test_n_choices_are_batched_distinct_and_seeded(server):
+    body = _complete(server.url, n=3, temperature=1.0, seed=11, max_tokens=8)
+    texts = [c["text"] for c in body["choices"]]
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2] and len(set(texts)) > 1
+    assert [c["text"] for c in _complete(server.url, n=3, temperature=1.0, seed=11, max_tokens=8)["choices"]] == texts
+    assert _complete(server.url, temperature=1.0, seed=11, max_tokens=8)["choices"][0]["text"] == texts[0]
+    assert body["usage"]["completion_tokens"] == sum(
+        _complete(server.url, temperature=1.0, seed=11 + i, max_tokens=8)["usage"]["completion_tokens"]
+        for i in range(3))
+    code, _, text = raw(server.url, "POST", "/v1/completions", {"model": "a0", "prompt": PROMPT, "max_tokens": 8,
+                                                                 "temperature": 1.0, "seed": 11, "n": 3,
+                                                                 "stream": True})
+    assert code == 200
+    chunks = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    streamed = ["".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i) for i in range(3)]
+    assert streamed == texts
+
+
+def test_best_of_returns_the_highest_log_prob_per_token(server):
+    body = _complete(server.url, n=1, best_of=4, temperature=1.0, seed=5, max_tokens=6)
+    candidates = [_complete(server.url, temperature=1.0, seed=5 + i, max_tokens=6, logprobs=0) for i in range(4)]
+
+    def per_token(c: dict) -> float:
+        values = c["choices"][0]["logprobs"]["token_logprobs"]
+        return sum(values) / len(values)
+
+    top = max(candidates, key=per_token)
+    assert body["choices"][0]["text"] == top["choices"][0]["text"]
+    assert body["usage"]["completion_tokens"] == sum(c["usage"]["completion_tokens"] for c in candidates)
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"n": 9}, "n"), ({"n": 0}, "n"), ({"best_of": 9}, "best_of"), ({"n": 3, "best_of": 2}, "best_of"),
+    ({"best_of": 2, "stream": True}, "best_of"),
+    ({"logit_bias": {"hello": 1}}, "logit_bias"), ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"), ({"logit_bias": {"-5": 1}}, "logit_bias"),
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"), ({"top_k": -2}, "top_k"), ({"min_p": 1.5}, "min_p"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"stop_token_ids": [10**9]}, "stop_token_ids"),
+    ({"temperature": "NaN"}, "temperature"),
+])
+def test_bad_sampling_values_are_400s_naming_the_field(server, fields, param):
+    body = {"model": "a0", "prompt": "hi", "max_tokens": 2, **fields}
+    text = json.dumps(body).replace('"NaN"', "NaN")
+    code, _, answer = raw(server.url, "POST", "/v1/completions", text.encode())
+    assert code == 400, answer
+    assert answer["error"]["param"] == param, answer
+    assert server.engine.stats["error"] == 0  # nothing reached the engine thread and failed there

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,7 +26,15 @@ from lorakit.serve.engine import Engine, QueueFull, ShuttingDown, UnknownAdapter
 from lorakit.serve.limits import RequestLimits, ShutdownSwitch
 from lorakit.serve.logprobs import LogprobFormatter
 from lorakit.serve.names import shown
-from lorakit.serve.params import refuse_surrogates, refuse_unknown
+from lorakit.serve.params import (
+    Reply,
+    best,
+    candidates,
+    per_choice,
+    refuse_surrogates,
+    refuse_unknown,
+    sampling_controls,
+)
 from lorakit.serve.protocol import (
     AdapterBody,
     APIError,
@@ -58,6 +66,7 @@ class ServeSettings:
         max_request_bytes: the largest request body; more is a 413 before any of it is parsed.
         untrained_heads: modules of the base (a classifier's head) that no checkpoint trained: requests for the
             base id are refused, and adapters must carry their own copy of each.
+        max_n: the most sequences one request may ask for (``n``, and ``best_of`` on completions).
     """
 
     base_name: str
@@ -69,6 +78,7 @@ class ServeSettings:
     max_classify_inputs: int = 64
     max_request_bytes: int = 1 << 20
     untrained_heads: tuple[str, ...] = ()
+    max_n: int = 8
 
 
 def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
@@ -260,7 +270,7 @@ class Routes:
             ids = [int(t) for t in prompt]
             if any(t < 0 or t >= len(self.tokenizer) for t in ids):
                 raise APIError(400, "prompt: token id out of the vocabulary", param="prompt")
-        echo = self.tokenizer.decode(ids) if not isinstance(prompt, str) else prompt
+        echo = "" if not body.echo else prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
         return await self._generate(body, ids, body.max_tokens, request, chat=False, echo=echo)
 
     @staticmethod
@@ -293,8 +303,6 @@ class Routes:
 
     def _params(self, body: CompletionBody | ChatBody, prompt_len: int, max_tokens: int | None) -> SamplingParams:
         s = self.settings
-        if body.n != 1:
-            raise APIError(400, "n: only n=1 is supported", param="n")
         if prompt_len == 0:
             raise APIError(400, "prompt: it is empty", param="prompt")
         if max_tokens is None:
@@ -309,30 +317,43 @@ class Routes:
                            code="context_length_exceeded", param="prompt")
         logprobs, echo = _logprobs_wanted(body)
         return SamplingParams(max_tokens, body.temperature, body.top_p, stops(body.stop), body.seed,
-                              logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
+                              logprobs=logprobs, prompt_logprobs=echo and logprobs is not None,
+                              **sampling_controls(body, len(self.tokenizer)),
+                              track_score=candidates(body, s.max_n) > body.n)
 
     async def _generate(self, body: CompletionBody | ChatBody, ids: list[int], max_tokens: int | None,
                         request: Request, *, chat: bool, echo: str = "") -> Response:
         params = self._params(body, len(ids), max_tokens)
         adapter = self.adapter_for(body.model)
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        seq = Sequence(ids, adapter, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-                       kind="chat" if chat else "completion")
-        self._submit(seq)
-        self.engine.metrics.requests.labels(body.model, seq.kind).inc()
-        rid = new_id("chatcmpl" if chat else "cmpl")
+        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+        def sink(index: int) -> Callable[[Event], None]:
+            return lambda ev: loop.call_soon_threadsafe(events.put_nowait, (index, ev))
+
+        seqs = [Sequence(ids, adapter, per_choice(params, i), sink(i), kind="chat" if chat else "completion")
+                for i in range(candidates(body, self.settings.max_n))]
+        self._submit(seqs)
+        self.engine.metrics.requests.labels(body.model, seqs[0].kind).inc()
+        reply = Reply(new_id("chatcmpl" if chat else "cmpl"), body.model, chat, seqs, events)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._stream(seq, events, rid, body.model, chat, include_usage, request),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        obj = await self._collect(seq, events, rid, body.model, chat, request)
-        if isinstance(obj, Response):
-            return obj
-        if getattr(body, "echo", False):
-            obj["choices"][0]["text"] = echo + obj["choices"][0]["text"]
-        if params.logprobs is not None:
-            obj["choices"][0]["logprobs"] = await self._off_loop(self._choice_logprobs, seq, chat)
+            return StreamingResponse(self._stream(reply, include_usage, request), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        texts = await self._collect(reply, request)
+        if texts is None:  # the client hung up: nobody reads an answer
+            return Response(status_code=499)
+        chosen = best(seqs, body.n)
+        choices = []
+        for index, seq in enumerate(chosen):
+            one = completion_object(reply.rid, body.model, echo + texts[seq.id], seq.finish_reason, chat=chat,
+                                    chunk=False)["choices"][0]
+            if params.logprobs is not None:
+                one["logprobs"] = await self._off_loop(self._choice_logprobs, seq, chat)
+            choices.append({**one, "index": index})
+        obj = completion_object(reply.rid, body.model, "", None, chat=chat, chunk=False)
+        obj["choices"] = choices
+        obj["usage"] = usage(len(ids), sum(s.completion_tokens for s in seqs))
         return JSONResponse(obj)
 
     def _choice_logprobs(self, seq: Sequence, chat: bool) -> dict[str, Any]:
@@ -341,97 +362,108 @@ class Routes:
             return formatter.format_prompt(seq.prompt_ids, [*seq.prompt_logprobs, *seq.logprobs])
         return formatter.format(list(seq.logprobs))
 
-    def _watch(self, seq: Sequence, request: Request) -> asyncio.Task:
-        """A task that cancels ``seq`` the moment its client hangs up, whether or not tokens are flowing."""
+    def _submit(self, seqs: list[Sequence]) -> None:
+        done: list[Sequence] = []
+        try:
+            for seq in seqs:
+                self.engine.submit(seq)
+                done.append(seq)
+        except QueueFull as exc:
+            self._cancel(done)
+            raise APIError(429, f"the server is busy: {exc}; retry later", "rate_limit_error",
+                           code="rate_limit_exceeded",
+                           headers={"Retry-After": str(self.settings.retry_after_s)}) from exc
+        except UnknownAdapter as exc:
+            self._cancel(done)
+            raise APIError(404, str(exc), code="model_not_found", param="model") from exc
+        except ShuttingDown as exc:
+            self._cancel(done)
+            raise APIError(503, str(exc), "server_error", headers={"Retry-After": "5"}) from exc
+
+    def _cancel(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            if not seq.done:
+                self.engine.cancel(seq)
+
+    def _watch(self, seqs: list[Sequence], request: Request) -> asyncio.Task:
+        """A task that cancels ``seqs`` the moment their client hangs up, whether or not tokens are flowing."""
 
         async def watch() -> None:
             # The body has been read, so the next ASGI message can only be the disconnect.
             while (await request.receive())["type"] != "http.disconnect":
                 pass
-            if not seq.done:
-                self.engine.cancel(seq)
+            self._cancel(seqs)
 
         return asyncio.ensure_future(watch())
 
-    def _submit(self, seq: Sequence) -> None:
-        try:
-            self.engine.submit(seq)
-        except QueueFull as exc:
-            raise APIError(429, f"the server is busy: {exc}; retry later", "rate_limit_error",
-                           code="rate_limit_exceeded",
-                           headers={"Retry-After": str(self.settings.retry_after_s)}) from exc
-        except UnknownAdapter as exc:
-            raise APIError(404, str(exc), code="model_not_found", param="model") from exc
-        except ShuttingDown as exc:
-            raise APIError(503, str(exc), "server_error", headers={"Retry-After": "5"}) from exc
-
-    async def _next(self, events: asyncio.Queue[Event]) -> Event | None:
-        """The sequence's next event; None after 0.25 s without one; a 503 once a shutdown is forced (the
+    async def _next(self, events: asyncio.Queue[tuple[int, Event]]) -> tuple[int, Event] | None:
+        """The next (choice, event); None after 0.25 s without one; a 503 once a shutdown is forced (the
         answer goes out at once, not after the engine's current step)."""
         try:
             return await asyncio.wait_for(events.get(), timeout=0.25)
         except asyncio.TimeoutError:
             if self.switch.closed:
-                return Event(finish_reason="error", error="the server is shutting down", status=503)
+                return 0, Event(finish_reason="error", error="the server is shutting down", status=503)
             return None
 
-    async def _collect(self, seq: Sequence, events: asyncio.Queue[Event], rid: str, model: str, chat: bool,
-                       request: Request) -> dict[str, Any] | Response:
-        parts: list[str] = []
-        watcher = self._watch(seq, request)
+    async def _collect(self, reply: Reply, request: Request) -> dict[int, str] | None:
+        """Each sequence's whole text by id once all finished; None when the client hung up."""
+        parts: dict[int, list[str]] = {seq.id: [] for seq in reply.seqs}
+        open_ = set(range(len(reply.seqs)))
+        watcher = self._watch(reply.seqs, request)
         try:
-            while True:
-                ev = await self._next(events)
-                if ev is None:
+            while open_:
+                got = await self._next(reply.events)
+                if got is None:
                     continue
+                index, ev = got
                 if ev.error:
                     raise APIError(ev.status, ev.error, "server_error")
-                if ev.finish_reason == "cancelled":  # the client hung up: nobody reads an answer
-                    return Response(status_code=499)
-                parts.append(ev.text)
+                if ev.finish_reason == "cancelled":
+                    return None
+                parts[reply.seqs[index].id].append(ev.text)
                 if ev.finish_reason:
-                    break
+                    open_.discard(index)
         finally:
             watcher.cancel()
-            if not seq.done:
-                self.engine.cancel(seq)
-        obj = completion_object(rid, model, "".join(parts), ev.finish_reason, chat=chat, chunk=False)
-        obj["usage"] = usage(ev.prompt_tokens, ev.completion_tokens)
-        return obj
+            self._cancel(reply.seqs)
+        return {key: "".join(texts) for key, texts in parts.items()}
 
-    async def _stream(self, seq: Sequence, events: asyncio.Queue[Event], rid: str, model: str, chat: bool,
-                      include_usage: bool, request: Request) -> AsyncIterator[str]:
-        watcher = self._watch(seq, request)
-        formatter = LogprobFormatter(self.tokenizer, chat=chat) if seq.params.logprobs is not None else None
+    async def _stream(self, reply: Reply, include_usage: bool, request: Request) -> AsyncIterator[str]:
+        watcher = self._watch(reply.seqs, request)
+        logprobs = reply.seqs[0].params.logprobs is not None
+        formatters = [LogprobFormatter(self.tokenizer, chat=reply.chat) if logprobs else None for _ in reply.seqs]
+        open_ = set(range(len(reply.seqs)))
         try:
-            if chat:
-                yield sse(completion_object(rid, model, "", None, chat=True, chunk=True, role=True))
-            while True:
-                ev = await self._next(events)
-                if ev is None:
+            if reply.chat:
+                for index in open_:
+                    yield sse(reply.chunk(index, "", None, role=True))
+            while open_:
+                got = await self._next(reply.events)
+                if got is None:
                     continue
+                index, ev = got
                 if ev.error:
                     yield sse(APIError(ev.status, ev.error, "server_error").body())
                     break
-                finish = ev.finish_reason
-                if finish == "cancelled":  # the client hung up
+                if ev.finish_reason == "cancelled":  # the client hung up
                     return
-                if ev.text or finish:
-                    logprobs = formatter.format(ev.logprobs) if formatter else None
-                    yield sse(completion_object(rid, model, ev.text, finish, chat=chat, chunk=True,
-                                                logprobs=logprobs))
-                if finish:
-                    if include_usage:
-                        last = completion_object(rid, model, "", None, chat=chat, chunk=True)
-                        last["choices"], last["usage"] = [], usage(ev.prompt_tokens, ev.completion_tokens)
-                        yield sse(last)
-                    break
+                if ev.text or ev.finish_reason:
+                    entries = formatters[index].format(ev.logprobs) if formatters[index] else None
+                    yield sse(reply.chunk(index, ev.text, ev.finish_reason, logprobs=entries))
+                if ev.finish_reason:
+                    open_.discard(index)
+            else:
+                if include_usage:
+                    last = reply.chunk(0, "", None)
+                    last["choices"] = []
+                    last["usage"] = usage(len(reply.seqs[0].prompt_ids), sum(s.completion_tokens for s in reply.seqs))
+                    yield sse(last)
             yield sse("[DONE]")
         finally:
             # A client that disconnects mid-stream ends up here (Starlette cancels the generator).
             watcher.cancel()
-            if not seq.done:
-                self.engine.cancel(seq)
+            self._cancel(reply.seqs)
 
     # -- classification ------------------------------------------------------------------------------
     async def classify(self, body: ClassifyBody) -> dict[str, Any]:

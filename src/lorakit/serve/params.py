@@ -7,11 +7,19 @@ body models do not declare is refused unless it is null (a client's way of sayin
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import math
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
 
-from lorakit.serve.protocol import APIError
+from lorakit.serve.protocol import APIError, completion_object
+from lorakit.serve.sequence import Event, SamplingParams, Sequence
+
+# OpenAI's bound on a logit_bias value.
+MAX_LOGIT_BIAS = 100.0
 
 # Fields that change nothing about the answer, so accepting them is honest: an end-user id kept for abuse
 # monitoring upstream.
@@ -60,3 +68,82 @@ def refuse_surrogates(value: Any, path: str) -> None:
     elif isinstance(value, list):
         for i, item in enumerate(value):
             refuse_surrogates(item, f"{path}[{i}]")
+
+
+def candidates(body: Any, max_n: int) -> int:
+    """How many sequences a request runs: ``best_of`` (completions) or ``n``; 400 for bad pairs.
+
+    Args:
+        body: a completions or chat body.
+        max_n: the server's bound on both.
+    """
+    n, best_of = body.n, getattr(body, "best_of", None)
+    if n > max_n:
+        raise APIError(400, f"n: {n} is above this server's maximum of {max_n}", param="n")
+    if best_of is None:
+        return n
+    if best_of < n or best_of > max_n:
+        raise APIError(400, f"best_of: {best_of} must be at least n ({n}) and at most {max_n}", param="best_of")
+    if best_of > n and body.stream:
+        raise APIError(400, "best_of: above n it cannot be streamed (the best are known only at the end)",
+                       param="best_of")
+    return best_of
+
+
+def sampling_controls(body: Any, vocab: int) -> dict[str, Any]:
+    """The ``SamplingParams`` fields of top_k, min_p, logit_bias, the penalties and stop_token_ids, checked.
+
+    Args:
+        body: a completions or chat body (its numeric bounds already checked by pydantic).
+        vocab: the tokenizer's size: every token id must be below it.
+    """
+    bias = []
+    for key, value in (body.logit_bias or {}).items():
+        token = int(key) if key.strip().isdigit() else -1
+        if not 0 <= token < vocab:
+            raise APIError(400, f"logit_bias: the key {key[:20]!r} is not a token id (0..{vocab - 1})",
+                           param="logit_bias")
+        if not math.isfinite(value) or abs(value) > MAX_LOGIT_BIAS:
+            raise APIError(400, f"logit_bias: the value for {token} must be within -100..100", param="logit_bias")
+        bias.append((token, float(value)))
+    stop_ids = body.stop_token_ids or []
+    if any(not 0 <= t < vocab for t in stop_ids):
+        raise APIError(400, f"stop_token_ids: every id must be within 0..{vocab - 1}", param="stop_token_ids")
+    return {"top_k": max(body.top_k or 0, 0), "min_p": body.min_p, "logit_bias": tuple(bias),
+            "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
+            "repetition_penalty": body.repetition_penalty, "stop_token_ids": frozenset(stop_ids)}
+
+
+def per_choice(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice ``index``'s parameters: a seeded request's choices get seeds seed, seed+1, ... (distinct, and
+    reproducible)."""
+    if index == 0 or params.seed is None:
+        return params
+    return dataclasses.replace(params, seed=params.seed + index)
+
+
+def best(seqs: list[Sequence], n: int) -> list[Sequence]:
+    """The ``n`` sequences with the highest log-prob per token (OpenAI's ``best_of``), in submission order
+    when all are kept."""
+    if len(seqs) == n:
+        return seqs
+    return sorted(seqs, key=lambda s: s.cumulative_logprob / max(s.completion_tokens, 1), reverse=True)[:n]
+
+
+@dataclass
+class Reply:
+    """One request's answer being built: its id, the sequences of its choices and their events."""
+
+    rid: str
+    model: str
+    chat: bool
+    seqs: list[Sequence]
+    events: asyncio.Queue[tuple[int, Event]]
+
+    def chunk(self, index: int, text: str, finish: str | None, *, role: bool = False,
+              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A streamed chunk of choice ``index``."""
+        obj = completion_object(self.rid, self.model, text, finish, chat=self.chat, chunk=True, role=role,
+                                logprobs=logprobs)
+        obj["choices"][0]["index"] = index
+        return obj

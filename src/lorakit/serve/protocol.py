@@ -51,6 +51,7 @@ class StreamOptions(_Body):
 
 
 class _Sampling(_Body):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # Python's json reads NaN and Infinity
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -58,7 +59,15 @@ class _Sampling(_Body):
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(1, ge=1)  # the server's --max-n bounds it from above
+    # vLLM's extensions and OpenAI's penalties (OpenAI's and vLLM's bounds).
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: off
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> -100..100, checked in app.py
+    stop_token_ids: list[int] | None = None
 
 
 class CompletionBody(_Sampling):
@@ -66,6 +75,7 @@ class CompletionBody(_Sampling):
     max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for /v1/completions; 0 only with echo
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
+    best_of: int | None = Field(None, ge=1)
 
 
 class ChatMessage(_Body):

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from lorakit.serve.sampling import adjusted, filtered
+
 _ids = itertools.count()
 
 
@@ -28,6 +30,14 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # None: none; k: each sampled token's log-prob and the k most likely
     prompt_logprobs: bool = False  # also score every prompt token (completions' echo)
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop_token_ids: frozenset[int] = frozenset()
+    track_score: bool = False  # sum each sampled token's log-prob (best_of ranks candidates by it)
 
 
 # One scored token: (id, log-prob, [(id, log-prob) of the most likely alternatives]); None for a prompt's first.
@@ -72,6 +82,7 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per sampled token (EOS included)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # set by prefill when asked for
     logprobs_sent: int = 0
+    cumulative_logprob: float = 0.0  # summed when params.track_score
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
@@ -83,21 +94,21 @@ class Sequence:
 
     def sample(self, logits: Tensor) -> int:
         """The next token from one row of logits (vocab,): argmax at temperature 0, else nucleus sampling."""
-        temperature, top_p = self.params.temperature, self.params.top_p
-        if temperature <= 0:
+        p = self.params
+        logits = adjusted(logits, p, self.prompt_ids, self.tokens)
+        if p.temperature <= 0:
             return int(torch.argmax(logits))
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        if top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-            keep = (sorted_p.cumsum(0) - sorted_p) < top_p
-            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        probs = filtered(torch.softmax(logits.float() / p.temperature, dim=-1), p.top_k, p.top_p, p.min_p)
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
     def score(self, logits: Tensor, token: int) -> None:
         """Record the log-prob of the sampled ``token`` under the model's own distribution (``logits``)."""
+        if self.params.logprobs is None and not self.params.track_score:
+            return
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        self.cumulative_logprob += float(logp[token])
         if self.params.logprobs is not None:
-            self.logprobs.append(scored(torch.log_softmax(logits.float(), dim=-1), token, self.params.logprobs))
+            self.logprobs.append(scored(logp, token, self.params.logprobs))
 
     def score_prompt(self, logits: Tensor) -> None:
         """Record each prompt token's log-prob from the prefill's logits (prompt_len, vocab)."""
@@ -121,7 +132,7 @@ class Sequence:
         self.completion_tokens += 1
         if self.t_first is None:
             self.t_first = time.perf_counter()
-        if token in eos_ids:
+        if token in eos_ids or token in self.params.stop_token_ids:
             self._finish("stop")
             return
         self.tokens.append(token)
