@@ -48,6 +48,7 @@ from lorakit.serve.protocol import (
     stops,
     usage,
 )
+from lorakit.serve.resolver import AdapterResolver
 from lorakit.serve.sequence import Event, SamplingParams, Sequence
 
 
@@ -67,6 +68,8 @@ class ServeSettings:
         untrained_heads: modules of the base (a classifier's head) that no checkpoint trained: requests for the
             base id are refused, and adapters must carry their own copy of each.
         max_n: the most sequences one request may ask for (``n``, and ``best_of`` on completions).
+        adapter_roots: directories whose ``NAME`` subdirectories load on the first request for ``NAME``.
+        max_loaded_adapters: the most adapters loaded from ``adapter_roots`` at once (LRU eviction of idle ones).
     """
 
     base_name: str
@@ -79,6 +82,8 @@ class ServeSettings:
     max_request_bytes: int = 1 << 20
     untrained_heads: tuple[str, ...] = ()
     max_n: int = 8
+    adapter_roots: tuple[str, ...] = ()
+    max_loaded_adapters: int | None = None
 
 
 def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
@@ -199,6 +204,11 @@ class Routes:
         self.engine, self.settings = engine, settings
         self.switch = switch or ShutdownSwitch()
         self.tokenizer = engine.tokenizer
+        self.resolver = None
+        if settings.adapter_roots:
+            self.resolver = AdapterResolver(engine, list(settings.adapter_roots), settings.max_loaded_adapters,
+                                            settings.task, settings.untrained_heads)
+            engine.metrics.resident.set_function(self.resolver.resident)
         # Tokenisation leaves the event loop (other clients and /health keep being answered); one worker, so
         # requests never tokenise in parallel with each other (the engine thread only decodes).
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="lorakit-tokenize")
@@ -234,6 +244,13 @@ class Routes:
         raise APIError(404, f"the model {shown(model)} does not exist; GET /v1/models lists "
                        f"{[self.settings.base_name, *self.engine.adapters()]}", code="model_not_found",
                        param="model")
+
+    async def _adapter(self, model: str) -> str | None:
+        """``adapter_for``, loading ``model`` from an ``--adapter-root`` first when it is there."""
+        if self.resolver is not None and model != self.settings.base_name:
+            await self.resolver.ensure(model)
+            self.resolver.touch(model)
+        return self.adapter_for(model)
 
     async def load_adapter(self, body: AdapterBody) -> dict[str, Any]:
         if body.name == self.settings.base_name:
@@ -324,16 +341,22 @@ class Routes:
     async def _generate(self, body: CompletionBody | ChatBody, ids: list[int], max_tokens: int | None,
                         request: Request, *, chat: bool, echo: str = "") -> Response:
         params = self._params(body, len(ids), max_tokens)
-        adapter = self.adapter_for(body.model)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
         def sink(index: int) -> Callable[[Event], None]:
             return lambda ev: loop.call_soon_threadsafe(events.put_nowait, (index, ev))
 
-        seqs = [Sequence(ids, adapter, per_choice(params, i), sink(i), kind="chat" if chat else "completion")
-                for i in range(candidates(body, self.settings.max_n))]
-        self._submit(seqs)
+        for attempt in (0, 1):
+            adapter = await self._adapter(body.model)
+            seqs = [Sequence(ids, adapter, per_choice(params, i), sink(i), kind="chat" if chat else "completion")
+                    for i in range(candidates(body, self.settings.max_n))]
+            try:
+                self._submit(seqs)
+                break
+            except APIError as exc:  # evicted between loading and queueing (idle then): load it again, once
+                if exc.status != 404 or attempt or self.resolver is None:
+                    raise
         self.engine.metrics.requests.labels(body.model, seqs[0].kind).inc()
         reply = Reply(new_id("chatcmpl" if chat else "cmpl"), body.model, chat, seqs, events)
         if body.stream:
@@ -474,7 +497,7 @@ class Routes:
             raise APIError(400, f"input: 1..{self.settings.max_classify_inputs} texts", param="input")
         if len(models) != len(texts):
             raise APIError(400, "model: a list of models needs one per input", param="model")
-        adapters = [self.adapter_for(m) for m in models]
+        adapters = [await self._adapter(m) for m in models]
         if None in adapters and self.settings.untrained_heads:
             raise APIError(400, f"{self.settings.base_name} has no trained classifier head "
                            f"({', '.join(self.settings.untrained_heads)} is random until an adapter trains it): "

@@ -150,6 +150,23 @@ class Engine:
             self._abort = message
             self._cv.notify()
 
+    def evict_idle(self, order: list[str]) -> str | None:
+        """On the engine thread (inside ``call``): delete the first adapter of ``order`` that no running,
+        queued or unloading request uses; its name, or None when all are busy.
+
+        Args:
+            order: candidate names, the first to evict first.
+        """
+        with self._cv:
+            busy = {s.adapter for s in (*self.waiting, *self.active)} | set(self._unloading)
+            for name in order:
+                if name not in busy and name in self._loaded:
+                    delete_adapter(self.model, name)
+                    self._loaded = frozenset(configs(self.model))
+                    self._batch = None
+                    return name
+        return None
+
     # -- the engine thread ---------------------------------------------------------------------------
     def _run(self) -> None:
         # no_grad, not inference_mode: adapters hot-loaded here must stay normal tensors (lorakit caches
