@@ -74,8 +74,8 @@ def test_lm_eval_local_completions_loglikelihoods_equal_lorakits(smollm2_path, t
             model="local-completions", tasks=[task], task_manager=TaskManager(include_path=str(tmp_path)),
             model_args={"base_url": f"{srv.url}/v1/completions", "model": "a0", "tokenizer": smollm2_path,
                         "tokenizer_backend": "huggingface", "num_concurrent": 1, "max_retries": 1,
-                        "max_length": 200},
-            log_samples=True)
+                        "max_length": 200, "batch_size": 2},
+            log_samples=True)  # batch_size 2: two prompts per request, answered as two choices
     samples = results["samples"][task]
     assert len(samples) == len(DOCS)
     checked = 0

@@ -387,3 +387,18 @@ def test_bad_sampling_values_are_400s_naming_the_field(server, fields, param):
     assert code == 400, answer
     assert answer["error"]["param"] == param, answer
     assert server.engine.stats["error"] == 0  # nothing reached the engine thread and failed there
+
+
+def test_several_prompts_give_choices_in_prompt_order(server, tok):
+    prompts = [PROMPT, "The capital of France is", "hello there"]
+    body = _complete(server.url, prompt=prompts, n=2, temperature=1.0, seed=3, max_tokens=5)
+    assert [c["index"] for c in body["choices"]] == list(range(6))
+    for p, prompt in enumerate(prompts):
+        alone = _complete(server.url, prompt=prompt, n=2, temperature=1.0, seed=3, max_tokens=5)
+        assert [c["text"] for c in body["choices"][2 * p : 2 * p + 2]] == [c["text"] for c in alone["choices"]]
+    assert body["usage"]["prompt_tokens"] == sum(len(tok(p).input_ids) for p in prompts)
+    as_ids = _complete(server.url, prompt=[tok(p).input_ids for p in prompts], n=2, temperature=1.0, seed=3,
+                       max_tokens=5)
+    assert [c["text"] for c in as_ids["choices"]] == [c["text"] for c in body["choices"]]
+    err = _error(raw(server.url, "POST", "/v1/completions", {"model": "a0", "prompt": ["hi"] * 33}), 400)
+    assert err["param"] == "prompt" and "at most 32" in err["message"]

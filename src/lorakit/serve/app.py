@@ -68,6 +68,7 @@ class ServeSettings:
         untrained_heads: modules of the base (a classifier's head) that no checkpoint trained: requests for the
             base id are refused, and adapters must carry their own copy of each.
         max_n: the most sequences one request may ask for (``n``, and ``best_of`` on completions).
+        max_prompts: the most prompts one /v1/completions request may hold (each with its own choices).
         adapter_roots: directories whose ``NAME`` subdirectories load on the first request for ``NAME``.
         max_loaded_adapters: the most adapters loaded from ``adapter_roots`` at once (LRU eviction of idle ones).
     """
@@ -82,6 +83,7 @@ class ServeSettings:
     max_request_bytes: int = 1 << 20
     untrained_heads: tuple[str, ...] = ()
     max_n: int = 8
+    max_prompts: int = 32
     adapter_roots: tuple[str, ...] = ()
     max_loaded_adapters: int | None = None
 
@@ -274,21 +276,24 @@ class Routes:
     async def completions(self, body: CompletionBody, request: Request) -> Response:
         self._need_task("causal-lm", "/v1/completions")
         self._check_body(body)
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-            if len(prompt) != 1:
-                raise APIError(400, "prompt: one prompt per request (send a string or one list of token ids)",
-                               param="prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            self._check_chars(len(prompt))
-            ids = (await self._off_loop(self.tokenizer, prompt, add_special_tokens=True)).input_ids
-        else:
-            ids = [int(t) for t in prompt]
-            if any(t < 0 or t >= len(self.tokenizer) for t in ids):
-                raise APIError(400, "prompt: token id out of the vocabulary", param="prompt")
-        echo = "" if not body.echo else prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
-        return await self._generate(body, ids, body.max_tokens, request, chat=False, echo=echo)
+        prompts = body.prompt
+        if not (isinstance(prompts, list) and prompts and all(isinstance(p, (str, list)) for p in prompts)):
+            prompts = [prompts]  # one string or one list of token ids
+        if len(prompts) > self.settings.max_prompts:
+            raise APIError(400, f"prompt: {len(prompts)} prompts; this server takes at most "
+                           f"{self.settings.max_prompts} per request", param="prompt")
+        self._check_chars(sum(len(p) for p in prompts if isinstance(p, str)))
+        batch = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                ids = (await self._off_loop(self.tokenizer, prompt, add_special_tokens=True)).input_ids
+            else:
+                ids = [int(t) for t in prompt]
+                if any(t < 0 or t >= len(self.tokenizer) for t in ids):
+                    raise APIError(400, "prompt: token id out of the vocabulary", param="prompt")
+            echo = "" if not body.echo else prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
+            batch.append((ids, echo))
+        return await self._generate(body, batch, body.max_tokens, request, chat=False)
 
     @staticmethod
     def _check_body(body: CompletionBody | ChatBody) -> None:
@@ -311,7 +316,7 @@ class Routes:
             raise APIError(400, f"messages: the chat template refused them: {exc}", param="messages") from exc
         ids = (await self._off_loop(self.tokenizer, text, add_special_tokens=False)).input_ids
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await self._generate(body, ids, max_tokens, request, chat=True)
+        return await self._generate(body, [(ids, "")], max_tokens, request, chat=True)
 
     def _need_task(self, task: str, path: str) -> None:
         if self.settings.task != task:
@@ -338,9 +343,12 @@ class Routes:
                               **sampling_controls(body, len(self.tokenizer)),
                               track_score=candidates(body, s.max_n) > body.n)
 
-    async def _generate(self, body: CompletionBody | ChatBody, ids: list[int], max_tokens: int | None,
-                        request: Request, *, chat: bool, echo: str = "") -> Response:
-        params = self._params(body, len(ids), max_tokens)
+    async def _generate(self, body: CompletionBody | ChatBody, prompts: list[tuple[list[int], str]],
+                        max_tokens: int | None, request: Request, *, chat: bool) -> Response:
+        """Run every prompt's candidates (``best_of`` or ``n``) in the engine and answer for all of them;
+        prompt p's choice k has index p * n + k, as OpenAI numbers them."""
+        params = [self._params(body, len(ids), max_tokens) for ids, _ in prompts]
+        count = candidates(body, self.settings.max_n)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
@@ -349,8 +357,9 @@ class Routes:
 
         for attempt in (0, 1):
             adapter = await self._adapter(body.model)
-            seqs = [Sequence(ids, adapter, per_choice(params, i), sink(i), kind="chat" if chat else "completion")
-                    for i in range(candidates(body, self.settings.max_n))]
+            seqs = [Sequence(ids, adapter, per_choice(params[p], j), sink(p * count + j),
+                             kind="chat" if chat else "completion")
+                    for p, (ids, _) in enumerate(prompts) for j in range(count)]
             try:
                 self._submit(seqs)
                 break
@@ -358,7 +367,8 @@ class Routes:
                 if exc.status != 404 or attempt or self.resolver is None:
                     raise
         self.engine.metrics.requests.labels(body.model, seqs[0].kind).inc()
-        reply = Reply(new_id("chatcmpl" if chat else "cmpl"), body.model, chat, seqs, events)
+        reply = Reply(new_id("chatcmpl" if chat else "cmpl"), body.model, chat, seqs, events,
+                      sum(len(ids) for ids, _ in prompts))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(self._stream(reply, include_usage, request), media_type="text/event-stream",
@@ -366,18 +376,23 @@ class Routes:
         texts = await self._collect(reply, request)
         if texts is None:  # the client hung up: nobody reads an answer
             return Response(status_code=499)
-        chosen = best(seqs, body.n)
-        choices = []
-        for index, seq in enumerate(chosen):
-            one = completion_object(reply.rid, body.model, echo + texts[seq.id], seq.finish_reason, chat=chat,
-                                    chunk=False)["choices"][0]
-            if params.logprobs is not None:
-                one["logprobs"] = await self._off_loop(self._choice_logprobs, seq, chat)
-            choices.append({**one, "index": index})
         obj = completion_object(reply.rid, body.model, "", None, chat=chat, chunk=False)
-        obj["choices"] = choices
-        obj["usage"] = usage(len(ids), sum(s.completion_tokens for s in seqs))
+        obj["choices"] = await self._choices(reply, [echo for _, echo in prompts], texts, count, body.n)
+        obj["usage"] = usage(reply.prompt_tokens, sum(s.completion_tokens for s in seqs))
         return JSONResponse(obj)
+
+    async def _choices(self, reply: Reply, echoes: list[str], texts: dict[int, str], count: int,
+                       n: int) -> list[dict[str, Any]]:
+        """Each prompt's ``n`` best of its ``count`` finished sequences as choices, numbered in order."""
+        choices = []
+        for p, echo in enumerate(echoes):
+            for seq in best(reply.seqs[p * count : (p + 1) * count], n):
+                one = completion_object(reply.rid, reply.model, echo + texts[seq.id], seq.finish_reason,
+                                        chat=reply.chat, chunk=False)["choices"][0]
+                if seq.params.logprobs is not None:
+                    one["logprobs"] = await self._off_loop(self._choice_logprobs, seq, reply.chat)
+                choices.append({**one, "index": len(choices)})
+        return choices
 
     def _choice_logprobs(self, seq: Sequence, chat: bool) -> dict[str, Any]:
         formatter = LogprobFormatter(self.tokenizer, chat=chat)
@@ -480,7 +495,7 @@ class Routes:
                 if include_usage:
                     last = reply.chunk(0, "", None)
                     last["choices"] = []
-                    last["usage"] = usage(len(reply.seqs[0].prompt_ids), sum(s.completion_tokens for s in reply.seqs))
+                    last["usage"] = usage(reply.prompt_tokens, sum(s.completion_tokens for s in reply.seqs))
                     yield sse(last)
             yield sse("[DONE]")
         finally:

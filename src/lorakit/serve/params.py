@@ -139,6 +139,7 @@ class Reply:
     chat: bool
     seqs: list[Sequence]
     events: asyncio.Queue[tuple[int, Event]]
+    prompt_tokens: int = 0
 
     def chunk(self, index: int, text: str, finish: str | None, *, role: bool = False,
               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
