@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 
 import pytest
@@ -18,7 +19,7 @@ from lorakit.serve import adapters_admin
 from lorakit.serve.app import ServeSettings, create_app
 from lorakit.serve.engine import Engine
 from lorakit.serve.server import BackgroundServer
-from serve_util import raw, save_random_adapters, tiny_lm, wait_for
+from serve_util import Gate, raw, save_random_adapters, tiny_lm, wait_for
 
 PROMPT = "name : Alimentum | area : city centre ||"
 
@@ -402,3 +403,70 @@ def test_several_prompts_give_choices_in_prompt_order(server, tok):
     assert [c["text"] for c in as_ids["choices"]] == [c["text"] for c in body["choices"]]
     err = _error(raw(server.url, "POST", "/v1/completions", {"model": "a0", "prompt": ["hi"] * 33}), 400)
     assert err["param"] == "prompt" and "at most 32" in err["message"]
+
+
+# -- per-request lora_scale -------------------------------------------------------------------------------------
+def test_lora_scale_scales_the_adapter_per_row_in_a_mixed_batch(server, tok, adapter_dir):
+    import torch
+
+    import lorakit
+
+    ids = tok(PROMPT).input_ids
+
+    def reference_logprobs(scale: float) -> list[float]:
+        """The prompt's scores in process with the adapter's B matrices times ``scale``."""
+        model = tiny_lm(tok)
+        adapters_admin.load(model, "a0", adapter_dir, "causal-lm")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".adapters.a0.B." in name:
+                    p.mul_(scale)
+        lorakit.set_adapter(model, "a0")
+        logp = _logp(model, ids)
+        return [float(logp[i - 1, ids[i]]) for i in range(1, len(ids))]
+
+    def served(scale: float) -> list[float]:
+        body = _complete(server.url, prompt=[ids], echo=True, logprobs=0, max_tokens=0, lora_scale=scale)
+        return body["choices"][0]["logprobs"]["token_logprobs"][1:]
+
+    full, half, zero = served(1.0), served(0.5), served(0.0)
+    assert half != full and half == pytest.approx(reference_logprobs(0.5), abs=1e-4)
+    assert zero == pytest.approx(served_base(server, ids), abs=1e-5)
+    # In one batch: rows at different scales of the same adapter each get their own (greedy, 8 tokens).
+    alone = {s: _complete(server.url, max_tokens=8, lora_scale=s)["choices"][0]["text"] for s in (0.0, 0.5, 2.0)}
+    results: dict = {}
+    with Gate(server.engine):
+        threads = [threading.Thread(target=lambda s=s: results.__setitem__(
+            s, _complete(server.url, max_tokens=8, lora_scale=s)["choices"][0]["text"])) for s in alone]
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(server.engine.waiting) == 3, 30, "three queued requests")
+    for t in threads:
+        t.join(60)
+    assert results == alone and len(set(alone.values())) > 1
+
+
+def served_base(server, ids: list[int]) -> list[float]:
+    body = _complete(server.url, model="tiny", prompt=[ids], echo=True, logprobs=0, max_tokens=0)
+    return body["choices"][0]["logprobs"]["token_logprobs"][1:]
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"model": "tiny", "lora_scale": 0.5}, "lora_scale"), ({"lora_scale": -1}, "lora_scale"),
+    ({"lora_scale": 11}, "lora_scale"),
+])
+def test_bad_lora_scales_are_400s(server, fields, param):
+    err = _error(raw(server.url, "POST", "/v1/completions", {"model": "a0", "prompt": "hi", **fields}), 400)
+    assert err["param"] == param, err
+
+
+def test_lora_scale_is_refused_for_dora_adapters(server, tok, tmp_path):
+    path = save_random_adapters(lambda: tiny_lm(tok), ["d0"], tmp_path, use_dora=True)["d0"]
+    assert raw(server.url, "POST", "/v1/adapters", {"name": "d0", "path": path})[0] == 200
+    try:
+        err = _error(raw(server.url, "POST", "/v1/completions",
+                         {"model": "d0", "prompt": "hi", "max_tokens": 2, "lora_scale": 0.5}), 400)
+        assert err["param"] == "lora_scale" and "DoRA" in err["message"]
+        assert raw(server.url, "POST", "/v1/completions", {"model": "d0", "prompt": "hi", "max_tokens": 2})[0] == 200
+    finally:
+        raw(server.url, "DELETE", "/v1/adapters/d0")

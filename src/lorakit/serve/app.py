@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lorakit.lora.adapters import configs
 from lorakit.serve import adapters_admin
 from lorakit.serve.engine import Engine, QueueFull, ShuttingDown, UnknownAdapter
 from lorakit.serve.limits import RequestLimits, ShutdownSwitch
@@ -30,6 +31,7 @@ from lorakit.serve.params import (
     Reply,
     best,
     candidates,
+    check_scale,
     per_choice,
     refuse_surrogates,
     refuse_unknown,
@@ -339,7 +341,8 @@ class Routes:
                            code="context_length_exceeded", param="prompt")
         logprobs, echo = _logprobs_wanted(body)
         return SamplingParams(max_tokens, body.temperature, body.top_p, stops(body.stop), body.seed,
-                              logprobs=logprobs, prompt_logprobs=echo and logprobs is not None,
+                              lora_scale=body.lora_scale, logprobs=logprobs,
+                              prompt_logprobs=echo and logprobs is not None,
                               **sampling_controls(body, len(self.tokenizer)),
                               track_score=candidates(body, s.max_n) > body.n)
 
@@ -357,6 +360,8 @@ class Routes:
 
         for attempt in (0, 1):
             adapter = await self._adapter(body.model)
+            check_scale(body.lora_scale, adapter, configs(self.engine.model).get(adapter) if adapter else None,
+                        self.engine.batching)
             seqs = [Sequence(ids, adapter, per_choice(params[p], j), sink(p * count + j),
                              kind="chat" if chat else "completion")
                     for p, (ids, _) in enumerate(prompts) for j in range(count)]

@@ -262,17 +262,17 @@ class Engine:
             else:
                 self.active.append(seq)
 
-    def _routing(self, names: list[str | None]):
-        """Per-row routing, or (batching off) the one adapter switched in for the whole model."""
+    def _routing(self, names: list[str | None], scales: list[float] | None = None):
+        """Per-row routing (and adapter scale), or (batching off) the one adapter switched in for the model."""
         if self.batching:
-            return route_rows(self.model, names)
+            return route_rows(self.model, names, scales)
         set_adapter(self.model, names[0])
         return _nullcontext()
 
     def _prefill(self, seq: Sequence) -> None:
         ids = torch.tensor([seq.prompt_ids], dtype=torch.long)
         cache = DynamicCache()
-        with self._routing([seq.adapter]):
+        with self._routing([seq.adapter], [seq.params.lora_scale]):
             # Every position's logits only when the prompt itself is scored (echo with logprobs).
             out = self.model(input_ids=ids, cache=cache, use_cache=True,
                              logits_to_keep=0 if seq.params.prompt_logprobs else 1)
@@ -292,7 +292,7 @@ class Engine:
         last = torch.tensor([[s.tokens[-1] if s.tokens else s.prompt_ids[-1]] for s in rows], dtype=torch.long)
         positions = torch.tensor([[s.cache_len] for s in rows], dtype=torch.long)
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-        with self._routing([s.adapter for s in rows]):
+        with self._routing([s.adapter for s in rows], [s.params.lora_scale for s in rows]):
             out = self.model(input_ids=last, attention_mask=mask, position_ids=positions, cache=cache,
                              use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]

@@ -148,3 +148,25 @@ class Reply:
                                 logprobs=logprobs)
         obj["choices"][0]["index"] = index
         return obj
+
+
+def check_scale(scale: float, adapter: str | None, config: Any, batching: bool) -> None:
+    """400 unless ``lora_scale`` can be honoured: 1, or a plain LoRA adapter in a batching server.
+
+    Args:
+        scale: the request's ``lora_scale``.
+        adapter: the adapter it picked (None: the base model).
+        config: that adapter's ``LoraConfig`` (None for the base).
+        batching: whether the engine routes rows (``--no-batching`` switches whole adapters instead).
+    """
+    if scale == 1.0:
+        return
+    if adapter is None:
+        problem = "the base model has no adapter to scale"
+    elif not batching:
+        problem = "this server runs without batching (--no-batching), which cannot scale one request's adapter"
+    elif getattr(config, "use_dora", False) or getattr(config, "modules_to_save", ()):
+        problem = f"adapter {adapter!r} has DoRA magnitudes or modules_to_save copies, which a scale cannot apply to"
+    else:
+        return
+    raise APIError(400, f"lora_scale: {problem}", param="lora_scale")

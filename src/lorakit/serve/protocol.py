@@ -42,6 +42,8 @@ class _Body(BaseModel):
 
 # torch.Generator takes a 64-bit seed; OpenAI's own bound is int64.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# The largest per-request lora_scale: well past any useful strength, and finite.
+MAX_LORA_SCALE = 10.0
 # OpenAI's limit on top_logprobs (chat); completions' logprobs gets the same one.
 MAX_TOP_LOGPROBS = 20
 
@@ -68,6 +70,8 @@ class _Sampling(_Body):
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> -100..100, checked in app.py
     stop_token_ids: list[int] | None = None
+    # Per-request adapter strength (llama.cpp's lora scale): multiplies the adapter's delta on this row.
+    lora_scale: float = Field(1.0, ge=0.0, le=MAX_LORA_SCALE)
 
 
 class CompletionBody(_Sampling):

@@ -38,6 +38,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop_token_ids: frozenset[int] = frozenset()
     track_score: bool = False  # sum each sampled token's log-prob (best_of ranks candidates by it)
+    lora_scale: float = 1.0  # multiplies the adapter's delta on this request's row
 
 
 # One scored token: (id, log-prob, [(id, log-prob) of the most likely alternatives]); None for a prompt's first.
