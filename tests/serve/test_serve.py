@@ -228,7 +228,7 @@ def test_bad_requests_answer_400_in_openai_shape(server):
     assert _error(raw(url, "POST", "/v1/completions", b'{"model": "a0", "prompt": '), 400)["message"]
     _error(raw(url, "POST", "/v1/completions", {**ok, "temperature": 3}), 400)
     _error(raw(url, "POST", "/v1/completions", {**ok, "prompt": ""}), 400)
-    _error(raw(url, "POST", "/v1/completions", {**ok, "n": 2}), 400)
+    _error(raw(url, "POST", "/v1/completions", {**ok, "n": 9}), 400)  # above ServeSettings.max_n
     _error(raw(url, "POST", "/v1/completions", {**ok, "stop": ["a", "b", "c", "d", "e"]}), 400)
     _error(raw(url, "POST", "/v1/completions", {**ok, "prompt": [1, 10**9]}), 400)
     _error(raw(url, "POST", "/v1/chat/completions", {"model": "a0", "messages": []}), 400)

@@ -350,7 +350,8 @@ def merge_and_unload(model: nn.Module, name: str | None = None) -> nn.Module:
 
 
 @contextmanager
-def route_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
+def route_rows(model: nn.Module, names: Sequence[str | None],
+               scales: Sequence[float] | None = None) -> Iterator[None]:
     """Each row of the next forward passes uses its own adapter (None: the base model).
 
     Adapters are stacked per layer and applied with one gather and batched matmuls, so the cost barely
@@ -360,6 +361,8 @@ def route_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
     Args:
         model: a model with (unmerged) adapters.
         names: one adapter name (or None) per row of the batch.
+        scales: one multiplier of the adapter's delta per row (None: all 1). It scales LoRA deltas only:
+            DoRA rows and ``modules_to_save`` copies ignore it (callers refuse a scale for those).
 
     Raises:
         KeyError: for an unknown adapter name.
@@ -380,16 +383,19 @@ def route_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
     table = tuple(dict.fromkeys([None, *names]))
     index = torch.tensor([table.index(n) for n in names], dtype=torch.long)
     wrappers = [w for _, w in _copies(model)]
+    scale = None if scales is None or all(v == 1.0 for v in scales) else torch.tensor(list(scales))
     try:
         for layer in layers:
             layer.routing_names = table
             layer.row_index = index.to(layer.weight.device)
+            layer.row_scale = None if scale is None else scale.to(layer.weight.device)
         for wrapper in wrappers:
             wrapper.route(table, index)
         yield
     finally:
         for layer in layers:
             layer.row_index = None
+            layer.row_scale = None
             layer.routing_names = ()
         for wrapper in wrappers:
             wrapper.route((), None)

@@ -49,6 +49,7 @@ class LoraLayer(AdapterHost):
         # Mixed-batch routing, set by lorakit.lora.adapters.route_rows: row → index into routing_names (0 = base).
         self.row_index: Tensor | None = None
         self.routing_names: tuple[str | None, ...] = ()
+        self.row_scale: Tensor | None = None  # per-row multiplier of the routed (non-DoRA) delta; None: all 1
         self._stack_cache: tuple[tuple, Tensor, Tensor] | None = None
         self._merged_norm: Tensor | None = None  # DoRA: ‖W0 + ΔW‖ per row at merge time
 
@@ -150,7 +151,7 @@ class LoraLayer(AdapterHost):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.row_index is not None:
             out = self.base_layer(x, *args, **kwargs)
-            delta = self._routed_dora(x, out, self._routed_delta(x)).to(out.dtype)
+            delta = self._routed_dora(x, out, self._scaled(x, self._routed_delta(x))).to(out.dtype)
             # Serving (no autograd): accumulate into the fresh base output instead of allocating a sum.
             return out.add_(delta) if not torch.is_grad_enabled() else out + delta
         name = self.active_adapter
@@ -250,6 +251,15 @@ class LoraLayer(AdapterHost):
                 raise ValueError(f"batch of {x.shape[0]} rows does not fit {index.shape[0]} routed rows")
             index = index.repeat_interleave(x.shape[0] // index.shape[0])
         return index
+
+    def _scaled(self, x: Tensor, delta: Tensor) -> Tensor:
+        """``delta`` with each row times its ``row_scale`` (repeated for generate()'s beams like the index)."""
+        if self.row_scale is None:
+            return delta
+        scale = self.row_scale
+        if x.shape[0] != scale.shape[0]:
+            scale = scale.repeat_interleave(x.shape[0] // scale.shape[0])
+        return delta * scale.to(delta.dtype).view(-1, *([1] * (delta.dim() - 1)))
 
     def _routed_dora(self, x: Tensor, out: Tensor, delta: Tensor) -> Tensor:
         """Rows routed to DoRA adapters, each adapter's rows through the exact single-adapter DoRA path."""

@@ -150,6 +150,23 @@ class Engine:
             self._abort = message
             self._cv.notify()
 
+    def evict_idle(self, order: list[str]) -> str | None:
+        """On the engine thread (inside ``call``): delete the first adapter of ``order`` that no running,
+        queued or unloading request uses; its name, or None when all are busy.
+
+        Args:
+            order: candidate names, the first to evict first.
+        """
+        with self._cv:
+            busy = {s.adapter for s in (*self.waiting, *self.active)} | set(self._unloading)
+            for name in order:
+                if name not in busy and name in self._loaded:
+                    delete_adapter(self.model, name)
+                    self._loaded = frozenset(configs(self.model))
+                    self._batch = None
+                    return name
+        return None
+
     # -- the engine thread ---------------------------------------------------------------------------
     def _run(self) -> None:
         # no_grad, not inference_mode: adapters hot-loaded here must stay normal tensors (lorakit caches
@@ -245,20 +262,26 @@ class Engine:
             else:
                 self.active.append(seq)
 
-    def _routing(self, names: list[str | None]):
-        """Per-row routing, or (batching off) the one adapter switched in for the whole model."""
+    def _routing(self, names: list[str | None], scales: list[float] | None = None):
+        """Per-row routing (and adapter scale), or (batching off) the one adapter switched in for the model."""
         if self.batching:
-            return route_rows(self.model, names)
+            return route_rows(self.model, names, scales)
         set_adapter(self.model, names[0])
         return _nullcontext()
 
     def _prefill(self, seq: Sequence) -> None:
         ids = torch.tensor([seq.prompt_ids], dtype=torch.long)
         cache = DynamicCache()
-        with self._routing([seq.adapter]):
-            out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        with self._routing([seq.adapter], [seq.params.lora_scale]):
+            # Every position's logits only when the prompt itself is scored (echo with logprobs).
+            out = self.model(input_ids=ids, cache=cache, use_cache=True,
+                             logits_to_keep=0 if seq.params.prompt_logprobs else 1)
         seq.cache, seq.cache_len = out.cache, len(seq.prompt_ids)
-        seq.accept(seq.sample(out.logits[0, -1]), self.eos_ids, self._decode_text)
+        seq.score_prompt(out.logits[0])
+        if seq.params.max_tokens == 0:
+            seq.finish_unsampled()
+            return
+        self._take(seq, out.logits[0, -1])
         self.metrics.generated(1)
         self.metrics.ttft.observe(time.perf_counter() - seq.t_submit)
 
@@ -269,14 +292,14 @@ class Engine:
         last = torch.tensor([[s.tokens[-1] if s.tokens else s.prompt_ids[-1]] for s in rows], dtype=torch.long)
         positions = torch.tensor([[s.cache_len] for s in rows], dtype=torch.long)
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-        with self._routing([s.adapter for s in rows]):
+        with self._routing([s.adapter for s in rows], [s.params.lora_scale for s in rows]):
             out = self.model(input_ids=last, attention_mask=mask, position_ids=positions, cache=cache,
                              use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
         for i, seq in enumerate(rows):
             seq.batch_slot = (out.cache, i, mask.shape[1] - 1 - seq.cache_len)
             seq.cache_len += 1
-            seq.accept(seq.sample(logits[i]), self.eos_ids, self._decode_text)
+            self._take(seq, logits[i])
         self.metrics.generated(len(rows))
         finished = [s for s in rows if s.done]
         self.active = [s for s in rows if not s.done]
@@ -299,6 +322,12 @@ class Engine:
         for i, seq in enumerate(rows):
             mask[i, length - seq.cache_len :] = 1
         return cache, mask
+
+    def _take(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Sample ``seq``'s next token from its row of logits, score it if asked, and append it."""
+        token = seq.sample(logits)
+        seq.score(logits, token)
+        seq.accept(token, self.eos_ids, self._decode_text)
 
     def _decode_text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)

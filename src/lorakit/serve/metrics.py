@@ -37,6 +37,11 @@ class ServeMetrics:
                               buckets=_TTFT_BUCKETS, registry=r)
         self.latency = Histogram("lorakit_request_latency_seconds", "submit to last token (or classification)",
                                  buckets=_LATENCY_BUCKETS, registry=r)
+        self.adapter_loads = Counter("lorakit_adapter_loads", "adapters loaded from --adapter-root on first use",
+                                     registry=r)
+        self.adapter_evictions = Counter("lorakit_adapter_evictions",
+                                         "idle adapters evicted to stay within --max-loaded-adapters", registry=r)
+        self.resident = Gauge("lorakit_resident_adapters", "adapters loaded from --adapter-root now", registry=r)
         self._window_s = window_s
         self._recent: deque[tuple[float, int]] = deque()
         self._lock = threading.Lock()

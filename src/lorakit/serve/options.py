@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 from lorakit.errors import ConfigError
 from lorakit.serve.names import adapter_name_problem, shown
@@ -48,6 +49,14 @@ def check_args(args: argparse.Namespace) -> None:
         at_least["--max-model-len"] = (args.max_model_len, 2)
     if args.threads is not None:
         at_least["--threads"] = (args.threads, 1)
+    # Issue 33's options, once the CLI declares them.
+    if getattr(args, "max_n", None) is not None:
+        at_least["--max-n"] = (args.max_n, 1)
+    if getattr(args, "max_loaded_adapters", None) is not None:
+        at_least["--max-loaded-adapters"] = (args.max_loaded_adapters, 1)
+    for root in getattr(args, "adapter_root", None) or ():
+        if not Path(root).is_dir():
+            raise ConfigError(f"--adapter-root {root}: not a directory")
     for flag, (value, low) in at_least.items():
         if value < low:
             raise ConfigError(f"{flag} {value}: must be at least {low}")

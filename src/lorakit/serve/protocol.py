@@ -37,8 +37,15 @@ class APIError(Exception):
 
 
 class _Body(BaseModel):
-    # OpenAI clients send fields we do not use (user, logprobs=None, ...): accept and ignore them.
+    # Extra fields are kept so serve/params.py can refuse each by name (null ones, a client's default, pass).
     model_config = ConfigDict(extra="allow")
+
+# torch.Generator takes a 64-bit seed; OpenAI's own bound is int64.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# The largest per-request lora_scale: well past any useful strength, and finite.
+MAX_LORA_SCALE = 10.0
+# OpenAI's limit on top_logprobs (chat); completions' logprobs gets the same one.
+MAX_TOP_LOGPROBS = 20
 
 
 class StreamOptions(_Body):
@@ -46,19 +53,33 @@ class StreamOptions(_Body):
 
 
 class _Sampling(_Body):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # Python's json reads NaN and Infinity
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(1, ge=1)  # the server's --max-n bounds it from above
+    # vLLM's extensions and OpenAI's penalties (OpenAI's and vLLM's bounds).
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: off
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> -100..100, checked in app.py
+    stop_token_ids: list[int] | None = None
+    # Per-request adapter strength (llama.cpp's lora scale): multiplies the adapter's delta on this row.
+    lora_scale: float = Field(1.0, ge=0.0, le=MAX_LORA_SCALE)
 
 
 class CompletionBody(_Sampling):
-    prompt: str | list[str] | list[int]
-    max_tokens: int | None = 16  # OpenAI's default for /v1/completions
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for /v1/completions; 0 only with echo
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1)
 
 
 class ChatMessage(_Body):
@@ -71,6 +92,8 @@ class ChatBody(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class AdapterBody(_Body):
@@ -93,17 +116,18 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def completion_object(rid: str, model: str, text: str, finish: str | None, *, chat: bool, chunk: bool,
-                      role: bool = False) -> dict[str, Any]:
+                      role: bool = False, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """A (chat) completion or a streamed chunk of one, with a single choice."""
     if not chat:
-        choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
         obj = "text_completion"
     elif chunk:
         delta: dict[str, Any] = {"role": "assistant", "content": text} if role else {"content": text}
-        choice = {"index": 0, "delta": delta if (text or role) else {}, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "delta": delta if (text or role) else {}, "logprobs": logprobs,
+                  "finish_reason": finish}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                   "finish_reason": finish}
         obj = "chat.completion"
     return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice]}

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from lorakit.serve.sampling import adjusted, filtered
+
 _ids = itertools.count()
 
 
@@ -26,6 +28,21 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None  # None: none; k: each sampled token's log-prob and the k most likely
+    prompt_logprobs: bool = False  # also score every prompt token (completions' echo)
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop_token_ids: frozenset[int] = frozenset()
+    track_score: bool = False  # sum each sampled token's log-prob (best_of ranks candidates by it)
+    lora_scale: float = 1.0  # multiplies the adapter's delta on this request's row
+
+
+# One scored token: (id, log-prob, [(id, log-prob) of the most likely alternatives]); None for a prompt's first.
+TokenLogprob = tuple[int, float, list[tuple[int, float]]]
 
 
 @dataclass
@@ -38,6 +55,7 @@ class Event:
     completion_tokens: int = 0
     error: str | None = None
     status: int = 500  # the HTTP status an error answers with (503: the server is shutting down)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens scored since the last event
 
 
 @dataclass
@@ -62,6 +80,10 @@ class Sequence:
     generator: torch.Generator | None = None
     t_submit: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per sampled token (EOS included)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # set by prefill when asked for
+    logprobs_sent: int = 0
+    cumulative_logprob: float = 0.0  # summed when params.track_score
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
@@ -73,23 +95,45 @@ class Sequence:
 
     def sample(self, logits: Tensor) -> int:
         """The next token from one row of logits (vocab,): argmax at temperature 0, else nucleus sampling."""
-        temperature, top_p = self.params.temperature, self.params.top_p
-        if temperature <= 0:
+        p = self.params
+        logits = adjusted(logits, p, self.prompt_ids, self.tokens)
+        if p.temperature <= 0:
             return int(torch.argmax(logits))
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        if top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-            keep = (sorted_p.cumsum(0) - sorted_p) < top_p
-            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        probs = filtered(torch.softmax(logits.float() / p.temperature, dim=-1), p.top_k, p.top_p, p.min_p)
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def score(self, logits: Tensor, token: int) -> None:
+        """Record the log-prob of the sampled ``token`` under the model's own distribution (``logits``)."""
+        if self.params.logprobs is None and not self.params.track_score:
+            return
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        self.cumulative_logprob += float(logp[token])
+        if self.params.logprobs is not None:
+            self.logprobs.append(scored(logp, token, self.params.logprobs))
+
+    def score_prompt(self, logits: Tensor) -> None:
+        """Record each prompt token's log-prob from the prefill's logits (prompt_len, vocab)."""
+        if not self.params.prompt_logprobs:
+            return
+        k = self.params.logprobs or 0
+        logp = torch.log_softmax(logits[:-1].float(), dim=-1)
+        self.prompt_logprobs = [None] + [scored(row, t, k) for row, t in zip(logp, self.prompt_ids[1:])]
+
+    def finish_unsampled(self) -> None:
+        """End a request that asked for no new tokens (``echo`` with ``max_tokens`` 0)."""
+        self._finish("length")
+
+    def _unsent_logprobs(self) -> list[TokenLogprob]:
+        out = self.logprobs[self.logprobs_sent :]
+        self.logprobs_sent = len(self.logprobs)
+        return out
 
     def accept(self, token: int, eos_ids: Collection[int], decode: Callable[[list[int]], str]) -> None:
         """Append a sampled token, apply EOS / stop strings / max_tokens, and emit the new text."""
         self.completion_tokens += 1
         if self.t_first is None:
             self.t_first = time.perf_counter()
-        if token in eos_ids:
+        if token in eos_ids or token in self.params.stop_token_ids:
             self._finish("stop")
             return
         self.tokens.append(token)
@@ -106,14 +150,14 @@ class Sequence:
             # Hold back what might still become a stop string or is half a multi-byte character.
             safe = len(text) - _holdback(text, self.params.stop)
             if safe > self.sent:
-                self.sink(Event(text=text[self.sent : safe]))
+                self.sink(Event(text=text[self.sent : safe], logprobs=self._unsent_logprobs()))
                 self.sent = safe
 
     def _finish(self, reason: str) -> None:
         self.finish_reason = reason
         rest = self.text[self.sent :] if len(self.text) > self.sent else ""
         self.sent = len(self.text)
-        self.sink(Event(rest, reason, len(self.prompt_ids), self.completion_tokens))
+        self.sink(Event(rest, reason, len(self.prompt_ids), self.completion_tokens, logprobs=self._unsent_logprobs()))
 
     def fail(self, message: str, status: int = 500) -> None:
         """End with an error event (the HTTP layer turns it into an OpenAI error or a last SSE chunk)."""
@@ -125,6 +169,13 @@ class Sequence:
         self.finish_reason = "cancelled"
         self.sink(Event(finish_reason="cancelled", prompt_tokens=len(self.prompt_ids),
                         completion_tokens=self.completion_tokens))
+
+
+def scored(logp: Tensor, token: int, k: int) -> TokenLogprob:
+    """``token``'s entry from one row of log-probs, with the ``k`` most likely tokens."""
+    top = torch.topk(logp, k) if k else None
+    alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    return token, float(logp[token]), alternatives
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
