@@ -30,6 +30,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                    help="largest request body; more is a 413 (default 1 MiB)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="on SIGTERM/SIGINT, wait at most this "
                    "many seconds for open requests, then fail them with a 503 (a second signal: at once)")
+    p.add_argument("--max-n", type=int, default=8, help="most choices one request may ask for (n, best_of)")
+    p.add_argument("--max-prompts", type=int, default=32, help="most prompts in one /v1/completions request")
+    p.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
+                   help="load DIR/NAME on the first request for model NAME (repeat; names checked, no escapes)")
+    p.add_argument("--max-loaded-adapters", type=int, default=None,
+                   help="most adapters loaded from --adapter-root at once; the least recently used idle one goes")
     return p.parse_args(argv)
 
 

@@ -49,12 +49,11 @@ def check_args(args: argparse.Namespace) -> None:
         at_least["--max-model-len"] = (args.max_model_len, 2)
     if args.threads is not None:
         at_least["--threads"] = (args.threads, 1)
-    # Issue 33's options, once the CLI declares them.
-    if getattr(args, "max_n", None) is not None:
-        at_least["--max-n"] = (args.max_n, 1)
-    if getattr(args, "max_loaded_adapters", None) is not None:
+    at_least["--max-n"] = (args.max_n, 1)
+    at_least["--max-prompts"] = (args.max_prompts, 1)
+    if args.max_loaded_adapters is not None:
         at_least["--max-loaded-adapters"] = (args.max_loaded_adapters, 1)
-    for root in getattr(args, "adapter_root", None) or ():
+    for root in args.adapter_root:
         if not Path(root).is_dir():
             raise ConfigError(f"--adapter-root {root}: not a directory")
     for flag, (value, low) in at_least.items():

@@ -63,7 +63,9 @@ def make_app(args: Any):
     model_len = check_model_len(args.max_model_len, getattr(engine.model.config, "max_position_embeddings", None))
     settings = ServeSettings(base_name=args.model, task=args.task, api_key=args.api_key,
                              max_tokens_cap=args.max_tokens_cap, max_model_len=model_len,
-                             max_request_bytes=args.max_request_bytes, untrained_heads=heads)
+                             max_request_bytes=args.max_request_bytes, untrained_heads=heads,
+                             max_n=args.max_n, max_prompts=args.max_prompts, adapter_roots=tuple(args.adapter_root),
+                             max_loaded_adapters=args.max_loaded_adapters)
     return create_app(engine, settings)
 
 

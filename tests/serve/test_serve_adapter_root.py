@@ -126,3 +126,26 @@ def test_names_cannot_leave_the_root(tok, root, tmp_path):
             assert _metric(srv.url, "lorakit_adapter_loads_total") == 0
     finally:
         link.unlink()
+
+
+def test_the_command_line_reaches_the_resolver(tok, root, tmp_path):
+    """`lorakit serve --adapter-root DIR --max-loaded-adapters 1 --max-n 2`: the flags reach the app."""
+    from lorakit.cli.serve import _parse
+    from lorakit.errors import ConfigError
+    from lorakit.serve.options import check_args
+    from lorakit.serve.server import make_app
+
+    base = tmp_path / "base"
+    tiny_lm(tok).save_pretrained(base)
+    tok.save_pretrained(base)
+    args = _parse(["--model", str(base), "--adapter-root", str(root), "--max-loaded-adapters", "1", "--max-n", "2"])
+    with BackgroundServer(make_app(args)) as srv:
+        assert _complete(srv.url, "a1")[0] == 200
+        assert _complete(srv.url, "a2")[0] == 200
+        assert _models(srv.url).count("a1") + _models(srv.url).count("a2") == 1  # one slot: a1 was evicted
+        code, _, body = raw(srv.url, "POST", "/v1/completions", {"model": "a2", "prompt": PROMPT, "n": 3})
+        assert code == 400 and "n" in body["error"]["message"]
+    with pytest.raises(ConfigError, match="--max-loaded-adapters"):
+        check_args(_parse(["--model", str(base), "--max-loaded-adapters", "0"]))
+    with pytest.raises(ConfigError, match="--adapter-root"):
+        check_args(_parse(["--model", str(base), "--adapter-root", str(tmp_path / "missing")]))
