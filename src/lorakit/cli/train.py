@@ -82,8 +82,13 @@ def train_main(argv: list[str]) -> int:
         cfg, resume=args.resume, overwrite=args.overwrite, kill_after_step=args.debug_kill_after_step
     )
     if int(os.environ.get("RANK", "0")) == 0:
+        from lorakit.training.selection import read_choice
+
         print(f"{cfg.task} {cfg.eval_split or 'eval'} results ({cfg.out}):")
         print(_format_table(results))
+        choice = read_choice(Path(cfg.out))
+        if choice:
+            print(choice)  # which step's adapter was published, and why
     return 0
 
 

@@ -134,7 +134,7 @@ def run_loop(run: Run) -> None:
     cfg, state = run.cfg, run.state
     run.wrapped.train()
     progress = Progress(run)
-    while state.step < run.total_steps:
+    while state.step < run.total_steps and not state.stop_reason:
         batches = epoch_batches(run.rows, cfg, state.epoch, run.info.world_size)  # random or length-grouped
         while state.batch_in_epoch < len(batches) and state.step < run.total_steps:
             lr = cfg.lr * lr_factor(state.step, run.total_steps, run.warmup, cfg.schedule)  # A's lr, not a head's
@@ -143,6 +143,8 @@ def run_loop(run: Run) -> None:
             progress.update(stats, lr)
             _log_train(run, progress, lr)
             hooks.after_step(run, epoch_done)
-            if epoch_done:
+            if epoch_done or state.stop_reason:
                 break  # the next epoch has its own order
+        if state.stop_reason:
+            break  # early stopping: every rank got the same decision
     progress.bar.close()

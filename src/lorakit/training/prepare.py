@@ -44,7 +44,7 @@ from lorakit.training.outputs import (
 from lorakit.training.sampler import global_batches
 
 # Fields that may differ when resuming: they do not change what is computed.
-RESUME_MAY_CHANGE = {"tensorboard", "plot", "eval_batch_size", "keep_checkpoints", "device", "compile",
+RESUME_MAY_CHANGE = {"tensorboard", "report_to", "plot", "eval_batch_size", "keep_checkpoints", "device", "compile",
                      "gradient_checkpointing", "return_freed_memory"}  # memory, not the maths
 
 
@@ -57,6 +57,11 @@ class RunState:
     batch_in_epoch: int = 0  # global batches of `epoch` already consumed
     log_loss: float = 0.0  # loss sum and target count since the last log line
     log_count: float = 0.0
+    # The best validation so far and the patience counter (lorakit.training.selection).
+    best_step: int = 0  # 0: no validation yet
+    best_value: float | None = None
+    bad_evals: int = 0  # validations in a row without an improvement
+    stop_reason: str = ""  # why training stopped before total_steps (empty: it did not)
 
 
 @dataclass
@@ -80,6 +85,7 @@ class Run:
     state: RunState = field(default_factory=RunState)
     kill_after_step: int | None = None  # a test hook: SIGKILL after this optimizer step
     replica: list[nn.Module] = field(default_factory=list)  # FSDP: rank 0's CPU copy, built once
+    last_valid: tuple[int, dict[str, float]] | None = None  # this session's latest (step, validation)
 
     @property
     def spec(self) -> TaskSpec:
