@@ -64,7 +64,7 @@ def test_best_is_published_and_last_differs(setup, one_thread):  # noqa: F811
     assert same_tensors(adapter, published(best_dir(root / "best")))
     assert best_state and all(t.dtype == torch.float32 for t in best_state.values())
     assert not same_tensors(adapter, published(root / "last"), tol=1e-4)  # the last step trained on
-    last_select = [r for r in records(root / "last") if r["split"] == "select"][0]
+    last_select = next(r for r in records(root / "last") if r["split"] == "select")
     assert last_select["step"] == 12 and last_select["keep"] == "last"
     assert [r["step"] for r in records(root / "best") if r["split"] == "eval"] == [2]
 
@@ -139,7 +139,7 @@ def test_sigkill_then_resume_keeps_best_and_patience(setup, one_thread):  # noqa
 
 
 def test_torchrun_ranks_stop_together_like_one_process(setup, one_thread):  # noqa: F811
-    root, model, data = setup
+    root, _, data = setup
     plain = make_tiny_bert(root / "tiny-bert")  # no dropout: two processes draw different masks
     stop = dict(early_stopping_patience=3, early_stopping_delta=float(NEVER), dropout=0.0)
     single = train(cfg_for(plain, data, root / "single", **stop))

@@ -21,6 +21,9 @@ def merge_main(argv: list[str]) -> int:
     parser.add_argument("--adapter", required=True, type=Path, help="adapter directory")
     parser.add_argument("--out", required=True, type=Path, help="output folder for the merged model")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (atomically)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="dtype the base is loaded in and the merged model written in; ΔW is added in fp32 "
+                        "and rounded once (default: fp32)")  # fmt: skip
     args = parser.parse_args(argv)
 
     from lorakit.io.files import load_adapter
@@ -38,7 +41,9 @@ def merge_main(argv: list[str]) -> int:
         heads = [state["weight"] for state in parsed.saved_modules.values() if "weight" in state]
         if heads:
             kwargs["num_labels"] = heads[-1].shape[0]
-    model, tokenizer = load_model(args.model, task=task, **kwargs)
+    from lorakit.training.precision import DTYPES
+
+    model, tokenizer = load_model(args.model, task=task, dtype=DTYPES[args.dtype], **kwargs)
     load_adapter(model, args.adapter)
     merged = merge_and_unload(model)
     write_folder_atomically(args.out, lambda tmp: (merged.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))

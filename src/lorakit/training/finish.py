@@ -24,7 +24,9 @@ def last_validation(run: Run) -> tuple[dict[str, float], bool]:
     return run_validation(run, step), False
 
 
-def final_score(run: Run, choice: selection.Choice, valid: dict[str, float], predictions: list[Any]) -> dict[str, float]:
+def final_score(
+    run: Run, choice: selection.Choice, valid: dict[str, float], predictions: list[Any]
+) -> dict[str, float]:
     """Score the eval split with the published tensors (GLUE: the dev set, validated already at that step)."""
     if run.spec.kind != "generation" and run.data.valid is run.data.eval and choice.step == choice.last_step:
         return valid

@@ -41,6 +41,7 @@ from lorakit.training.outputs import (
     TRAIN_CONFIG,
     TRAINED_FILES,
 )
+from lorakit.training.precision import base_dtype, keep_trainable_fp32
 from lorakit.training.sampler import global_batches
 
 # Fields that may differ when resuming: they do not change what is computed.
@@ -205,8 +206,12 @@ def build_model(cfg: TrainConfig, spec: TaskSpec, model_kwargs: dict[str, Any]) 
         model, tokenizer, report = load_quantized(cfg.model, cfg.quantize, spec.model_task, **model_kwargs)
         print(f"lorakit: {report.summary()} (layer by layer while loading)", flush=True)
     else:
-        model, tokenizer = load_model(cfg.model, spec.model_task, num_labels=spec.num_labels, **model_kwargs)
+        dtype = base_dtype(cfg.base_dtype, cfg.device)
+        model, tokenizer = load_model(
+            cfg.model, spec.model_task, num_labels=spec.num_labels, dtype=dtype, **model_kwargs
+        )
     prepare_model(model, cfg)
+    keep_trainable_fp32(model)  # a 16-bit base's heads train in fp32, as LoRA's A and B do
     return model, tokenizer
 
 

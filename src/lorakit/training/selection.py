@@ -3,8 +3,9 @@
 Each validation is compared with the best so far on one metric (``select_metric``; by default the first one
 validation reports). An improvement of at least ``early_stopping_delta`` makes it the best: its trained
 tensors go to ``<out>/checkpoints/best/`` (with the method's own files, so ``lorakit eval --adapter`` takes
-the folder). ``early_stopping_patience`` validations in a row without one stop the run. The counters live in
-the run's state, which checkpoints save, so a resumed run keeps them. Rank 0 decides and every rank follows.
+the folder), whichever adapter ``keep`` publishes in the run folder. ``early_stopping_patience`` validations
+in a row without one stop the run. The counters live in the run's state, which checkpoints save, so a resumed
+run keeps them. Rank 0 decides and every rank follows.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def observe(run: Run, step: int, metrics: dict[str, float], *, may_stop: bool = 
     improved, value = dist_util.broadcast_object(run.info, decision)
     if improved:
         state.best_step, state.best_value, state.bad_evals = step, value, 0
-        if keep_mode(run) == "best":
+        if not run.fsdp:  # kept with --keep last too, so both can be scored (lorakit eval --adapter)
             save_best(run, step, name, value)
         return
     state.bad_evals += 1
