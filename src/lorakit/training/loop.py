@@ -109,6 +109,13 @@ def _advance(run: Run, n_batches: int, stats: StepStats) -> bool:
     return state.batch_in_epoch == 0
 
 
+def _cuda_peak(run: Run) -> dict[str, float]:
+    """The peak CUDA memory this process allocated so far, in MiB (nothing on other devices)."""
+    if run.info.device.type != "cuda":
+        return {}
+    return {"cuda_peak_mib": torch.cuda.max_memory_allocated(run.info.device) / 2**20}
+
+
 def _log_train(run: Run, progress: Progress, lr: float) -> None:
     """A train line in metrics.jsonl every ``log_interval`` steps (and at the last)."""
     state = run.state
@@ -124,6 +131,7 @@ def _log_train(run: Run, progress: Progress, lr: float) -> None:
             "tokens_per_s": progress.tokens / max(progress.elapsed, 1e-9),  # useful (non-pad) tokens
             "pad_share": progress.padding / max(progress.tokens + progress.padding, 1),
             "elapsed_s": progress.elapsed,
+            **_cuda_peak(run),
         }
     )
     state.log_loss, state.log_count = 0.0, 0.0
