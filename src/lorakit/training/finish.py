@@ -12,7 +12,7 @@ from lorakit.training import selection
 from lorakit.training.config import json_safe, write_json_atomic
 from lorakit.training.hooks import evaluate, run_validation, save_fsdp
 from lorakit.training.metrics_log import plot_history
-from lorakit.training.outputs import EVAL_RESULTS, PLOT, PREDICTIONS, save_trained
+from lorakit.training.outputs import EVAL_RESULTS, PLOT, PREDICTIONS, TRAINED_FILES, save_trained
 from lorakit.training.prepare import Run
 
 
@@ -58,6 +58,8 @@ def finish(run: Run) -> dict[str, float]:
         write_json_atomic(run.out / EVAL_RESULTS, json_safe(final))
         if cfg.plot:
             plot_history(run.log.records(), run.out / PLOT, f"{cfg.model} · {run.spec.name} · {cfg.method}")
+        published = [run.out / name for name in TRAINED_FILES if (run.out / name).is_file()]
+        run.log.log_final(final, published, run.out / PLOT if cfg.plot else None)
         run.log.close()
         ckpt.prune_checkpoints(run.out, cfg.keep_checkpoints)
     dist_util.barrier(info)

@@ -28,7 +28,7 @@ from lorakit.methods import get_method
 from lorakit.tasks import TaskData, TaskSpec, load_task
 from lorakit.training import checkpoint as ckpt
 from lorakit.training import distributed as dist_util
-from lorakit.training import rundir
+from lorakit.training import rundir, tracking
 from lorakit.training.config import RECIPE_FIELDS, TrainConfig, resolve_task_defaults
 from lorakit.training.evaluate import encode, set_class_weights
 from lorakit.training.metrics_log import MetricsLog
@@ -122,6 +122,7 @@ def check_settings(cfg: TrainConfig, info: dist_util.DistInfo, resume: bool) -> 
             f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
             f"({info.world_size} x {cfg.grad_accum}): it is the global batch per optimizer step"
         )
+    tracking.check_installed(tracking.requested(cfg.report_to, cfg.tensorboard))
     if cfg.fsdp and resume:
         raise ConfigError(
             "--resume is not supported with --fsdp yet (FSDP checkpoints hold the adapter only)"
@@ -318,7 +319,8 @@ def prepare_run(
     optimizer = build_optimizer(wrapped, cfg)
     run = Run(
         cfg, info, data, model, wrapped, tokenizer, model_kwargs, rows, optimizer,
-        build_scheduler(optimizer, total, warmup, cfg.schedule), MetricsLog(out, info.is_main, cfg.tensorboard),
+        build_scheduler(optimizer, total, warmup, cfg.schedule),
+        MetricsLog(out, info.is_main, tracking.requested(cfg.report_to, cfg.tensorboard), cfg.to_dict()),
         total, steps_per_epoch, warmup, kill_after_step=kill_after_step,
     )  # fmt: skip
     restore(run, resume_from, resume)
