@@ -72,7 +72,7 @@ def test_best_is_published_and_last_differs(setup, one_thread):  # noqa: F811
 def test_selected_step_is_the_best_validation(setup, one_thread):  # noqa: F811
     root, model, data = setup
     out = root / "select"
-    train(cfg_for(model, data, out, select_metric="macro_f1", lr=5e-3))
+    train(cfg_for(model, data, out, select_metric="macro_f1", lr=5e-3, keep="best"))
     valid = [r for r in records(out) if r["split"] == "valid"]
     best = max(valid, key=lambda r: (r["macro_f1"], -r["step"]))  # the first of equal scores
     (select,) = [r for r in records(out) if r["split"] == "select"]
@@ -83,12 +83,27 @@ def test_selected_step_is_the_best_validation(setup, one_thread):  # noqa: F811
 def test_patience_stops_the_run_and_says_why(setup, one_thread):  # noqa: F811
     root, model, data = setup
     out = root / "stopped"
-    train(cfg_for(model, data, out, early_stopping_patience=3, early_stopping_delta=float(NEVER)))
+    train(cfg_for(model, data, out, early_stopping_patience=3, early_stopping_delta=float(NEVER), keep="best"))
     log = records(out)
     assert max(r["step"] for r in log if r["split"] == "train") == 8  # validations 2 (best), 4, 6, 8: stop
     (select,) = [r for r in log if r["split"] == "select"]
     assert select["stopped_early"] and select["step"] == 2 and select["last_step"] == 8
     assert "stopped early at step 8: 3 validation(s) without an improvement" in select["reason"]
+
+
+def test_default_keeps_best_only_when_validation_is_not_the_scored_split(setup, one_thread):  # noqa: F811
+    root, model, data = setup
+    # This folder has no valid file: validation examples are the test examples, so the default is last.
+    train(cfg_for(model, data, root / "default", max_steps=4, early_stopping_delta=float(NEVER)))
+    (select,) = [r for r in records(root / "default") if r["split"] == "select"]
+    assert select["keep"] == "last" and select["step"] == 4
+    (data / "valid.csv").write_text((data / "train.csv").read_text())  # a split of its own
+    try:
+        train(cfg_for(model, data, root / "own-valid", max_steps=4, early_stopping_delta=float(NEVER)))
+    finally:
+        (data / "valid.csv").unlink()
+    (select,) = [r for r in records(root / "own-valid") if r["split"] == "select"]
+    assert select["keep"] == "best" and select["step"] == 2
 
 
 def test_gain_direction_and_missing_values():
@@ -112,13 +127,13 @@ def cli(cfg, *extra: str) -> list[str]:
         "--out", cfg.out, "--max-steps", str(cfg.max_steps), "--eval-interval", "2", "--lr", str(cfg.lr),
         "--dropout", "0.1", "--keep-checkpoints", "0", "--batch-size", "8", "--eval-batch-size", "16",
         "--max-length", "32", "--log-interval", "1", "--no-plot", "--early-stopping-patience", "3",
-        "--early-stopping-delta", NEVER, *extra,
+        "--early-stopping-delta", NEVER, "--keep", "best", *extra,
     ]  # fmt: skip
 
 
 def test_sigkill_then_resume_keeps_best_and_patience(setup, one_thread):  # noqa: F811
     root, model, data = setup
-    stop = dict(early_stopping_patience=3, early_stopping_delta=float(NEVER))
+    stop = dict(early_stopping_patience=3, early_stopping_delta=float(NEVER), keep="best")
     reference = train(cfg_for(model, data, root / "reference", **stop))
     killed = cfg_for(model, data, root / "killed", save_interval=3, **stop)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -141,7 +156,7 @@ def test_sigkill_then_resume_keeps_best_and_patience(setup, one_thread):  # noqa
 def test_torchrun_ranks_stop_together_like_one_process(setup, one_thread):  # noqa: F811
     root, _, data = setup
     plain = make_tiny_bert(root / "tiny-bert")  # no dropout: two processes draw different masks
-    stop = dict(early_stopping_patience=3, early_stopping_delta=float(NEVER), dropout=0.0)
+    stop = dict(early_stopping_patience=3, early_stopping_delta=float(NEVER), dropout=0.0, keep="best")
     single = train(cfg_for(plain, data, root / "single", **stop))
     out = root / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

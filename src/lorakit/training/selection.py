@@ -57,10 +57,20 @@ def best_dir(out: Path) -> Path:
 
 
 def keep_mode(run: Run) -> str:
-    """``keep`` as set, else best when the task validates on a split of its own data, else last."""
+    """``keep`` as set, else best when the task validates on examples of its own, else last: a score
+    reported on the examples that chose the step would be chosen on itself (GLUE validates on dev)."""
     if run.cfg.keep is not None:
         return run.cfg.keep
-    return "best" if run.data.valid and not run.fsdp else "last"
+    return "best" if run.data.valid and not run.fsdp and not scored_in_eval(run) else "last"
+
+
+def scored_in_eval(run: Run) -> bool:
+    """Whether any validation example is also an eval example (the same list, or equal examples)."""
+    valid, scored = run.data.valid, run.data.eval
+    if valid is scored:
+        return True
+    seen = {repr(item) for item in scored}
+    return any(repr(item) in seen for item in valid)
 
 
 def metric_name(run: Run, metrics: dict[str, float]) -> str:
