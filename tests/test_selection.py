@@ -97,7 +97,9 @@ def test_default_keeps_best_only_when_validation_is_not_the_scored_split(setup, 
     train(cfg_for(model, data, root / "default", max_steps=4, early_stopping_delta=float(NEVER)))
     (select,) = [r for r in records(root / "default") if r["split"] == "select"]
     assert select["keep"] == "last" and select["step"] == 4
-    (data / "valid.csv").write_text((data / "train.csv").read_text())  # a split of its own
+    header, *rows = (data / "train.csv").read_text().splitlines()
+    # A split of its own: training rows 8 on (the 8 test sentences repeat training rows 0-7).
+    (data / "valid.csv").write_text("\n".join([header, *rows[8:]]) + "\n")
     try:
         train(cfg_for(model, data, root / "own-valid", max_steps=4, early_stopping_delta=float(NEVER)))
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorakit.io.fsutil import replace_path
+from lorakit.io.fsutil import file_mode, replace_path
 from lorakit.training import checkpoint as ckpt
 from lorakit.training import distributed as dist_util
 from lorakit.training.outputs import METRICS_LOG, save_trained
@@ -135,6 +136,7 @@ def save_best(run: Run, step: int, metric: str, value: float | None) -> None:
             save_trained(run.model, tmp, run.cfg)
             tensors = {n: p.detach().to("cpu").contiguous().clone() for n, p in ckpt.trainable_parameters(run.model)}
             save_file(tensors, tmp / BEST_TENSORS)
+            os.chmod(tmp / BEST_TENSORS, file_mode())  # safetensors creates 0600: one mode for all files
             (tmp / BEST_JSON).write_text(json.dumps({"step": step, "metric": metric, "value": value}))
             replace_path(tmp, best_dir(run.out))
         finally:
