@@ -5,7 +5,7 @@ fp32 seed 1 (another data order: the shuffle spread the held-out loss is judged 
 ``--rounds`` times. Reports each run's peak RSS, median step time (steps after the first two) and the
 held-out (validation) loss after training, then the bf16 / fp32 ratios.
 
-    python scripts/bench_base_dtype.py --data ../shared/data/e2e [--steps 12] [--rounds 1]
+    python scripts/bench_base_dtype.py --data ../shared/data/e2e [--steps 12] [--rounds 1] [--batch-size 8]
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def child(args: argparse.Namespace) -> None:
     out = Path(args.out)
     cfg = TrainConfig(
         model="smollm2-135m", task="e2e", data=args.data, out=str(out), base_dtype=args.dtype, seed=args.seed,
-        max_steps=args.steps, batch_size=8, max_length=96, max_train_samples=400, max_valid_samples=64,
+        max_steps=args.steps, batch_size=args.batch_size, max_length=96, max_train_samples=400,
+        max_valid_samples=args.valid,
         max_eval_samples=1, num_beams=1, max_new_tokens=4, eval_interval=0, log_interval=1, plot=False,
         keep="last",
     )  # fmt: skip
@@ -48,6 +49,8 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/e2e")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--valid", type=int, default=64, help="validation (MR, reference) pairs")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -61,7 +64,8 @@ def main() -> None:
         for r in range(args.rounds):
             for dtype, seed in (("fp32", 0), ("bf16", 0), ("fp32", 1)):
                 cmd = [sys.executable, __file__, "--child", "--dtype", dtype, "--seed", str(seed), "--data",
-                       args.data, "--steps", str(args.steps), "--out", f"{tmp}/{dtype}-{seed}-{r}"]  # fmt: skip
+                       args.data, "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--valid",
+                       str(args.valid), "--out", f"{tmp}/{dtype}-{seed}-{r}"]  # fmt: skip
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
                 print(json.dumps(results[-1]), flush=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -45,6 +46,9 @@ def requested(cfg_report_to: list[str] | None, tensorboard: bool) -> list[str]:
 def check_installed(names: list[str]) -> None:
     """Fail before any model is loaded when a tracker's package is missing (TensorBoard: warned at open).
 
+    Args:
+        names: tracker names (``requested``).
+
     Raises:
         ConfigError: naming the tracker and the extra to install.
     """
@@ -59,7 +63,11 @@ def check_installed(names: list[str]) -> None:
 
 
 def numeric(record: dict[str, Any]) -> dict[str, float]:
-    """``split/name`` -> value for the record's numbers (not its step and epoch)."""
+    """``split/name`` -> value for the record's numbers (not its step and epoch).
+
+    Args:
+        record: one ``metrics.jsonl`` record.
+    """
     prefix = record.get("split", "train")
     return {f"{prefix}/{k}": float(v) for k, v in record.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch")}  # fmt: skip
@@ -166,8 +174,6 @@ def open_trackers(names: list[str], out: Path, config: dict[str, Any], tensorboa
         config: the run's settings, recorded once.
         tensorboard_dir: the event files' folder inside ``out``.
     """
-    import sys
-
     quiet_third_party()
     trackers: list[Tracker] = []
     for name in names:
