@@ -111,7 +111,7 @@ def test_run_files_share_one_mode(setup, tmp_path, one_thread):
 
 
 def test_metrics_log_is_strict_json(tmp_path):
-    log = MetricsLog(tmp_path, enabled=True, tensorboard=False)
+    log = MetricsLog(tmp_path, enabled=True, trackers=[])
     log.write({"split": "valid", "step": 1, "matthews": math.nan, "loss": math.inf, "accuracy": 0.5})
     line = (tmp_path / "metrics.jsonl").read_text()
     record = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))

@@ -24,6 +24,9 @@ def merge_main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, type=Path, help="output folder for the merged model")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier merge at "
                         "--out, atomically (other files are kept)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="dtype the base is loaded in and the merged model written in; ΔW is added in fp32 "
+                        "and rounded once (default: fp32)")  # fmt: skip
     args = parser.parse_args(argv)
     out = Path(os.path.abspath(args.out))
     # The folder itself is swapped whole, so its lock lies beside it.
@@ -32,18 +35,19 @@ def merge_main(argv: list[str]) -> int:
             if source.exists() and source.resolve().is_relative_to(out.resolve()):
                 raise ConfigError(f"--out {args.out} holds the {name} being merged: --overwrite would delete it")
         claim_output(out, "merge", overwrite=args.overwrite)  # before minutes of loading and merging
-        merged, tokenizer = _merged(args.model, args.adapter)
+        merged, tokenizer = _merged(args.model, args.adapter, args.dtype)
         write_folder_atomically(out, lambda tmp: (merged.save_pretrained(tmp), tokenizer.save_pretrained(tmp)),
                                 command="merge", overwrite=args.overwrite)  # fmt: skip
     print(f"merged {args.adapter} into {args.model} → {args.out}")
     return 0
 
 
-def _merged(model_name: str, adapter: Path) -> tuple[object, object]:
-    """(the base with ``adapter`` merged in and unloaded, its tokenizer)."""
+def _merged(model_name: str, adapter: Path, dtype: str) -> tuple[object, object]:
+    """(the base loaded in ``dtype`` with ``adapter`` merged in and unloaded, its tokenizer)."""
     from lorakit.io.files import load_adapter
     from lorakit.io.models import load_model
     from lorakit.lora.adapters import merge_and_unload
+    from lorakit.training.precision import DTYPES
 
     parsed = read_adapter(adapter)
     task = "seq-cls" if parsed.raw_config.get("task_type") == "SEQ_CLS" else "causal-lm"
@@ -52,6 +56,6 @@ def _merged(model_name: str, adapter: Path) -> tuple[object, object]:
         heads = [state["weight"] for state in parsed.saved_modules.values() if "weight" in state]
         if heads:
             kwargs["num_labels"] = heads[-1].shape[0]
-    model, tokenizer = load_model(model_name, task=task, **kwargs)
+    model, tokenizer = load_model(model_name, task=task, dtype=DTYPES[dtype], **kwargs)
     load_adapter(model, adapter)
     return merge_and_unload(model), tokenizer

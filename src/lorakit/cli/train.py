@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from lorakit.cli.common import add_config_arguments, add_config_file, add_test_file_alias, format_metrics
 from lorakit.training.config import TrainConfig, resolve_config
@@ -44,6 +45,11 @@ def train_main(argv: list[str]) -> int:
         cfg, resume=args.resume, overwrite=args.overwrite, kill_after_step=args.debug_kill_after_step
     )
     if int(os.environ.get("RANK", "0")) == 0:
+        from lorakit.training.selection import read_choice
+
         print(f"{cfg.task} {cfg.eval_split or 'eval'} results ({cfg.out}):")
         print(format_metrics(results))
+        choice = read_choice(Path(cfg.out))
+        if choice:
+            print(choice)  # which step's adapter was published, and why
     return 0

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 from lorakit.errors import ConfigError
 from lorakit.serve.names import adapter_name_problem, shown
@@ -36,7 +36,7 @@ def adapter_args(items: list[str], base: str) -> dict[str, str]:
     return out
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args: SimpleNamespace) -> None:
     """Refuse option values a server cannot run with (raises ``ConfigError``, one line each).
 
     Args:

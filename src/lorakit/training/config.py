@@ -26,6 +26,9 @@ from lorakit.training.coerce import coerce_value, read_config_file
 SCHEDULES = ("linear", "cosine", "constant")
 CLASS_WEIGHTS = ("auto", "none", "balanced")
 DEVICES = ("auto", "cpu", "cuda")
+KEEP_CHOICES = ("best", "last")
+BASE_DTYPES = ("fp32", "bf16", "fp16")
+TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
 def _f(default: Any, help_: str) -> Any:
@@ -178,15 +181,37 @@ class TrainConfig:
     length_penalty: float = _f(0.8, "beam-search length penalty (the LoRA paper: 0.8)")
     no_repeat_ngram_size: int = _f(4, "forbid repeating n-grams of this size in generation (paper: 4)")
     max_new_tokens: int = _f(64, "longest generated text, in tokens")
+    early_stopping_patience: int = _f(
+        0, "stop after this many validations in a row without an improvement of at least early_stopping_delta "
+        "(0: never stop early)"
+    )
+    early_stopping_delta: float = _f(0.0, "the smallest change of the selection metric that counts as an improvement")
+    keep: str | None = _f(
+        None, "which adapter the run publishes: best (the validation that scored best) or last; default: best when "
+        "the task has a validation split (docs/training.md)"
+    )
+    select_metric: str | None = _f(
+        None, "the validation metric that picks the best step (default: the first one validation reports: loss "
+        "for generation tasks, accuracy or the task's first GLUE metric otherwise)"
+    )
     # -- checkpoints and logging -----------------------------------------------------------------------
     save_interval: int = _f(0, "write a resumable checkpoint every N optimizer steps (0: each epoch end)")
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep (0: keep all)")
     log_interval: int = _f(10, "log the mean training loss every N optimizer steps")
-    tensorboard: bool = _f(False, "also write TensorBoard event files (needs the tensorboard package)")
+    tensorboard: bool = _f(False, "also write TensorBoard event files (the same as --report-to tensorboard)")
+    report_to: list[str] | None = field(
+        default=None,
+        metadata={"help": "trackers that also record the run: tensorboard, mlflow, wandb (comma-separated; "
+                          "pip install 'lorakit[track]')"},
+    )
     plot: bool = _f(True, "write a loss/metric plot (training.png) at the end")
     # -- hardware --------------------------------------------------------------------------------------
     device: str = _f("auto", "auto, cpu or cuda")
     bf16: bool = _f(False, "bfloat16 autocast for the forward pass (weights and optimizer stay fp32)")
+    base_dtype: str | None = _f(
+        None, "dtype the frozen base is loaded in: fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on CUDA); "
+        "trained parameters, optimizer state and the loss stay fp32"
+    )
     gradient_checkpointing: bool | None = _f(
         None, "recompute activations in the backward pass to save memory (default: on with --quantize, as "
         "QLoRA and PEFT's prepare_model_for_kbit_training do; off otherwise)"
@@ -202,7 +227,7 @@ class TrainConfig:
     fsdp: bool = _f(False, "shard the model with FSDP across processes (for bases too big for one device)")
 
     def __post_init__(self) -> None:
-        for name in ("targets", "modules_to_save", "label_names", "method_options", "exclude"):
+        for name in ("targets", "modules_to_save", "label_names", "method_options", "exclude", "report_to"):
             value = getattr(self, name)
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
@@ -233,7 +258,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < (0 if name == "warmup_steps" else 1):
                 raise ConfigError(f"{name} must be positive, got {value!r}")
-        for name in ("eval_interval", "save_interval", "keep_checkpoints", "no_repeat_ngram_size"):
+        for name in ("eval_interval", "save_interval", "keep_checkpoints", "no_repeat_ngram_size",
+                     "early_stopping_patience", "early_stopping_delta"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.max_steps is None and not self.epochs > 0:
@@ -263,10 +289,16 @@ class TrainConfig:
 
     def _check_choices(self) -> None:
         choices = (("schedule", SCHEDULES), ("device", DEVICES), ("class_weights", CLASS_WEIGHTS),
-                   ("truncation", ("left", "refuse")))  # fmt: skip
+                   ("truncation", ("left", "refuse")), ("keep", (None, *KEEP_CHOICES)),
+                   ("base_dtype", (None, *BASE_DTYPES)))  # fmt: skip
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be one of {[a for a in allowed if a]}, got {getattr(self, name)!r}")
+        unknown = [t for t in self.report_to or () if t not in TRACKERS]
+        if unknown:
+            raise ConfigError(f"report_to: unknown tracker(s) {unknown}; choose from {list(TRACKERS)}")
+        if self.keep == "best" and self.fsdp:
+            raise ConfigError("keep best is not supported with fsdp yet (the best step's shards are not kept)")
         if self.compile and self.fsdp:
             raise ConfigError("compile and fsdp cannot be combined yet: drop --compile or --fsdp")
         self._check_lora_variants()

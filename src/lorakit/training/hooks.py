@@ -16,6 +16,7 @@ from torch import nn
 
 from lorakit.training import checkpoint as ckpt
 from lorakit.training import distributed as dist_util
+from lorakit.training import selection
 from lorakit.training.config import json_safe
 from lorakit.training.evaluate import score, validate
 from lorakit.training.outputs import save_trained
@@ -27,7 +28,7 @@ def after_step(run: Run, epoch_done: bool) -> None:
     cfg, step = run.cfg, run.state.step
     if step < run.total_steps:
         if (step % cfg.eval_interval == 0) if cfg.eval_interval else epoch_done:
-            run_validation(run, step)
+            selection.observe(run, step, run_validation(run, step))
         if (step % cfg.save_interval == 0) if cfg.save_interval else epoch_done:
             save_checkpoint(run)
     if run.kill_after_step is not None and step == run.kill_after_step:
@@ -76,6 +77,7 @@ def run_validation(run: Run, step: int) -> dict[str, float]:
         run.log.write(json_safe(record))
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         tqdm.write(f"step {step}: valid {shown}", file=sys.stderr)
+    run.last_valid = (step, metrics)
     return metrics
 
 

@@ -109,6 +109,13 @@ def _advance(run: Run, n_batches: int, stats: StepStats) -> bool:
     return state.batch_in_epoch == 0
 
 
+def _cuda_peak(run: Run) -> dict[str, float]:
+    """The peak CUDA memory this process allocated so far, in MiB (nothing on other devices)."""
+    if run.info.device.type != "cuda":
+        return {}
+    return {"cuda_peak_mib": torch.cuda.max_memory_allocated(run.info.device) / 2**20}
+
+
 def _log_train(run: Run, progress: Progress, lr: float) -> None:
     """A train line in metrics.jsonl every ``log_interval`` steps (and at the last)."""
     state = run.state
@@ -124,6 +131,7 @@ def _log_train(run: Run, progress: Progress, lr: float) -> None:
             "tokens_per_s": progress.tokens / max(progress.elapsed, 1e-9),  # useful (non-pad) tokens
             "pad_share": progress.padding / max(progress.tokens + progress.padding, 1),
             "elapsed_s": progress.elapsed,
+            **_cuda_peak(run),
         }
     )
     state.log_loss, state.log_count = 0.0, 0.0
@@ -134,7 +142,7 @@ def run_loop(run: Run) -> None:
     cfg, state = run.cfg, run.state
     run.wrapped.train()
     progress = Progress(run)
-    while state.step < run.total_steps:
+    while state.step < run.total_steps and not state.stop_reason:
         batches = epoch_batches(run.rows, cfg, state.epoch, run.info.world_size)  # random or length-grouped
         while state.batch_in_epoch < len(batches) and state.step < run.total_steps:
             lr = cfg.lr * lr_factor(state.step, run.total_steps, run.warmup, cfg.schedule)  # A's lr, not a head's
@@ -143,6 +151,8 @@ def run_loop(run: Run) -> None:
             progress.update(stats, lr)
             _log_train(run, progress, lr)
             hooks.after_step(run, epoch_done)
-            if epoch_done:
+            if epoch_done or state.stop_reason:
                 break  # the next epoch has its own order
+        if state.stop_reason:
+            break  # early stopping: every rank got the same decision
     progress.bar.close()

@@ -1,35 +1,24 @@
-"""A run's record: ``metrics.jsonl`` (one JSON object per line), optional TensorBoard, and the PNG plot."""
+"""A run's record: ``metrics.jsonl`` (one JSON object per line), the trackers of ``report_to``, and the PNG plot."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from lorakit.training.config import json_safe
 from lorakit.training.outputs import METRICS_LOG, TENSORBOARD_DIR
+from lorakit.training.tracking import open_trackers
 
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object per line) plus optional TensorBoard, written by rank 0 only."""
+    """metrics.jsonl (one JSON object per line) plus the trackers of ``report_to``, written by rank 0 only."""
 
-    def __init__(self, out: Path, enabled: bool, tensorboard: bool) -> None:
+    def __init__(self, out: Path, enabled: bool, trackers: list[str], config: dict[str, Any] | None = None) -> None:
         self.path = out / METRICS_LOG
         self.enabled = enabled
-        self.writer = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(out / TENSORBOARD_DIR))
-            except ImportError:
-                print(
-                    "lorakit train: tensorboard is not installed; skipping event files "
-                    "(pip install tensorboard)",
-                    file=sys.stderr,
-                )
+        self.trackers = open_trackers(trackers, out, config or {}, TENSORBOARD_DIR) if enabled and trackers else []
 
     def truncate_after(self, step: int) -> None:
         """Drop records newer than a checkpoint being resumed (and a line cut short by a kill)."""
@@ -56,15 +45,18 @@ class MetricsLog:
             return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(json_safe(record), allow_nan=False) + "\n")  # strict JSON: null, never NaN
-        if self.writer is not None:
-            prefix = record.get("split", "train")
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
-                    self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+        for tracker in self.trackers:
+            tracker.log_record(record)
+
+    def log_final(self, metrics: dict[str, Any], files: list[Path], plot: Path | None) -> None:
+        """Hand the final scores, the published files and the plot to the trackers."""
+        for tracker in self.trackers:
+            tracker.log_final(metrics, files, plot)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def plot_history(records: list[dict[str, Any]], path: Path, title: str) -> None:

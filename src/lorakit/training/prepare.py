@@ -30,7 +30,7 @@ from lorakit.methods import get_method
 from lorakit.tasks import TaskData, TaskSpec, load_task
 from lorakit.training import checkpoint as ckpt
 from lorakit.training import distributed as dist_util
-from lorakit.training import rundir
+from lorakit.training import rundir, tracking
 from lorakit.training.config import TrainConfig
 from lorakit.training.defaults import RECIPE_FIELDS, resolve_task_defaults
 from lorakit.training.evaluate import encode, report_truncation, set_class_weights
@@ -44,10 +44,11 @@ from lorakit.training.outputs import (
     TRAIN_CONFIG,
     TRAINED_FILES,
 )
+from lorakit.training.precision import base_dtype, keep_trainable_fp32
 from lorakit.training.sampler import global_batches
 
 # Fields that may differ when resuming: they do not change what is computed.
-RESUME_MAY_CHANGE = {"tensorboard", "plot", "eval_batch_size", "keep_checkpoints", "device", "compile",
+RESUME_MAY_CHANGE = {"tensorboard", "report_to", "plot", "eval_batch_size", "keep_checkpoints", "device", "compile",
                      "gradient_checkpointing", "return_freed_memory"}  # memory, not the maths
 
 
@@ -60,6 +61,11 @@ class RunState:
     batch_in_epoch: int = 0  # global batches of `epoch` already consumed
     log_loss: float = 0.0  # loss sum and target count since the last log line
     log_count: float = 0.0
+    # The best validation so far and the patience counter (lorakit.training.selection).
+    best_step: int = 0  # 0: no validation yet
+    best_value: float | None = None
+    bad_evals: int = 0  # validations in a row without an improvement
+    stop_reason: str = ""  # why training stopped before total_steps (empty: it did not)
 
 
 @dataclass
@@ -84,6 +90,7 @@ class Run:
     kill_after_step: int | None = None  # a test hook: SIGKILL after this optimizer step
     replica: list[nn.Module] = field(default_factory=list)  # FSDP: rank 0's CPU copy, built once
     truncation: list[Truncation] = field(default_factory=list)  # per split, measured at load (run summary)
+    last_valid: tuple[int, dict[str, float]] | None = None  # this session's latest (step, validation)
 
     @property
     def spec(self) -> TaskSpec:
@@ -119,6 +126,7 @@ def check_settings(cfg: TrainConfig, info: dist_util.DistInfo, resume: bool) -> 
             f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
             f"({info.world_size} x {cfg.grad_accum}): it is the global batch per optimizer step"
         )
+    tracking.check_installed(tracking.requested(cfg.report_to, cfg.tensorboard))
     if cfg.fsdp and resume:
         raise ConfigError(
             "--resume is not supported with --fsdp yet (FSDP checkpoints hold the adapter only)"
@@ -213,8 +221,12 @@ def build_model(cfg: TrainConfig, spec: TaskSpec, model_kwargs: dict[str, Any]) 
         model, tokenizer, report = load_quantized(cfg.model, cfg.quantize, spec.model_task, **model_kwargs)
         print(f"lorakit: {report.summary()} (layer by layer while loading)", flush=True)
     else:
-        model, tokenizer = load_model(cfg.model, spec.model_task, num_labels=spec.num_labels, **model_kwargs)
+        dtype = base_dtype(cfg.base_dtype, cfg.device)
+        model, tokenizer = load_model(
+            cfg.model, spec.model_task, num_labels=spec.num_labels, dtype=dtype, **model_kwargs
+        )
     prepare_model(model, cfg)
+    keep_trainable_fp32(model)  # a 16-bit base's heads train in fp32, as LoRA's A and B do
     return model, tokenizer
 
 
@@ -327,7 +339,8 @@ def prepare_run(
     optimizer = build_optimizer(wrapped, cfg)
     run = Run(
         cfg, info, data, model, wrapped, tokenizer, model_kwargs, rows, optimizer,
-        build_scheduler(optimizer, total, warmup, cfg.schedule), MetricsLog(out, info.is_main, cfg.tensorboard),
+        build_scheduler(optimizer, total, warmup, cfg.schedule),
+        MetricsLog(out, info.is_main, tracking.requested(cfg.report_to, cfg.tensorboard), cfg.to_dict()),
         total, steps_per_epoch, warmup, kill_after_step=kill_after_step,
     )  # fmt: skip
     restore(run, resume_from, resume)
