@@ -137,7 +137,10 @@ class TrainConfig:
     )
     seed: int = _f(0, "seed for initialisation, data order and dropout")
     # -- data ------------------------------------------------------------------------------------------
-    max_length: int = _f(128, "maximum tokens per example (inputs are truncated)")
+    max_length: int | None = _f(
+        None, "maximum tokens per example (inputs are truncated; default: 128, and 512 for webnlg and dart, "
+        "whose triple sets are long)"
+    )
     max_train_samples: int | None = _f(None, "use a fixed random subset of this many training examples")
     max_eval_samples: int | None = _f(
         None, "evaluate on a fixed random subset of this many examples (E2E: MRs)"
@@ -165,8 +168,20 @@ class TrainConfig:
     completion_field: str = _f("completion", "sft: key/column holding the completion")
     messages_field: str = _f("messages", "sft: key holding a chat's [{role, content}] messages")
     truncation: str = _f(
-        "left", "sft: a record over max_length loses prompt tokens from the left ('left') or stops the run "
-        "('refuse'); completions are never cut"
+        "left", "sft, e2e, webnlg, dart: a record over max_length loses prompt tokens from the left ('left') or "
+        "stops the run ('refuse'); completions and references are never cut"
+    )
+    format: str = _f(
+        "auto", "sft: record format, auto (detected per file), prompt-completion, alpaca, sharegpt or messages"
+    )
+    field_map: list[str] | None = field(
+        default=None,
+        metadata={"help": "sft: format keys renamed as KEY=NAME, comma-separated (instruction=question,"
+                          "output=answer; keys: instruction input output system conversations tools ...)"},
+    )  # fmt: skip
+    chat_template: str | None = _f(
+        None, "sft: chat template for chat records, a name (chatml, llama-3, mistral, gemma) or a Jinja file; "
+        "saved with the adapter and used again by generate and serve (default: the tokenizer's own)"
     )
     length_grouping: bool = _f(
         False, "batch examples of similar length together (less padding; deterministic and resumable)"
@@ -206,7 +221,7 @@ class TrainConfig:
     fsdp: bool = _f(False, "shard the model with FSDP across processes (for bases too big for one device)")
 
     def __post_init__(self) -> None:
-        for name in ("targets", "modules_to_save", "label_names", "method_options", "exclude"):
+        for name in ("targets", "modules_to_save", "label_names", "method_options", "exclude", "field_map"):
             value = getattr(self, name)
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
@@ -231,7 +246,7 @@ class TrainConfig:
         positive = ("r", "batch_size", "grad_accum", "max_length", "eval_batch_size", "num_beams", "max_new_tokens",
                     "log_interval", "group_window")  # fmt: skip
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("max_steps", "max_train_samples", "max_eval_samples", "max_valid_samples", "warmup_steps"):
             value = getattr(self, name)
@@ -265,7 +280,8 @@ class TrainConfig:
 
     def _check_choices(self) -> None:
         choices = (("schedule", SCHEDULES), ("device", DEVICES), ("class_weights", CLASS_WEIGHTS),
-                   ("truncation", ("left", "refuse")))  # fmt: skip
+                   ("truncation", ("left", "refuse")),
+                   ("format", ("auto", "prompt-completion", "alpaca", "sharegpt", "messages")))  # fmt: skip
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
@@ -338,7 +354,9 @@ MAX_DEFAULT_HEAD_LR = 1e-2
 FULL_WEIGHT_LR = 5e-5
 FULL_WEIGHT_METHODS = ("full", "fttop2")
 # The fields a task's recipe (``TaskSpec.recipe``) may set: each defaults to None, meaning "not given".
-RECIPE_FIELDS = ("lr", "head_lr_ratio", "init", "train_pooler")
+RECIPE_FIELDS = ("lr", "head_lr_ratio", "init", "train_pooler", "max_length")
+# The longest example, in tokens, where neither the user nor the task's recipe says otherwise.
+DEFAULT_MAX_LENGTH = 128
 
 
 def default_head_lr_ratio(kind: str, lr: float) -> float:
@@ -355,7 +373,8 @@ def default_head_lr_ratio(kind: str, lr: float) -> float:
 
 def resolve_task_defaults(cfg: TrainConfig, kind: str, recipe: Mapping[str, Any] | None = None) -> TrainConfig:
     """``cfg`` with every run-dependent default filled in: the learning rate, the head's lr ratio, the LoRA
-    init, whether the pooler trains and, from ``quantize``, gradient checkpointing and the heap setting.
+    init, whether the pooler trains, the longest example and, from ``quantize``, gradient checkpointing and
+    the heap setting.
 
     Args:
         cfg: the run's config; fields the user set are kept.
@@ -372,7 +391,8 @@ def resolve_task_defaults(cfg: TrainConfig, kind: str, recipe: Mapping[str, Any]
         return next(v for v in (getattr(cfg, name), recipe.get(name), default) if v is not None)
 
     chosen = {"lr": first_set("lr", FULL_WEIGHT_LR if full else DEFAULT_LR[kind]),
-              "init": first_set("init", DEFAULT_INIT), "train_pooler": first_set("train_pooler", True)}  # fmt: skip
+              "init": first_set("init", DEFAULT_INIT), "train_pooler": first_set("train_pooler", True),
+              "max_length": first_set("max_length", DEFAULT_MAX_LENGTH)}  # fmt: skip
     chosen["head_lr_ratio"] = first_set("head_lr_ratio", default_head_lr_ratio(kind, chosen["lr"]))
     # A quantized base is chosen to save memory: both memory settings default to on with it.
     saving = cfg.quantize is not None
