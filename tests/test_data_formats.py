@@ -346,3 +346,28 @@ def test_a_run_saves_its_chat_template_and_generate_uses_it(tmp_path, tiny_llama
     assert saved_chat_template([out]) == CHAT_TEMPLATES["gemma"]
     _, tokenizer = load_for_generation(str(tiny_llama), [("default", str(out))], "cpu")
     assert tokenizer.chat_template == CHAT_TEMPLATES["gemma"]
+
+
+# -- lorakit data inspect --------------------------------------------------------------------------------
+def test_data_inspect_marks_the_trained_tokens_and_counts_lengths(tmp_path, capsys, smollm2_path):
+    from lorakit.cli import main
+
+    rows = [{"instruction": "Say it.", "input": f"word {i}", "output": f"Word {i}."} for i in range(10)]
+    _jsonl(tmp_path / "train.jsonl", rows)
+    _jsonl(tmp_path / "valid.jsonl", rows[:2])
+    assert main(["data", "inspect", "--model", "smollm2-135m", "--task", "sft", "--data", str(tmp_path),
+                 "-n", "1", "--max-length", "40"]) == 0  # fmt: skip
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"note: {tmp_path / 'train.jsonl'}: 10 records, format alpaca (detected): 10 pairs"
+    assert out[1] == f"note: {tmp_path / 'valid.jsonl'}: 2 records, format alpaca (detected): 2 pairs"
+    assert out[2].startswith("note: sft: cut the prompt of 10 of 10 records from the left to fit max_length=40")
+    assert out[3].startswith("--- record 1 of 10: 40 tokens ---")
+    assert "\n".join(out).count("[[") == 1 and "### Response:\n[[Word 0.<|im_end|>]]" in "\n".join(out)
+    assert out[-1].startswith("--- 10 records; tokens per record: min ") and "cut to fit: 10 (100.0%)" in out[-1]
+    capsys.readouterr()
+    assert main(["data", "inspect", "--model", "smollm2-135m", "--task", "sft", "--data", str(tmp_path),
+                 "-n", "1", "--tokens"]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    starred = [line for line in lines if line[14:15] == "*"]
+    assert [line.split()[-1] for line in starred][-3:] == ["'0'", "'.'", "'<|im_end|>'"]  # " Word 0." + EOS
+    assert "cut to fit: 0 (0.0%)" in lines[-1]

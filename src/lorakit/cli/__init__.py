@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "combine": ("lorakit.arith.combine:combine_main", "combine weighted adapters (linear, cat, svd, ties, dare)"),
     "train": ("lorakit.cli.train:train_main", "fine-tune a model on a task (LoRA or a baseline method)"),
     "eval": ("lorakit.cli.train:eval_main", "score a base model + adapter on a task"),
+    "data": ("lorakit.cli.data:data_main", "inspect training data as the model sees it (loss tokens marked)"),
     "generate": ("lorakit.cli.generate:generate_main", "generate text with a base model and adapters (streams)"),
     "compare": ("lorakit.experiments.compare:compare_main", "run methods x seeds on a task, write a table + plot"),
     "latency": ("lorakit.experiments.latency:latency_main", "inference latency of methods vs the base model"),
