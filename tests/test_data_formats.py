@@ -331,8 +331,9 @@ def test_chat_template_file_and_unknown_name(tmp_path):
         read_chat_template("nope")
 
 
-def test_a_run_saves_its_chat_template_and_generate_uses_it(tmp_path, tiny_llama, one_thread):  # noqa: F811
+def test_a_run_saves_its_chat_template_and_generate_and_serve_use_it(tmp_path, tiny_llama, one_thread):  # noqa: F811
     from lorakit.cli.generate import load_for_generation
+    from lorakit.serve.server import build
     from lorakit.training.trainer import train
 
     data = tmp_path / "d"
@@ -346,6 +347,8 @@ def test_a_run_saves_its_chat_template_and_generate_uses_it(tmp_path, tiny_llama
     assert saved_chat_template([out]) == CHAT_TEMPLATES["gemma"]
     _, tokenizer = load_for_generation(str(tiny_llama), [("default", str(out))], "cpu")
     assert tokenizer.chat_template == CHAT_TEMPLATES["gemma"]
+    _, served = build(str(tiny_llama), {"a": str(out)})
+    assert served.chat_template == CHAT_TEMPLATES["gemma"]
 
 
 # -- lorakit data inspect --------------------------------------------------------------------------------
