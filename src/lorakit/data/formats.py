@@ -24,7 +24,10 @@ from typing import Any
 
 from lorakit.data.text import DataError
 
-__all__ = ["ALPACA_PROMPT", "FORMATS", "SHAREGPT_ROLES", "FieldNames", "detect_format", "to_record"]
+__all__ = [
+    "ALPACA_PROMPT", "FORMATS", "SHAREGPT_ROLES", "FieldNames", "detect_format", "text_content", "to_record",
+    "tool_calls",
+]
 
 FORMATS = ("auto", "prompt-completion", "alpaca", "sharegpt", "messages")
 
@@ -113,7 +116,7 @@ def detect_format(rec: Mapping[str, Any], names: FieldNames, where: str, expecte
     )
 
 
-def _text(value: Any, where: str, what: str) -> str:
+def text_content(value: Any, where: str, what: str) -> str:
     """A string, or a list of ``{"type": "text", "text"}`` parts joined by newlines."""
     if isinstance(value, str):
         return value
@@ -140,7 +143,7 @@ def _alpaca(rec: Mapping[str, Any], names: FieldNames, where: str) -> dict[str, 
     return {"prompt": prompt, "completion": parts["output"]}
 
 
-def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
+def tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
     """OpenAI ``tool_calls`` normalised: ``[{"type": "function", "function": {"name", "arguments": dict}}]``."""
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: tool_calls must be a non-empty list")
@@ -174,7 +177,7 @@ def _sharegpt_turn(turn: Any, where: str) -> dict[str, Any]:
             call = json.loads(value) if isinstance(value, str) else value
         except json.JSONDecodeError as exc:
             raise DataError(f"{where}: a function_call turn's value is not JSON") from exc
-        return {"role": "assistant", "content": "", "tool_calls": _tool_calls(call if isinstance(call, list)
+        return {"role": "assistant", "content": "", "tool_calls": tool_calls(call if isinstance(call, list)
                                                                                 else [call], where)}
     return {"role": role, "content": turn["value"]}
 

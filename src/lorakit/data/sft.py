@@ -23,7 +23,7 @@ from typing import Any
 from lorakit.data.chat_templates import has_stop_token, render_chat, template_supports_tools
 from lorakit.data.collate import IGNORE_INDEX
 from lorakit.data.files import RECORD_SUFFIXES, DiskSplit, read_records
-from lorakit.data.formats import FORMATS, FieldNames, _text, _tool_calls, detect_format, to_record
+from lorakit.data.formats import FORMATS, FieldNames, detect_format, text_content, to_record, tool_calls
 from lorakit.data.text import DataError
 
 __all__ = [
@@ -93,13 +93,14 @@ def _message(msg: Any, where: str, i: int) -> tuple[str, ...]:
         raise DataError(f"{where}[{i}] has role {role!r}; expected one of {list(ROLES)}")
     if calls and role != "assistant":
         raise DataError(f"{where}[{i}] is a {role} message with tool_calls; only the assistant calls tools")
-    content = "" if calls and msg.get("content") is None else _text(msg.get("content"), f"{where}[{i}]", "content")
+    empty_call = calls and msg.get("content") is None  # OpenAI sends null content beside tool calls
+    content = "" if empty_call else text_content(msg.get("content"), f"{where}[{i}]", "content")
     if role == "system" and i > 0:
         raise DataError(f"{where}[{i}] is a system message; only the first message may be one")
     if role == "assistant" and not content.strip() and not calls:
         raise DataError(f"{where}[{i}] is an empty assistant message (nothing to learn)")
     if calls:
-        return (role, content, json.dumps(_tool_calls(calls, f"{where}[{i}]")))
+        return (role, content, json.dumps(tool_calls(calls, f"{where}[{i}]")))
     return (role, content)
 
 

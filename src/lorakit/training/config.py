@@ -180,8 +180,9 @@ class TrainConfig:
                           "output=answer; keys: instruction input output system conversations tools ...)"},
     )  # fmt: skip
     chat_template: str | None = _f(
-        None, "sft: chat template for chat records, a name (chatml, llama-3, mistral, gemma) or a Jinja file; "
-        "saved with the adapter and used again by generate and serve (default: the tokenizer's own)"
+        None, "sft: chat template for chat records, a name (chatml, chatml-tools, llama-3, mistral, gemma) or a "
+        "Jinja file; saved with the adapter and used again by eval, generate and serve (default: the tokenizer's "
+        "own)"
     )
     length_grouping: bool = _f(
         False, "batch examples of similar length together (less padding; deterministic and resumable)"
