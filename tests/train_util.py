@@ -59,8 +59,8 @@ def chat(*turns: tuple[str, str]) -> dict:
 
 
 def write_chat_folder(folder: Path) -> Path:
-    """An SFT folder of 24 one-turn colour chats (train), 4 of them (valid) and a prompt/completion record
-    plus a chat (test).
+    """An SFT folder of 24 one-turn colour chats (train), 4 of them (valid) and two prompt/completion records
+    (test: one format a file; files of a run may differ, so the chat-trained model is scored on plain prompts).
 
     Args:
         folder: the folder to create.
@@ -70,7 +70,8 @@ def write_chat_folder(folder: Path) -> Path:
     rows = [chat(("user", f"Colour {i}?"), ("assistant", colours[i % 6])) for i in range(24)]
     write_jsonl(folder / "train.jsonl", rows)
     write_jsonl(folder / "valid.jsonl", rows[:4])
-    write_jsonl(folder / "test.jsonl", [{"prompt": "Say yes:", "completion": " yes"}, rows[5]])
+    write_jsonl(folder / "test.jsonl", [{"prompt": "Say yes:", "completion": " yes"},
+                                        {"prompt": "Colour 5?", "completion": " pink"}])
     return folder
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.data.chat_templates import render_chat
 from lorakit.errors import ConfigError
 
 __all__ = ["GenerationSettings", "encode_prompt", "generate", "generate_ids", "stop_token_ids"]
@@ -79,7 +80,7 @@ def encode_prompt(tokenizer: Any, prompt: str | Sequence[dict[str, str]], chat: 
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if system is not None:
             messages = [{"role": "system", "content": system}, *messages]
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = render_chat(tokenizer, messages, generation_prompt=True)  # a raising template: one line
     return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 

@@ -219,16 +219,19 @@ def test_encode_masks_prompt_and_appends_eos():
     assert len(enc["input_ids"]) == 2  # one training example per reference
 
 
-def test_truncation_keeps_prompt_and_cuts_target():
+def test_truncation_cuts_the_input_from_the_left_never_the_reference():
     tok = WordTokenizer()
-    items = [E2EItem("a b c", ["r1 r2 r3 r4 r5"])]
-    enc = encode_e2e_for_training(items, tok, max_length=6)
+    items = [E2EItem("a b c", ["r1 r2 r3"])]
     prompt = encode_e2e_prompt("a b c", tok)  # 4 tokens: a b c ||
-    assert len(prompt) == 4
-    assert enc["input_ids"][0] == [*prompt, tok.id("r1"), tok.id("r2")]
-    assert enc["labels"][0] == [IGNORE_INDEX] * 4 + [tok.id("r1"), tok.id("r2")]
-    with pytest.raises(DataError, match=r"prompt is 4 tokens, leaving no room.*max_length=4"):
+    target = [tok.id("r1"), tok.id("r2"), tok.id("r3"), tok.eos_token_id]
+    with pytest.warns(UserWarning, match=r"cut the input of 1 of 1 .* max_length=6.*references are kept whole"):
+        enc = encode_e2e_for_training(items, tok, max_length=6)
+    assert enc["input_ids"][0] == [*prompt[2:], *target]  # "c ||" stays, the reference is whole
+    assert enc["labels"][0] == [IGNORE_INDEX] * 2 + target
+    with pytest.raises(DataError, match=r"reference of 4 tokens .* cannot fit max_length=4"):
         encode_e2e_for_training(items, tok, max_length=4)
+    with pytest.raises(DataError, match=r"over max_length=6, and truncation is 'refuse'"):
+        encode_e2e_for_training(items, tok, max_length=6, truncation="refuse")
 
 
 def test_bos_and_explicit_eos():

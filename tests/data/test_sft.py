@@ -36,13 +36,14 @@ BAD_RECORDS = [
     ("{not json", r"line 2: invalid JSON"),
     ("[1, 2]", r"line 2: expected a JSON object, got list"),
     ({"prompt": "p"}, r"line 2: missing key\(s\) \['completion'\]"),
-    ({"prompt": "p", "completion": "c", "messages": []}, r"line 2: has both 'messages' and"),
+    ({"prompt": "p", "completion": "c", "messages": []},
+     r"line 2: has the keys of several formats \['messages', 'prompt-completion'\]"),
     ({"prompt": 3, "completion": "c"}, r"line 2: 'prompt' must be text, got int"),
     ({"prompt": "p", "completion": "  "}, r"line 2: empty completion"),
     ({"messages": "hi"}, r"line 2: 'messages' must be a non-empty list"),
     ({"messages": [{"content": "x"}]}, r"line 2: messages\[0\] must be an object with 'role' and 'content'"),
     (chat(("user", "q"), ("bot", "a")), r"line 2: messages\[1\] has role 'bot'"),
-    ({"messages": [{"role": "user", "content": 5}]}, r"line 2: messages\[0\] content must be text"),
+    ({"messages": [{"role": "user", "content": 5}]}, r"line 2: messages\[0\]: content must be text"),
     (chat(("user", "q"), ("system", "s"), ("assistant", "a")), r"line 2: messages\[1\] is a system message"),
     (chat(("user", "q"), ("assistant", "")), r"line 2: messages\[1\] is an empty assistant message"),
     (chat(("system", "s"), ("assistant", "a")), r"line 2: the first non-system message must be the user's"),
@@ -52,7 +53,10 @@ BAD_RECORDS = [
 
 @pytest.mark.parametrize("record, message", BAD_RECORDS)
 def test_each_malformed_record_names_file_line_and_problem(tmp_path, record, message):
-    path = write_jsonl(tmp_path / "train.jsonl", [GOOD, record])
+    # One format a file: a chat record follows a good chat record.
+    good = chat(("user", "q"), ("assistant", "a")) if isinstance(record, dict) and "prompt" not in record and \
+        "messages" in record else GOOD  # fmt: skip
+    path = write_jsonl(tmp_path / "train.jsonl", [good, record])
     with pytest.raises(DataError, match=rf"train\.jsonl, {message}"):
         load_sft(path)
 
@@ -64,7 +68,7 @@ def test_tables_custom_fields_and_file_errors(tmp_path):
     (tmp_path / "b.tsv").write_text("prompt\tcompletion\nq\ta\textra\n")
     with pytest.raises(DataError, match=r"b\.tsv, line 2: expected 2 fields"):
         load_sft(tmp_path / "b.tsv")
-    with pytest.raises(DataError, match=r"a\.csv, header: missing column\(s\) \['prompt'"):
+    with pytest.raises(DataError, match=r"a\.csv, line 2: matches no known format \(keys found: \['answer', 'quest"):
         load_sft(tmp_path / "a.csv")
     (tmp_path / "c.txt").write_text("x")
     with pytest.raises(DataError, match=r"unsupported file type '\.txt'"):

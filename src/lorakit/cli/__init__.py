@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "combine": ("lorakit.cli.combine:combine_main", "combine weighted adapters (linear, cat, svd, ties, dare)"),
     "train": ("lorakit.cli.train:train_main", "fine-tune a model on a task (LoRA or a baseline method)"),
     "eval": ("lorakit.cli.evaluate:eval_main", "score a base model + adapter on a task"),
+    "data": ("lorakit.cli.data:data_main", "inspect training data as the model sees it (loss tokens marked)"),
     "generate": ("lorakit.cli.generate:generate_main", "generate text with a base model and adapters (streams)"),
     "classify": ("lorakit.cli.classify:classify_main",
                  "classify a CSV/TSV/JSONL file with one or more classification adapters (mixed batch)"),

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from lorakit.cli.common import adapter_specs, add_adapters, add_device, add_model, add_seed
+from lorakit.data.chat_templates import apply_chat_template, read_chat_template
 from lorakit.errors import ConfigError
 from lorakit.generation import GenerationSettings, encode_prompt, generate_ids, stop_token_ids
 
@@ -31,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="adapter for prompts that name none (default: the only one; 'base': no adapter)")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to each prompt")
     p.add_argument("--system", help="system message for --chat")
+    p.add_argument("--chat-template", metavar="NAME|FILE",
+                   help="chat template for --chat (chatml, llama-3, mistral, gemma or a Jinja file; default: the "
+                   "one the adapter was trained with, else the tokenizer's)")
     p.add_argument("--input", metavar="FILE", help="JSONL file of records ('-': stdin)")
     p.add_argument("--output", metavar="FILE", help="write the JSONL results here (default: stdout)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -52,12 +56,14 @@ def load_for_generation(model_name: str, adapters: Sequence[tuple[str, str]], de
         adapters: adapters to load; a single one may also be a non-LoRA trained state from `lorakit train`.
         device: auto, cpu or cuda.
     """
+    from lorakit.data.chat_templates import apply_chat_template, saved_chat_template
     from lorakit.io.files import load_adapter
     from lorakit.io.models import load_model
     from lorakit.training.distributed import pick_device
     from lorakit.training.outputs import load_trained
 
     model, tokenizer = load_model(model_name)
+    apply_chat_template(tokenizer, saved_chat_template([path for _, path in adapters]))
     if len(adapters) == 1 and adapters[0][0] == "default":
         load_trained(model, adapters[0][1])  # a LoRA adapter, or any method's trained state
     else:
@@ -130,7 +136,9 @@ def generate_main(argv: list[str]) -> int:
     specs = adapter_specs(args.adapter)
     records = _read_records(args.input, args.prompts)  # input errors before the model loads
     routes = _routes(records, [n for n, _ in specs], args.default_adapter)
+    template = read_chat_template(args.chat_template) if args.chat_template else None
     model, tokenizer = load_for_generation(args.model, specs, args.device)
+    apply_chat_template(tokenizer, template)
     prompts = [encode_prompt(tokenizer, rec.get("messages") or rec["prompt"], chat=args.chat, system=args.system)
                for _, rec in records]  # fmt: skip
     common = dict(pad_id=tokenizer.pad_token_id, stop_ids=stop_token_ids(model, tokenizer), settings=settings)

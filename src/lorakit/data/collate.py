@@ -11,6 +11,7 @@ truncation=..., max_length=..., add_special_tokens=...)`` returning a mapping wi
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -126,14 +127,16 @@ def encode_e2e_for_training(
     *,
     eos_token_id: int | None = None,
     add_bos: bool = False,
+    truncation: str = "left",
 ) -> dict[str, list]:
     """Encode every (MR, reference) pair as ``prompt + " " + reference + eos`` for causal-LM training.
 
     ``labels`` are ``-100`` on the prompt tokens so the loss covers only the reference and eos.
     Prompt and target are tokenized separately, the same way ``encode_e2e_prompt`` does at
-    generation time. Sequences longer than ``max_length`` keep the whole prompt and lose the end of
-    the target (eos included); a prompt that leaves no room for a target token raises
-    :class:`DataError`. ``eos_token_id`` defaults to ``tokenizer.eos_token_id``.
+    generation time. A pair longer than ``max_length`` follows SFT's rule: the prompt loses tokens from the
+    left (one always stays) and a UserWarning counts the pairs cut; the reference is never cut, so a
+    reference that cannot fit raises :class:`DataError`, as does any over-long pair with
+    ``truncation="refuse"``. ``eos_token_id`` defaults to ``tokenizer.eos_token_id``.
     """
     _check_max_length(max_length)
     eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
@@ -149,19 +152,42 @@ def encode_e2e_for_training(
     target_ids = _ids(tokenizer, [f" {ref.strip()}" for _, ref in pairs])
 
     out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
+    cut: list[str] = []
     for (mr, _), tgt in zip(pairs, target_ids):
-        prompt = prompt_ids[mr]
-        room = max_length - len(prompt)
-        if room < 1:
-            raise DataError(
-                f"E2E prompt is {len(prompt)} tokens, leaving no room for the reference within "
-                f"max_length={max_length}: {mr!r}"
-            )
-        target = [*tgt, int(eos)][:room]
+        prompt, target = _fit_pair(prompt_ids[mr], [*tgt, int(eos)], max_length, truncation, mr)
+        if len(prompt) < len(prompt_ids[mr]):
+            cut.append(mr)
         out["input_ids"].append(prompt + target)
         out["attention_mask"].append([1] * (len(prompt) + len(target)))
         out["labels"].append([IGNORE_INDEX] * len(prompt) + target)
+    if cut:
+        warnings.warn(
+            f"cut the input of {len(cut)} of {len(pairs)} (input, reference) pairs from the left to fit "
+            f"max_length={max_length} (first: {cut[0][:80]!r}); references are kept whole",
+            UserWarning,
+            stacklevel=2,
+        )
     return out
+
+
+def _fit_pair(
+    prompt: list[int], target: list[int], max_length: int, truncation: str, mr: str
+) -> tuple[list[int], list[int]]:
+    """(prompt, target) within ``max_length``: the prompt is cut from the left, keeping one token."""
+    excess = len(prompt) + len(target) - max_length
+    if excess <= 0:
+        return prompt, target
+    if truncation == "refuse":
+        raise DataError(
+            f"an (input, reference) pair is {len(prompt) + len(target)} tokens, over max_length={max_length}, "
+            f"and truncation is 'refuse': {mr[:80]!r}; raise --max-length or use --truncation left"
+        )
+    if excess > len(prompt) - 1:
+        raise DataError(
+            f"a reference of {len(target)} tokens (with EOS) cannot fit max_length={max_length} even with "
+            f"its input cut to one token: {mr[:80]!r}; raise --max-length"
+        )
+    return prompt[excess:], target
 
 
 def collate_causal_lm(

@@ -1,8 +1,10 @@
-"""Supervised fine-tuning (SFT) data: prompt/completion or chat records from JSONL, CSV or TSV files.
+"""Supervised fine-tuning (SFT) data: prompt/completion or chat records from JSONL, JSON, CSV/TSV, Parquet or
+Arrow files and ``datasets.save_to_disk`` folders (:mod:`lorakit.data.files`), in the formats of
+:mod:`lorakit.data.formats` (prompt-completion, Alpaca, ShareGPT, OpenAI messages with tool calls).
 
-A record is either ``{"prompt": ..., "completion": ...}`` (the completion follows the prompt verbatim, so
-a separator such as a space or newline belongs at the end of the prompt or the start of the completion)
-or ``{"messages": [{"role": ..., "content": ...}, ...]}``, rendered with the tokenizer's chat template.
+A record becomes either a prompt and a completion (the completion follows the prompt verbatim, so a
+separator such as a space or newline belongs at the end of the prompt or the start of the completion) or a
+list of chat messages, rendered with the tokenizer's chat template.
 The loss falls on the completion (plus EOS), or on every assistant turn of a chat and never on system or
 user text. Every malformed record is a :class:`DataError` naming the file, the line and the problem.
 """
@@ -11,19 +13,24 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorakit.data.chat_templates import has_stop_token, render_chat, template_supports_tools
 from lorakit.data.collate import IGNORE_INDEX
+from lorakit.data.files import RECORD_SUFFIXES, DiskSplit, read_records
+from lorakit.data.formats import FORMATS, FieldNames, detect_format, text_content, to_record, tool_calls
 from lorakit.data.splits import carve_valid
-from lorakit.data.text import DataError, _records_from_jsonl, _records_from_table
+from lorakit.data.text import DataError
 
 __all__ = [
     "SFT_SUFFIXES",
     "TRUNCATION_RULES",
     "SftRecord",
+    "chat_eos_note",
     "chat_segments",
     "encode_sft",
     "find_sft_file",
@@ -31,9 +38,9 @@ __all__ = [
     "sft_splits",
 ]
 
-SFT_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".tsv")
+SFT_SUFFIXES = RECORD_SUFFIXES
 TRUNCATION_RULES = ("left", "refuse")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -45,7 +52,14 @@ class SftRecord:
     source: str
     prompt: str | None = None
     completion: str | None = None
-    messages: tuple[tuple[str, str], ...] | None = None
+    # (role, content), or (role, content, tool calls as JSON) for an assistant turn that calls tools
+    messages: tuple[tuple[str, ...], ...] | None = None
+    tools: str | None = None  # the tool definitions, as JSON text
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether a turn calls a tool or returns a tool's result."""
+        return any(len(m) > 2 or m[0] == "tool" for m in self.messages or ())
 
     @property
     def reference(self) -> str:
@@ -69,78 +83,107 @@ class SftRecord:
         return self.prompt or ""
 
 
-def _parse_messages(value: Any, where: str, field: str) -> tuple[tuple[str, str], ...]:
+def _message(msg: Any, where: str, i: int) -> tuple[str, ...]:
+    """(role, content) or, for an assistant turn that calls tools, (role, content, tool_calls as JSON)."""
+    if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or ("content" not in msg and \
+            "tool_calls" not in msg):  # fmt: skip
+        raise DataError(f"{where}[{i}] must be an object with 'role' and 'content', got {msg!r}")
+    role, calls = msg["role"], msg.get("tool_calls")
+    if role not in ROLES:
+        raise DataError(f"{where}[{i}] has role {role!r}; expected one of {list(ROLES)}")
+    if calls and role != "assistant":
+        raise DataError(f"{where}[{i}] is a {role} message with tool_calls; only the assistant calls tools")
+    empty_call = calls and msg.get("content") is None  # OpenAI sends null content beside tool calls
+    content = "" if empty_call else text_content(msg.get("content"), f"{where}[{i}]", "content")
+    if role == "system" and i > 0:
+        raise DataError(f"{where}[{i}] is a system message; only the first message may be one")
+    if role == "assistant" and not content.strip() and not calls:
+        raise DataError(f"{where}[{i}] is an empty assistant message (nothing to learn)")
+    if calls:
+        return (role, content, json.dumps(tool_calls(calls, f"{where}[{i}]")))
+    return (role, content)
+
+
+def _check_tool_results(out: Sequence[tuple[str, ...]], where: str) -> None:
+    """Every tool call answered by a tool message right after it, and no tool message unasked."""
+    pending = 0
+    for i, msg in enumerate(out):
+        if msg[0] == "tool":
+            if pending == 0:
+                raise DataError(f"{where}[{i}] is a tool result without a matching tool call before it")
+            pending -= 1
+            continue
+        if pending:
+            raise DataError(f"{where}[{i}]: {pending} tool call(s) before it have no tool result")
+        pending = len(json.loads(msg[2])) if len(msg) > 2 else 0
+
+
+def _parse_messages(value: Any, where: str, field: str) -> tuple[tuple[str, ...], ...]:
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: {field!r} must be a non-empty list of {{role, content}} objects")
-    out = []
-    for i, msg in enumerate(value):
-        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or "content" not in msg:
-            raise DataError(f"{where}: {field}[{i}] must be an object with 'role' and 'content', got {msg!r}")
-        role, content = msg["role"], msg["content"]
-        if role not in ROLES:
-            raise DataError(f"{where}: {field}[{i}] has role {role!r}; expected one of {list(ROLES)}")
-        if not isinstance(content, str):
-            raise DataError(f"{where}: {field}[{i}] content must be text, got {type(content).__name__}")
-        if role == "system" and i > 0:
-            raise DataError(f"{where}: {field}[{i}] is a system message; only the first message may be one")
-        if role == "assistant" and not content.strip():
-            raise DataError(f"{where}: {field}[{i}] is an empty assistant message (nothing to learn)")
-        out.append((role, content))
-    first = next(r for r, _ in out if r != "system") if any(r != "system" for r, _ in out) else None
+    out = tuple(_message(msg, f"{where}: {field}", i) for i, msg in enumerate(value))
+    first = next((m[0] for m in out if m[0] != "system"), None)
     if first != "user":
         raise DataError(f"{where}: the first non-system message must be the user's, got {first!r}")
-    if out[-1][0] != "assistant":
-        raise DataError(f"{where}: the last message must be the assistant's (a reply to learn and to score)")
-    return tuple(out)
+    _check_tool_results(out, f"{where}: {field}")
+    if out[-1][0] != "assistant" or len(out[-1]) > 2:
+        raise DataError(f"{where}: the last message must be the assistant's reply (a reply to learn and to score)")
+    return out
 
 
-def _parse_record(rec: dict[str, Any], where: str, fields: tuple[str, str, str]) -> SftRecord:
-    prompt_f, completion_f, messages_f = fields
-    has_messages, has_pair = messages_f in rec, prompt_f in rec or completion_f in rec
-    if has_messages and has_pair:
-        raise DataError(f"{where}: has both {messages_f!r} and {prompt_f!r}/{completion_f!r}; use one form")
-    if has_messages:
-        return SftRecord(where, messages=_parse_messages(rec[messages_f], where, messages_f))
-    missing = [f for f in (prompt_f, completion_f) if f not in rec]
-    if missing:
-        raise DataError(
-            f"{where}: missing key(s) {missing}; expected {prompt_f!r} + {completion_f!r} or {messages_f!r}"
-            f" (present: {sorted(rec)})"
-        )
-    prompt, completion = rec[prompt_f], rec[completion_f]
-    for name, val in ((prompt_f, prompt), (completion_f, completion)):
+def _parse_record(rec: dict[str, Any], where: str, fmt: str, names: FieldNames) -> SftRecord:
+    parts = to_record(rec, fmt, names, where)
+    if "messages" in parts:
+        messages = _parse_messages(parts["messages"], where, parts["field"])
+        tools = json.dumps(parts["tools"]) if parts["tools"] else None
+        return SftRecord(where, messages=messages, tools=tools)
+    prompt, completion = parts["prompt"], parts["completion"]
+    for name, val in ((names.prompt, prompt), (names.completion, completion)):
         if not isinstance(val, str):
             raise DataError(f"{where}: {name!r} must be text, got {type(val).__name__}")
     if not completion.strip():
-        raise DataError(f"{where}: empty completion in {completion_f!r} (nothing to learn)")
+        raise DataError(f"{where}: empty completion in {names.completion!r} (nothing to learn)")
     return SftRecord(where, prompt=prompt, completion=completion)
 
 
 def load_sft(
-    path: str | Path,
+    path: str | Path | DiskSplit,
     prompt_field: str = "prompt",
     completion_field: str = "completion",
     messages_field: str = "messages",
+    data_format: str = "auto",
+    field_map: list[str] | None = None,
+    summary: list[str] | None = None,
 ) -> list[SftRecord]:
-    """Read an SFT file (``.jsonl``/``.ndjson``, or ``.csv``/``.tsv`` with a header naming the prompt and
-    completion columns; chat records need JSONL).
+    """Read SFT records in any format of :mod:`lorakit.data.formats` from a file of
+    :data:`lorakit.data.files.RECORD_SUFFIXES` or a ``save_to_disk`` split.
 
     Args:
-        path: the file.
+        path: the file, or a :class:`DiskSplit`.
         prompt_field / completion_field / messages_field: the keys (or columns) holding each part.
+        data_format: ``auto`` (detected from the first record; a file mixing formats is refused) or a format.
+        field_map: ``KEY=NAME`` renames of the format keys (``instruction=question``).
+        summary: when given, a one-line summary of what was read is appended.
     """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    fields = (prompt_field, completion_field, messages_field)
-    if suffix in (".jsonl", ".ndjson"):
-        records = _records_from_jsonl(path)
-    elif suffix in (".csv", ".tsv"):
-        records = _records_from_table(path, "," if suffix == ".csv" else "\t", [prompt_field, completion_field])
-    else:
-        raise DataError(f"{path}: unsupported file type {suffix!r} for SFT (use .jsonl, .csv or .tsv)")
-    out = [_parse_record(rec, f"{path}, line {lineno}", fields) for lineno, rec in records]
+    source = path if isinstance(path, DiskSplit) else Path(path)
+    if data_format not in FORMATS:
+        raise DataError(f"format must be one of {list(FORMATS)}, got {data_format!r}")
+    names = FieldNames.parse(prompt_field, completion_field, messages_field, field_map)
+    out, counts, fmt = [], Counter(), None
+    for where, rec in read_records(source):
+        found = detect_format(rec, names, where, fmt) if data_format == "auto" else data_format
+        if fmt is not None and found != fmt:
+            raise DataError(f"{where}: a {found} record in a {fmt} file (first record); one format a file")
+        fmt = found
+        record = _parse_record(rec, where, fmt, names)
+        counts["with tools" if record.tools or record.calls_tools else "chats" if record.messages else "pairs"] += 1
+        out.append(record)
     if not out:
-        raise DataError(f"{path}: no records (the file is empty)")
+        raise DataError(f"{source}: no records (the file is empty)")
+    if summary is not None:
+        detail = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+        summary.append(f"{source}: {len(out)} records, format {fmt}"
+                       f"{' (detected)' if data_format == 'auto' else ''}: {detail}")  # fmt: skip
     return out
 
 
@@ -154,7 +197,13 @@ def find_sft_file(folder: Path, stems: Sequence[str]) -> Path | None:
 
 
 def sft_splits(
-    files: dict[str, Path | None], seed: int, fields: tuple[str, str, str], valid_fraction: float = 0.1
+    files: dict[str, Path | DiskSplit | None],
+    seed: int,
+    fields: tuple[str, str, str],
+    valid_fraction: float = 0.1,
+    data_format: str = "auto",
+    field_map: list[str] | None = None,
+    notes: list[str] | None = None,
 ) -> dict[str, list[SftRecord]]:
     """``{"train", "valid", "test"}`` records from the files found for each role.
 
@@ -163,49 +212,71 @@ def sft_splits(
     the valid split. Nothing is ever carved out of the test file.
 
     Args:
-        files: role -> file (None when absent); ``train`` is required.
+        files: role -> file or save_to_disk split (None when absent); ``train`` is required.
         seed: picks the carved records.
         fields: (prompt_field, completion_field, messages_field).
         valid_fraction: share of train's distinct prompts carved as valid.
+        data_format / field_map: as for :func:`load_sft`.
+        notes: when given, one summary line per file read is appended.
     """
+    def load(role: str) -> list[SftRecord]:
+        return load_sft(files[role], *fields, data_format=data_format, field_map=field_map, summary=notes)  # type: ignore[arg-type]
+
     if files.get("train") is None:
-        raise DataError("sft: no train file (train.jsonl/.csv/.tsv in --data, or --train-file)")
-    train = load_sft(files["train"], *fields)
+        raise DataError("sft: no train file (train.jsonl/.json/.csv/.tsv/.parquet/.arrow in --data, a "
+                        "save_to_disk folder, or --train-file)")  # fmt: skip
+    train = load("train")
     if files.get("valid") is not None:
-        valid = load_sft(files["valid"], *fields)  # type: ignore[arg-type]
+        valid = load("valid")
     else:
         carved = carve_valid(train, valid_fraction, seed, task="sft", source=str(files["train"]), key=SftRecord.key)
         train, valid = carved.train, carved.valid
         warnings.warn(carved.note, UserWarning, stacklevel=2)
-    test = load_sft(files["test"], *fields) if files.get("test") is not None else valid  # type: ignore[arg-type]
+    test = load("test") if files.get("test") is not None else valid
     return {"train": train, "valid": valid, "test": test}
 
 
 # -- encoding ----------------------------------------------------------------------------------------------
-def _render(tokenizer: Any, messages: Sequence[tuple[str, str]], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(
-        [{"role": r, "content": c} for r, c in messages],
-        tokenize=False,
-        add_generation_prompt=generation_prompt,
-    )
+def _render(tokenizer: Any, record: SftRecord, upto: int, generation_prompt: bool) -> str:
+    messages = []
+    for m in record.messages[:upto]:  # type: ignore[index]
+        msg: dict[str, Any] = {"role": m[0], "content": m[1]}
+        if len(m) > 2:
+            msg["tool_calls"] = json.loads(m[2])
+        messages.append(msg)
+    tools = json.loads(record.tools) if record.tools else None
+    return render_chat(tokenizer, messages, generation_prompt, record.source, tools)
 
 
-def chat_segments(tokenizer: Any, messages: Sequence[tuple[str, str]], source: str = "") -> list[tuple[str, bool]]:
+def _check_tool_support(tokenizer: Any, record: SftRecord) -> None:
+    if (record.tools or record.calls_tools) and not template_supports_tools(tokenizer):
+        raise DataError(
+            f"{record.source}: the record has tools or tool calls, and the chat template does not render "
+            "tools; pass --chat-template FILE with a template that does (one reading 'tools' and 'tool_calls')"
+        )
+
+
+def chat_segments(tokenizer: Any, record: SftRecord) -> list[tuple[str, bool]]:
     """The rendered conversation as ``(text, is_target)`` pieces: each assistant turn's text up to the end
     of that turn in the template (its end-of-turn marker included) is a target; the rest is context.
 
     Pieces come from rendering growing prefixes of the conversation, so they concatenate to exactly the
     template's rendering of the whole; a template that does not render prefix by prefix is refused.
     """
+    source = record.source
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{source}: chat records need a tokenizer with a chat template; this one has none")
+        raise DataError(
+            f"{source}: chat records need a chat template and this tokenizer has none; pass --chat-template "
+            "(chatml, llama-3, mistral, gemma or a Jinja file)"
+        )
+    _check_tool_support(tokenizer, record)
     pieces: list[tuple[str, bool]] = []
     done = ""
-    for k, (role, _) in enumerate(messages):
-        if role != "assistant":
+    for k, message in enumerate(record.messages or ()):
+        if message[0] != "assistant":
             continue
-        head = _render(tokenizer, messages[:k], True)
-        full = _render(tokenizer, messages[: k + 1], False)
+        head = _render(tokenizer, record, k, True)
+        full = _render(tokenizer, record, k + 1, False)
         if not (head.startswith(done) and full.startswith(head)):
             raise DataError(
                 f"{source}: the chat template does not render this conversation prefix by prefix, so its "
@@ -217,17 +288,43 @@ def chat_segments(tokenizer: Any, messages: Sequence[tuple[str, str]], source: s
 
 
 def _pieces(record: SftRecord, tokenizer: Any) -> list[tuple[list[int], bool]]:
-    """Token ids per piece. Pieces are tokenized one by one, exactly as generation prompts are."""
+    """Token ids per piece. Pieces are tokenized one by one, exactly as generation prompts are. A chat whose
+    last assistant turn holds no EOS gets one appended (as TRL's SFTTrainer does), else the model never
+    learns to stop; ``chat_eos_note`` says so once a run."""
     if record.messages is not None:
-        texts = chat_segments(tokenizer, record.messages, record.source)
-        ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t, _ in texts]
-        return [(i, target) for i, (_, target) in zip(ids, texts)]
+        texts = chat_segments(tokenizer, record)
+        pieces = [(list(tokenizer(t, add_special_tokens=False)["input_ids"]), target) for t, target in texts]
+        if pieces[-1][1] and not has_stop_token(tokenizer, pieces[-1][0]):
+            pieces[-1] = ([*pieces[-1][0], int(_eos(tokenizer))], True)
+        return pieces
+    prompt = list(tokenizer(record.prompt, add_special_tokens=False)["input_ids"]) if record.prompt else []
+    completion = [*tokenizer(record.completion, add_special_tokens=False)["input_ids"], int(_eos(tokenizer))]
+    return [(prompt, False), (completion, True)]
+
+
+def _eos(tokenizer: Any) -> int:
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         raise DataError("the tokenizer has no eos_token_id: a completion needs an end marker to learn")
-    prompt = list(tokenizer(record.prompt, add_special_tokens=False)["input_ids"]) if record.prompt else []
-    completion = [*tokenizer(record.completion, add_special_tokens=False)["input_ids"], int(eos)]
-    return [(prompt, False), (completion, True)]
+    return int(eos)
+
+
+def chat_eos_note(tokenizer: Any) -> str | None:
+    """A line for the run's notes when the chat template ends an assistant turn without the EOS token (so
+    lorakit appends it to each chat's last turn); None when the template's turn already ends with it.
+
+    Args:
+        tokenizer: the tokenizer, with the chat template the run trains with.
+    """
+    probe = SftRecord("the EOS check", messages=(("user", "Hi"), ("assistant", "Hello")))
+    try:
+        target = "".join(t for t, is_target in chat_segments(tokenizer, probe) if is_target)
+    except DataError:
+        return None  # the records themselves will raise the template's problem, naming their line
+    if has_stop_token(tokenizer, tokenizer(target, add_special_tokens=False)["input_ids"]):
+        return None
+    return (f"the chat template ends an assistant turn with no EOS ({tokenizer.eos_token!r}), the token "
+            "generation stops on; appending it to each chat's last turn, as TRL does")  # fmt: skip
 
 
 def _fit(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lorakit.errors import LorakitError
 
-__all__ = ["DataError", "Example", "load_text_classification", "read_delimited"]
+__all__ = ["MAX_RECORD_CHARS", "DataError", "Example", "load_text_classification", "read_delimited", "record_too_long"]
 
 
 class DataError(LorakitError, ValueError):
@@ -55,6 +55,23 @@ def utf8_error(path: Path, exc: UnicodeDecodeError) -> DataError:
     return DataError(f"{path}: not valid UTF-8 text ({exc.reason})")
 
 
+# The longest record a loader accepts, in characters: far above any training example, and low enough that
+# a runaway line (a whole corpus on one line) is refused before it is held in memory or tokenized.
+MAX_RECORD_CHARS = 1_000_000
+
+
+def record_too_long(where: str) -> DataError:
+    """The error for a record over ``MAX_RECORD_CHARS`` characters.
+
+    Args:
+        where: the file and line (or row) of the record.
+    """
+    return DataError(
+        f"{where}: record longer than {MAX_RECORD_CHARS:,} characters; training examples are far shorter "
+        "(a file with no line breaks, or a document to split into records?)"
+    )
+
+
 def _open_text(path: Path):
     """Open ``path`` for csv reading; ``utf-8-sig`` strips the BOM GLUE's MRPC files carry."""
     if not path.exists():
@@ -68,7 +85,8 @@ def _open_text(path: Path):
 
 
 def read_delimited(path: str | Path, delimiter: str, *, quoting: int) -> Iterator[tuple[int, list[str]]]:
-    """Yield ``(line_number, fields)`` for every non-empty record of a CSV/TSV file.
+    """Yield ``(line_number, fields)`` for every non-empty record of a CSV/TSV file; the line is where the
+    record starts (a quoted field may span lines, and an unterminated quote runs to the end of the file).
 
     Decoding errors become :class:`DataError` with the file name. Blank lines are skipped.
     """
@@ -77,6 +95,7 @@ def read_delimited(path: str | Path, delimiter: str, *, quoting: int) -> Iterato
     try:
         reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
         while True:
+            start = reader.line_num + 1
             try:
                 row = next(reader)
             except StopIteration:
@@ -84,10 +103,10 @@ def read_delimited(path: str | Path, delimiter: str, *, quoting: int) -> Iterato
             except UnicodeDecodeError as exc:
                 raise utf8_error(path, exc) from exc
             except csv.Error as exc:
-                raise DataError(f"{path}, line {reader.line_num}: malformed record ({exc})") from exc
+                raise DataError(f"{path}, line {start}: malformed record ({exc})") from exc
             if not row or (len(row) == 1 and row[0] == ""):
                 continue
-            yield reader.line_num, row
+            yield start, row
     finally:
         fh.close()
 
@@ -102,10 +121,18 @@ def _sort_label_names(values: Sequence[str]) -> list[str]:
 
 
 def _label_to_str(value: object) -> str:
-    # JSON booleans would otherwise become "True"/"False" while a CSV holds "true"/"false".
+    # JSON booleans would otherwise become "True"/"False" while a CSV holds "true"/"false"; a JSON number
+    # that is a whole number is the same class as its integer text (1, 1.0 and "1" are one label).
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     return str(value).strip()
+
+
+def _label_kind(value: object) -> str:
+    """``"boolean"`` for JSON true/false, else ``"value"``: the two may not share a file."""
+    return "boolean" if isinstance(value, bool) else "value"
 
 
 def _records_from_jsonl(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
@@ -114,14 +141,19 @@ def _records_from_jsonl(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
         lineno = 0
         while True:
             try:
-                line = fh.readline()
+                line = fh.readline(MAX_RECORD_CHARS + 1)  # a bounded read: a huge line never sits in memory
             except UnicodeDecodeError as exc:
                 raise utf8_error(path, exc) from exc
             if line == "":
                 return
             lineno += 1
+            if len(line) > MAX_RECORD_CHARS:
+                raise record_too_long(f"{path}, line {lineno}")
             if not line.strip():
                 continue
+            if line.startswith("\ufeff"):  # the file's own leading BOM is already gone (utf-8-sig)
+                raise DataError(f"{path}, line {lineno}: a byte-order mark (U+FEFF) inside the file; were "
+                                "files concatenated? Remove it")  # fmt: skip
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -152,8 +184,10 @@ def _records_from_table(
         raise DataError(f"{path}, header: missing column(s) {missing}; available: {header}")
     for lineno, row in rows:
         if len(row) != len(header):
+            spans = any("\n" in field for field in row)  # a quote left open swallows the lines after it
             raise DataError(
                 f"{path}, line {lineno}: expected {len(header)} fields (header {header}), got {len(row)}"
+                + ("; the record runs on over the next lines: an unterminated quote?" if spans else "")
             )
         yield lineno, dict(zip(header, row))
 
@@ -185,6 +219,7 @@ def load_text_classification(
         raise DataError(f"{path}: unsupported file type {suffix!r} (use .csv, .tsv or .jsonl)")
 
     raw: list[tuple[int, str, str | None, str]] = []
+    kinds: dict[str, tuple[int, object]] = {}  # label kind -> its first (line, label)
     for lineno, rec in records:
         missing = [c for c in wanted if c not in rec]
         if missing:
@@ -196,6 +231,13 @@ def load_text_classification(
                 raise DataError(f"{path}, line {lineno}: column {col!r} must be text, got {val!r}")
         if label is None or _label_to_str(label) == "":
             raise DataError(f"{path}, line {lineno}: empty label in column {label_column!r}")
+        kinds.setdefault(_label_kind(label), (lineno, label))
+        if len(kinds) > 1:
+            (_, (line_a, label_a)), (_, (line_b, label_b)) = kinds.items()
+            raise DataError(
+                f"{path}, line {line_b}: label {json.dumps(label_b)} mixes JSON booleans with numbers or text "
+                f"(line {line_a} has {json.dumps(label_a)}); write every label the same way"
+            )
         raw.append((lineno, text, pair, _label_to_str(label)))  # type: ignore[arg-type]
     if not raw:
         raise DataError(f"{path}: no examples (the file has no data rows)")

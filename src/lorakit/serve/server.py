@@ -23,6 +23,7 @@ def build(model_name: str, adapters: dict[str, str], *, task: str = "causal-lm",
         task: "causal-lm" or "seq-cls" (the head size comes from the first adapter's saved head).
         engine_kwargs: passed to ``Engine`` (max_batch, max_queue, batching).
     """
+    from lorakit.data.chat_templates import apply_chat_template, saved_chat_template
     from lorakit.io.files import read_adapter
     from lorakit.io.models import load_model
     from lorakit.serve import adapters_admin
@@ -37,6 +38,8 @@ def build(model_name: str, adapters: dict[str, str], *, task: str = "causal-lm",
         if heads:
             kwargs["num_labels"] = heads[-1].shape[0]
     model, tokenizer = load_model(model_name, task=task, **kwargs)
+    # /v1/chat/completions renders with the template the adapters were trained with (--chat-template)
+    apply_chat_template(tokenizer, saved_chat_template(list(adapters.values())))
     model.eval()
     if task == "seq-cls":  # a head the checkpoint did not hold is random: adapters must bring their own
         need_heads = tuple(sorted({k.rsplit(".", 1)[0] for k in getattr(model, "lorakit_new_weights", ())}))

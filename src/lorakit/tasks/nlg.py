@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorakit.data.files import DiskSplit, disk_splits, is_saved_dataset
 from lorakit.data.sft import find_sft_file, sft_splits
 from lorakit.data.text import DataError
 from lorakit.data.webnlg import d2t_splits, load_dart, load_webnlg
@@ -14,6 +15,9 @@ from lorakit.tasks.spec import TaskData, TaskSpec, subsample
 
 if TYPE_CHECKING:
     from lorakit.training.config import TrainConfig
+
+# Linearised triple sets run long: 128 tokens would cut a large share of the inputs (docs/training.md).
+D2T_RECIPE = {"max_length": 512}
 
 D2T_ROLE_FILES = {"train": ("train",), "valid": ("valid", "dev"), "test": ("test",)}
 
@@ -55,12 +59,14 @@ def _load_d2t(cfg: TrainConfig) -> dict[str, list[Any]]:
     return d2t_splits({r: loader(p) for r, p in files.items()}, files, seed=cfg.split_seed)
 
 
-def _sft_files(cfg: TrainConfig) -> dict[str, Path | None]:
+def _sft_files(cfg: TrainConfig) -> dict[str, Path | DiskSplit | None]:
     given = Path(cfg.data) if cfg.data else None
     if given is not None and not given.exists():
         raise DataError(f"data path {given} not found")
+    if given is not None and given.is_dir() and is_saved_dataset(given):
+        return {**disk_splits(given), **_explicit(cfg, given)}  # type: ignore[dict-item]
     folder = given.parent if given is not None and given.is_file() else given
-    files: dict[str, Path | None] = dict(_explicit(cfg, folder))
+    files: dict[str, Path | DiskSplit | None] = dict(_explicit(cfg, folder))
     if given is not None and given.is_file():
         files.setdefault("train", given)
     stems = {"train": ("train",), "valid": ("valid", "dev", "validation"), "test": ("test",)}
@@ -70,18 +76,26 @@ def _sft_files(cfg: TrainConfig) -> dict[str, Path | None]:
     return files
 
 
+def _sft_splits(cfg: TrainConfig, notes: list[str]) -> dict[str, list[Any]]:
+    fields = (cfg.prompt_field, cfg.completion_field, cfg.messages_field)
+    return sft_splits(_sft_files(cfg), cfg.split_seed, fields, data_format=cfg.format, field_map=cfg.field_map,
+                      notes=notes)  # fmt: skip
+
+
 def load_nlg_task(cfg: TrainConfig, roles: Sequence[str]) -> TaskData:
     """TaskData for webnlg / dart / sft; every data problem is raised here, before a model is loaded."""
     task = cfg.task.lower()
+    notes: list[str] = []
     if task == "sft":
-        fields = (cfg.prompt_field, cfg.completion_field, cfg.messages_field)
-        splits: dict[str, list[Any]] = sft_splits(_sft_files(cfg), cfg.split_seed, fields)
+        splits: dict[str, list[Any]] = _sft_splits(cfg, notes)
     else:
         splits = _load_d2t(cfg)
     eval_role = cfg.eval_split or "test"
     if eval_role not in splits:
         raise ConfigError(f"eval_split for {task} must be one of {list(splits)}, got {eval_role!r}")
-    out = TaskData(TaskSpec(task, "generation", "causal-lm", metric={"webnlg": "webnlg"}.get(task, "d2t")))
+    recipe = dict(D2T_RECIPE) if task != "sft" else {}
+    metric = {"webnlg": "webnlg"}.get(task, "d2t")
+    out = TaskData(TaskSpec(task, "generation", "causal-lm", metric=metric, recipe=recipe), notes=notes)
     if "train" in roles:
         train = splits["train"]
         if task != "sft":  # one training example per (input, reference) pair, as for E2E

@@ -132,7 +132,10 @@ class TrainConfig:
     )
     seed: int = _f(0, "seed for initialisation, data order and dropout")
     # -- data ------------------------------------------------------------------------------------------
-    max_length: int = _f(128, "maximum tokens per example (inputs are truncated)")
+    max_length: int | None = _f(
+        None, "maximum tokens per example (inputs are truncated; default: 128, and 512 for webnlg and dart, "
+        "whose triple sets are long)"
+    )
     max_train_samples: int | None = _f(None, "use a fixed random subset of this many training examples")
     max_eval_samples: int | None = _f(
         None, "evaluate on a fixed random subset of this many examples (E2E: MRs)"
@@ -164,8 +167,21 @@ class TrainConfig:
     completion_field: str = _f("completion", "sft: key/column holding the completion")
     messages_field: str = _f("messages", "sft: key holding a chat's [{role, content}] messages")
     truncation: str = _f(
-        "left", "sft: a record over max_length loses prompt tokens from the left ('left') or stops the run "
-        "('refuse'); completions are never cut"
+        "left", "sft, e2e, webnlg, dart: a record over max_length loses prompt tokens from the left ('left') or "
+        "stops the run ('refuse'); completions and references are never cut"
+    )
+    format: str = _f(
+        "auto", "sft: record format, auto (detected per file), prompt-completion, alpaca, sharegpt or messages"
+    )
+    field_map: list[str] | None = field(
+        default=None,
+        metadata={"help": "sft: format keys renamed as KEY=NAME, comma-separated (instruction=question,"
+                          "output=answer; keys: instruction input output system conversations tools ...)"},
+    )  # fmt: skip
+    chat_template: str | None = _f(
+        None, "sft: chat template for chat records, a name (chatml, chatml-tools, llama-3, mistral, gemma) or a "
+        "Jinja file; saved with the adapter and used again by eval, generate and serve (default: the tokenizer's "
+        "own)"
     )
     length_grouping: bool = _f(
         False, "batch examples of similar length together (less padding; deterministic and resumable)"
@@ -227,7 +243,8 @@ class TrainConfig:
     fsdp: bool = _f(False, "shard the model with FSDP across processes (for bases too big for one device)")
 
     def __post_init__(self) -> None:
-        for name in ("targets", "modules_to_save", "label_names", "method_options", "exclude", "report_to"):
+        lists = ("targets", "modules_to_save", "label_names", "method_options", "exclude", "report_to", "field_map")
+        for name in lists:
             value = getattr(self, name)
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
@@ -252,7 +269,7 @@ class TrainConfig:
         positive = ("r", "batch_size", "grad_accum", "max_length", "eval_batch_size", "num_beams", "max_new_tokens",
                     "log_interval", "group_window")  # fmt: skip
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("max_steps", "max_train_samples", "max_eval_samples", "max_valid_samples", "warmup_steps"):
             value = getattr(self, name)
@@ -290,7 +307,8 @@ class TrainConfig:
     def _check_choices(self) -> None:
         choices = (("schedule", SCHEDULES), ("device", DEVICES), ("class_weights", CLASS_WEIGHTS),
                    ("truncation", ("left", "refuse")), ("keep", (None, *KEEP_CHOICES)),
-                   ("base_dtype", (None, *BASE_DTYPES)))  # fmt: skip
+                   ("base_dtype", (None, *BASE_DTYPES)),
+                   ("format", ("auto", "prompt-completion", "alpaca", "sharegpt", "messages")))  # fmt: skip
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {[a for a in allowed if a]}, got {getattr(self, name)!r}")

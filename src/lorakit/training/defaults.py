@@ -24,7 +24,9 @@ MAX_DEFAULT_HEAD_LR = 1e-2
 FULL_WEIGHT_LR = 5e-5
 FULL_WEIGHT_METHODS = ("full", "fttop2")
 # The fields a task's recipe (``TaskSpec.recipe``) may set: each defaults to None, meaning "not given".
-RECIPE_FIELDS = ("lr", "head_lr_ratio", "init", "train_pooler")
+RECIPE_FIELDS = ("lr", "head_lr_ratio", "init", "train_pooler", "max_length")
+# The longest example, in tokens, where neither the user nor the task's recipe says otherwise.
+DEFAULT_MAX_LENGTH = 128
 
 
 def default_head_lr_ratio(kind: str, lr: float) -> float:
@@ -41,7 +43,8 @@ def default_head_lr_ratio(kind: str, lr: float) -> float:
 
 def resolve_task_defaults(cfg: TrainConfig, kind: str, recipe: Mapping[str, Any] | None = None) -> TrainConfig:
     """``cfg`` with every run-dependent default filled in: the learning rate, the head's lr ratio, the LoRA
-    init, whether the pooler trains and, from ``quantize``, gradient checkpointing and the heap setting.
+    init, whether the pooler trains, the longest example and, from ``quantize``, gradient checkpointing and
+    the heap setting.
 
     Args:
         cfg: the run's config; fields the user set are kept.
@@ -58,7 +61,8 @@ def resolve_task_defaults(cfg: TrainConfig, kind: str, recipe: Mapping[str, Any]
         return next(v for v in (getattr(cfg, name), recipe.get(name), default) if v is not None)
 
     chosen = {"lr": first_set("lr", FULL_WEIGHT_LR if full else DEFAULT_LR[kind]),
-              "init": first_set("init", DEFAULT_INIT), "train_pooler": first_set("train_pooler", True)}  # fmt: skip
+              "init": first_set("init", DEFAULT_INIT), "train_pooler": first_set("train_pooler", True),
+              "max_length": first_set("max_length", DEFAULT_MAX_LENGTH)}  # fmt: skip
     chosen["head_lr_ratio"] = first_set("head_lr_ratio", default_head_lr_ratio(kind, chosen["lr"]))
     # A quantized base is chosen to save memory: both memory settings default to on with it.
     saving = cfg.quantize is not None

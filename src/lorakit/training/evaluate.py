@@ -83,7 +83,7 @@ def encode(
     if spec.name == "sft":
         return encode_sft_rows(items, tokenizer, max_length, truncation)
     if spec.kind == "generation":
-        rows = encoded_rows(encode_e2e_for_training(items, tokenizer, max_length))
+        rows = encoded_rows(encode_e2e_for_training(items, tokenizer, max_length, truncation=truncation))
         for row in rows:
             # Position t predicts token t+1, so a label at position 0 never enters the loss.
             row["n_targets"] = sum(1 for label in row["labels"][1:] if label != IGNORE_INDEX)

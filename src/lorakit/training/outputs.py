@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.data.chat_templates import CHAT_TEMPLATE_FILE, read_chat_template, save_chat_template
 from lorakit.errors import AdapterFileError
 from lorakit.io.files import CONFIG_NAME, WEIGHTS_NAME, check_finite, read_pair, read_weights
 from lorakit.methods import get_method
@@ -39,7 +40,8 @@ TRAINED_KINDS = (
 # The trained state: kept by --overwrite until the new run's final save replaces it.
 TRAINED_FILES = tuple(name for kind in TRAINED_KINDS for name in kind)
 # Files a run writes into its output directory (removed by --overwrite, nothing else is touched).
-RUN_FILES = (TRAIN_CONFIG, METRICS_LOG, EVAL_RESULTS, PLOT, PREDICTIONS, RUN_SUMMARY, *TRAINED_FILES)
+RUN_FILES = (TRAIN_CONFIG, METRICS_LOG, EVAL_RESULTS, PLOT, PREDICTIONS, RUN_SUMMARY, CHAT_TEMPLATE_FILE,
+             *TRAINED_FILES)
 
 
 def save_trained(model: nn.Module, path: str | Path, cfg: TrainConfig) -> Path:
@@ -55,6 +57,8 @@ def save_trained(model: nn.Module, path: str | Path, cfg: TrainConfig) -> Path:
     """
     method = get_method(cfg.method)
     saved = method.save(model, path)
+    if cfg.chat_template:  # generate and serve render prompts with the template the run trained with
+        save_chat_template(path, read_chat_template(cfg.chat_template))
     for kind in TRAINED_KINDS:
         if kind != method.files:
             for name in kind:

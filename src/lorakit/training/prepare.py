@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from lorakit.data import DataError
+from lorakit.data.chat_templates import apply_chat_template, read_chat_template
+from lorakit.data.sft import chat_eos_note
 from lorakit.data.truncation import Truncation
 from lorakit.errors import ConfigError
 from lorakit.io.fsutil import claim_output, mark_output
@@ -136,6 +138,8 @@ def check_settings(cfg: TrainConfig, info: dist_util.DistInfo, resume: bool) -> 
 def load_data(cfg: TrainConfig, info: dist_util.DistInfo) -> tuple[TaskData, TrainConfig]:
     """The task's data, and ``cfg`` with the task's and its kind's defaults (lr, head lr, init …) filled in."""
     data = load_task(cfg)
+    if cfg.chat_template:  # a bad --chat-template stops the run before the model loads
+        read_chat_template(cfg.chat_template)
     spec = data.spec
     cfg = resolve_task_defaults(cfg, spec.kind, spec.recipe)
     set_class_weights(spec, data.train, cfg.class_weights)
@@ -227,6 +231,8 @@ def build_model(cfg: TrainConfig, spec: TaskSpec, model_kwargs: dict[str, Any]) 
         )
     prepare_model(model, cfg)
     keep_trainable_fp32(model)  # a 16-bit base's heads train in fp32, as LoRA's A and B do
+    if cfg.chat_template:
+        apply_chat_template(tokenizer, read_chat_template(cfg.chat_template))
     return model, tokenizer
 
 
@@ -332,6 +338,8 @@ def prepare_run(
     model_kwargs = _model_kwargs(data.spec)
     model, tokenizer = build_model(cfg, data.spec, model_kwargs)
     wrapped = place_model(model, cfg, info)
+    if any(getattr(r, "messages", None) is not None for r in data.train):
+        data.notes.extend(n for n in [chat_eos_note(tokenizer)] if n)
     rows = encode(data.spec, data.train, tokenizer, cfg.max_length, cfg.truncation)
     steps_per_epoch = len(global_batches(list(range(len(rows))), cfg.batch_size, info.world_size))
     total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
