@@ -246,6 +246,19 @@ def test_a_full_disk_during_combine_is_one_line_and_leaves_no_empty_out(tmp_path
     assert sorted(os.listdir(small_fs)) == ["filler"]
 
 
+
+@pytest.mark.parametrize("fmt", ["gguf-adapter", "hf"])
+def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(tmp_path, small_fs, capsys, smollm2_path, fmt):
+    from export_util import make_adapter
+
+    adapter = make_adapter(tmp_path / "ad", r=8, targets=("q", "v"))
+    _fill_leaving(small_fs, 16 << 10)  # the adapter's tensors (and the model's shards) do not fit
+    out = small_fs / "export"
+    assert main(["export", "--adapter", str(adapter), "--format", fmt, "--out", str(out)]) == 1
+    line = _one_error_line(capsys, "export")
+    assert "No space left on device" in line, line
+    assert sorted(os.listdir(small_fs)) == ["filler"]  # no --out, no temporary, no lock
+
 def test_disk_errors_turns_only_os_failures_of_safetensors_into_os_errors(small_fs):
     from safetensors import SafetensorError
     from safetensors.torch import load, save_file

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from export_util import lorakit_delta_w, make_adapter
 from lorakit.cli import main
-from lorakit.export.paths import MARKER
+from lorakit.io.fsutil import MARKER_NAME as MARKER
 
 
 def _export(adapter, out, *extra) -> int:
@@ -65,5 +65,36 @@ def test_folder_of_foreign_files_is_refused(tmp_path, capsys):
     out.mkdir()
     (out / "model.safetensors").write_text("x")
     assert _export(tmp_path, out, "--overwrite") == 1
-    assert "no lorakit-export.json" in capsys.readouterr().err
+    assert "holds files `lorakit export` did not write (model.safetensors)" in capsys.readouterr().err
     assert (out / "model.safetensors").read_text() == "x"
+
+
+def test_overwrite_into_an_earlier_export_holding_a_foreign_file_refuses_and_keeps_it(tmp_path, capsys):
+    from lorakit.io.fsutil import write_folder_atomically
+
+    out = tmp_path / "merged"
+    write_folder_atomically(out, lambda tmp: (tmp / "model.safetensors").write_bytes(b"earlier"), command="export")
+    (out / "notes").mkdir()
+    (out / "notes" / "mine.txt").write_text("mine")
+    assert _export(tmp_path, out, "--overwrite") == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds 'notes', which the earlier export did not write" in err
+    assert (out / "notes" / "mine.txt").read_text() == "mine"
+    assert (out / "model.safetensors").read_bytes() == b"earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary folder, no lock left
+
+
+def test_a_second_writer_of_the_same_out_is_refused(tmp_path, capsys):
+    import os
+
+    out = tmp_path / "merged"
+    lock = tmp_path / ".merged.lock"
+    lock.write_text(f"{os.getppid()}\n")  # a live process that is not this one holds it
+    assert _export(tmp_path, out) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"being written by another lorakit process (pid {os.getppid()})" in err
+    assert not out.exists() and lock.read_text() == f"{os.getppid()}\n"
+    lock.write_text("999999999\n")  # a writer that died: its lock is taken over, then released
+    assert _export(tmp_path, out) == 1  # tmp_path is no adapter: the export itself fails, past the lock
+    assert "being written" not in capsys.readouterr().err
+    assert not lock.exists() and not out.exists()

@@ -113,13 +113,24 @@ def test_a_foreign_modelfile_beside_the_output_is_kept(tmp_path, capsys):
 def test_full_disk_is_one_line_and_leaves_nothing(tmp_path):
     import errno
 
-    from lorakit.errors import ExportError
-    from lorakit.export.paths import write_file_atomically
+    from lorakit.io.fsutil import write_file_atomically
 
     def write(tmp):
         tmp.write_bytes(b"GGUF partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(ExportError, match=r"no space left writing .*a\.gguf; nothing was written"):
+    with pytest.raises(OSError, match=r"No space left on device"):
         write_file_atomically(tmp_path / "a.gguf", write)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_or_link_at_a_file_out_is_refused(tmp_path, capsys):
+    (tmp_path / "d.gguf").mkdir()
+    code, err = _export(capsys, tmp_path, tmp_path / "d.gguf", "--overwrite")
+    assert code == 1 and "d.gguf is a folder; this format writes one file" in err
+    real = tmp_path / "real.gguf"
+    real.write_bytes(b"GGUF theirs")
+    (tmp_path / "link.gguf").symlink_to(real)
+    code, err = _export(capsys, tmp_path, tmp_path / "link.gguf", "--overwrite")
+    assert code == 1 and "link.gguf is not a GGUF file" in err
+    assert (tmp_path / "link.gguf").is_symlink() and real.read_bytes() == b"GGUF theirs"

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 from pathlib import Path
 
 from lorakit.errors import ExportError
 from lorakit.export import FORMATS, ExportRequest
+from lorakit.io.fsutil import output_lock
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +48,10 @@ def export_main(argv: list[str]) -> int:
     request = ExportRequest(adapter=args.adapter, out=args.out, model=args.model, dtype=args.dtype,
                             base_gguf=args.base_gguf, overwrite=args.overwrite, requantize=args.requantize)
     module_name, func_name = fmt.writer.split(":")
-    for line in getattr(importlib.import_module(module_name), func_name)(request):
+    out = Path(os.path.abspath(args.out))
+    # One writer per --out; beside it, since a file or a folder swapped whole cannot hold its own lock.
+    with output_lock(out.parent / f".{out.name}.lock", out):
+        lines = getattr(importlib.import_module(module_name), func_name)(request)
+    for line in lines:
         print(line)
     return 0

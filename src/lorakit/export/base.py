@@ -11,7 +11,21 @@ import gguf
 
 from lorakit.errors import ExportError
 from lorakit.io.files import AdapterFile
+from lorakit.io.fsutil import claim_file, starts_with
 from lorakit.io.models import BUILTINS, builtin_gguf, model_path
+
+GGUF_MAGIC = b"GGUF"
+
+
+def claim_gguf(out: Path, overwrite: bool) -> None:
+    """Refuse an existing ``out`` unless ``--overwrite`` was given and it is a GGUF file (one an export
+    could have written), so no other file is ever replaced.
+
+    Args:
+        out: the output file.
+        overwrite: whether replacing it was asked for.
+    """
+    claim_file(out, overwrite=overwrite, owned=lambda path: starts_with(path, GGUF_MAGIC), what="a GGUF file")
 
 
 @dataclass(frozen=True)

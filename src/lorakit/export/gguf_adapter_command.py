@@ -9,11 +9,11 @@ import gguf
 
 from lorakit.errors import ExportError
 from lorakit.export import ExportRequest
-from lorakit.export.base import resolve_base
+from lorakit.export.base import claim_gguf, resolve_base
 from lorakit.export.gguf_adapter import ADAPTER_DTYPES, check_exportable, write_gguf_adapter
 from lorakit.export.llama_cpp_names import layout_of
-from lorakit.export.paths import check_file_out, write_file_atomically
 from lorakit.io.files import CONFIG_NAME, read_adapter
+from lorakit.io.fsutil import write_file_atomically
 from lorakit.methods.io import CONFIG_NAME as METHOD_CONFIG
 
 
@@ -43,7 +43,7 @@ def export_gguf_adapter(request: ExportRequest) -> list[str]:
         The lines to print.
     """
     dtype = request.dtype or ADAPTER_DTYPES[0]
-    check_file_out(request.out, request.overwrite)
+    claim_gguf(request.out, request.overwrite)
     refuse_other_methods(request.adapter)
     parsed = read_adapter(request.adapter)
     check_exportable(parsed, None)  # base-independent reasons first: no model needs loading to refuse them

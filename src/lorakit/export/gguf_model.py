@@ -17,13 +17,13 @@ import numpy as np
 
 from lorakit.errors import ExportError
 from lorakit.export import ExportRequest
-from lorakit.export.base import Base, resolve_base
+from lorakit.export.base import Base, claim_gguf, resolve_base
 from lorakit.export.dtypes import encode
 from lorakit.export.llama_cpp_names import Layout, gguf_name, heads_of_rows, layout_of, permute_rows
 from lorakit.export.merged import load_merged
 from lorakit.export.ollama import modelfile_text
-from lorakit.export.paths import check_file_out, write_file_atomically
 from lorakit.io.files import read_adapter
+from lorakit.io.fsutil import claim_file, starts_with, write_file_atomically
 
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
@@ -124,8 +124,9 @@ def export_gguf_model(request: ExportRequest) -> list[str]:
     """
     dtype = request.dtype or "f16"
     modelfile = request.out.with_suffix(".Modelfile")
-    check_file_out(request.out, request.overwrite)
-    check_file_out(modelfile, request.overwrite, kind="modelfile")
+    claim_gguf(request.out, request.overwrite)
+    claim_file(modelfile, overwrite=request.overwrite, owned=lambda path: starts_with(path, b"FROM ./"),
+               what="a Modelfile lorakit wrote")
     parsed = read_adapter(request.adapter)
     base = _gguf_base(parsed, request)
     merged = load_merged(parsed, request.adapter, base.name)

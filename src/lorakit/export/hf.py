@@ -1,8 +1,8 @@
 """``--format hf``: the merged model as a transformers folder of safetensors shards, in the asked dtype.
 
 The folder holds only what this export writes (weights, config, generation config, tokenizer files and the
-marker :data:`lorakit.export.paths.MARKER` listing them), so a later ``--overwrite`` can tell it from a
-folder of someone else's files and refuse those.
+marker of :func:`lorakit.io.fsutil.mark_output` listing them), so a later ``--overwrite`` can tell it from a
+folder of someone else's files and refuse those (:func:`lorakit.io.fsutil.claim_output`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 from lorakit.export import ExportRequest
 from lorakit.export.base import base_name
 from lorakit.export.merged import load_merged
-from lorakit.export.paths import check_folder_out, write_folder_atomically
 from lorakit.io.files import read_adapter
+from lorakit.io.fsutil import claim_output, write_folder_atomically
 
 HF_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SHARD_SIZE = "2GB"  # shards a hub upload takes comfortably; small bases stay one file
@@ -48,18 +48,21 @@ def export_hf(request: ExportRequest) -> list[str]:
 
     from lorakit.io.models import model_path
 
-    check_folder_out(request.out, request.overwrite)
+    # Before minutes of loading and merging; an earlier export holding the user's own files is refused whole.
+    claim_output(request.out, "export", overwrite=request.overwrite, refuse_foreign=True)
     parsed = read_adapter(request.adapter)
     name = base_name(parsed, request.model)
     dtype = request.dtype or base_dtype(AutoConfig.from_pretrained(model_path(name)))
     merged = load_merged(parsed, request.adapter, name)
     model = merged.model.to(HF_DTYPES[dtype])
 
+    shards: list[str] = []
+
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
         merged.tokenizer.save_pretrained(tmp)
+        shards.extend(p.name for p in tmp.glob("*.safetensors"))
 
-    files = write_folder_atomically(request.out, write, "hf")
-    shards = [f for f in files if f.endswith(".safetensors")]
+    write_folder_atomically(request.out, write, command="export", overwrite=request.overwrite)
     return [f"wrote {request.out}: merged {request.adapter} into {name}, {dtype}, {len(shards)} safetensors "
             f"shard(s), {len(merged.changed)} weights changed by the merge"]

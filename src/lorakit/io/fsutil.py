@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import json
 import os
@@ -142,14 +143,17 @@ def replace_path(new: Path, target: Path) -> None:
 
 # == disk errors ==========================================================================================
 _OS_ERROR_CODE = re.compile(r"os error (\d+)")
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's tofile (the gguf writer) drops errno
 
 
 @contextlib.contextmanager
 def disk_errors(path: Path) -> Iterator[None]:
-    """Report safetensors' failures to write as the ``OSError`` they are.
+    """Report safetensors' failures to write as the ``OSError`` they are, and numpy's short writes as the
+    full disk they are.
 
     safetensors raises its own ``SafetensorError`` (not an ``OSError``) when the disk is full or a path is
     read-only, which the CLI would print as a traceback; errors that carry no OS error are left alone.
+    numpy's ``tofile`` reports a full disk as an ``OSError`` without errno ("N requested and M written").
 
     Args:
         path: the file or folder being written, named in the error.
@@ -162,6 +166,10 @@ def disk_errors(path: Path) -> Iterator[None]:
             raise
         code = int(match[1])
         raise OSError(code, os.strerror(code), str(path)) from exc
+    except OSError as exc:
+        if exc.errno is not None or not _SHORT_WRITE.search(str(exc)):
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
 
 
 # == --out: one rule for every command that writes a folder ===============================================
@@ -211,6 +219,7 @@ def claim_output(
     own_names: Collection[str] = (),
     held: Callable[[Path], str | None] | None = None,
     hint: str = "pass --overwrite to replace it",
+    refuse_foreign: bool = False,
 ) -> None:
     """The one rule for ``--out`` (merge, combine, train, export): a new or empty folder is written freely;
     a folder holding an earlier output of the same command needs ``--overwrite``, which replaces only the
@@ -228,6 +237,8 @@ def claim_output(
         held: describes what of an earlier output a new one would replace (None: nothing worth keeping);
             by default any earlier output is.
         hint: how to proceed, appended to the refusal of an earlier output.
+        refuse_foreign: refuse an earlier output holding entries its marker does not list, rather than
+            carry them over (``write_folder_atomically``) into the replacement.
     """
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise ConfigError(f"--out {out} is a file, not a folder")
@@ -245,6 +256,9 @@ def claim_output(
     what = held(out) if held is not None else f"the output of an earlier `lorakit {command}`"
     if what and not overwrite:
         raise ConfigError(f"--out {out} already holds {what}: {hint}")
+    if refuse_foreign and (foreign := foreign_entries(out)):
+        raise ConfigError(f"--out {out} holds {foreign[0]!r}, which the earlier {command} did not write; "
+                          "choose another folder")  # fmt: skip
 
 
 def foreign_entries(out: Path) -> list[str]:
@@ -411,6 +425,67 @@ def write_folder_atomically(out: Path, write: Callable[[Path], object], *, comma
         debug_kill_point("folder:written")
         replace_path(tmp, out)
         debug_kill_point("folder:replaced")
+    finally:
+        remove(tmp)  # still there only if something failed
+    return out
+
+
+# == --out of one file ====================================================================================
+def starts_with(path: Path, prefix: bytes) -> bool:
+    """Whether the file at ``path`` begins with ``prefix`` (a format's magic bytes, say).
+
+    Args:
+        path: the file to look at.
+        prefix: the bytes it must begin with.
+    """
+    with open(path, "rb") as fh:
+        return fh.read(len(prefix)) == prefix
+
+
+def claim_file(out: Path, *, overwrite: bool, owned: Callable[[Path], bool], what: str) -> None:
+    """``claim_output``'s rule for a command whose ``--out`` is one file: a missing file is written freely;
+    an existing one needs ``--overwrite`` and must be one the command could have written (``owned``), so a
+    folder, a link or anyone else's file is never replaced.
+
+    Args:
+        out: the output file.
+        overwrite: whether ``--overwrite`` was given.
+        owned: whether an existing file is of the kind the command writes.
+        what: that kind, for the refusal, e.g. ``"a GGUF file"``.
+    """
+    if not (out.exists() or out.is_symlink()):
+        return
+    if out.is_dir() and not out.is_symlink():
+        raise ConfigError(f"--out {out} is a folder; this format writes one file")
+    if not overwrite:
+        raise ConfigError(f"--out {out} already exists; pass --overwrite to replace it")
+    if out.is_symlink() or not owned(out):
+        raise ConfigError(f"{out} is not {what}: lorakit replaces only its own outputs")
+
+
+def write_file_atomically(out: Path, write: Callable[[Path], object]) -> Path:
+    """Let ``write(tmp)`` fill a temporary sibling of ``out``, then rename it to ``out`` in one step.
+
+    A failed write (a full disk included, reported as the ``OSError`` it is) leaves ``out`` as it was and
+    no temporary; one a killed writer left is removed by the next write to the same ``out``.
+
+    Args:
+        out: the file to create or replace (``claim_file`` decides whether it may be).
+        write: writes the file at the path it is given.
+    """
+    out = Path(os.path.abspath(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in stale_temps(out.parent, f".{out.name}.tmp-*"):
+        remove(leftover)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        with disk_errors(out):
+            write(tmp)
+        os.chmod(tmp, file_mode())
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        debug_kill_point("file:written")
+        replace_path(tmp, out)
     finally:
         remove(tmp)  # still there only if something failed
     return out
