@@ -107,7 +107,7 @@ class TrainConfig:
     # -- optimisation ----------------------------------------------------------------------------------
     lr: float | None = _f(
         None, "peak learning rate (AdamW); default: the task kind's (classification/regression 1e-3, "
-        "generation 5e-4; full and fttop2 fine-tuning 5e-5), see docs/training.md"
+        "generation 5e-4, preference 2e-4; full and fttop2 fine-tuning 5e-5), see docs/training.md"
     )
     head_lr_ratio: float | None = _f(
         None, "lr multiplier for task heads trained with an adapter (modules_to_save); default: 10 for "
@@ -130,7 +130,9 @@ class TrainConfig:
     warmup_steps: int | None = _f(None, "linear warm-up in steps (overrides warmup_ratio)")
     schedule: str = _f("linear", "learning-rate schedule after warm-up: linear, cosine or constant")
     clip_norm: float | None = _f(1.0, "clip the gradient norm to this value (none: no clipping)")
-    label_smoothing: float = _f(0.0, "label smoothing for classification losses")
+    label_smoothing: float = _f(
+        0.0, "label smoothing for classification losses; for dpo's sigmoid loss, cDPO's share of flipped labels"
+    )
     class_weights: str = _f(
         "auto", "classification loss weights: none, balanced (each class weighs the same) or auto "
         "(balanced for tasks scored by Matthews correlation, i.e. CoLA)"
@@ -167,6 +169,15 @@ class TrainConfig:
     truncation: str = _f(
         "left", "sft: a record over max_length loses prompt tokens from the left ('left') or stops the run "
         "('refuse'); completions are never cut"
+    )
+    # -- preference tuning (dpo / orpo) ---------------------------------------------------------------
+    beta: float = _f(0.1, "dpo: beta, the weight of the KL term (orpo: lambda, the odds-ratio weight)")
+    pref_loss: str | None = _f(
+        None, "dpo loss: sigmoid (DPO; the default), ipo, hinge or orpo (reference-free); task orpo: orpo"
+    )
+    init_adapter: str | None = _f(
+        None, "dpo/orpo: start from this LoRA adapter (an SFT run's folder); it keeps training, and a frozen copy "
+        "of it is the reference model (docs/training.md)"
     )
     length_grouping: bool = _f(
         False, "batch examples of similar length together (less padding; deterministic and resumable)"
@@ -246,6 +257,8 @@ class TrainConfig:
     def _check_rates(self) -> None:
         if not ((self.lr is None or self.lr > 0) and self.alpha > 0):
             raise ConfigError("lr and alpha must be positive")
+        if not self.beta > 0:
+            raise ConfigError(f"beta must be a finite positive number, got {self.beta!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.label_smoothing < 1.0:
@@ -265,7 +278,8 @@ class TrainConfig:
 
     def _check_choices(self) -> None:
         choices = (("schedule", SCHEDULES), ("device", DEVICES), ("class_weights", CLASS_WEIGHTS),
-                   ("truncation", ("left", "refuse")))  # fmt: skip
+                   ("truncation", ("left", "refuse")),
+                   ("pref_loss", (None, "sigmoid", "ipo", "hinge", "orpo")))  # fmt: skip
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
@@ -328,10 +342,10 @@ class TrainConfig:
 
 # The peak lr a run gets when none is given: small-parameter methods want larger steps than full fine-tuning
 # (measured on the parity cases, docs/records/results.md).
-DEFAULT_LR = {"classification": 1e-3, "regression": 1e-3, "generation": 5e-4}
+DEFAULT_LR = {"classification": 1e-3, "regression": 1e-3, "generation": 5e-4, "preference": 2e-4}
 # A fresh classifier head needs larger steps than the adapter; a regression head does not
 # (docs/records/training-defaults.md).
-DEFAULT_HEAD_LR_RATIO = {"classification": 10.0, "regression": 1.0, "generation": 1.0}
+DEFAULT_HEAD_LR_RATIO = {"classification": 10.0, "regression": 1.0, "generation": 1.0, "preference": 1.0}
 # The head lr the classification ratio gives at the default lr; a default ratio never puts the head above
 # it, since higher spiked the head's loss (docs/records/training-defaults.md, "The cap on the head's lr").
 MAX_DEFAULT_HEAD_LR = 1e-2

@@ -57,6 +57,7 @@ class RunState:
     batch_in_epoch: int = 0  # global batches of `epoch` already consumed
     log_loss: float = 0.0  # loss sum and target count since the last log line
     log_count: float = 0.0
+    log_extra: dict[str, float] = field(default_factory=dict)  # a task's own metric sums since then
 
 
 @dataclass
@@ -221,6 +222,11 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
 
         if not quantized_layers(model):  # build_model may have quantized it while loading
             print(f"lorakit: {quantize_base(model, cfg.quantize).summary()}", flush=True)
+    if cfg.init_adapter:  # continue a trained adapter (its own r / targets); a frozen copy is the reference
+        from lorakit.training.preference import load_init_adapter
+
+        load_init_adapter(model, cfg.init_adapter)
+        return
     get_method(cfg.method).prepare_for_training(model, cfg)
 
 
