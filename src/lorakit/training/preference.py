@@ -43,7 +43,9 @@ PREF_LOSSES = ("sigmoid", "ipo", "hinge", "orpo")
 PREFERENCE_TASKS = ("dpo", "orpo")
 REFERENCE_ADAPTER = "reference"
 # What each step and each validation reports besides the loss (means over pairs).
-METRICS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logps", "rejected_logps")
+PREFERENCE_METRICS = (
+    "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logps", "rejected_logps",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,8 @@ def preference_loss(
 def preference_step(
     loss: PreferenceLoss, model: nn.Module, batch: dict[str, Tensor]
 ) -> tuple[Tensor, dict[str, float]]:
-    """The summed loss of a collated batch (B chosen rows, then B rejected) and the sums of ``METRICS``.
+    """The summed loss of a collated batch (B chosen rows, then B rejected) and the sums of the
+    ``PREFERENCE_METRICS``.
 
     Args:
         loss: which loss.
@@ -223,7 +226,7 @@ def preference_metrics(
     model: nn.Module, tokenizer: Any, items: Sequence[Any], cfg: TrainConfig, device: torch.device,
     progress: bool = False,
 ) -> dict[str, float]:  # fmt: skip
-    """Mean loss and ``METRICS`` over the pairs ``items`` (validation and the final score).
+    """Mean loss and ``PREFERENCE_METRICS`` over the pairs ``items`` (validation and the final score).
 
     Args:
         model / tokenizer: the policy and its tokenizer.
@@ -238,7 +241,7 @@ def preference_metrics(
     rows = encode_preference(items, tokenizer, cfg.max_length)
     was_training = model.training
     model.eval()
-    totals = dict.fromkeys(("loss", *METRICS), 0.0)
+    totals = dict.fromkeys(("loss", *PREFERENCE_METRICS), 0.0)
     try:
         for chunk in tqdm(list(_chunks(rows, cfg.eval_batch_size)), desc="valid", disable=not progress, leave=False):
             batch = {k: v.to(device) for k, v in collate_preference(chunk, tokenizer.pad_token_id).items()}
