@@ -287,9 +287,9 @@ def test_orpo_run_needs_no_reference_pass(tiny_llama, tmp_path, one_thread, monk
     assert train_losses[-1] < train_losses[0] and result["reward_accuracy"] == 1.0
 
 
-def test_init_adapter_continues_it_and_it_is_the_reference(tiny_llama, tmp_path, one_thread):  # noqa: F811
-    """Started from a trained adapter, step 1's loss is ln 2 (the reference is that adapter, not the base) and
-    the saved adapter is the continued one, of the same rank."""
+def test_init_adapter_continues_it_and_it_is_the_reference(tiny_llama, tmp_path, one_thread, capsys):  # noqa: F811
+    """Started from a trained adapter, step 1's loss is ln 2 (the reference is that adapter, not the base), the
+    saved adapter is the continued one, of the same rank, and ``lorakit eval`` scores against that reference."""
     from transformers import AutoModelForCausalLM
 
     from lorakit import inject
@@ -305,9 +305,14 @@ def test_init_adapter_continues_it_and_it_is_the_reference(tiny_llama, tmp_path,
     out = tmp_path / "run"
     cfg = base_cfg(model=str(tiny_llama), task="dpo", data=str(_folder(tmp_path)), out=str(out), max_length=32,
                    max_steps=3, batch_size=4, lr=5e-2, warmup_steps=0, init_adapter=str(tmp_path / "sft"))  # fmt: skip
-    train(cfg)
+    result = train(cfg)
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(math.log(2), rel=1e-7)
     start, end = read_adapter(tmp_path / "sft"), read_adapter(out)
     assert end.config.r == 2 and set(end.pairs) == set(start.pairs)
     assert any(not torch.equal(end.pairs[k][s][1], start.pairs[k][s][1]) for k in start.pairs for s in start.pairs[k])
+    from lorakit.cli.train import eval_main
+
+    capsys.readouterr()
+    assert eval_main(["--model", str(tiny_llama), "--adapter", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == pytest.approx(result, rel=1e-5)

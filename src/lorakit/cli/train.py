@@ -29,6 +29,7 @@ EVAL_FIELDS = [
     "train_file", "valid_file", "text_column", "text_pair_column", "label_column", "label_names",
     "eval_batch_size", "num_beams", "length_penalty", "no_repeat_ngram_size", "max_new_tokens",
     "device", "bf16", "seed", "prompt_field", "completion_field", "messages_field", "truncation",
+    "beta", "pref_loss", "label_smoothing", "init_adapter",  # dpo/orpo: the loss and its reference
 ]  # fmt: skip
 
 

@@ -30,6 +30,11 @@ def evaluate_model(cfg: TrainConfig, adapter: str | None) -> tuple[dict[str, flo
     model, tokenizer = load_model(cfg.model, spec.model_task, num_labels=spec.num_labels)
     if adapter is not None:
         load_trained(model, adapter)
+    if spec.kind == "preference" and cfg.init_adapter:  # the run's reference: its starting adapter, frozen
+        from lorakit.io.files import load_adapter
+        from lorakit.training.preference import REFERENCE_ADAPTER
+
+        load_adapter(model, cfg.init_adapter, REFERENCE_ADAPTER, activate=False)
     model.to(device).eval()
     predictions: list[Any] = []
     with torch.no_grad():
