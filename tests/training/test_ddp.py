@@ -26,6 +26,7 @@ def setup(tmp_path_factory):
     model = make_tiny_bert(root / "tiny-bert")
     # 36 examples with global batch 8: four full batches and a 4-example tail, split 2 + 2.
     data = write_sentiment_csv(root / "data", n_train=36, n_test=8)
+    (data / "dev.csv").write_text((data / "test.csv").read_text())  # a valid file: all 36 are trained on
     return root, model, data
 
 

@@ -25,6 +25,7 @@ EVAL_FIELDS = [
     "eval_batch_size", "num_beams", "length_penalty", "no_repeat_ngram_size", "max_new_tokens",
     "device", "bf16", "seed", "prompt_field", "completion_field", "messages_field", "truncation",
     "format", "field_map", "chat_template",
+    "beta", "pref_loss", "label_smoothing", "init_adapter",  # dpo/orpo: the loss and its reference
 ]  # fmt: skip
 
 

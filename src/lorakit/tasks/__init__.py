@@ -18,6 +18,7 @@ from lorakit.errors import ConfigError
 from lorakit.tasks.e2e import load_e2e_task
 from lorakit.tasks.glue import load_glue_task
 from lorakit.tasks.nlg import load_nlg_task
+from lorakit.tasks.preference import load_preference_task
 from lorakit.tasks.spec import TaskData, TaskSpec, cap_valid, subsample
 from lorakit.tasks.text import load_text_task
 
@@ -102,3 +103,5 @@ register_task(Task("e2e", load_e2e_task, "E2E NLG: MR -> restaurant description"
 register_task(Task("webnlg", load_nlg_task, "WebNLG data-to-text"))
 register_task(Task("dart", load_nlg_task, "DART data-to-text"))
 register_task(Task("sft", load_nlg_task, "supervised fine-tuning on prompt/completion or chat records"))
+register_task(Task("dpo", load_preference_task, "preference tuning (DPO, IPO, hinge) on prompt/chosen/rejected"))
+register_task(Task("orpo", load_preference_task, "ORPO (reference-free preference tuning) on prompt/chosen/rejected"))

@@ -102,7 +102,7 @@ class TrainConfig:
     # -- optimisation ----------------------------------------------------------------------------------
     lr: float | None = _f(
         None, "peak learning rate (AdamW); default: the task kind's (classification/regression 1e-3, "
-        "generation 5e-4; full and fttop2 fine-tuning 5e-5), see docs/training.md"
+        "generation 5e-4, preference 2e-4; full and fttop2 fine-tuning 5e-5), see docs/training.md"
     )
     head_lr_ratio: float | None = _f(
         None, "lr multiplier for task heads trained with an adapter (modules_to_save); default: 10 for "
@@ -125,7 +125,9 @@ class TrainConfig:
     warmup_steps: int | None = _f(None, "linear warm-up in steps (overrides warmup_ratio)")
     schedule: str = _f("linear", "learning-rate schedule after warm-up: linear, cosine or constant")
     clip_norm: float | None = _f(1.0, "clip the gradient norm to this value (none: no clipping)")
-    label_smoothing: float = _f(0.0, "label smoothing for classification losses")
+    label_smoothing: float = _f(
+        0.0, "label smoothing for classification losses; for dpo's sigmoid loss, cDPO's share of flipped labels"
+    )
     class_weights: str = _f(
         "auto", "classification loss weights: none, balanced (each class weighs the same) or auto "
         "(balanced for tasks scored by Matthews correlation, i.e. CoLA)"
@@ -182,6 +184,15 @@ class TrainConfig:
         None, "sft: chat template for chat records, a name (chatml, chatml-tools, llama-3, mistral, gemma) or a "
         "Jinja file; saved with the adapter and used again by eval, generate and serve (default: the tokenizer's "
         "own)"
+    )
+    # -- preference tuning (dpo / orpo) ---------------------------------------------------------------
+    beta: float = _f(0.1, "dpo: beta, the weight of the KL term (orpo: lambda, the odds-ratio weight)")
+    pref_loss: str | None = _f(
+        None, "dpo loss: sigmoid (DPO; the default), ipo, hinge or orpo (reference-free); task orpo: orpo"
+    )
+    init_adapter: str | None = _f(
+        None, "dpo/orpo: start from this LoRA adapter (an SFT run's folder); it keeps training, and a frozen copy "
+        "of it is the reference model (docs/training.md)"
     )
     length_grouping: bool = _f(
         False, "batch examples of similar length together (less padding; deterministic and resumable)"
@@ -287,6 +298,8 @@ class TrainConfig:
             raise ConfigError("lr and alpha must be positive")
         if not 0.0 <= self.valid_split < 1.0:
             raise ConfigError(f"valid_split must be in [0, 1), got {self.valid_split!r}")
+        if not self.beta > 0:
+            raise ConfigError(f"beta must be a finite positive number, got {self.beta!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.label_smoothing < 1.0:
@@ -308,7 +321,8 @@ class TrainConfig:
         choices = (("schedule", SCHEDULES), ("device", DEVICES), ("class_weights", CLASS_WEIGHTS),
                    ("truncation", ("left", "refuse")), ("keep", (None, *KEEP_CHOICES)),
                    ("base_dtype", (None, *BASE_DTYPES)),
-                   ("format", ("auto", "prompt-completion", "alpaca", "sharegpt", "messages")))  # fmt: skip
+                   ("format", ("auto", "prompt-completion", "alpaca", "sharegpt", "messages")),
+                   ("pref_loss", (None, "sigmoid", "ipo", "hinge", "orpo")))  # fmt: skip
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {[a for a in allowed if a]}, got {getattr(self, name)!r}")

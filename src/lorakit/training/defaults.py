@@ -14,10 +14,10 @@ from lorakit.training.config import TrainConfig
 
 # The peak lr a run gets when none is given: small-parameter methods want larger steps than full fine-tuning
 # (measured on the parity cases, docs/records/results.md).
-DEFAULT_LR = {"classification": 1e-3, "regression": 1e-3, "generation": 5e-4}
+DEFAULT_LR = {"classification": 1e-3, "regression": 1e-3, "generation": 5e-4, "preference": 2e-4}
 # A fresh classifier head needs larger steps than the adapter; a regression head does not
 # (docs/records/training-defaults.md).
-DEFAULT_HEAD_LR_RATIO = {"classification": 10.0, "regression": 1.0, "generation": 1.0}
+DEFAULT_HEAD_LR_RATIO = {"classification": 10.0, "regression": 1.0, "generation": 1.0, "preference": 1.0}
 # The head lr the classification ratio gives at the default lr; a default ratio never puts the head above
 # it, since higher spiked the head's loss (docs/records/training-defaults.md, "The cap on the head's lr").
 MAX_DEFAULT_HEAD_LR = 1e-2

@@ -28,11 +28,13 @@ from lorakit.data import (
     encode_e2e_prompt,
     encoded_rows,
 )
+from lorakit.data.preference import collate_preference, encode_preference
 from lorakit.data.sft import SftRecord, encode_sft
 from lorakit.data.truncation import Truncation, measure_truncation
 from lorakit.metrics.registry import get_metric
 from lorakit.tasks import TaskSpec
 from lorakit.training.config import TrainConfig
+from lorakit.training.preference import preference_metrics
 
 __all__ = [
     "balanced_class_weights", "collate", "encode", "generate_e2e", "loss_sum", "mean_loss",
@@ -80,6 +82,8 @@ def encode(
     spec: TaskSpec, items: Sequence[Any], tokenizer: Any, max_length: int, truncation: str = "left"
 ) -> list[dict[str, Any]]:
     """Tokenized rows (unpadded); each row also carries ``n_targets``, the number of loss terms it adds."""
+    if spec.kind == "preference":
+        return encode_preference(items, tokenizer, max_length)
     if spec.name == "sft":
         return encode_sft_rows(items, tokenizer, max_length, truncation)
     if spec.kind == "generation":
@@ -130,6 +134,8 @@ def report_truncation(
 
 
 def collate(spec: TaskSpec, rows: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Tensor]:
+    if spec.kind == "preference":
+        return collate_preference(rows, pad_token_id)
     rows = [{k: v for k, v in r.items() if k != "n_targets"} for r in rows]
     if spec.kind == "generation":
         return collate_causal_lm(rows, pad_token_id)
@@ -364,6 +370,8 @@ def score(
     """
     if not items:
         raise DataError(f"{spec.name}: nothing to evaluate (empty split)")
+    if spec.kind == "preference":
+        return preference_metrics(model, tokenizer, items, cfg, device, progress=progress)
     if spec.kind == "generation":
         return score_generation(model, tokenizer, spec, items, cfg, device, progress=progress,
                                 predictions_out=predictions_out)  # fmt: skip
@@ -415,4 +423,6 @@ def validate(
     if spec.kind == "generation":
         loss = mean_loss(model, tokenizer, spec, items, cfg, device, progress=progress)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    if spec.kind == "preference":
+        return preference_metrics(model, tokenizer, items, cfg, device, progress=progress)
     return score(model, tokenizer, spec, items, cfg, device, progress=progress)

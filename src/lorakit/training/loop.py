@@ -19,6 +19,7 @@ from lorakit.training import distributed as dist_util
 from lorakit.training import hooks
 from lorakit.training.evaluate import collate, loss_sum
 from lorakit.training.optim import lr_factor
+from lorakit.training.preference import PreferenceLoss, preference_step
 from lorakit.training.prepare import Run
 from lorakit.training.sampler import epoch_batches, local_micro_batches
 
@@ -31,6 +32,17 @@ class StepStats:
     targets: float  # the loss is a mean over these
     tokens: int  # non-pad positions
     padding: int
+    extra: dict[str, float] = field(default_factory=dict)  # a task's own metric sums (preference: rewards)
+
+
+def _summed_loss(run: Run, inputs: dict[str, torch.Tensor], extra: dict[str, float]) -> torch.Tensor:
+    """The micro-batch's summed loss; a preference task also adds its metric sums to ``extra``."""
+    if run.spec.kind != "preference":
+        return loss_sum(run.spec, run.wrapped, inputs, run.cfg.label_smoothing)
+    summed, sums = preference_step(PreferenceLoss.from_config(run.cfg), run.wrapped, inputs)
+    for key, value in sums.items():
+        extra[key] = extra.get(key, 0.0) + value
+    return summed
 
 
 def train_step(run: Run, batch: list[int]) -> StepStats:
@@ -46,17 +58,20 @@ def train_step(run: Run, batch: list[int]) -> StepStats:
     counts = torch.tensor([float(sum(rows[i]["n_targets"] for mb in micro for i in mb))])
     global_count = float(dist_util.all_reduce_sum(info, counts).item())
     sums = torch.zeros(3)  # loss sum, tokens, padded positions
+    extra: dict[str, float] = {}
     for k, mb in enumerate(micro):
         padded = collate(run.spec, [rows[i] for i in mb], run.tokenizer.pad_token_id)
         inputs = {key: v.to(info.device) for key, v in padded.items()}
         # Gradients are averaged over processes once per step, on the last micro-batch.
         with dist_util.no_grad_sync(run.wrapped, info, skip=k < len(micro) - 1):
             with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                summed = loss_sum(run.spec, run.wrapped, inputs, cfg.label_smoothing)
+                summed = _summed_loss(run, inputs, extra)
             (summed * info.world_size / global_count).backward()
         n_tokens = float(inputs["attention_mask"].sum())
         sums += torch.tensor([summed.item(), n_tokens, inputs["attention_mask"].numel() - n_tokens])
     dist_util.all_reduce_sum(info, sums)
+    if extra:
+        extra = dict(zip(extra, dist_util.all_reduce_sum(info, torch.tensor(list(extra.values()))).tolist()))
     grad_norm = None
     if cfg.clip_norm is not None:
         trainable = [p for _, p in ckpt.trainable_parameters(run.wrapped)]
@@ -65,7 +80,7 @@ def train_step(run: Run, batch: list[int]) -> StepStats:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return StepStats(float(sums[0]), global_count, int(sums[1]), int(sums[2]))
+    return StepStats(float(sums[0]), global_count, int(sums[1]), int(sums[2]), extra)
 
 
 @dataclass
@@ -106,6 +121,8 @@ def _advance(run: Run, n_batches: int, stats: StepStats) -> bool:
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     state.log_loss += stats.loss_sum
     state.log_count += stats.targets
+    for key, value in stats.extra.items():
+        state.log_extra[key] = state.log_extra.get(key, 0.0) + value
     return state.batch_in_epoch == 0
 
 
@@ -132,9 +149,10 @@ def _log_train(run: Run, progress: Progress, lr: float) -> None:
             "pad_share": progress.padding / max(progress.tokens + progress.padding, 1),
             "elapsed_s": progress.elapsed,
             **_cuda_peak(run),
+            **{key: value / max(state.log_count, 1.0) for key, value in state.log_extra.items()},
         }
     )
-    state.log_loss, state.log_count = 0.0, 0.0
+    state.log_loss, state.log_count, state.log_extra = 0.0, 0.0, {}
 
 
 def run_loop(run: Run) -> None:

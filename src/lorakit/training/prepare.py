@@ -68,6 +68,7 @@ class RunState:
     best_value: float | None = None
     bad_evals: int = 0  # validations in a row without an improvement
     stop_reason: str = ""  # why training stopped before total_steps (empty: it did not)
+    log_extra: dict[str, float] = field(default_factory=dict)  # a task's own metric sums since then
 
 
 @dataclass
@@ -253,6 +254,11 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
 
         if not quantized_layers(model):  # build_model may have quantized it while loading
             print(f"lorakit: {quantize_base(model, cfg.quantize).summary()}", flush=True)
+    if cfg.init_adapter:  # continue a trained adapter (its own r / targets); a frozen copy is the reference
+        from lorakit.training.preference import load_init_adapter
+
+        load_init_adapter(model, cfg.init_adapter)
+        return
     get_method(cfg.method).prepare_for_training(model, cfg)
 
 

@@ -37,6 +37,11 @@ def evaluate_model(cfg: TrainConfig, adapter: str | None) -> tuple[dict[str, flo
     apply_chat_template(tokenizer, template or (saved_chat_template([adapter]) if adapter else None))
     if adapter is not None:
         load_trained(model, adapter)
+    if spec.kind == "preference" and cfg.init_adapter:  # the run's reference: its starting adapter, frozen
+        from lorakit.io.files import load_adapter
+        from lorakit.training.preference import REFERENCE_ADAPTER
+
+        load_adapter(model, cfg.init_adapter, REFERENCE_ADAPTER, activate=False)
     model.to(device).eval()
     predictions: list[Any] = []
     with torch.no_grad():
