@@ -42,7 +42,7 @@ from lorakit.training.outputs import (
     TRAIN_CONFIG,
     TRAINED_FILES,
 )
-from lorakit.training.sampler import global_batches
+from lorakit.training.sampler import steps_per_epoch as count_steps
 
 # Fields that may differ when resuming: they do not change what is computed.
 RESUME_MAY_CHANGE = {"tensorboard", "plot", "eval_batch_size", "keep_checkpoints", "device", "compile",
@@ -122,6 +122,22 @@ def check_settings(cfg: TrainConfig, info: dist_util.DistInfo, resume: bool) -> 
         )
 
 
+def check_packing(cfg: TrainConfig, spec: TaskSpec) -> None:
+    """``--packing`` needs a causal-LM task and a method that leaves attention alone.
+
+    Args:
+        cfg: the run's config.
+        spec: the loaded task.
+    """
+    if not cfg.packing:
+        return
+    if spec.kind != "generation":
+        raise ConfigError(f"--packing is for causal-LM tasks (sft, e2e, webnlg, dart), not {spec.name!r}")
+    if cfg.method.startswith("prefix_"):
+        # Prefixes sit in front of the whole row, so every packed record would attend to one copy.
+        raise ConfigError(f"--packing cannot be combined with method {cfg.method!r}: its prefix spans the row")
+
+
 def load_data(cfg: TrainConfig, info: dist_util.DistInfo) -> tuple[TaskData, TrainConfig]:
     """The task's data, and ``cfg`` with the task's and its kind's defaults (lr, head lr, init …) filled in."""
     data = load_task(cfg)
@@ -131,6 +147,7 @@ def load_data(cfg: TrainConfig, info: dist_util.DistInfo) -> tuple[TaskData, Tra
     if spec.class_weights is not None:
         shown = ", ".join(f"{n} {w:.2f}" for n, w in zip(spec.label_names, spec.class_weights))
         data.notes.append(f"balanced class weights in the loss ({shown})")
+    check_packing(cfg, spec)
     if len(data.train) < info.world_size:
         raise DataError(
             f"{len(data.train)} training example(s) cannot be shared by {info.world_size} processes"
@@ -310,7 +327,7 @@ def prepare_run(
     model, tokenizer = build_model(cfg, data.spec, model_kwargs)
     wrapped = place_model(model, cfg, info)
     rows = encode(data.spec, data.train, tokenizer, cfg.max_length, cfg.truncation)
-    steps_per_epoch = len(global_batches(list(range(len(rows))), cfg.batch_size, info.world_size))
+    steps_per_epoch = count_steps(rows, cfg, info.world_size)
     total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total)
     optimizer = build_optimizer(wrapped, cfg)
