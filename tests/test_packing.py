@@ -132,6 +132,8 @@ def test_packing_refuses_tasks_and_methods_it_cannot_keep_apart():
         check_packing(base_cfg(task="rte", data="-", packing=True), TaskSpec("rte", "classification", "seq-cls"))
     with pytest.raises(ConfigError, match="method 'prefix_embed'"):
         check_packing(base_cfg(task="sft", data="-", packing=True, method="prefix_embed"), SPEC)
+    with pytest.raises(ConfigError, match="--packing and --length-grouping"):
+        check_packing(base_cfg(task="sft", data="-", packing=True, length_grouping=True), SPEC)
     check_packing(base_cfg(task="e2e", data="-", packing=True), SPEC)
 
 

@@ -133,6 +133,8 @@ def check_packing(cfg: TrainConfig, spec: TaskSpec) -> None:
         return
     if spec.kind != "generation":
         raise ConfigError(f"--packing is for causal-LM tasks (sft, e2e, webnlg, dart), not {spec.name!r}")
+    if cfg.length_grouping:
+        raise ConfigError("--packing and --length-grouping both shape the batches: choose one")
     if cfg.method.startswith("prefix_"):
         # Prefixes sit in front of the whole row, so every packed record would attend to one copy.
         raise ConfigError(f"--packing cannot be combined with method {cfg.method!r}: its prefix spans the row")
