@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -102,6 +103,7 @@ def main() -> None:
             _step(models[side], opts[side], feeds[side][k])
             if k:  # step 0 warms up
                 times[side].append(time.perf_counter() - started)
+        print(f"step {k}/{args.steps}", file=sys.stderr, flush=True)
     out: dict[str, Any] = {"steps": args.steps, "batch_records": args.batch, "packed_rows": packed_rows,
                            "max_length": args.max_length, "sides": {}}  # fmt: skip
     for side in SIDES:

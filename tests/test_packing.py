@@ -165,3 +165,22 @@ def test_sigkill_then_resume_with_packing_matches_an_uninterrupted_run(tiny_llam
     assert rounded(tmp_path / "killed") == rounded(tmp_path / "reference")  # same batches, same losses
     lines = [json.loads(x) for x in (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["pad_share"] < 0.5 for r in lines if r["split"] == "train")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_each_family_keeps_packed_records_apart_in_the_trainer_loss(family):
+    import tiny
+
+    model = getattr(tiny, f"tiny_{family}")()
+    rng = random.Random(3)
+    rows = [{"input_ids": (ids := [rng.randrange(2, 64) for _ in range(n)]), "labels": [-100, -100, *ids[2:]]}
+            for n in (7, 5, 9)]  # fmt: skip
+    batch = collate_packed(pack_rows(rows, [[0, 1, 2]]), pad_token_id=1)
+    changed = collate_packed(pack_rows([rows[0], {**rows[1], "input_ids": [3] * 5}, rows[2]], [[0, 1, 2]]), 1)
+    with torch.no_grad():
+        row = loss_sum(SPEC, model, batch)
+        alone = sum(loss_sum(SPEC, model, collate(SPEC, [{**r, "attention_mask": [1] * len(r["input_ids"])}], 1))
+                    for r in rows)  # fmt: skip
+        last = [_logits(model, b)[0, 12:] for b in (batch, changed)]
+    assert float(row) == pytest.approx(float(alone), rel=1e-5)
+    assert float((last[0] - last[1]).abs().max()) < 1e-6  # record 3 does not see record 2
