@@ -261,7 +261,7 @@ def causal_lm_loss(
     backbone = _backbone(model)
     special = any(getattr(config, a, None) for a in ("final_logit_softcapping", "logit_scale", "output_mult"))
     if backbone is None or head is None or special or getattr(config, "is_encoder_decoder", False):
-        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs).loss
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False, **kwargs).loss
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)[0]
     # Position t predicts token t+1: the same shift as transformers' ForCausalLMLoss.
     targets = labels[:, 1:].to(hidden.device)

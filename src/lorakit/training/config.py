@@ -197,6 +197,10 @@ class TrainConfig:
     length_grouping: bool = _f(
         False, "batch examples of similar length together (less padding; deterministic and resumable)"
     )
+    packing: bool = _f(
+        False, "causal LM (sft, e2e, webnlg, dart): pack several records into each row of max_length, kept "
+        "apart (positions restart, no attention across records); batch_size then counts rows"
+    )
     group_window: int = _f(
         50, "length grouping sorts within windows of this many batches: smaller keeps batches closer to random "
         "(where length predicts the label), larger pads less"

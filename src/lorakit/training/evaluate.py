@@ -28,6 +28,7 @@ from lorakit.data import (
     encode_e2e_prompt,
     encoded_rows,
 )
+from lorakit.data.packing import collate_packed
 from lorakit.data.preference import collate_preference, encode_preference
 from lorakit.data.sft import SftRecord, encode_sft
 from lorakit.data.truncation import Truncation, measure_truncation
@@ -136,6 +137,8 @@ def report_truncation(
 def collate(spec: TaskSpec, rows: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Tensor]:
     if spec.kind == "preference":
         return collate_preference(rows, pad_token_id)
+    if rows and "position_ids" in rows[0]:
+        return collate_packed(rows, pad_token_id)
     rows = [{k: v for k, v in r.items() if k != "n_targets"} for r in rows]
     if spec.kind == "generation":
         return collate_causal_lm(rows, pad_token_id)
@@ -147,6 +150,10 @@ def loss_sum(
 ) -> Tensor:
     """Sum (not mean) of per-target losses, so the trainer can normalise by the global target count."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if "position_ids" in inputs:
+        # Packed rows: with no 2-D mask and no cache, transformers builds the block-diagonal causal mask from
+        # position_ids (masking_utils.find_packed_sequence_indices); either one would switch it off.
+        inputs["attention_mask"] = None
     labels = batch["labels"]
     if spec.kind == "generation":
         from lorakit.lora.kernels import causal_lm_loss
@@ -158,7 +165,7 @@ def loss_sum(
         elif label_smoothing == 0.0 and (targets := (labels[:, 1:] != IGNORE_INDEX).sum()) > 0:
             # The LM head only where there are labels: prompt tokens need no vocabulary-sized logits.
             return causal_lm_loss(model, labels=labels, **inputs) * targets
-    logits = model(**inputs).logits.float()
+    logits = model(**inputs, **({"use_cache": False} if "position_ids" in inputs else {})).logits.float()
     if spec.kind == "regression":
         return F.mse_loss(logits.squeeze(-1), labels.float(), reduction="sum")
     if spec.kind == "classification":

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -21,7 +23,7 @@ from lorakit.training.evaluate import collate, loss_sum
 from lorakit.training.optim import lr_factor
 from lorakit.training.preference import PreferenceLoss, preference_step
 from lorakit.training.prepare import Run
-from lorakit.training.sampler import epoch_batches, local_micro_batches
+from lorakit.training.sampler import epoch_plan, local_micro_batches
 
 
 @dataclass
@@ -45,14 +47,15 @@ def _summed_loss(run: Run, inputs: dict[str, torch.Tensor], extra: dict[str, flo
     return summed
 
 
-def train_step(run: Run, batch: list[int]) -> StepStats:
+def train_step(run: Run, batch: list[int], rows: Sequence[dict[str, Any]] | None = None) -> StepStats:
     """Forward, backward (micro-batch by micro-batch), clip, check and step the optimizer on one global batch.
 
     Args:
         run: the prepared run.
-        batch: the global batch, as indices into ``run.rows``.
+        batch: the global batch, as indices into ``rows``.
+        rows: the epoch's rows (``run.rows``, or packed rows under ``--packing``); default ``run.rows``.
     """
-    cfg, info, rows = run.cfg, run.info, run.rows
+    cfg, info, rows = run.cfg, run.info, run.rows if rows is None else rows
     micro = local_micro_batches(batch, info.rank, info.world_size, cfg.grad_accum)
     # The loss is a mean over every target of the global batch, whichever process holds it.
     counts = torch.tensor([float(sum(rows[i]["n_targets"] for mb in micro for i in mb))])
@@ -161,10 +164,10 @@ def run_loop(run: Run) -> None:
     run.wrapped.train()
     progress = Progress(run)
     while state.step < run.total_steps and not state.stop_reason:
-        batches = epoch_batches(run.rows, cfg, state.epoch, run.info.world_size)  # random or length-grouped
+        rows, batches = epoch_plan(run.rows, cfg, state.epoch, run.info.world_size)  # random, grouped or packed
         while state.batch_in_epoch < len(batches) and state.step < run.total_steps:
             lr = cfg.lr * lr_factor(state.step, run.total_steps, run.warmup, cfg.schedule)  # A's lr, not a head's
-            stats = train_step(run, batches[state.batch_in_epoch])
+            stats = train_step(run, batches[state.batch_in_epoch], rows)
             epoch_done = _advance(run, len(batches), stats)
             progress.update(stats, lr)
             _log_train(run, progress, lr)

@@ -47,7 +47,7 @@ from lorakit.training.outputs import (
     TRAINED_FILES,
 )
 from lorakit.training.precision import base_dtype, keep_trainable_fp32
-from lorakit.training.sampler import global_batches
+from lorakit.training.sampler import steps_per_epoch as count_steps
 
 # Fields that may differ when resuming: they do not change what is computed.
 RESUME_MAY_CHANGE = {"tensorboard", "report_to", "plot", "eval_batch_size", "keep_checkpoints", "device", "compile",
@@ -136,6 +136,24 @@ def check_settings(cfg: TrainConfig, info: dist_util.DistInfo, resume: bool) -> 
         )
 
 
+def check_packing(cfg: TrainConfig, spec: TaskSpec) -> None:
+    """``--packing`` needs a causal-LM task and a method that leaves attention alone.
+
+    Args:
+        cfg: the run's config.
+        spec: the loaded task.
+    """
+    if not cfg.packing:
+        return
+    if spec.kind != "generation":
+        raise ConfigError(f"--packing is for causal-LM tasks (sft, e2e, webnlg, dart), not {spec.name!r}")
+    if cfg.length_grouping:
+        raise ConfigError("--packing and --length-grouping both shape the batches: choose one")
+    if cfg.method.startswith("prefix_"):
+        # Prefixes sit in front of the whole row, so every packed record would attend to one copy.
+        raise ConfigError(f"--packing cannot be combined with method {cfg.method!r}: its prefix spans the row")
+
+
 def load_data(cfg: TrainConfig, info: dist_util.DistInfo) -> tuple[TaskData, TrainConfig]:
     """The task's data, and ``cfg`` with the task's and its kind's defaults (lr, head lr, init …) filled in."""
     data = load_task(cfg)
@@ -149,6 +167,7 @@ def load_data(cfg: TrainConfig, info: dist_util.DistInfo) -> tuple[TaskData, Tra
         data.notes.append(f"balanced class weights in the loss ({shown})")
     if spec.name == "text" and cfg.label_names is None:  # saved with the run: eval and classify map labels alike
         cfg = dataclasses.replace(cfg, label_names=list(spec.label_names))
+    check_packing(cfg, spec)
     if len(data.train) < info.world_size:
         raise DataError(
             f"{len(data.train)} training example(s) cannot be shared by {info.world_size} processes"
@@ -347,7 +366,7 @@ def prepare_run(
     if any(getattr(r, "messages", None) is not None for r in data.train):
         data.notes.extend(n for n in [chat_eos_note(tokenizer)] if n)
     rows = encode(data.spec, data.train, tokenizer, cfg.max_length, cfg.truncation)
-    steps_per_epoch = len(global_batches(list(range(len(rows))), cfg.batch_size, info.world_size))
+    steps_per_epoch = count_steps(rows, cfg, info.world_size)
     total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total)
     optimizer = build_optimizer(wrapped, cfg)

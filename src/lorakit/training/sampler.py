@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lorakit.data.packing import best_fit_decreasing, pack_rows
 from lorakit.training.config import TrainConfig
 
 
@@ -84,3 +85,42 @@ def padded_share(rows: Sequence[dict[str, Any]], batches: Sequence[Sequence[int]
     useful = sum(len(rows[i]["input_ids"]) for b in batches for i in b)
     total = sum(len(b) * max(len(rows[i]["input_ids"]) for i in b) for b in batches if b)
     return 1.0 - useful / total if total else 0.0
+
+
+def _packed_bins(rows: Sequence[dict[str, Any]], cfg: TrainConfig, epoch: int) -> list[list[int]]:
+    """The epoch's packed rows as record indices: best-fit decreasing over the shuffled order, then the rows
+    shuffled (so the epoch does not run from long records to short ones)."""
+    lengths = [len(r["input_ids"]) for r in rows]
+    bins = best_fit_decreasing(lengths, epoch_order(len(rows), cfg.seed, epoch), cfg.max_length)
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch + 104_729)
+    return [bins[i] for i in torch.randperm(len(bins), generator=generator).tolist()]
+
+
+def epoch_plan(rows: Sequence[dict[str, Any]], cfg: TrainConfig, epoch: int,
+               world_size: int) -> tuple[Sequence[dict[str, Any]], list[list[int]]]:  # fmt: skip
+    """The rows the batches of ``epoch`` index and those batches: ``rows`` itself with random or
+    length-grouped batches, or (``cfg.packing``) the epoch's packed rows in batches of ``batch_size`` rows.
+    A function of (seed, epoch, rows), so the position in the epoch is still all a checkpoint needs.
+
+    Args:
+        rows: encoded training rows.
+        cfg: the run's config.
+        epoch: 0-based epoch.
+        world_size: processes sharing each batch.
+    """
+    if not cfg.packing:
+        return rows, epoch_batches(rows, cfg, epoch, world_size)
+    packed = pack_rows(rows, _packed_bins(rows, cfg, epoch))
+    return packed, global_batches(list(range(len(packed))), cfg.batch_size, world_size)
+
+
+def steps_per_epoch(rows: Sequence[dict[str, Any]], cfg: TrainConfig, world_size: int) -> int:
+    """Optimizer steps in one epoch (with packing, the number of packed rows depends on the lengths only).
+
+    Args:
+        rows: encoded training rows.
+        cfg: the run's config.
+        world_size: processes sharing each batch.
+    """
+    n = len(_packed_bins(rows, cfg, 0)) if cfg.packing else len(rows)
+    return len(global_batches(list(range(n)), cfg.batch_size, world_size))
