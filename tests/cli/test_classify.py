@@ -78,6 +78,10 @@ def test_two_adapters_per_row_equal_each_adapter_alone(setup):
                 assert float(row[k]) == pytest.approx(float(single[k]), abs=1e-5)
     assert {r["adapter"] for r in mixed} == {"c0", "c1"}
     assert {r["prediction"] for r in mixed} != {""}
+    pandas = pytest.importorskip("pandas")  # a user's first reader: the columns and values come back as written
+    frame = pandas.read_csv(root / "mixed.out.csv")
+    assert list(frame.columns) == list(mixed[0]) and len(frame) == 40
+    assert frame["prob_0"].tolist() == pytest.approx([float(r["prob_0"]) for r in mixed], abs=1e-12)
 
 
 def test_metrics_agree_with_eval_and_jsonl_reads_back(setup, tmp_path):
@@ -96,6 +100,9 @@ def test_metrics_agree_with_eval_and_jsonl_reads_back(setup, tmp_path):
     assert [r["prediction"] for r in rows] == [str(p) for p in preds]
     assert rows[0]["label"] == "0" and rows[0]["adapter"] == "c0" and abs(sum(
         rows[0][f"prob_{k}"] for k in "012") - 1) < 1e-5
+    pandas = pytest.importorskip("pandas")
+    frame = pandas.read_json(tmp_path / "out.jsonl", lines=True)
+    assert len(frame) == 30 and frame["adapter"].tolist() == ["c0"] * 30
 
 
 def test_cli_errors_name_the_problem(setup, tmp_path, capsys):
