@@ -17,7 +17,7 @@ import torch
 from lorakit import LoraConfig, inject, save_adapter
 from lorakit.cli import main
 from lorakit.errors import ConfigError
-from lorakit.io.fsutil import LOCK_NAME, output_lock
+from lorakit.io.outputs import LOCK_NAME, output_lock
 from tiny import make_tiny_bert, randomize_lora
 from train_util import write_sentiment_csv
 
@@ -105,7 +105,7 @@ def test_combine_overwrite_refuses_another_commands_output_and_keeps_foreign_fil
 _HOLD = """
 import sys, time
 from pathlib import Path
-from lorakit.io.fsutil import LOCK_NAME, output_lock
+from lorakit.io.outputs import LOCK_NAME, output_lock
 out = Path(sys.argv[1])
 with output_lock(out / LOCK_NAME, out):
     print("locked", flush=True)

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from export_util import lorakit_delta_w, make_adapter
 from lorakit.cli import main
-from lorakit.io.fsutil import MARKER_NAME as MARKER
+from lorakit.io.outputs import MARKER_NAME as MARKER
 
 
 def _export(adapter, out, *extra) -> int:
@@ -70,7 +70,7 @@ def test_folder_of_foreign_files_is_refused(tmp_path, capsys):
 
 
 def test_overwrite_into_an_earlier_export_holding_a_foreign_file_refuses_and_keeps_it(tmp_path, capsys):
-    from lorakit.io.fsutil import write_folder_atomically
+    from lorakit.io.outputs import write_folder_atomically
 
     out = tmp_path / "merged"
     write_folder_atomically(out, lambda tmp: (tmp / "model.safetensors").write_bytes(b"earlier"), command="export")

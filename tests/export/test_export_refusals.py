@@ -113,7 +113,7 @@ def test_a_foreign_modelfile_beside_the_output_is_kept(tmp_path, capsys):
 def test_full_disk_is_one_line_and_leaves_nothing(tmp_path):
     import errno
 
-    from lorakit.io.fsutil import write_file_atomically
+    from lorakit.io.outputs import write_file_atomically
 
     def write(tmp):
         tmp.write_bytes(b"GGUF partial")

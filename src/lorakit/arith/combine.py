@@ -35,7 +35,7 @@ from torch import Tensor
 
 from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.io.files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFile, read_adapter, write_weights_and_config
-from lorakit.io.fsutil import LOCK_NAME, claim_output, mark_output, output_lock
+from lorakit.io.outputs import LOCK_NAME, claim_output, mark_output, output_lock
 from lorakit.lora.layers import WHOLE
 from lorakit.version import __version__
 

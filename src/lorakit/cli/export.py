@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lorakit.errors import ExportError
 from lorakit.export import FORMATS, ExportRequest
-from lorakit.io.fsutil import output_lock
+from lorakit.io.outputs import output_lock
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lorakit.errors import ConfigError
 from lorakit.io.files import read_adapter
-from lorakit.io.fsutil import claim_output, output_lock, write_folder_atomically
+from lorakit.io.outputs import claim_output, output_lock, write_folder_atomically
 
 
 def merge_main(argv: list[str]) -> int:

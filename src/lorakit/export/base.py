@@ -11,8 +11,8 @@ import gguf
 
 from lorakit.errors import ExportError
 from lorakit.io.files import AdapterFile
-from lorakit.io.fsutil import claim_file, starts_with
 from lorakit.io.models import BUILTINS, builtin_gguf, model_path
+from lorakit.io.outputs import claim_file, starts_with
 
 GGUF_MAGIC = b"GGUF"
 

@@ -13,7 +13,7 @@ from lorakit.export.base import claim_gguf, resolve_base
 from lorakit.export.gguf_adapter import ADAPTER_DTYPES, check_exportable, write_gguf_adapter
 from lorakit.export.llama_cpp_names import layout_of
 from lorakit.io.files import CONFIG_NAME, read_adapter
-from lorakit.io.fsutil import write_file_atomically
+from lorakit.io.outputs import write_file_atomically
 from lorakit.methods.io import CONFIG_NAME as METHOD_CONFIG
 
 

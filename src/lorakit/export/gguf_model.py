@@ -23,7 +23,7 @@ from lorakit.export.llama_cpp_names import Layout, gguf_name, heads_of_rows, lay
 from lorakit.export.merged import load_merged
 from lorakit.export.ollama import modelfile_text
 from lorakit.io.files import read_adapter
-from lorakit.io.fsutil import claim_file, starts_with, write_file_atomically
+from lorakit.io.outputs import claim_file, starts_with, write_file_atomically
 
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}

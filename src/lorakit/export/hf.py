@@ -1,8 +1,8 @@
 """``--format hf``: the merged model as a transformers folder of safetensors shards, in the asked dtype.
 
 The folder holds only what this export writes (weights, config, generation config, tokenizer files and the
-marker of :func:`lorakit.io.fsutil.mark_output` listing them), so a later ``--overwrite`` can tell it from a
-folder of someone else's files and refuse those (:func:`lorakit.io.fsutil.claim_output`).
+marker of :func:`lorakit.io.outputs.mark_output` listing them), so a later ``--overwrite`` can tell it from a
+folder of someone else's files and refuse those (:func:`lorakit.io.outputs.claim_output`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from lorakit.export import ExportRequest
 from lorakit.export.base import base_name
 from lorakit.export.merged import load_merged
 from lorakit.io.files import read_adapter
-from lorakit.io.fsutil import claim_output, write_folder_atomically
+from lorakit.io.outputs import claim_output, write_folder_atomically
 
 HF_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SHARD_SIZE = "2GB"  # shards a hub upload takes comfortably; small bases stay one file

@@ -25,7 +25,7 @@ from lorakit.data.chat_templates import apply_chat_template, read_chat_template
 from lorakit.data.sft import chat_eos_note
 from lorakit.data.truncation import Truncation
 from lorakit.errors import ConfigError
-from lorakit.io.fsutil import claim_output, mark_output
+from lorakit.io.outputs import claim_output, mark_output
 from lorakit.lora.adapters import parameter_report
 from lorakit.lora.kernels import compile_for_training
 from lorakit.methods import get_method

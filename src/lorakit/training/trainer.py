@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from lorakit.io.fsutil import LOCK_NAME, output_lock
+from lorakit.io.outputs import LOCK_NAME, output_lock
 from lorakit.training import distributed as dist_util
 from lorakit.training.config import TrainConfig
 from lorakit.training.finish import finish
