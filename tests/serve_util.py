@@ -110,3 +110,27 @@ class Gate:
 
     def __exit__(self, *exc: object) -> None:
         self.release_event.set()
+
+
+def one_adapter_server(tok, adapter_dir: str, max_model_len: int, **settings):
+    """A tiny Llama serving adapter ``a0`` from ``adapter_dir`` on 127.0.0.1 (``with`` starts it); its engine
+    is ``srv.engine``."""
+    from lorakit.serve import adapters_admin
+    from lorakit.serve.app import ServeSettings, create_app
+    from lorakit.serve.engine import Engine
+    from lorakit.serve.server import BackgroundServer
+
+    model = tiny_lm(tok)
+    adapters_admin.load(model, "a0", adapter_dir, "causal-lm")
+    engine = Engine(model, tok, max_batch=4, max_queue=8)
+    srv = BackgroundServer(create_app(engine, ServeSettings(base_name="tiny", max_model_len=max_model_len,
+                                                            **settings)))  # fmt: skip
+    srv.engine = engine
+    return srv
+
+
+def api_error(answer, status: int) -> dict:
+    """The ``error`` object of a ``raw`` answer, after checking its status."""
+    code, _, body = answer
+    assert code == status, body
+    return body["error"]

@@ -24,11 +24,10 @@ pytest.importorskip("fastapi")
 from lorakit import LoraConfig, inject, save_adapter
 from lorakit.cli.serve import _parse
 from lorakit.errors import LorakitError
-from lorakit.serve import adapters_admin
 from lorakit.serve.app import ServeSettings, create_app
 from lorakit.serve.engine import Engine
 from lorakit.serve.server import BackgroundServer, _free_port, make_app
-from serve_util import raw, save_random_adapters, tiny_lm, wait_for
+from serve_util import api_error, one_adapter_server, raw, save_random_adapters, tiny_lm, wait_for
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -55,10 +54,7 @@ def adapter_dir(tok, tmp_path_factory) -> str:
 
 
 def _server(tok, adapter_dir: str, **settings) -> BackgroundServer:
-    model = tiny_lm(tok)
-    adapters_admin.load(model, "a0", adapter_dir, "causal-lm")
-    engine = Engine(model, tok, max_batch=4, max_queue=8)
-    return BackgroundServer(create_app(engine, ServeSettings(base_name="tiny", max_model_len=160, **settings)))
+    return one_adapter_server(tok, adapter_dir, 160, **settings)
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +63,7 @@ def server(tok, adapter_dir):
         yield srv
 
 
-def _error(answer, status: int) -> dict:
-    code, _, body = answer
-    assert code == status, body
-    return body["error"]
+_error = api_error
 
 
 # -- item 3: one large request cannot freeze the server --------------------------------------------------

@@ -16,10 +16,8 @@ import pytest
 pytest.importorskip("fastapi")
 
 from lorakit.serve import adapters_admin
-from lorakit.serve.app import ServeSettings, create_app
-from lorakit.serve.engine import Engine
 from lorakit.serve.server import BackgroundServer
-from serve_util import Gate, raw, save_random_adapters, tiny_lm, wait_for
+from serve_util import Gate, api_error, one_adapter_server, raw, save_random_adapters, tiny_lm, wait_for
 
 PROMPT = "name : Alimentum | area : city centre ||"
 
@@ -37,12 +35,7 @@ def adapter_dir(tok, tmp_path_factory) -> str:
 
 
 def _server(tok, adapter_dir: str, **settings) -> BackgroundServer:
-    model = tiny_lm(tok)
-    adapters_admin.load(model, "a0", adapter_dir, "causal-lm")
-    engine = Engine(model, tok, max_batch=4, max_queue=8)
-    srv = BackgroundServer(create_app(engine, ServeSettings(base_name="tiny", max_model_len=200, **settings)))
-    srv.engine = engine
-    return srv
+    return one_adapter_server(tok, adapter_dir, 200, **settings)
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +44,7 @@ def server(tok, adapter_dir):
         yield srv
 
 
-def _error(answer, status: int) -> dict:
-    code, _, body = answer
-    assert code == status, body
-    return body["error"]
+_error = api_error
 
 
 def _post(url: str, path: str, body: dict) -> tuple[int, dict]:
