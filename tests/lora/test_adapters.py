@@ -176,3 +176,13 @@ def test_parameter_report_counts():
     assert report.trainable == lora + head
     assert report.total == total + lora + head
     assert "trainable" in str(report) and f"{report.trainable:,}" in str(report)
+
+
+@pytest.mark.parametrize("name", ["training", "keys", "forward"])
+def test_inject_refuses_a_modules_attribute_as_adapter_name(name):
+    from lorakit.errors import TargetError
+
+    model = tiny_llama()
+    with pytest.raises(TargetError, match=f"adapter name '{name}' is reserved"):
+        inject(model, LoraConfig(targets=("q", "v")), name)
+    assert not list(lora_layers(model))  # nothing half-injected

@@ -98,6 +98,10 @@ def _without_saved(
     return {t: v for t, v in resolved.items() if t not in inside}
 
 
+# Every attribute a ModuleDict has (methods, `training`, ...): an adapter name is a key of ModuleDicts, which
+# refuse these with a KeyError; computed, so a newer torch's additions count.
+RESERVED_NAMES = frozenset(n for n in dir(nn.ModuleDict()) if not n.startswith("_"))
+
 def _spec(model: nn.Module, config: LoraConfig, module_name: str, slices: tuple[str, ...] | None) -> AdapterSpec:
     """The AdapterSpec of one module: its rank, scaling and init from ``config``, its slices from ``arch``."""
     spec = AdapterSpec(
@@ -139,6 +143,8 @@ def inject(
         raise TargetError(f"adapter {name!r} is already injected; delete_adapter() it or pick another name")
     if not name.isidentifier():
         raise TargetError(f"adapter name {name!r} must be a Python identifier (it names sub-modules)")
+    if name in RESERVED_NAMES:
+        raise TargetError(f"adapter name {name!r} is reserved (an attribute of torch's ModuleDict); pick another")
     saved = _resolve_saved_modules(model, config.modules_to_save)
     if modules is not None:
         resolved = modules

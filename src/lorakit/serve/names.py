@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import re
 
-from torch import nn
+from lorakit.lora.adapters import RESERVED_NAMES
 
 ADAPTER_NAME_PATTERN = r"[A-Za-z][A-Za-z0-9_]{0,63}"
 _NAME = re.compile(ADAPTER_NAME_PATTERN)
-# Every attribute a ModuleDict has (methods, `training`, ...): computed, so a newer torch's additions count.
-RESERVED_NAMES = frozenset(n for n in dir(nn.ModuleDict()) if not n.startswith("_"))
 
 
 def shown(text: str, limit: int = 80) -> str:
