@@ -122,7 +122,7 @@ def test_a_lone_surrogate_in_text_is_a_400(server, path, text, param):
 UNIMPLEMENTED = {
     "/v1/completions": {"suffix": "x", "stream_options.bogus": 1, "guided_json": {}, "ignore_eos": True},
     "/v1/chat/completions": {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto",
-                             "response_format": {"type": "json_object"}, "parallel_tool_calls": True,
+                             "parallel_tool_calls": True,
                              "functions": [{"name": "f"}], "function_call": "auto", "modalities": ["text"],
                              "audio": {"voice": "x"}, "prediction": {"type": "content", "content": "x"},
                              "reasoning_effort": "low", "service_tier": "auto", "store": True,

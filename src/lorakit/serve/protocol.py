@@ -52,6 +52,19 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JsonSchemaSpec(_Body):
+    name: str
+    # ``schema`` would shadow a BaseModel attribute, so the field has another name.
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None  # output always follows the schema here (constrained), so both are honoured
+    description: str | None = None
+
+
+class ResponseFormat(_Body):
+    type: str
+    json_schema: JsonSchemaSpec | None = None
+
+
 class _Sampling(_Body):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # Python's json reads NaN and Infinity
     model: str
@@ -72,6 +85,7 @@ class _Sampling(_Body):
     stop_token_ids: list[int] | None = None
     # Per-request adapter strength (llama.cpp's lora scale): multiplies the adapter's delta on this row.
     lora_scale: float = Field(1.0, ge=0.0, le=MAX_LORA_SCALE)
+    response_format: ResponseFormat | None = None  # serve/structured.py
 
 
 class CompletionBody(_Sampling):

@@ -44,6 +44,7 @@ from lorakit.serve.protocol import (
 from lorakit.serve.resolver import AdapterResolver
 from lorakit.serve.sequence import Event, SamplingParams, Sequence
 from lorakit.serve.settings import ServeSettings
+from lorakit.serve.structured import Grammars
 
 
 class Routes:
@@ -71,6 +72,8 @@ class Routes:
         # cannot fit the context, and is refused before it is tokenised.
         longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
         self.max_prompt_chars = settings.max_model_len * max(longest, 1)
+        vocab = getattr(getattr(engine.model, "config", None), "vocab_size", None) or len(self.tokenizer)
+        self.grammars = Grammars(self.tokenizer, vocab, engine.eos_ids)
 
     async def _off_loop(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.pool, lambda: fn(*args, **kwargs))
@@ -203,6 +206,8 @@ class Routes:
         prompt p's choice k has index p * n + k, as OpenAI numbers them."""
         params = [self._params(body, len(ids), max_tokens) for ids, _ in prompts]
         count = candidates(body, self.settings.max_n)
+        # Compiled off the event loop: a large schema takes a while, and a bad one is a 400 before queueing.
+        grammar = await self._off_loop(self.grammars.response_format, body.response_format)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
@@ -214,7 +219,8 @@ class Routes:
             check_scale(body.lora_scale, adapter, configs(self.engine.model).get(adapter) if adapter else None,
                         self.engine.batching)
             seqs = [Sequence(ids, adapter, per_choice(params[p], j), sink(p * count + j),
-                             kind="chat" if chat else "completion")
+                             kind="chat" if chat else "completion",
+                             grammar=grammar.constraint() if grammar else None)
                     for p, (ids, _) in enumerate(prompts) for j in range(count)]
             try:
                 self._submit(seqs)
