@@ -96,10 +96,35 @@ class CompletionBody(_Sampling):
     best_of: int | None = Field(None, ge=1)
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # a JSON text, as OpenAI sends it
+
+
+class ToolCall(_Body):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     # An enum, not free text: the role is pasted into the chat template, so a free string could forge a turn.
     role: Literal["system", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls (serve/tools.py)
+    tool_call_id: str | None = None  # which call a tool turn answers
+
+
+class FunctionDef(_Body):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
+    strict: bool | None = None
+
+
+class ToolDef(_Body):
+    type: Literal["function"]
+    function: FunctionDef
 
 
 class ChatBody(_Sampling):
@@ -108,6 +133,9 @@ class ChatBody(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[ToolDef] | None = None  # serve/tools.py
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class AdapterBody(_Body):

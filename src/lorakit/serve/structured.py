@@ -126,6 +126,15 @@ class Grammars:
             raise bad(param, f"not a JSON schema: {exc}") from exc
         return self.checked(grammar, param)
 
+    def lark(self, text: str, param: str) -> Grammar:
+        """A grammar from Lark text in llguidance's dialect (``%json {...}`` embeds a schema).
+
+        Args:
+            text: the Lark grammar.
+            param: the request field it came from, for errors.
+        """
+        return self.checked(llguidance.LLMatcher.grammar_from_lark(text), param)
+
     def checked(self, grammar: str, param: str) -> Grammar:
         """``grammar`` (llguidance's serialised form) built for this vocabulary; 400 when llguidance refuses
         it or no text can start it.
