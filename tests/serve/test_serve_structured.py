@@ -156,6 +156,13 @@ BAD_FORMATS = {
 }
 
 
+@pytest.mark.parametrize("field,value", [("stop", ["}"]), ("stop_token_ids", [2])])
+def test_stops_that_could_cut_the_json_short_are_a_400(server, field, value):
+    err = api_error(raw(server.url, "POST", "/v1/chat/completions",
+                        {"model": "a0", "messages": MESSAGES, "response_format": FORMAT, field: value}), 400)
+    assert err["param"] == field, err
+
+
 @pytest.mark.parametrize("case", list(BAD_FORMATS))
 def test_a_bad_response_format_is_a_400_before_the_engine_sees_it(server, case):
     """The engine thread is held at a gate: an answer at all proves the check ran on the HTTP side."""

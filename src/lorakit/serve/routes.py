@@ -258,8 +258,14 @@ class Routes:
     def _grammar(self, body: CompletionBody | ChatBody, tool_plan: tools.ToolPlan | None) -> Grammar | None:
         """The grammar every sequence of the request follows: a forced tool call's, or response_format's."""
         if tool_plan is not None and tool_plan.forced is not None:
-            return self.grammars.lark(tool_plan.forced, "tools")
-        return self.grammars.response_format(body.response_format)
+            grammar = self.grammars.lark(tool_plan.forced, "tools")
+        else:
+            grammar = self.grammars.response_format(body.response_format)
+        for field in ("stop", "stop_token_ids"):
+            if grammar is not None and getattr(body, field):
+                raise APIError(400, f"{field}: not with a response_format or a forced tool call (it could cut the "
+                               "output short of what the grammar requires; the grammar ends the text)", param=field)
+        return grammar
 
     async def _choices(self, reply: Reply, echoes: list[str], texts: dict[int, str], count: int,
                        n: int) -> list[dict[str, Any]]:
