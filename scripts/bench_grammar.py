@@ -4,8 +4,9 @@ mask cost on SmolLM2's 49k vocabulary, side by side in one process.
 For each library: the one-off tokenizer wrapping; the compile of a realistic JSON schema (an E2E restaurant
 record: enums, a bounded number, a nullable string, an array, a nested object with a pattern) and of
 ``{"type": "object"}`` (``json_object``), cold each time (xgrammar's cache off); and the walk of a valid
-instance's tokens, timing each step's mask fill (the cost a decode step pays per constrained row) and token
-commit separately. Rounds alternate the libraries, so machine load hits both alike; medians are reported.
+instance's tokens, timing each step's mask fill (median, mean and slowest step) and token commit separately.
+Rounds alternate the libraries, so machine load hits both alike; medians over rounds are reported. Last,
+lorakit's whole per-row cost with the chosen library (``Constraint.mask`` + ``advance``, median per token).
 
 Usage: ``python scripts/bench_grammar.py [--rounds 5] [--tokenizer ~/.cache/lorakit/smollm2-135m]``
 """
@@ -129,8 +130,8 @@ def main() -> None:
     sides, wrap = {}, {}
     for cls in (XGrammar, LLGuidance):
         wrap[cls.name], sides[cls.name] = _timed(lambda c=cls: c(tok, vocab))
-    rows: dict[str, dict[str, list[float]]] = {n: {"schema": [], "object": [], "fill": [], "commit": []}
-                                               for n in sides}
+    rows: dict[str, dict[str, list[float]]] = {n: {"schema": [], "object": [], "fill": [], "fill_mean": [],
+                                                   "fill_max": [], "commit": []} for n in sides}
     for _ in range(args.rounds):
         for name, side in sides.items():
             seconds, compiled = _timed(lambda s=side: s.compile(SCHEMA))
@@ -138,13 +139,31 @@ def main() -> None:
             rows[name]["object"].append(_timed(lambda s=side: s.compile({"type": "object"}))[0])
             fills, commits = side.walk(compiled, tokens)
             rows[name]["fill"].append(statistics.median(fills))
+            rows[name]["fill_mean"].append(statistics.fmean(fills))
+            rows[name]["fill_max"].append(max(fills))
             rows[name]["commit"].append(statistics.median(commits))
     med = {n: {k: statistics.median(v) * 1e3 for k, v in r.items()} for n, r in rows.items()}
     out = {"vocab": vocab, "instance_tokens": len(tokens), "rounds": args.rounds, "torch_threads":
            torch.get_num_threads(), "tokenizer_wrap_ms": {n: s * 1e3 for n, s in wrap.items()},
            "median_ms": med,
            "xgrammar_over_llguidance": {k: med["xgrammar"][k] / med["llguidance"][k] for k in med["xgrammar"]}}
+    out["lorakit_row_ms"] = _lorakit_row(tok, vocab, tokens) * 1e3
     print(json.dumps(out, indent=1))
+
+
+def _lorakit_row(tok: Any, vocab: int, tokens: list[int]) -> float:
+    """What the engine pays per constrained row and token: ``Constraint.mask`` (fill, unpack, masked_fill
+    of a 49k row) plus ``advance``, the median over the instance's tokens."""
+    from lorakit.serve.structured import Grammars
+
+    constraint = Grammars(tok, vocab, [tok.eos_token_id]).json_schema(SCHEMA, "bench").constraint()
+    logits, times = torch.randn(vocab), []
+    for t in tokens:
+        t0 = time.perf_counter()
+        constraint.mask(logits)
+        constraint.advance(t)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,8 +28,6 @@ JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": 
 FORMAT_TYPES = ("text", "json_object", "json_schema")
 # OpenAI's rule for json_schema.name.
 SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-# Bit i of a mask word allows token 32 * word + i.
-_SHIFTS = torch.arange(32, dtype=torch.int32)
 
 
 def bad(param: str, problem: str) -> APIError:
@@ -42,13 +41,15 @@ class Constraint:
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab: int) -> None:
         self._matcher = matcher
-        self._words = torch.zeros((vocab + 31) // 32, dtype=torch.int32)
+        self._words = np.zeros((vocab + 31) // 32, dtype="<i4")  # bit i of word w allows token 32 w + i
 
     def mask(self, logits: Tensor) -> Tensor:
-        """``logits`` (vocab,) with every token the grammar does not allow next set to -inf (a new tensor)."""
-        self._matcher.unsafe_compute_mask_ptr(self._words.data_ptr(), self._words.numel() * 4)
-        allowed = ((self._words.unsqueeze(-1) >> _SHIFTS) & 1).flatten()[: logits.shape[0]].bool()
-        return logits.masked_fill(~allowed, float("-inf"))
+        """``logits`` (vocab,) with every token the grammar does not allow next set to -inf (a new float32
+        tensor)."""
+        self._matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
+        # numpy, not torch: single-threaded, so a busy machine cannot stall the step in a thread barrier.
+        allowed = np.unpackbits(self._words.view(np.uint8), bitorder="little")[: logits.shape[0]].astype(bool)
+        return torch.from_numpy(np.where(allowed, logits.float().numpy(), np.float32(-np.inf)))
 
     def advance(self, token: int) -> bool:
         """Move past the sampled ``token``; False when the grammar refuses it (a bug, not a user error)."""
