@@ -8,6 +8,8 @@ instance's tokens, timing each step's mask fill (median, mean and slowest step) 
 Rounds alternate the libraries, so machine load hits both alike; medians over rounds are reported. Last,
 lorakit's whole per-row cost with the chosen library (``Constraint.mask`` + ``advance``, median per token).
 
+xgrammar is not a lorakit dependency (docs/serving.md says why): ``pip install xgrammar`` first.
+
 Usage: ``python scripts/bench_grammar.py [--rounds 5] [--tokenizer ~/.cache/lorakit/smollm2-135m]``
 """
 
