@@ -184,28 +184,32 @@ def test_history_calls_the_template_cannot_render_are_a_400(plain_server, server
 
 
 # -- bad input ----------------------------------------------------------------------------------------------
+# fields -> (the param the 400 names, a fragment of its message)
 BAD = {
-    "unknown choice": ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+    "unknown choice": ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice", "'sometimes' is not one of"),
     "unknown name": ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
-                     "tool_choice"),
-    "choice shape": ({"tools": TOOLS, "tool_choice": {"type": "function", "name": "get_time"}}, "tool_choice"),
-    "required, no tools": ({"tool_choice": "required"}, "tool_choice"),
-    "twice": ({"tools": [TOOLS[0], TOOLS[0]]}, "tools[1].function.name"),
-    "bad name": ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name"),
+                     "tool_choice", "no tool is named 'nope'"),
+    "choice shape": ({"tools": TOOLS, "tool_choice": {"type": "function", "name": "get_time"}}, "tool_choice",
+                     "expected {"),
+    "required, no tools": ({"tool_choice": "required"}, "tool_choice", "only allowed when tools are given"),
+    "twice": ({"tools": [TOOLS[0], TOOLS[0]]}, "tools[1].function.name", "given twice"),
+    "bad name": ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name",
+                 "letters, digits"),
     "bad parameters": ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "foo"}}}],
-                        "tool_choice": "required"}, "tools"),
-    "with response_format": ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format"),
-    "one call, auto": ({"tools": TOOLS, "parallel_tool_calls": False}, "parallel_tool_calls"),
-    "not a function": ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools.0.type"),
+                        "tool_choice": "required"}, "tools", "Invalid type: foo"),
+    "with response_format": ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format",
+                             "cannot be combined with tools"),
+    "one call, auto": ({"tools": TOOLS, "parallel_tool_calls": False}, "parallel_tool_calls", "needs tool_choice"),
+    "not a function": ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools.0.type", "function"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_tool_fields_are_a_400_naming_them(server, case):
-    fields, param = BAD[case]
+    fields, param, fragment = BAD[case]
     err = api_error(raw(server.url, "POST", "/v1/chat/completions",
                         {"model": "a0", "messages": MESSAGES, "max_tokens": 2, **fields}), 400)
-    assert err["param"] == param, err
+    assert err["param"] == param and fragment in err["message"], err
 
 
 def test_a_template_whose_call_syntax_no_parser_reads_is_a_400(adapter_dir, smollm2_path):
