@@ -10,12 +10,15 @@ import itertools
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from lorakit.serve.sampling import adjusted, filtered
-from lorakit.serve.structured import Constraint
+
+if TYPE_CHECKING:  # the engine runs without llguidance unless a request brings a grammar
+    from lorakit.serve.structured import Constraint
 
 _ids = itertools.count()
 
