@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from lorakit.serve.protocol import APIError, completion_object
 from lorakit.serve.sequence import Event, SamplingParams, Sequence
+from lorakit.serve.tools import ToolFamily
 
 # OpenAI's bound on a logit_bias value.
 MAX_LOGIT_BIAS = 100.0
@@ -140,6 +141,7 @@ class Reply:
     seqs: list[Sequence]
     events: asyncio.Queue[tuple[int, Event]]
     prompt_tokens: int = 0
+    tools: ToolFamily | None = None  # parse tool calls out of the text (chat with tools)
 
     def chunk(self, index: int, text: str, finish: str | None, *, role: bool = False,
               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -52,6 +52,19 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JsonSchemaSpec(_Body):
+    name: str
+    # ``schema`` would shadow a BaseModel attribute, so the field has another name.
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None  # output always follows the schema here (constrained), so both are honoured
+    description: str | None = None
+
+
+class ResponseFormat(_Body):
+    type: str
+    json_schema: JsonSchemaSpec | None = None
+
+
 class _Sampling(_Body):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # Python's json reads NaN and Infinity
     model: str
@@ -72,6 +85,7 @@ class _Sampling(_Body):
     stop_token_ids: list[int] | None = None
     # Per-request adapter strength (llama.cpp's lora scale): multiplies the adapter's delta on this row.
     lora_scale: float = Field(1.0, ge=0.0, le=MAX_LORA_SCALE)
+    response_format: ResponseFormat | None = None  # serve/structured.py
 
 
 class CompletionBody(_Sampling):
@@ -82,10 +96,35 @@ class CompletionBody(_Sampling):
     best_of: int | None = Field(None, ge=1)
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # a JSON text, as OpenAI sends it
+
+
+class ToolCall(_Body):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     # An enum, not free text: the role is pasted into the chat template, so a free string could forge a turn.
     role: Literal["system", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls (serve/tools.py)
+    tool_call_id: str | None = None  # which call a tool turn answers
+
+
+class FunctionDef(_Body):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
+    strict: bool | None = None
+
+
+class ToolDef(_Body):
+    type: Literal["function"]
+    function: FunctionDef
 
 
 class ChatBody(_Sampling):
@@ -94,6 +133,9 @@ class ChatBody(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[ToolDef] | None = None  # serve/tools.py
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class AdapterBody(_Body):

@@ -13,7 +13,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from lorakit.lora.adapters import configs
-from lorakit.serve import adapters_admin
+from lorakit.serve import adapters_admin, tools
 from lorakit.serve.engine import Engine, QueueFull, ShuttingDown, UnknownAdapter
 from lorakit.serve.limits import ShutdownSwitch
 from lorakit.serve.logprobs import LogprobFormatter
@@ -44,6 +44,7 @@ from lorakit.serve.protocol import (
 from lorakit.serve.resolver import AdapterResolver
 from lorakit.serve.sequence import Event, SamplingParams, Sequence
 from lorakit.serve.settings import ServeSettings
+from lorakit.serve.structured import Grammar, Grammars
 
 
 class Routes:
@@ -71,6 +72,8 @@ class Routes:
         # cannot fit the context, and is refused before it is tokenised.
         longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
         self.max_prompt_chars = settings.max_model_len * max(longest, 1)
+        vocab = getattr(getattr(engine.model, "config", None), "vocab_size", None) or len(self.tokenizer)
+        self.grammars = Grammars(self.tokenizer, vocab, engine.eos_ids)
 
     async def _off_loop(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.pool, lambda: fn(*args, **kwargs))
@@ -160,16 +163,19 @@ class Routes:
         self._check_body(body)
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise APIError(400, f"{self.settings.base_name} has no chat template; use /v1/completions")
+        tool_plan = tools.plan(body, self.tokenizer)
         messages = chat_text(body.messages)
+        tools.history(body.messages, messages, self.tokenizer)
         self._check_chars(sum(len(m["content"]) for m in messages))
+        extra = {"tools": tool_plan.tools} if tool_plan else {}
         try:
             text = await self._off_loop(self.tokenizer.apply_chat_template, messages, add_generation_prompt=True,
-                                        tokenize=False)
+                                        tokenize=False, **extra)
         except Exception as exc:  # a template error is the request's fault (bad roles, order)
             raise APIError(400, f"messages: the chat template refused them: {exc}", param="messages") from exc
         ids = (await self._off_loop(self.tokenizer, text, add_special_tokens=False)).input_ids
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await self._generate(body, [(ids, "")], max_tokens, request, chat=True)
+        return await self._generate(body, [(ids, "")], max_tokens, request, chat=True, tool_plan=tool_plan)
 
     def _need_task(self, task: str, path: str) -> None:
         if self.settings.task != task:
@@ -198,33 +204,25 @@ class Routes:
                               track_score=candidates(body, s.max_n) > body.n)
 
     async def _generate(self, body: CompletionBody | ChatBody, prompts: list[tuple[list[int], str]],
-                        max_tokens: int | None, request: Request, *, chat: bool) -> Response:
+                        max_tokens: int | None, request: Request, *, chat: bool,
+                        tool_plan: tools.ToolPlan | None = None) -> Response:
         """Run every prompt's candidates (``best_of`` or ``n``) in the engine and answer for all of them;
         prompt p's choice k has index p * n + k, as OpenAI numbers them."""
         params = [self._params(body, len(ids), max_tokens) for ids, _ in prompts]
         count = candidates(body, self.settings.max_n)
+        # Compiled off the event loop: a large schema takes a while, and a bad one is a 400 before queueing.
+        grammar = await self._off_loop(self._grammar, body, tool_plan)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
-        def sink(index: int) -> Callable[[Event], None]:
-            return lambda ev: loop.call_soon_threadsafe(events.put_nowait, (index, ev))
+        def make(index: int, ids: list[int], adapter: str | None, choice: SamplingParams) -> Sequence:
+            return Sequence(ids, adapter, choice, lambda ev: loop.call_soon_threadsafe(events.put_nowait, (index, ev)),
+                            kind="chat" if chat else "completion", grammar=grammar.constraint() if grammar else None)
 
-        for attempt in (0, 1):
-            adapter = await self._adapter(body.model)
-            check_scale(body.lora_scale, adapter, configs(self.engine.model).get(adapter) if adapter else None,
-                        self.engine.batching)
-            seqs = [Sequence(ids, adapter, per_choice(params[p], j), sink(p * count + j),
-                             kind="chat" if chat else "completion")
-                    for p, (ids, _) in enumerate(prompts) for j in range(count)]
-            try:
-                self._submit(seqs)
-                break
-            except APIError as exc:  # evicted between loading and queueing (idle then): load it again, once
-                if exc.status != 404 or attempt or self.resolver is None:
-                    raise
+        seqs = await self._queue(body, [ids for ids, _ in prompts], params, count, make)
         self.engine.metrics.requests.labels(body.model, seqs[0].kind).inc()
         reply = Reply(new_id("chatcmpl" if chat else "cmpl"), body.model, chat, seqs, events,
-                      sum(len(ids) for ids, _ in prompts))
+                      sum(len(ids) for ids, _ in prompts), tool_plan.family if tool_plan else None)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(self._stream(reply, include_usage, request), media_type="text/event-stream",
@@ -237,6 +235,38 @@ class Routes:
         obj["usage"] = usage(reply.prompt_tokens, sum(s.completion_tokens for s in seqs))
         return JSONResponse(obj)
 
+    async def _queue(self, body: CompletionBody | ChatBody, prompts: list[list[int]], params: list[SamplingParams],
+                     count: int, make: Callable[[int, list[int], str | None, SamplingParams], Sequence]
+                     ) -> list[Sequence]:
+        """Make each prompt's ``count`` sequences (``make(index, ids, adapter, params)``) for the adapter
+        ``body.model`` picks, and queue them; an adapter evicted before they were queued loads again, once."""
+        retry = self.resolver is not None
+        while True:
+            adapter = await self._adapter(body.model)
+            check_scale(body.lora_scale, adapter, configs(self.engine.model).get(adapter) if adapter else None,
+                        self.engine.batching)
+            seqs = [make(p * count + j, ids, adapter, per_choice(params[p], j))
+                    for p, ids in enumerate(prompts) for j in range(count)]
+            try:
+                self._submit(seqs)
+                return seqs
+            except APIError as exc:  # evicted between loading and queueing (idle then): load it again, once
+                if exc.status != 404 or not retry:
+                    raise
+                retry = False
+
+    def _grammar(self, body: CompletionBody | ChatBody, tool_plan: tools.ToolPlan | None) -> Grammar | None:
+        """The grammar every sequence of the request follows: a forced tool call's, or response_format's."""
+        if tool_plan is not None and tool_plan.forced is not None:
+            grammar = self.grammars.lark(tool_plan.forced, "tools")
+        else:
+            grammar = self.grammars.response_format(body.response_format)
+        for field in ("stop", "stop_token_ids"):
+            if grammar is not None and getattr(body, field):
+                raise APIError(400, f"{field}: not with a response_format or a forced tool call (it could cut the "
+                               "output short of what the grammar requires; the grammar ends the text)", param=field)
+        return grammar
+
     async def _choices(self, reply: Reply, echoes: list[str], texts: dict[int, str], count: int,
                        n: int) -> list[dict[str, Any]]:
         """Each prompt's ``n`` best of its ``count`` finished sequences as choices, numbered in order."""
@@ -247,6 +277,8 @@ class Routes:
                                         chat=reply.chat, chunk=False)["choices"][0]
                 if seq.params.logprobs is not None:
                     one["logprobs"] = await self._off_loop(self._choice_logprobs, seq, reply.chat)
+                if reply.tools is not None:
+                    tools.tool_message(one, reply.tools)
                 choices.append({**one, "index": len(choices)})
         return choices
 
@@ -328,6 +360,7 @@ class Routes:
         logprobs = reply.seqs[0].params.logprobs is not None
         formatters = [LogprobFormatter(self.tokenizer, chat=reply.chat) if logprobs else None for _ in reply.seqs]
         open_ = set(range(len(reply.seqs)))
+        held = [tools.Held() for _ in reply.seqs]
         try:
             if reply.chat:
                 for index in open_:
@@ -342,9 +375,14 @@ class Routes:
                     break
                 if ev.finish_reason == "cancelled":  # the client hung up
                     return
+                if reply.tools is not None:  # calls are parsed from the whole text: it goes out at the end
+                    ev = held[index].hold(ev)
                 if ev.text or ev.finish_reason:
                     entries = formatters[index].format(ev.logprobs) if formatters[index] else None
-                    yield sse(reply.chunk(index, ev.text, ev.finish_reason, logprobs=entries))
+                    chunk = reply.chunk(index, ev.text, ev.finish_reason, logprobs=entries)
+                    if reply.tools is not None:
+                        tools.tool_message(chunk["choices"][0], reply.tools)
+                    yield sse(chunk)
                 if ev.finish_reason:
                     open_.discard(index)
             else:

@@ -10,11 +10,15 @@ import itertools
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from lorakit.serve.sampling import adjusted, filtered
+
+if TYPE_CHECKING:  # the engine runs without llguidance unless a request brings a grammar
+    from lorakit.serve.structured import Constraint
 
 _ids = itertools.count()
 
@@ -84,6 +88,7 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # set by prefill when asked for
     logprobs_sent: int = 0
     cumulative_logprob: float = 0.0  # summed when params.track_score
+    grammar: Constraint | None = None  # response_format's matcher: masks each step's logits, advances per token
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
@@ -97,6 +102,8 @@ class Sequence:
         """The next token from one row of logits (vocab,): argmax at temperature 0, else nucleus sampling."""
         p = self.params
         logits = adjusted(logits, p, self.prompt_ids, self.tokens)
+        if self.grammar is not None:
+            logits = self.grammar.mask(logits)
         if p.temperature <= 0:
             return int(torch.argmax(logits))
         probs = filtered(torch.softmax(logits.float() / p.temperature, dim=-1), p.top_k, p.top_p, p.min_p)
@@ -133,6 +140,9 @@ class Sequence:
         self.completion_tokens += 1
         if self.t_first is None:
             self.t_first = time.perf_counter()
+        if self.grammar is not None and not self.grammar.advance(token):
+            self.fail(f"internal error: the grammar refused token {token}: {self.grammar.error()}")
+            return
         if token in eos_ids or token in self.params.stop_token_ids:
             self._finish("stop")
             return
