@@ -51,8 +51,9 @@ def work(tmp_path_factory) -> dict:
     out["base_f32"] = root / "base-f32.gguf"
     write_gguf_model(out["base_f32"], builtin_gguf("smollm2-135m"), {}, "f32", requantize=True)
     _, tokenizer = load_model("smollm2-135m")
-    out["prompts"] = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
-                      for q in QUESTIONS]
+    # return_dict: transformers 5 returns a BatchEncoding by default, 4.x a list of ids
+    out["prompts"] = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                    return_dict=True)["input_ids"] for q in QUESTIONS]
     return out
 
 
