@@ -71,9 +71,13 @@ def llama_server(model: Path, lora: Path | None = None, timeout: float = 300) ->
             proc.wait()
 
 
-def greedy_completion(url: str, prompt: list[int], n: int, n_probs: int = 5) -> tuple[list[int], list[dict]]:
-    """(generated token ids, per step {token id: log-probability} of the top ``n_probs``) from /completion,
-    greedy (temperature < 0: llama.cpp's argmax, log-probabilities from a plain softmax of the logits).
+def greedy_completion(url: str, prompt: list[int], n: int, n_probs: int = 5) -> tuple[list[int], list[dict], set[int]]:
+    """(generated token ids, per step {token id: log-probability} of the top ``n_probs``, the token ids the
+    server barred) from /completion, greedy (temperature < 0: llama.cpp's argmax; log-probabilities from a
+    plain softmax of the logits, before any bias).
+
+    ``ignore_eos`` makes llama.cpp bar every end-of-generation token (a -inf logit bias, which the reply's
+    ``generation_settings.logit_bias`` lists): a comparison must bar the same ids on its side.
 
     Args:
         url: the server.
@@ -89,4 +93,5 @@ def greedy_completion(url: str, prompt: list[int], n: int, n_probs: int = 5) -> 
         reply = json.loads(r.read())
     steps = [{int(t["id"]): float(t["logprob"]) for t in step["top_logprobs"]}
              for step in reply["completion_probabilities"]]
-    return [int(t) for t in reply["tokens"]], steps
+    barred = {int(b["token"]) for b in reply["generation_settings"]["logit_bias"] if b["bias"] is None}
+    return [int(t) for t in reply["tokens"]], steps, barred
