@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import time
@@ -12,18 +11,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-CACHE = Path(os.environ.get("LORAKIT_LLAMA_CPP_CACHE", Path.home() / ".cache" / "lorakit" / "llama.cpp"))
+from lorakit.bench.llama_cpp import default_server_path, llama_cpp_cache, skip_reason
 
 
 def server_binary() -> Path | None:
     """llama-server, if scripts/llama_cpp.sh built it."""
-    path = CACHE / "bin" / "llama-server"
-    return path if os.access(path, os.X_OK) else None
+    path = default_server_path()
+    return path if skip_reason(path) is None else None
 
 
 def source_tree() -> Path | None:
     """The llama.cpp source tree (with convert_lora_to_gguf.py and gguf-py), if downloaded."""
-    found = sorted(CACHE.glob("src/*/llama.cpp/convert_lora_to_gguf.py"))
+    found = sorted(llama_cpp_cache().glob("src/*/llama.cpp/convert_lora_to_gguf.py"))
     return found[-1].parent if found else None
 
 
@@ -44,7 +43,7 @@ def llama_server(model: Path, lora: Path | None = None, timeout: float = 300) ->
     """
     port = _free_port()
     cmd = [str(server_binary()), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-c", "1024",
-           "-np", "1", "-t", "2", "--no-warmup"]
+           "-np", "1", "-t", "2", "--no-warmup", "-ctk", "f32", "-ctv", "f32"]  # an f32 KV cache, as lorakit's
     if lora is not None:
         cmd += ["--lora", str(lora)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -72,9 +71,13 @@ def llama_server(model: Path, lora: Path | None = None, timeout: float = 300) ->
             proc.wait()
 
 
-def greedy_completion(url: str, prompt: list[int], n: int, n_probs: int = 5) -> tuple[list[int], list[dict]]:
-    """(generated token ids, per step {token id: log-probability} of the top ``n_probs``) from /completion,
-    greedy (temperature < 0: llama.cpp's argmax, log-probabilities from a plain softmax of the logits).
+def greedy_completion(url: str, prompt: list[int], n: int, n_probs: int = 5) -> tuple[list[int], list[dict], set[int]]:
+    """(generated token ids, per step {token id: log-probability} of the top ``n_probs``, the token ids the
+    server barred) from /completion, greedy (temperature < 0: llama.cpp's argmax; log-probabilities from a
+    plain softmax of the logits, before any bias).
+
+    ``ignore_eos`` makes llama.cpp bar every end-of-generation token (a -inf logit bias, which the reply's
+    ``generation_settings.logit_bias`` lists): a comparison must bar the same ids on its side.
 
     Args:
         url: the server.
@@ -90,4 +93,5 @@ def greedy_completion(url: str, prompt: list[int], n: int, n_probs: int = 5) -> 
         reply = json.loads(r.read())
     steps = [{int(t["id"]): float(t["logprob"]) for t in step["top_logprobs"]}
              for step in reply["completion_probabilities"]]
-    return [int(t) for t in reply["tokens"]], steps
+    barred = {int(b["token"]) for b in reply["generation_settings"]["logit_bias"] if b["bias"] is None}
+    return [int(t) for t in reply["tokens"]], steps, barred

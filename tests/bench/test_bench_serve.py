@@ -1,6 +1,7 @@
 """`lorakit bench serve`'s reductions: medians over repeated cells and the issue's target checks."""
 
-from lorakit.bench.serve_load import median_row, render_table, target_checks
+from lorakit.bench.load import median_row
+from lorakit.bench.serve_load import render_table, target_checks
 
 
 def _row(system: str, adapters: int, concurrency: int, tps: float, p99: float = 1.0) -> dict:

@@ -30,12 +30,6 @@ def test_info_says_whether_vllm_can_serve_an_adapter(tmp_path, capsys):
     info = _info(tmp_path / "sliced", capsys)
     assert info["vllm_servable"] is False and "per-slice fused" in info["vllm_why_not"][0]
 
-    bert = tiny_bert()
-    inject(bert, LoraConfig(targets=("q", "v"), r=4, modules_to_save=("classifier",)))
-    save_adapter(bert, tmp_path / "cls")
-    reasons = " | ".join(_info(tmp_path / "cls", capsys)["vllm_why_not"])
-    assert "modules_to_save" in reasons and "sequence-classification" in reasons
-
     biased = tiny_llama()
     inject(biased, LoraConfig(targets=("q", "v"), r=32, bias="all"))
     save_adapter(biased, tmp_path / "bias")
@@ -43,6 +37,30 @@ def test_info_says_whether_vllm_can_serve_an_adapter(tmp_path, capsys):
     assert "bias='all'" in info["vllm_why_not"][0] and "--max-lora-rank" in info["vllm_notes"][0]
     assert main(["info", str(tmp_path / "plain")]) == 0
     assert "vllm_servable     True" in capsys.readouterr().out
+
+
+def test_vllm_verdict_loads_a_classifier_head_but_no_other_saved_module(tmp_path, capsys):
+    # vLLM PR #53555 (2026): a sequence-classification adapter's score/classifier head in modules_to_save loads
+    bert = tiny_bert()
+    inject(bert, LoraConfig(targets=("q", "v"), r=4, modules_to_save=("classifier",)))
+    save_adapter(bert, tmp_path / "cls")
+    info = _info(tmp_path / "cls", capsys)
+    assert info["vllm_servable"] is True and info["vllm_why_not"] == []
+    assert "PR #53555" in info["vllm_notes"][0]
+
+    bert = tiny_bert()
+    inject(bert, LoraConfig(targets=("q", "v"), r=4, modules_to_save=("classifier", "bert.pooler.dense")))
+    save_adapter(bert, tmp_path / "pooler")
+    info = _info(tmp_path / "pooler", capsys)
+    assert info["vllm_servable"] is False
+    assert info["vllm_why_not"] == ["modules_to_save ['bert.pooler.dense']: vLLM loads only a sequence-classification "
+                                    "adapter's score/classifier head there (merge it with `lorakit merge` instead)"]
+
+    llama = tiny_llama()
+    inject(llama, LoraConfig(targets=("q", "v"), r=4, modules_to_save=("lm_head",)))
+    save_adapter(llama, tmp_path / "lm_head")
+    info = _info(tmp_path / "lm_head", capsys)
+    assert info["vllm_servable"] is False and info["vllm_why_not"][0].startswith("modules_to_save ['lm_head']")
 
 
 def test_serve_command_builds_the_server_from_arguments(tmp_path, smollm2_path):

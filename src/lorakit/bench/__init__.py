@@ -9,5 +9,7 @@ The entry point is ``lorakit bench`` (``lorakit.cli.bench.bench_main``); the mod
   batches, adapters and train steps; ``tokens``: the useful-tokens case; ``timing``: the timers.
 * ``session``: runs the selected cases and writes ``bench.json``, ``bench.md`` and the plot, with
   ``verdicts`` (ratios and targets), ``report`` (the markdown) and ``plot`` (the scaling figure).
-* ``serve_load``: ``lorakit bench serve``, a load test of ``lorakit serve``.
+* ``serve_load``: ``lorakit bench serve``, a load test of ``lorakit serve``, with ``llama_cpp`` (llama.cpp's
+  ``llama-server`` as a side on the same adapters and prompts) and ``load`` (what both sides share: the
+  server process, closed-loop clients, summaries and medians).
 """

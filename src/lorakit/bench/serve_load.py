@@ -12,17 +12,17 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
+from lorakit.bench.load import LoopbackServer, median_row, print_cell, summarize, timed_cell
+
 MODEL = "smollm2-135m"
+LLAMA_CPP_F32 = "llama.cpp, F32 base"  # the llama.cpp row on the same fp32 weights lorakit serves
 
 
 def e2e_prompts(path: Path, n: int) -> list[str]:
@@ -61,52 +61,15 @@ def write_adapters(folder: Path, count: int) -> dict[str, str]:
     return out
 
 
-class ServerProcess:
-    """`lorakit serve` in a subprocess on a loopback port; stopped with SIGTERM (graceful)."""
+class ServerProcess(LoopbackServer):
+    """`lorakit serve` in a subprocess on a loopback port with the given adapters; stopped with SIGTERM."""
 
     def __init__(self, adapters: dict[str, str], port: int, extra: list[str]) -> None:
         cmd = [sys.executable, "-m", "lorakit", "serve", "--model", MODEL, "--port", str(port),
                "--max-batch", "32", "--max-queue", "256", *extra]
         for name, path in adapters.items():
             cmd += ["--adapter", f"{name}={path}"]
-        self.port = port
-        # A file, not a pipe: uvicorn logs every request, and an unread pipe would block the server.
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="lorakit-serve-", suffix=".log")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True)
-
-    def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"lorakit serve exited: {self.log.read()[-2000:]}")
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError("lorakit serve did not become ready")
-
-    def cpu_seconds(self) -> float | None:
-        """CPU time the server process has used (user + system, all threads); None off Linux.
-
-        On a shared CPU wall-clock rates mostly measure the neighbours; CPU time per token measures the work.
-        """
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+        super().__init__(cmd, port, "lorakit serve")
 
 
 def one_request(port: int, model: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
@@ -132,44 +95,6 @@ def one_request(port: int, model: str, prompt: str, max_tokens: int) -> tuple[fl
     conn.close()
     latency = time.perf_counter() - start
     return latency, ttft if ttft is not None else latency, tokens
-
-
-def closed_loop(port: int, requests: list[tuple[str, str]], concurrency: int, max_tokens: int) -> dict[str, Any]:
-    """``concurrency`` clients drain ``requests`` (model, prompt), each sending its next when one ends."""
-    results: list[tuple[float, float, int]] = []
-    lock = threading.Lock()
-    todo = list(reversed(requests))
-
-    def client() -> None:
-        while True:
-            with lock:
-                if not todo:
-                    return
-                model, prompt = todo.pop()
-            r = one_request(port, model, prompt, max_tokens)
-            with lock:
-                results.append(r)
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    return summarize([r[0] for r in results], [r[1] for r in results], sum(r[2] for r in results), wall)
-
-
-def summarize(latencies: list[float], ttfts: list[float], tokens: int, wall: float) -> dict[str, Any]:
-    def pct(xs: list[float], q: float) -> float | None:
-        if not xs:
-            return None
-        xs = sorted(xs)
-        return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
-
-    return {"requests": len(latencies), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "p50_s": pct(latencies, 0.5), "p99_s": pct(latencies, 0.99),
-            "ttft_p50_s": pct(ttfts, 0.5) if ttfts else None, "mean_s": statistics.fmean(latencies)}
 
 
 def peft_batched(adapters: dict[str, str], requests: list[tuple[str, str]], max_tokens: int,
@@ -217,27 +142,9 @@ def _tokens_to_eos(rows: list[list[int]], eos: int) -> int:
     return sum(next((i + 1 for i, t in enumerate(row) if t == eos), len(row)) for row in rows)
 
 
-MEDIAN_FIELDS = ("tokens_per_s", "p50_s", "p99_s", "ttft_p50_s", "mean_s", "wall_s", "cpu_ms_per_token")
-
-
-def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One row from repeated runs of a cell: the median of each figure, plus every run's tokens/s.
-
-    Args:
-        runs: rows of the same cell (same system, adapters and concurrency), in the order they ran.
-    """
-    row = dict(runs[0])
-    for field in MEDIAN_FIELDS:
-        values = [r[field] for r in runs if r.get(field) is not None]
-        row[field] = statistics.median(values) if values else None
-    row["requests"] = sum(r["requests"] for r in runs)
-    row["tokens"] = sum(r["tokens"] for r in runs)
-    row["tokens_per_s_runs"] = [r["tokens_per_s"] for r in runs]
-    return row
-
-
 def target_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's three targets, from the medians: at the top concurrency, many adapters vs one, vs (a), vs (b).
+    """The targets, from the medians: at the top concurrency, many adapters vs one, vs (a), vs (b), and one
+    adapter vs llama.cpp's F32 base.
 
     Args:
         results: the report's rows (``system``, ``adapters``, ``concurrency``, ``tokens_per_s``).
@@ -256,19 +163,19 @@ def target_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         checks.append((f"{max(at_top)} adapters at concurrency {top} / (a) one at a time", many / others["(a)"], 4.0))
     if "(b)" in others:
         checks.append((f"{max(at_top)} adapters at concurrency {top} / (b) PEFT batched", many / others["(b)"], 1.0))
+    llama = {r["adapters"]: r["tokens_per_s"] for r in results
+             if r["system"] == LLAMA_CPP_F32 and r["concurrency"] == top}
+    if min(at_top) in llama:  # issue 33's target: one adapter at least as fast as llama.cpp on the same fp32 weights
+        checks.append((f"{min(at_top)} adapter at concurrency {top} / {LLAMA_CPP_F32}", one / llama[min(at_top)], 1.0))
     return [{"check": name, "ratio": ratio, "target": target, "met": ratio >= target} for name, ratio, target in checks]
 
 
 def _cell(server: ServerProcess, prompts: list[str], adapters: int, concurrency: int, n: int,
           max_tokens: int) -> dict:
     requests = [(f"task{i % adapters}", prompts[i % len(prompts)]) for i in range(n)]
-    cpu = server.cpu_seconds()
-    row = closed_loop(server.port, requests, concurrency, max_tokens)
-    after = server.cpu_seconds()
-    row["cpu_ms_per_token"] = None if cpu is None or after is None else 1000 * (after - cpu) / max(row["tokens"], 1)
+    row = timed_cell(server, lambda r: one_request(server.port, r[0], r[1], max_tokens), requests, concurrency)
     row.update(adapters=adapters, concurrency=concurrency)
-    print(f"  {adapters:>2} adapters, concurrency {concurrency:>2}: {row['tokens_per_s']:7.1f} tok/s, "
-          f"p50 {row['p50_s']:.2f} s, p99 {row['p99_s']:.2f} s, TTFT p50 {row['ttft_p50_s']:.2f} s", flush=True)
+    print_cell(row)
     return row
 
 
@@ -295,7 +202,7 @@ def _serve_grid(adapter_files: dict[str, str], prompts: list[str], args, counts,
 
 
 def run_serve_bench(args: Any, argv: list[str]) -> int:
-    """The whole load test: lorakit serve's grid, baselines (a) and (b), then JSON, markdown and a plot.
+    """The whole load test: lorakit serve's grid, baselines (a) and (b), llama.cpp, then JSON, markdown, a plot.
 
     Args:
         args: ``lorakit bench serve``'s parsed flags (``lorakit.cli.bench``).
@@ -311,17 +218,8 @@ def run_serve_bench(args: Any, argv: list[str]) -> int:
         files = write_adapters(Path(tmp), max(counts))
         print("lorakit serve, continuous batching:", flush=True)
         rows = _serve_grid(files, prompts, args, counts, levels, batching=True)
-        print("baseline (a): batching off, one request at a time:", flush=True)
-        rows += _serve_grid(files, prompts, args, [max(counts)], [max(levels)], batching=False)
-        if not args.no_peft:
-            requests = [(f"task{i % max(counts)}", prompts[i]) for i in range(args.baseline_requests)]
-            row = peft_batched(files, requests, args.max_tokens, args.repeats)
-            row.update(system="(b) PEFT generate(adapter_names)", adapters=max(counts),
-                       concurrency=args.baseline_requests)
-            runs = ", ".join(f"{x:.1f}" for x in row["tokens_per_s_runs"])
-            print(f"baseline (b): {row['tokens_per_s']:.1f} tok/s median ({runs}), "
-                  f"batch latency {row['p50_s']:.2f} s", flush=True)
-            rows.append(row)
+        rows += _baselines(files, prompts, args, max(counts), max(levels))
+        rows += _llama_cpp_side(files, prompts, args, counts, max(levels), Path(tmp), meta)
     meta["loadavg_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"meta": meta, "results": rows, "targets": target_checks(rows)}
@@ -330,6 +228,42 @@ def run_serve_bench(args: Any, argv: list[str]) -> int:
     plot(report, args.out / "bench_serve.png")
     print(render_table(report))
     return 0
+
+
+def _baselines(files: dict[str, str], prompts: list[str], args: Any, adapters: int, concurrency: int) -> list:
+    """Baseline (a), the server one request at a time, and (b), PEFT's batched generate, unless turned off."""
+    rows = []
+    if not args.no_batching_off:
+        print("baseline (a): batching off, one request at a time:", flush=True)
+        rows += _serve_grid(files, prompts, args, [adapters], [concurrency], batching=False)
+    if not args.no_peft:
+        requests = [(f"task{i % adapters}", prompts[i]) for i in range(args.baseline_requests)]
+        row = peft_batched(files, requests, args.max_tokens, args.repeats)
+        row.update(system="(b) PEFT generate(adapter_names)", adapters=adapters, concurrency=args.baseline_requests)
+        runs = ", ".join(f"{x:.1f}" for x in row["tokens_per_s_runs"])
+        print(f"baseline (b): {row['tokens_per_s']:.1f} tok/s median ({runs}), "
+              f"batch latency {row['p50_s']:.2f} s", flush=True)
+        rows.append(row)
+    return rows
+
+
+def _llama_cpp_side(files: dict[str, str], prompts: list[str], args: Any, counts: list[int], concurrency: int,
+                    tmp: Path, meta: dict) -> list:
+    """llama.cpp's llama-server on the same adapters (GGUF) and prompts; skipped, with the reason printed
+    and recorded in ``meta``, when it is off or not built."""
+    from lorakit.bench import llama_cpp
+    from lorakit.io.models import load_tokenizer, model_path
+
+    reason = "--no-llama-cpp" if args.no_llama_cpp else llama_cpp.skip_reason(args.llama_server)
+    if reason is not None:
+        print(f"llama.cpp side skipped: {reason}", flush=True)
+        meta["llama_cpp_skipped"] = reason
+        return []
+    loras, bases = llama_cpp.export_inputs(files, tmp / "gguf", MODEL)
+    tokenizer = load_tokenizer(model_path(MODEL))
+    ids = [tokenizer(p, add_special_tokens=True).input_ids for p in prompts]  # as lorakit serve tokenizes
+    meta["llama_cpp"] = {"server": str(args.llama_server), "threads": args.llama_threads, "slots": concurrency}
+    return llama_cpp.llama_cpp_rows(args.llama_server, loras, bases, ids, counts, concurrency, args)
 
 
 def render_table(report: dict) -> str:
@@ -363,9 +297,11 @@ def plot(report: dict, path: Path) -> None:
         xs = [r["concurrency"] for r in rows]
         left.plot(xs, [r["tokens_per_s"] for r in rows], marker="o", label=f"{count} adapter(s)")
         right.plot(xs, [r["p99_s"] for r in rows], marker="o", label=f"{count} adapter(s)")
-    for r, marker in zip([r for r in report["results"] if r["system"] != "lorakit serve"], ("s", "^")):
-        left.plot([r["concurrency"]], [r["tokens_per_s"]], marker=marker, linestyle="", label=r["system"])
-        right.plot([r["concurrency"]], [r["p99_s"]], marker=marker, linestyle="", label=r["system"])
+    others = [r for r in report["results"] if r["system"] != "lorakit serve"]
+    for r, marker in zip(others, ("s", "^", "D", "v", "P", "X", "*", "h")):
+        label = f"{r['system']}, {r['adapters']} adapter(s)"
+        left.plot([r["concurrency"]], [r["tokens_per_s"]], marker=marker, linestyle="", label=label)
+        right.plot([r["concurrency"]], [r["p99_s"]], marker=marker, linestyle="", label=label)
     for ax, title in ((left, "generated tokens/s"), (right, "p99 latency (s)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")

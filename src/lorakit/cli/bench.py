@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from lorakit.bench import serve_load, session
+from lorakit.bench.llama_cpp import default_server_path
 from lorakit.cli.common import add_device, add_threads
 
 
@@ -55,6 +56,11 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[4] / "shared/data/e2e/valid.txt")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--no-peft", action="store_true", help="skip baseline (b)")
+    p.add_argument("--no-batching-off", action="store_true", help="skip baseline (a), the server one request at a time")
+    p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp's llama-server side")
+    p.add_argument("--llama-server", type=Path, default=None,
+                   help="llama-server binary (default: the one scripts/llama_cpp.sh built, in its cache)")
+    p.add_argument("--llama-threads", type=int, default=2, help="llama-server's CPU threads (-t)")
     p.add_argument("--out", type=Path, default=Path("runs/bench_serve"))
     return p
 
@@ -66,7 +72,9 @@ def bench_main(argv: list[str] | None = None) -> int:
         argv: the arguments after ``lorakit bench``.
     """
     if argv and argv[0] == "serve":  # `lorakit bench serve`: the server load generator
-        return serve_load.run_serve_bench(_serve_parser().parse_args(argv[1:]), argv[1:])
+        args = _serve_parser().parse_args(argv[1:])
+        args.llama_server = args.llama_server or default_server_path()
+        return serve_load.run_serve_bench(args, argv[1:])
     args = _parser().parse_args(argv)
     out = Path(args.out)
     if args.render:

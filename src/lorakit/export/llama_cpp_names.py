@@ -8,6 +8,7 @@ weights (a merged weight, or the rows of a LoRA B) must be reordered the same wa
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,8 +64,13 @@ def gguf_name(layout: Layout, module: str) -> str | None:
         layout: the base's layout.
         module: a module name such as ``model.layers.3.self_attn.q_proj``.
     """
-    names = gguf.get_tensor_name_map(ARCHITECTURES[layout.model_type], layout.n_layers)
-    return names.get_name(module)
+    return _name_map(layout.model_type, layout.n_layers).get_name(module)
+
+
+@functools.lru_cache(maxsize=8)
+def _name_map(model_type: str, n_layers: int) -> gguf.TensorNameMap:
+    """gguf's name table for one architecture and depth, built once (it expands every block's patterns)."""
+    return gguf.get_tensor_name_map(ARCHITECTURES[model_type], n_layers)
 
 
 def heads_of_rows(layout: Layout, name: str) -> int | None:
