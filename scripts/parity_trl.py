@@ -3,8 +3,9 @@
 Both sides get the same 400 chats (the first (MR, reference) pairs of the shipped E2E file as a user turn
 and an assistant turn), in the same order (the lorakit run's batches, fed to TRL through a sequential
 sampler), the same LoRA (q, v, r 8, alpha 16, no dropout), budget (60 steps of 8, lr 5e-4, linear after 4
-warm-up steps, weight decay and clipping as lorakit's defaults) and completion-only loss, rendered with
-SmolLM2's chat template. Both are scored by the same code (``lorakit.training.evaluate.score``): greedy
+warm-up steps, weight decay and clipping as lorakit's defaults, fp32, no activation recompute: TRL's
+``SFTConfig`` would default to bf16 and recompute) and completion-only loss, rendered with SmolLM2's chat
+template. Both are scored by the same code (``lorakit.training.evaluate.score``): greedy
 decoding of the 20 last, unseen MRs, each one example holding all its references (sacrebleu BLEU), plus
 BLEU against the first reference only and the teacher-forced loss of every reference.
 """
@@ -122,7 +123,9 @@ def run_trl(cfg: TrainConfig) -> dict[str, float]:
                      learning_rate=cfg.lr, lr_scheduler_type="linear", warmup_steps=cfg.warmup_steps,
                      weight_decay=cfg.weight_decay, max_grad_norm=cfg.clip_norm, seed=cfg.seed,
                      max_length=cfg.max_length, completion_only_loss=True, packing=False, report_to="none",
-                     save_strategy="no", logging_steps=10, use_cpu=True, dataloader_num_workers=0)  # fmt: skip
+                     save_strategy="no", logging_steps=10, use_cpu=True, dataloader_num_workers=0,
+                     # SFTConfig's own defaults differ from lorakit's run: bf16 autocast, activation recompute
+                     bf16=False, gradient_checkpointing=False)  # fmt: skip
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
                       task_type="CAUSAL_LM")  # fmt: skip
     trainer = InOrder(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
