@@ -58,16 +58,17 @@ def write_chat_data(folder: Path) -> Path:
     return folder
 
 
-def chat_config(model: str, data: Path, seed: int, out: Path, steps: int) -> TrainConfig:
+def chat_config(model: str, data: Path, seed: int, out: Path, steps: int, init: str | None = None) -> TrainConfig:
     """The lorakit side's config: its defaults plus the case's budget and greedy decoding.
 
     Args:
         model: the base. data: the chat folder. seed: the run's seed. out: its folder. steps: optimizer steps.
+        init: the LoRA init (None: lorakit's default).
     """
     return TrainConfig(model=model, task="sft", data=str(data), seed=seed, out=str(out), max_steps=steps,
                        batch_size=8, lr=5e-4, warmup_steps=4, schedule="linear", max_length=256,
                        length_grouping=False, num_beams=1, no_repeat_ngram_size=0, max_new_tokens=64,
-                       plot=False, keep_checkpoints=1)  # fmt: skip
+                       plot=False, keep_checkpoints=1, init=init)  # fmt: skip
 
 
 def single_reference_bleu(predictions: list[str], items: list[Any]) -> float:

@@ -65,6 +65,8 @@ class ParityCase:
     model_dropout: float | None = None  # both sides: the base's own dropout while training (None: its config's)
     max_length: int | None = None  # None: 64 for text cases, 128 for GLUE
     against: str = "peft"  # the other side: PEFT with a plain loop, or TRL's SFTTrainer (scripts/parity_trl.py)
+    init: str | None = None  # the lorakit side's LoRA init (None: its default)
+    other_from: str | None = None  # a case whose other side this one shares (same runs, not repeated)
 
 
 CASES = {
@@ -88,6 +90,9 @@ CASES = {
     # 400 E2E pairs as chats against TRL's SFTTrainer + PEFT; greedy, 20 unseen MRs, all references.
     "sft-trl": ParityCase("sft-trl", "sft", "", "BLEU", 400, 0, model="smollm2-135m", max_steps=60,
                           against="trl"),
+    # The same with PEFT's initialisation of A (kaiming-uniform) on the lorakit side: is init the gap?
+    "sft-trl-kaiming": ParityCase("sft-trl-kaiming", "sft", "", "BLEU", 400, 0, model="smollm2-135m",
+                                  max_steps=60, against="trl", init="kaiming", other_from="sft-trl"),
 }
 
 
@@ -183,8 +188,9 @@ def run_case(case: ParityCase, side: str, seed: int, out: Path) -> dict[str, flo
     if case.against == "trl":
         import parity_trl
 
-        data = parity_trl.write_chat_data(out / f"{case.name}-data")
-        cfg = parity_trl.chat_config(case.model, data, seed, out / f"{case.name}-{side}-s{seed}", case.max_steps or 0)
+        data = parity_trl.write_chat_data(out / "sft-trl-data")
+        cfg = parity_trl.chat_config(case.model, data, seed, out / f"{case.name}-{side}-s{seed}", case.max_steps or 0,
+                                     init=case.init)  # fmt: skip
         return parity_trl.run_lorakit(cfg) if side == "lorakit" else parity_trl.run_trl(cfg)
     cfg = case_config(case, seed, out / f"{case.name}-{side}-s{seed}")
     if side == "lorakit":
@@ -193,13 +199,19 @@ def run_case(case: ParityCase, side: str, seed: int, out: Path) -> dict[str, flo
     return run_peft(cfg)
 
 
+def _key(case: ParityCase, side: str, seed: int) -> str:
+    """Where a run's result is stored (a case sharing another's other side reads that case's runs)."""
+    name = case.other_from if side != "lorakit" and case.other_from else case.name
+    return f"{name}/{side}/{seed}"
+
+
 def summarize(results: dict[str, dict], cases: list[ParityCase], seeds: list[int]) -> str:
     lines = ["| case | budget | metric | lorakit (mean ± sd) | PEFT or TRL (mean ± sd) | Δ | majority/mean baseline |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for case in cases:
         sides = {}
         for side in ("lorakit", case.against):
-            vals = [results[k][case.metric] for s in seeds if (k := f"{case.name}/{side}/{s}") in results]
+            vals = [results[k][case.metric] for s in seeds if (k := _key(case, side, s)) in results]
             sides["peft" if side == case.against else side] = vals
         if not sides["lorakit"] or not sides["peft"]:
             continue
@@ -245,7 +257,7 @@ def main(argv: list[str]) -> int:
             results[f"{case.name}/baseline"] = baseline(case_config(case, seeds[0], args.out / "tmp"))
         for seed in seeds:
             for side in ("lorakit", case.against):
-                key = f"{case.name}/{side}/{seed}"
+                key = _key(case, side, seed)
                 if key in results:
                     continue
                 started = time.perf_counter()
