@@ -5,7 +5,9 @@ config (q, v, r=8, alpha=16, a trained head for classifiers), the same seeds and
 lorakit side is ``lorakit.training.train`` with its defaults; the PEFT side is ``peft.get_peft_model`` plus
 a plain AdamW loop (linear decay after 6 % warm-up, batch 32, the lr the lorakit side resolved, STS-B
 targets scaled to 0-1 as a PEFT user would). Both sides are scored by the same metric code on the same
-held-out split, next to the majority-class (or constant-mean) baseline.
+held-out split, next to the majority-class (or constant-mean) baseline. The ``sft-trl`` case puts TRL's
+``SFTTrainer`` + PEFT on the other side instead (``scripts/parity_trl.py``: E2E pairs as chats, the same
+records, order, budget and scoring).
 
     python scripts/quality_parity.py --cases sst2,mrpc,cola,rte,stsb --seeds 1,2,3 --out runs/parity
 
@@ -62,6 +64,9 @@ class ParityCase:
     group_window: int = 50
     model_dropout: float | None = None  # both sides: the base's own dropout while training (None: its config's)
     max_length: int | None = None  # None: 64 for text cases, 128 for GLUE
+    against: str = "peft"  # the other side: PEFT with a plain loop, or TRL's SFTTrainer (scripts/parity_trl.py)
+    init: str | None = None  # the lorakit side's LoRA init (None: its default)
+    other_from: str | None = None  # a case whose other side this one shares (same runs, not repeated)
 
 
 CASES = {
@@ -82,6 +87,12 @@ CASES = {
     "debates": ParityCase("debates", "text", "runs/debates/data", "accuracy", 0, 3, batch_size=16, max_length=128),
     "e2e": ParityCase("e2e", "e2e", str(E2E), "BLEU", 0, 0, model="smollm2-135m", max_steps=60,
                       eval_samples=40),
+    # 400 E2E pairs as chats against TRL's SFTTrainer + PEFT; greedy, 20 unseen MRs, all references.
+    "sft-trl": ParityCase("sft-trl", "sft", "", "BLEU", 400, 0, model="smollm2-135m", max_steps=60,
+                          against="trl"),
+    # The same with PEFT's initialisation of A (kaiming-uniform) on the lorakit side: is init the gap?
+    "sft-trl-kaiming": ParityCase("sft-trl-kaiming", "sft", "", "BLEU", 400, 0, model="smollm2-135m",
+                                  max_steps=60, against="trl", init="kaiming", other_from="sft-trl"),
 }
 
 
@@ -174,6 +185,13 @@ def _metric(task: str) -> str:
 
 
 def run_case(case: ParityCase, side: str, seed: int, out: Path) -> dict[str, float]:
+    if case.against == "trl":
+        import parity_trl
+
+        data = parity_trl.write_chat_data(out / "sft-trl-data")
+        cfg = parity_trl.chat_config(case.model, data, seed, out / f"{case.name}-{side}-s{seed}", case.max_steps or 0,
+                                     init=case.init)  # fmt: skip
+        return parity_trl.run_lorakit(cfg) if side == "lorakit" else parity_trl.run_trl(cfg)
     cfg = case_config(case, seed, out / f"{case.name}-{side}-s{seed}")
     if side == "lorakit":
         finished = Path(cfg.out) / "eval_results.json"  # a run that ended before this script was stopped
@@ -181,20 +199,27 @@ def run_case(case: ParityCase, side: str, seed: int, out: Path) -> dict[str, flo
     return run_peft(cfg)
 
 
+def _key(case: ParityCase, side: str, seed: int) -> str:
+    """Where a run's result is stored (a case sharing another's other side reads that case's runs)."""
+    name = case.other_from if side != "lorakit" and case.other_from else case.name
+    return f"{name}/{side}/{seed}"
+
+
 def summarize(results: dict[str, dict], cases: list[ParityCase], seeds: list[int]) -> str:
-    lines = ["| case | budget | metric | lorakit (mean ± sd) | PEFT (mean ± sd) | Δ | majority/mean baseline |",
+    lines = ["| case | budget | metric | lorakit (mean ± sd) | PEFT or TRL (mean ± sd) | Δ | majority/mean baseline |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for case in cases:
         sides = {}
-        for side in ("lorakit", "peft"):
-            vals = [results[k][case.metric] for s in seeds if (k := f"{case.name}/{side}/{s}") in results]
-            sides[side] = vals
+        for side in ("lorakit", case.against):
+            vals = [results[k][case.metric] for s in seeds if (k := _key(case, side, s)) in results]
+            sides["peft" if side == case.against else side] = vals
         if not sides["lorakit"] or not sides["peft"]:
             continue
-        budget = (f"{case.max_steps} steps × 8" if case.task == "e2e" else
+        budget = (f"{case.max_steps} steps × 8" if case.max_steps else
                   f"{case.train_samples or 'all'} ex × {case.epochs:g} ep")  # fmt: skip
         base = results.get(f"{case.name}/baseline")
-        cells = [_mean_sd(sides["lorakit"]), _mean_sd(sides["peft"]),
+        other = "" if case.against == "peft" else f"{case.against.upper()}: "
+        cells = [_mean_sd(sides["lorakit"]), other + _mean_sd(sides["peft"]),
                  f"{statistics.mean(sides['lorakit']) - statistics.mean(sides['peft']):+.3f}",
                  "n/a" if base is None else f"{base:.3f}"]  # fmt: skip
         lines.append(f"| {case.name} | {budget} | {case.metric} | " + " | ".join(cells) + " |")
@@ -228,16 +253,18 @@ def main(argv: list[str]) -> int:
         results.update(json.loads((folder / "parity.json").read_text()))
     args.out.mkdir(parents=True, exist_ok=True)
     for case in [] if args.report_only else cases:
-        if f"{case.name}/baseline" not in results:
+        if f"{case.name}/baseline" not in results and case.against == "peft":
             results[f"{case.name}/baseline"] = baseline(case_config(case, seeds[0], args.out / "tmp"))
         for seed in seeds:
-            for side in ("lorakit", "peft"):
-                key = f"{case.name}/{side}/{seed}"
+            for side in ("lorakit", case.against):
+                key = _key(case, side, seed)
                 if key in results:
                     continue
                 started = time.perf_counter()
                 results[key] = run_case(case, side, seed, args.out)
-                print(f"parity: {key}: {case.metric} {results[key][case.metric]:.4f} "
+                extra = "".join(f", {k} {results[key][k]:.4f}" for k in ("BLEU_first_ref", "loss", "s_per_step")
+                                if k in results[key])  # fmt: skip
+                print(f"parity: {key}: {case.metric} {results[key][case.metric]:.4f}{extra} "
                       f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
                 store.write_text(json.dumps(results, indent=1))
     table = summarize(results, cases, seeds)

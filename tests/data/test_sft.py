@@ -210,3 +210,68 @@ def test_test_file_is_an_alias_of_eval_file(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "evaluate_model", lambda cfg, adapter: (got.setdefault("cfg", cfg), ({}, []))[1])
     cli.eval_main(["--model", "m", "--task", "sft", "--data", str(tmp_path), "--test-file", "t.jsonl"])
     assert got["cfg"].eval_file == "t.jsonl"
+
+
+# -- several answers to one prompt -------------------------------------------------------------------------
+def _multi_answer_folder(tmp_path, chats: bool):
+    def rec(prompt, answer):
+        if chats:
+            return chat(("user", prompt), ("assistant", answer))
+        return {"prompt": prompt, "completion": f" {answer}"}
+
+    test = [rec("Say yes:", "yes"), rec("Sky?", "blue"), rec("Sky?", "grey"), rec("Say no:", "no"),
+            rec("Say yes:", "yes please")]  # fmt: skip
+    (tmp_path / "d").mkdir()
+    write_jsonl(tmp_path / "d" / "train.jsonl", [rec("Say yes:", "yes")] * 4)
+    write_jsonl(tmp_path / "d" / "valid.jsonl", test)
+    write_jsonl(tmp_path / "d" / "test.jsonl", test)
+    return tmp_path / "d"
+
+
+GROUPED = [["yes", "yes please"], ["blue", "grey"], ["no"]]
+
+
+@pytest.mark.parametrize("chats", [False, True])
+def test_an_eval_prompt_answered_several_times_is_one_example_with_every_answer(tmp_path, chats):
+    from lorakit.data.sft import expand_references
+    from lorakit.tasks import load_task
+
+    data = load_task(base_cfg(task="sft", data=str(_multi_answer_folder(tmp_path, chats))))
+    assert [r.references for r in data.eval] == GROUPED
+    assert len(data.valid) == 5  # the validation loss still sees one row per record
+    expanded = expand_references(data.eval)
+    assert [r.references for r in expanded] == [[a] for answers in GROUPED for a in answers]
+    if chats:
+        assert [r.messages[:-1] for r in expanded] == [r.messages[:-1] for r in data.eval for _ in r.references]
+    else:
+        assert [r.completion for r in expanded] == [" yes", " yes please", " blue", " grey", " no"]
+
+
+@pytest.mark.parametrize("chats", [False, True])
+def test_sft_scoring_generates_once_per_prompt_against_all_answers(tiny_llama, tmp_path, one_thread, monkeypatch,
+                                                                   chats):  # fmt: skip
+    import torch
+
+    import lorakit.metrics.d2t
+    from lorakit.io.models import load_model
+    from lorakit.tasks import load_task
+    from lorakit.training.evaluate import mean_loss, score
+
+    seen = {}
+
+    def fake_d2t(hypotheses, references, seen=None):  # METEOR starts a JVM; real metrics: test_d2t.py
+        seen_refs.update(h=list(hypotheses), r=[list(r) for r in references])
+        return {"BLEU": 0.5}
+
+    seen_refs = seen
+    monkeypatch.setattr(lorakit.metrics.d2t, "d2t_metrics", fake_d2t)
+    cfg = base_cfg(model=str(tiny_llama), task="sft", data=str(_multi_answer_folder(tmp_path, chats)),
+                   max_length=96, num_beams=1, max_new_tokens=3)  # fmt: skip
+    data = load_task(cfg)
+    model, tok = load_model(tiny_llama)
+    predictions = []
+    with torch.no_grad():
+        result = score(model, tok, data.spec, data.eval, cfg, torch.device("cpu"), predictions_out=predictions)
+        every_record = mean_loss(model, tok, data.spec, data.valid, cfg, torch.device("cpu"))
+    assert len(predictions) == 3 and seen["h"] == predictions and seen["r"] == GROUPED
+    assert result["loss"] == pytest.approx(every_record, rel=1e-6)  # the loss covers all five answers

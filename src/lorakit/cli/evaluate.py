@@ -13,6 +13,7 @@ from typing import Any
 
 from lorakit.cli.common import add_config_arguments, add_config_file, add_json, add_test_file_alias, format_metrics
 from lorakit.errors import ConfigError
+from lorakit.io.bases import adapter_base
 from lorakit.training.coerce import read_config_file
 from lorakit.training.config import json_safe, resolve_config
 from lorakit.training.outputs import TRAIN_CONFIG
@@ -55,23 +56,9 @@ def _eval_defaults(adapter: str | None) -> dict[str, Any]:
     if saved.is_file():
         data = json.loads(saved.read_text())
     else:
-        data = {}
-        adapter_cfg = Path(adapter) / "adapter_config.json"
-        if adapter_cfg.is_file():
-            data.update(_trusted_base(json.loads(adapter_cfg.read_text(encoding="utf-8"))))
+        base = adapter_base(adapter)
+        data = {"model": base} if base else {}
     return {k: v for k, v in data.items() if k in EVAL_FIELDS}
-
-
-def _trusted_base(adapter_config: dict[str, Any]) -> dict[str, Any]:
-    """``{"model": name}`` if the adapter file names a built-in base, else nothing.
-
-    ``base_model_name_or_path`` is data written by whoever made the file: a path like ``../../x`` would
-    be resolved against the working directory, and a hub id would be fetched. Only built-in names are
-    taken from it; anything else needs ``--model`` from the user."""
-    from lorakit.io.models import BUILTINS
-
-    base = adapter_config.get("base_model_name_or_path") if isinstance(adapter_config, dict) else None
-    return {"model": base} if isinstance(base, str) and base in BUILTINS else {}
 
 
 def eval_main(argv: list[str]) -> int:
@@ -97,7 +84,7 @@ def eval_main(argv: list[str]) -> int:
     if "model" not in data:
         raise ConfigError(
             "--model is required (the base model of the adapter, or a merged model folder); an adapter's "
-            "base_model_name_or_path is used only when it is a built-in name"
+            "base_model_name_or_path is used only when it is a built-in name or an absolute local folder"
         )
     cfg = resolve_config(None, data)
 

@@ -23,8 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", required=True, choices=sorted(FORMATS),
                         help="; ".join(f"{name}: {fmt.help}" for name, fmt in FORMATS.items()))
     parser.add_argument("--out", required=True, type=Path, help="output file (gguf formats) or folder (hf)")
-    parser.add_argument("--model", help="base: built-in name, folder or hub id (default: the built-in the "
-                        "adapter names)")
+    parser.add_argument("--model", help="base: built-in name, folder or hub id (default: the built-in "
+                        "or local base the adapter names)")
     parser.add_argument("--dtype", help="; ".join(f"{name}: {'|'.join(fmt.dtypes)}" for name, fmt in FORMATS.items()))
     parser.add_argument("--base-gguf", type=Path, help="the base's GGUF file (default: a built-in's own)")
     parser.add_argument("--requantize", action="store_true",

@@ -14,6 +14,7 @@ from lorakit.cli.common import adapter_specs, add_adapters, add_device, add_mode
 from lorakit.data.chat_templates import apply_chat_template, read_chat_template
 from lorakit.errors import ConfigError
 from lorakit.generation import GenerationSettings, encode_prompt, generate_ids, stop_token_ids
+from lorakit.io.bases import base_for
 
 
 # -- `lorakit generate` -----------------------------------------------------------------------------------
@@ -25,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
         "from --input or stdin (plain lines are prompts too) and one JSON line per record is written.",
     )
     p.add_argument("prompts", nargs="*", help="prompt text(s); omit to read --input / stdin")
-    add_model(p, required=True)
+    add_model(p, help_="built-in name, local folder or hub id of the base (default: the built-in or local base "
+              "the adapters name)")
     add_adapters(p, metavar="[NAME=]DIR",
                  help_="adapter or run folder; repeat for several (each record names one in 'adapter')")
     p.add_argument("--default-adapter", metavar="NAME",
@@ -137,7 +139,7 @@ def generate_main(argv: list[str]) -> int:
     records = _read_records(args.input, args.prompts)  # input errors before the model loads
     routes = _routes(records, [n for n, _ in specs], args.default_adapter)
     template = read_chat_template(args.chat_template) if args.chat_template else None
-    model, tokenizer = load_for_generation(args.model, specs, args.device)
+    model, tokenizer = load_for_generation(base_for(args.model, [d for _, d in specs]), specs, args.device)
     apply_chat_template(tokenizer, template)
     prompts = [encode_prompt(tokenizer, rec.get("messages") or rec["prompt"], chat=args.chat, system=args.system)
                for _, rec in records]  # fmt: skip

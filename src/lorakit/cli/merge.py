@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from lorakit.errors import ConfigError
+from lorakit.io.bases import base_for
 from lorakit.io.files import read_adapter
 from lorakit.io.outputs import claim_output, output_lock, write_folder_atomically
 
@@ -19,7 +20,8 @@ def merge_main(argv: list[str]) -> int:
     """
     parser = argparse.ArgumentParser(prog="lorakit merge", description="Merge an adapter into its base model "
                                      "and save a plain transformers folder (loads without lorakit).")
-    parser.add_argument("--model", required=True, help="built-in name, local folder or hub id of the base")
+    parser.add_argument("--model", help="built-in name, local folder or hub id of the base (default: the built-in "
+                        "or local base the adapter names)")
     parser.add_argument("--adapter", required=True, type=Path, help="adapter directory")
     parser.add_argument("--out", required=True, type=Path, help="output folder for the merged model")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier merge at "
@@ -28,6 +30,7 @@ def merge_main(argv: list[str]) -> int:
                         help="dtype the base is loaded in and the merged model written in; ΔW is added in fp32 "
                         "and rounded once (default: fp32)")  # fmt: skip
     args = parser.parse_args(argv)
+    args.model = base_for(args.model, [args.adapter])
     out = Path(os.path.abspath(args.out))
     # The folder itself is swapped whole, so its lock lies beside it.
     with output_lock(out.parent / f".{out.name}.lock", out):

@@ -12,7 +12,8 @@ from lorakit.serve.server import make_app
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lorakit serve", description="An OpenAI-compatible server for one base "
                                 "model and many LoRA adapters, with continuous mixed-adapter batching.")
-    add_model(p, required=True, help_="built-in name (smollm2-135m, minilm-l6) or local folder")
+    add_model(p, help_="built-in name (smollm2-135m, minilm-l6) or local folder (default: the built-in or local "
+              "base the --adapter folders name)")
     add_adapters(p)
     p.add_argument("--task", default="causal-lm", choices=("causal-lm", "seq-cls"))
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
@@ -55,8 +56,9 @@ def serve_main(argv: list[str]) -> int:
 
     app = make_app(args)
     key = "API key required" if args.api_key else "no API key: anyone who can connect may use it"
-    print(f"lorakit serve: {args.model} with {app.state.engine.adapters()} on http://{args.host}:{args.port} "
-          f"({key})", flush=True)
+    base = app.state.settings.base_name
+    print(f"lorakit serve: {base} with {app.state.engine.adapters()} on http://{args.host}:{args.port} ({key})",
+          flush=True)
     # SIGINT/SIGTERM: stop accepting, wait up to --shutdown-timeout for open requests (the lifespan then
     # drains the engine); past it, or on a second signal, the rest get a 503 and the process exits.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=None)

@@ -15,7 +15,7 @@ import json
 import warnings
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,9 @@ __all__ = [
     "chat_eos_note",
     "chat_segments",
     "encode_sft",
+    "expand_references",
     "find_sft_file",
+    "group_references",
     "load_sft",
     "sft_splits",
 ]
@@ -55,6 +57,8 @@ class SftRecord:
     # (role, content), or (role, content, tool calls as JSON) for an assistant turn that calls tools
     messages: tuple[tuple[str, ...], ...] | None = None
     tools: str | None = None  # the tool definitions, as JSON text
+    # Scoring only: the other answers of records with the same input, grouped by group_references().
+    more_answers: tuple[str, ...] = ()
 
     @property
     def calls_tools(self) -> bool:
@@ -74,7 +78,8 @@ class SftRecord:
 
     @property
     def references(self) -> list[str]:
-        return [self.reference]
+        """Every answer generation is scored against: its own, then those of records with the same input."""
+        return [self.reference, *(answer.strip() for answer in self.more_answers)]
 
     def key(self) -> str:
         """What the record is conditioned on; splits are carved disjointly by it."""
@@ -234,6 +239,54 @@ def sft_splits(
         warnings.warn(carved.note, UserWarning, stacklevel=2)
     test = load("test") if files.get("test") is not None else valid
     return {"train": train, "valid": valid, "test": test}
+
+
+def _answer(record: SftRecord) -> str | None:
+    """The text a record is scored on, when another record's can stand in for it (not a tool call)."""
+    if record.messages is None:
+        return record.completion
+    last = record.messages[-1]
+    return last[1] if last[0] == "assistant" and len(last) == 2 else None
+
+
+def group_references(records: Sequence[SftRecord]) -> list[SftRecord]:
+    """One record per distinct input, holding every answer given to it, in first-seen order.
+
+    An eval file that answers one prompt several times is a multi-reference example (as E2E's MRs are):
+    generation runs once per input and is scored against all its answers.
+
+    Args:
+        records: eval records (tool-calling answers are kept apart, never grouped).
+    """
+    slots: list[list[SftRecord]] = []
+    slot_of: dict[tuple[str, str | None], int] = {}
+    for record in records:
+        if _answer(record) is None:
+            slots.append([record])
+            continue
+        key = (record.key(), record.tools)
+        if key not in slot_of:
+            slot_of[key] = len(slots)
+            slots.append([])
+        slots[slot_of[key]].append(record)
+    return [replace(first, more_answers=tuple(_answer(r) or "" for r in rest)) for first, *rest in slots]
+
+
+def expand_references(records: Sequence[SftRecord]) -> list[SftRecord]:
+    """Grouped records back to one record per answer (the teacher-forced loss covers every answer).
+
+    Args:
+        records: records from :func:`group_references` (others pass through).
+    """
+    out: list[SftRecord] = []
+    for record in records:
+        out.append(replace(record, more_answers=()))
+        for answer in record.more_answers:
+            if record.messages is None:
+                out.append(replace(record, completion=answer, more_answers=()))
+            else:
+                out.append(replace(record, messages=(*record.messages[:-1], ("assistant", answer)), more_answers=()))
+    return out
 
 
 # -- encoding ----------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ from typing import Any
 import gguf
 
 from lorakit.errors import ExportError
+from lorakit.io.bases import base_for
 from lorakit.io.files import AdapterFile
-from lorakit.io.models import BUILTINS, builtin_gguf, model_path
+from lorakit.io.models import builtin_gguf, model_path
 from lorakit.io.outputs import claim_file, starts_with
 
 GGUF_MAGIC = b"GGUF"
@@ -37,32 +38,18 @@ class Base:
     gguf_path: Path | None  # the GGUF it came from (built-ins) or --base-gguf
 
 
-def base_name(parsed: AdapterFile, model: str | None) -> str:
-    """``--model``, else the built-in base the adapter names.
-
-    Args:
-        parsed: the adapter.
-        model: ``--model`` or None.
-    """
-    if model:
-        return model
-    named = parsed.raw_config.get("base_model_name_or_path")
-    if named in BUILTINS:
-        return str(named)
-    raise ExportError(f"the adapter names base {named!r}, not a built-in model: pass --model NAME_OR_FOLDER")
-
-
-def resolve_base(parsed: AdapterFile, model: str | None, base_gguf: Path | None) -> Base:
+def resolve_base(parsed: AdapterFile, adapter: Path, model: str | None, base_gguf: Path | None) -> Base:
     """Find the base, load its config and refuse one the adapter was not trained on.
 
     Args:
         parsed: the adapter.
-        model: ``--model`` or None (inferred from the adapter).
+        adapter: its folder.
+        model: ``--model`` or None (the built-in or local base the adapter names).
         base_gguf: ``--base-gguf`` or None (the built-in's own file, if any).
     """
     from transformers import AutoConfig
 
-    name = base_name(parsed, model)
+    name = base_for(model, [adapter])
     config = AutoConfig.from_pretrained(model_path(name))
     check_fingerprint(parsed, config, name)
     path = base_gguf or builtin_gguf(name)

@@ -47,7 +47,7 @@ def export_gguf_adapter(request: ExportRequest) -> list[str]:
     refuse_other_methods(request.adapter)
     parsed = read_adapter(request.adapter)
     check_exportable(parsed, None)  # base-independent reasons first: no model needs loading to refuse them
-    base = resolve_base(parsed, request.model, request.base_gguf)
+    base = resolve_base(parsed, request.adapter, request.model, request.base_gguf)
     layout = layout_of(base.config)
     names = None
     if base.gguf_path is not None:

@@ -144,7 +144,7 @@ def export_gguf_model(request: ExportRequest) -> list[str]:
 
 
 def _gguf_base(parsed, request: ExportRequest) -> Base:
-    base = resolve_base(parsed, request.model, request.base_gguf)
+    base = resolve_base(parsed, request.adapter, request.model, request.base_gguf)
     if base.gguf_path is None:
         raise ExportError(f"--format gguf builds on the base's own GGUF: {base.name} has none; pass --base-gguf "
                           "FILE (e.g. from llama.cpp's convert_hf_to_gguf.py)")

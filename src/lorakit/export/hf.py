@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from lorakit.export import ExportRequest
-from lorakit.export.base import base_name
 from lorakit.export.merged import load_merged
+from lorakit.io.bases import base_for
 from lorakit.io.files import read_adapter
 from lorakit.io.outputs import claim_output, write_folder_atomically
 
@@ -51,7 +51,7 @@ def export_hf(request: ExportRequest) -> list[str]:
     # Before minutes of loading and merging; an earlier export holding the user's own files is refused whole.
     claim_output(request.out, "export", overwrite=request.overwrite, refuse_foreign=True)
     parsed = read_adapter(request.adapter)
-    name = base_name(parsed, request.model)
+    name = base_for(request.model, [request.adapter])
     dtype = request.dtype or base_dtype(AutoConfig.from_pretrained(model_path(name)))
     merged = load_merged(parsed, request.adapter, name)
     model = merged.model.to(HF_DTYPES[dtype])

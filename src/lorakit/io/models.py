@@ -230,11 +230,14 @@ def finish_loaded(model: nn.Module, tokenizer: object, name_or_path: str | Path)
     Args:
         model: the loaded model.
         tokenizer: its tokenizer (from :func:`load_tokenizer`).
-        name_or_path: the built-in name, folder or hub id the user asked for.
+        name_or_path: the built-in name, folder (recorded as an absolute path) or hub id the user asked for.
     """
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model.config._name_or_path = str(name_or_path)
+    name = str(name_or_path)
+    # A local folder is recorded absolute, so an adapter saved from it names a base later commands can load.
+    local = name not in BUILTINS and os.path.isdir(os.path.expanduser(name))
+    model.config._name_or_path = os.path.abspath(os.path.expanduser(name)) if local else name
 
 
 def set_model_dropout(model: nn.Module, p: float) -> int:

@@ -13,12 +13,12 @@ from lorakit.serve.names import adapter_name_problem, shown
 MIN_REQUEST_BYTES = 1024
 
 
-def adapter_args(items: list[str], base: str) -> dict[str, str]:
+def adapter_args(items: list[str], base: str | None) -> dict[str, str]:
     """``--adapter NAME=DIR`` items as {name: dir}; refuses bad, duplicate and base-clashing names.
 
     Args:
         items: the raw ``--adapter`` values.
-        base: the ``--model`` argument (the base model's id).
+        base: the base model's id (``--model``; None while it is still to be taken from the adapters).
     """
     out: dict[str, str] = {}
     for item in items:

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from lorakit.errors import LorakitError
+from lorakit.io.bases import base_for
 
 
 def build(model_name: str, adapters: dict[str, str], *, task: str = "causal-lm", **engine_kwargs: Any):
@@ -61,10 +62,11 @@ def make_app(args: Any):
     from lorakit.serve.options import adapter_args, check_args, check_model_len
 
     check_args(args)
-    engine, _, heads = build(args.model, adapter_args(args.adapter, args.model), task=args.task,
+    base = base_for(args.model, list(adapter_args(args.adapter, args.model).values()))
+    engine, _, heads = build(base, adapter_args(args.adapter, base), task=args.task,
                       max_batch=args.max_batch, max_queue=args.max_queue, batching=not args.no_batching)
     model_len = check_model_len(args.max_model_len, getattr(engine.model.config, "max_position_embeddings", None))
-    settings = ServeSettings(base_name=args.model, task=args.task, api_key=args.api_key,
+    settings = ServeSettings(base_name=base, task=args.task, api_key=args.api_key,
                              max_tokens_cap=args.max_tokens_cap, max_model_len=model_len,
                              max_request_bytes=args.max_request_bytes, untrained_heads=heads,
                              max_n=args.max_n, max_prompts=args.max_prompts, adapter_roots=tuple(args.adapter_root),

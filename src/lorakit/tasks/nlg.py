@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorakit.data.files import DiskSplit, disk_splits, is_saved_dataset
-from lorakit.data.sft import find_sft_file, sft_splits
+from lorakit.data.sft import find_sft_file, group_references, sft_splits
 from lorakit.data.text import DataError
 from lorakit.data.webnlg import d2t_splits, load_dart, load_webnlg
 from lorakit.errors import ConfigError
@@ -104,7 +104,9 @@ def load_nlg_task(cfg: TrainConfig, roles: Sequence[str]) -> TaskData:
     if "valid" in roles:
         out.valid = subsample(splits["valid"], cfg.max_eval_samples, cfg.split_seed)
     if "eval" in roles:
-        out.eval = subsample(splits[eval_role], cfg.max_eval_samples, cfg.split_seed)
+        # SFT: one prompt answered several times is one example scored against all its answers, as E2E's MRs
+        scored = group_references(splits[eval_role]) if task == "sft" else splits[eval_role]
+        out.eval = subsample(scored, cfg.max_eval_samples, cfg.split_seed)
         if splits[eval_role] is splits["valid"] and eval_role != "valid":
             out.scored_on = "the validation split (no test file)"
     return out

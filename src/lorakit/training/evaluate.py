@@ -30,7 +30,7 @@ from lorakit.data import (
 )
 from lorakit.data.packing import collate_packed
 from lorakit.data.preference import collate_preference, encode_preference
-from lorakit.data.sft import SftRecord, encode_sft
+from lorakit.data.sft import SftRecord, encode_sft, expand_references
 from lorakit.data.truncation import Truncation, measure_truncation
 from lorakit.metrics.registry import get_metric
 from lorakit.tasks import TaskSpec
@@ -404,8 +404,8 @@ def score_generation(
     """Metrics of generations against the references; SFT adds the loss and perplexity of the references
     under teacher forcing. Arguments as for ``score``."""
     result: dict[str, float] = {}
-    if spec.name == "sft":
-        loss = mean_loss(model, tokenizer, spec, items, cfg, device, progress=progress)
+    if spec.name == "sft":  # the loss covers every answer of a multi-reference example
+        loss = mean_loss(model, tokenizer, spec, expand_references(items), cfg, device, progress=progress)
         result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
         hyps = generate_sft(model, tokenizer, items, cfg, progress=progress)
     else:
