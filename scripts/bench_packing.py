@@ -9,7 +9,7 @@ same initial A) on SmolLM2-135M in fp32 on the same records, completion tokens o
 and is not timed). Steps of the sides alternate, so drifting machine load hits them alike. Sides:
 
 * ``packed``: lorakit's ``--packing`` rows of ``--max-length`` tokens (``epoch_plan``, seed 0), as many rows per
-  step as carry the tokens of a random batch on average;
+  step as carry the tokens of a random batch on average (by the rows' real fill, not ``--max-length``);
 * ``random``: lorakit's random batches of ``--batch`` records (``epoch_plan``, seed 0);
 * ``random-order2``: random batches from seed 1: how far the held-out loss moves with the shuffle alone;
 * ``trl-packed``: ``SFTTrainer(packing=True, padding_free=True)`` (BFD packing to ``--max-length``), as many
@@ -98,15 +98,16 @@ def _rows(args: argparse.Namespace, tok: Any, vocab: int) -> list[dict[str, Any]
 
 def _feeds(rows: list[dict[str, Any]], args: argparse.Namespace) -> tuple[dict[str, list], int]:
     """The rows of each lorakit side's steps (warm-up step first) and the packed sides' rows per step."""
-    mean = sum(len(r["input_ids"]) for r in rows) / len(rows)
-    packed_rows = max(1, round(args.batch * mean / args.max_length))
-
     def plan(seed: int, packing: bool, batch: int) -> list[list[dict[str, Any]]]:
         cfg = TrainConfig(task="sft", data="-", batch_size=batch, seed=seed, packing=packing,
                           max_length=args.max_length)  # fmt: skip
         epoch_rows, batches = epoch_plan(rows, cfg, 0, 1)
         return [[epoch_rows[i] for i in b] for b in batches[: args.steps + 1]]
 
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    filled = len(epoch_plan(rows, TrainConfig(task="sft", data="-", packing=True, max_length=args.max_length), 0, 1)[0])
+    # The tokens a packed row carries on average (rows are not full), against a random batch's.
+    packed_rows = max(1, round(args.batch * tokens / len(rows) / (tokens / filled)))
     feeds = {"packed": plan(0, True, packed_rows), "random": plan(0, False, args.batch),
              "random-order2": plan(1, False, args.batch)}  # fmt: skip
     return feeds, packed_rows
