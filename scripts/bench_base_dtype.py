@@ -1,11 +1,12 @@
 """SmolLM2 with its frozen base in fp32 against bf16 (--base-dtype), side by side in one run.
 
-Each setting trains in its own process (peak RSS is a process's), interleaved: fp32 seed 0, bf16 seed 0,
-fp32 seed 1 (another data order: the shuffle spread the held-out loss is judged against), repeated
-``--rounds`` times. Reports each run's peak RSS, median step time (steps after the first two) and the
-held-out (validation) loss after training, then the bf16 / fp32 ratios.
+Each run trains in its own process (peak RSS is a process's), fp32 and bf16 alternating, for ``--seeds``
+data orders (seed 0, 1, ...), repeated ``--rounds`` times. Each run prints its peak RSS, median step time
+(steps after the first two) and held-out (validation) loss after training; the summary gives the bf16 / fp32
+ratios of the medians, bf16's loss minus fp32's at each seed, and the spread of fp32's loss over the seeds
+(how far the data order alone moves it).
 
-    python scripts/bench_base_dtype.py --data ../shared/data/e2e [--steps 12] [--rounds 1] [--batch-size 8]
+    python scripts/bench_base_dtype.py --data ../shared/data/e2e [--steps 12] [--seeds 2] [--batch-size 8]
 """
 
 from __future__ import annotations
@@ -44,11 +45,46 @@ def child(args: argparse.Namespace) -> None:
                       "step_s": statistics.median(steps), "valid_loss": valid["loss"]}))  # fmt: skip
 
 
+def _runs(args: argparse.Namespace, tmp: str) -> list[dict]:
+    """Every (round, seed, dtype) run, each in its own process, fp32 and bf16 alternating."""
+    results = []
+    for r in range(args.rounds):
+        for seed in range(args.seeds):
+            for dtype in ("fp32", "bf16"):
+                cmd = [sys.executable, __file__, "--child", "--dtype", dtype, "--seed", str(seed), "--data",
+                       args.data, "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--valid",
+                       str(args.valid), "--out", f"{tmp}/{dtype}-{seed}-{r}"]  # fmt: skip
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def summary(results: list[dict]) -> dict:
+    """The bf16 / fp32 ratios over all runs and the held-out loss against the spread of data orders.
+
+    Args:
+        results: the child runs' JSON lines.
+    """
+    med = {d: {m: statistics.median(x[m] for x in results if x["dtype"] == d) for m in ("peak_rss_mib", "step_s")}
+           for d in ("fp32", "bf16")}  # fmt: skip
+    loss = {(x["dtype"], x["seed"]): x["valid_loss"] for x in results}
+    fp32_losses = [v for (d, _), v in loss.items() if d == "fp32"]
+    seeds = sorted({s for _, s in loss})
+    return {
+        "peak_rss_mib": med, "rss_ratio": med["bf16"]["peak_rss_mib"] / med["fp32"]["peak_rss_mib"],
+        "step_ratio": med["bf16"]["step_s"] / med["fp32"]["step_s"],
+        "bf16_minus_fp32_loss_per_seed": {s: loss[("bf16", s)] - loss[("fp32", s)] for s in seeds},
+        "fp32_loss_spread_over_seeds": max(fp32_losses) - min(fp32_losses),
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data/e2e")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--seeds", type=int, default=2, help="data orders, each trained in fp32 and in bf16")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--valid", type=int, default=64, help="validation (MR, reference) pairs")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -59,28 +95,9 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    results = []
     with tempfile.TemporaryDirectory(prefix="bench-base-dtype-") as tmp:
-        for r in range(args.rounds):
-            for dtype, seed in (("fp32", 0), ("bf16", 0), ("fp32", 1)):
-                cmd = [sys.executable, __file__, "--child", "--dtype", dtype, "--seed", str(seed), "--data",
-                       args.data, "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--valid",
-                       str(args.valid), "--out", f"{tmp}/{dtype}-{seed}-{r}"]  # fmt: skip
-                proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-                results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-                print(json.dumps(results[-1]), flush=True)
-    by = {(d, s): [x for x in results if x["dtype"] == d and x["seed"] == s] for d, s in (("fp32", 0), ("bf16", 0),
-                                                                                       ("fp32", 1))}  # fmt: skip
-    med = {k: {m: statistics.median(x[m] for x in v) for m in ("peak_rss_mib", "step_s", "valid_loss")}
-           for k, v in by.items()}  # fmt: skip
-    fp32, bf16, other = med[("fp32", 0)], med[("bf16", 0)], med[("fp32", 1)]
-    print(f"peak RSS  fp32 {fp32['peak_rss_mib']:.0f} MiB, bf16 {bf16['peak_rss_mib']:.0f} MiB "
-          f"({bf16['peak_rss_mib'] / fp32['peak_rss_mib']:.2f}x)")
-    ratio = bf16["step_s"] / fp32["step_s"]
-    print(f"step time fp32 {fp32['step_s']:.2f} s, bf16 {bf16['step_s']:.2f} s ({ratio:.2f}x)")
-    print(f"valid loss fp32 {fp32['valid_loss']:.4f}, bf16 {bf16['valid_loss']:.4f} (|diff| "
-          f"{abs(bf16['valid_loss'] - fp32['valid_loss']):.4f}); shuffle spread (fp32 seed 1) "
-          f"{abs(other['valid_loss'] - fp32['valid_loss']):.4f}")
+        results = _runs(args, tmp)
+    print(json.dumps(summary(results), indent=1))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""--report-to: a real `lorakit train` run records into MLflow's file store and an offline W&B run, read back
-here through each library's own format; the terminal shows lorakit's lines only; a missing package is one
-line naming the extra."""
+"""--report-to: a real `lorakit train` run records into MLflow's file store, an offline W&B run and TensorBoard
+event files, read back here through each library's own format; the terminal shows lorakit's lines only; a
+missing package is one line naming the extra."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from train_util import write_sentiment_csv
 REPO = Path(__file__).resolve().parents[1]
 pytest.importorskip("mlflow", reason="the track extra (pip install 'lorakit[track]')")
 pytest.importorskip("wandb", reason="the track extra (pip install 'lorakit[track]')")
+pytest.importorskip("tensorboard", reason="the track extra (pip install 'lorakit[track]')")
 
 
 def read_wandb_records(path: Path) -> list:
@@ -61,7 +62,7 @@ def tracked_run(tmp_path_factory):
     cmd = [
         sys.executable, "-m", "lorakit", "train", "--model", str(model), "--task", "text", "--data", str(data),
         "--out", str(out), "--max-steps", "4", "--eval-interval", "2", "--batch-size", "8", "--max-length", "32",
-        "--log-interval", "1", "--report-to", "mlflow,wandb", "--device", "cpu",
+        "--log-interval", "1", "--report-to", "mlflow,wandb,tensorboard", "--device", "cpu",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -76,7 +77,7 @@ def test_mlflow_file_store_holds_config_metrics_scores_adapter_and_plot(tracked_
     out, _, final = tracked_run
     client = MlflowClient(tracking_uri=(out / "mlruns").as_uri())
     (run,) = client.search_runs([client.get_experiment_by_name("lorakit").experiment_id])
-    assert run.data.params["r"] == "8" and run.data.params["report_to"] == "['mlflow', 'wandb']"
+    assert run.data.params["r"] == "8" and run.data.params["report_to"] == "['mlflow', 'wandb', 'tensorboard']"
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2, 3, 4]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "valid/accuracy")] == [2, 4]
@@ -110,6 +111,24 @@ def test_wandb_offline_run_holds_config_history_and_summary(tracked_run):
     assert "exit" in kinds  # the run was finished
 
 
+def test_tensorboard_event_files_hold_metrics_scores_and_plot(tracked_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _, final = tracked_run
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    tags = events.Tags()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("valid/accuracy")] == [2, 4]
+    (score,) = events.Scalars("eval/accuracy")
+    assert score.value == pytest.approx(final["accuracy"])
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in logged if r.get("split") == "train"]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(train_losses)
+    assert tags["images"] == ["training_plot"]
+    (plot,) = events.Images("training_plot")
+    assert plot.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n" and plot.width > 100
+
+
 def test_the_terminal_shows_lorakit_lines_only(tracked_run):
     _, proc, _ = tracked_run
     lines = [seg for line in proc.stderr.split("\n") for seg in line.split("\r")]
@@ -118,6 +137,7 @@ def test_the_terminal_shows_lorakit_lines_only(tracked_run):
                and not ln.startswith(("lorakit", "  "))]  # fmt: skip
     assert not foreign, foreign
     assert "wandb" not in proc.stderr.replace("report_to", "").lower().replace("'mlflow', 'wandb'", "")
+    assert "tensorflow" not in proc.stderr.lower()
 
 
 def test_missing_package_is_one_line_naming_the_extra(tmp_path, monkeypatch, capsys):
@@ -131,6 +151,19 @@ def test_missing_package_is_one_line_naming_the_extra(tmp_path, monkeypatch, cap
     assert code == 1
     assert err == ["lorakit train: error: report_to wandb: the wandb package is not installed "
                    "(pip install 'lorakit[track]')"]  # fmt: skip
+
+
+def test_missing_tensorboard_is_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
+    from lorakit.cli import main
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard now raises ImportError
+    data = write_sentiment_csv(tmp_path / "data", n_train=8, n_test=4)
+    code = main(["train", "--task", "text", "--data", str(data), "--out", str(tmp_path / "o"), "--tensorboard"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err == ["lorakit train: error: report_to tensorboard: the tensorboard package is not installed "
+                   "(pip install 'lorakit[track]')"]  # fmt: skip
+    assert not (tmp_path / "o" / "tensorboard").exists()
 
 
 def test_tensorboard_flag_is_an_alias_and_unknown_trackers_are_refused():

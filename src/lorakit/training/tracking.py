@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -44,7 +43,7 @@ def requested(cfg_report_to: list[str] | None, tensorboard: bool) -> list[str]:
 
 
 def check_installed(names: list[str]) -> None:
-    """Fail before any model is loaded when a tracker's package is missing (TensorBoard: warned at open).
+    """Fail before any model is loaded when a tracker's package is missing.
 
     Args:
         names: tracker names (``requested``).
@@ -53,8 +52,6 @@ def check_installed(names: list[str]) -> None:
         ConfigError: naming the tracker and the extra to install.
     """
     for name in names:
-        if name == "tensorboard":
-            continue
         try:
             importlib.import_module(PACKAGES[name])
         except ImportError:
@@ -166,7 +163,7 @@ class WandbTracker:
 
 
 def open_trackers(names: list[str], out: Path, config: dict[str, Any], tensorboard_dir: str) -> list[Tracker]:
-    """The trackers ``names`` asks for, opened for the run in ``out`` (TensorBoard missing: one line, skipped).
+    """The trackers ``names`` asks for, opened for the run in ``out`` (their packages checked by ``check_installed``).
 
     Args:
         names: tracker names (``requested``).
@@ -178,11 +175,7 @@ def open_trackers(names: list[str], out: Path, config: dict[str, Any], tensorboa
     trackers: list[Tracker] = []
     for name in names:
         if name == "tensorboard":
-            try:
-                trackers.append(TensorBoardTracker(out, tensorboard_dir))
-            except ImportError:
-                print("lorakit train: tensorboard is not installed; skipping event files (pip install tensorboard)",
-                      file=sys.stderr)  # fmt: skip
+            trackers.append(TensorBoardTracker(out, tensorboard_dir))
         elif name == "mlflow":
             trackers.append(MlflowTracker(out, config))
         else:
