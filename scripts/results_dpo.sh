@@ -32,4 +32,7 @@ EOF
   --output $OUT/greedy.jsonl
 # 5. The slot matcher over both adapters' outputs (cheap; rerun after any change to the matcher).
 $PY scripts/e2e_slots.py $OUT/greedy.jsonl --mrs "$DATA" > $OUT/slots.md
-cat $OUT/parity/dpo_parity.md $OUT/slots.md
+# 6. What the reference pass costs within a step (time share, peak memory), for the same-step choice.
+[ -s $OUT/reference.json ] || $PY scripts/bench_dpo_reference.py --data $PAIRS --batches 4 --batch-size 8 \
+  > $OUT/reference.json
+cat $OUT/parity/dpo_parity.md $OUT/slots.md $OUT/reference.json
