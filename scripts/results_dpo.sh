@@ -13,10 +13,12 @@ PAIRS=$OUT/e2e-pref
 #    seed 2 after the SFT runs (finished runs are kept in dpo_parity.json and skipped).
 parity() { $PY scripts/dpo_parity.py --data $PAIRS --steps 12 --seeds "$1" --lr 2e-4 --eval-pairs 48 --out $OUT/parity; }
 parity 1
-# 2. SFT on the training MRs' references (no validation, nothing scored: the comparison below is the score).
+# 2. SFT on the training MRs' references. --task sft carves a validation split even with --valid-split 0
+#    (seen 2026-12-07), so validation and the final score are capped at 8 records, greedy, 32 tokens.
 COMMON=(--model smollm2-135m --targets q,v --r 8 --alpha 16 --batch-size 8 --no-plot --overwrite)
 [ -f $OUT/sft/adapter_config.json ] || $PY -m lorakit train "${COMMON[@]}" --task sft --data $PAIRS/sft \
-  --max-steps 40 --lr 5e-4 --valid-split 0 --out $OUT/sft
+  --max-steps 40 --lr 5e-4 --valid-split 0 --max-valid-samples 8 --max-eval-samples 8 --num-beams 1 \
+  --max-new-tokens 32 --out $OUT/sft
 # 3. DPO from the SFT adapter (the frozen SFT adapter is the reference), scored on 48 held-out pairs.
 [ -f $OUT/dpo/eval_results.json ] || $PY -m lorakit train "${COMMON[@]}" --task dpo --data $PAIRS \
   --init-adapter $OUT/sft --max-steps 12 --lr 5e-4 --beta 0.1 --log-interval 1 --max-valid-samples 8 \
