@@ -13,8 +13,7 @@ PAIRS=$OUT/e2e-pref
 #    seed 2 after the SFT runs (finished runs are kept in dpo_parity.json and skipped).
 parity() { $PY scripts/dpo_parity.py --data $PAIRS --steps 12 --seeds "$1" --lr 2e-4 --eval-pairs 48 --out $OUT/parity; }
 parity 1
-# 2. SFT on the training MRs' references. --task sft carves a validation split even with --valid-split 0
-#    (seen 2026-12-07), so validation and the final score are capped at 8 records, greedy, 32 tokens.
+# 2. SFT on the training MRs' references, no validation split; the final score is capped at 8 records.
 COMMON=(--model smollm2-135m --targets q,v --r 8 --alpha 16 --batch-size 8 --no-plot --overwrite)
 [ -f $OUT/sft/adapter_config.json ] || $PY -m lorakit train "${COMMON[@]}" --task sft --data $PAIRS/sft \
   --max-steps 40 --lr 5e-4 --valid-split 0 --max-valid-samples 8 --max-eval-samples 8 --num-beams 1 \

@@ -275,3 +275,15 @@ def test_sft_scoring_generates_once_per_prompt_against_all_answers(tiny_llama, t
         every_record = mean_loss(model, tok, data.spec, data.valid, cfg, torch.device("cpu"))
     assert len(predictions) == 3 and seen["h"] == predictions and seen["r"] == GROUPED
     assert result["loss"] == pytest.approx(every_record, rel=1e-6)  # the loss covers all five answers
+
+
+@pytest.mark.parametrize(("fraction", "carved"), [(0.0, 0), (0.25, 5)])
+def test_sft_carves_the_valid_split_that_valid_split_asks_for(tmp_path, fraction, carved):
+    from lorakit.tasks import load_task
+
+    (tmp_path / "d").mkdir()
+    write_jsonl(tmp_path / "d" / "train.jsonl", [{"prompt": f"Say {i}:", "completion": f" {i}"} for i in range(20)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = load_task(base_cfg(task="sft", data=str(tmp_path / "d"), valid_split=fraction))
+    assert (len(data.train), len(data.valid)) == (20 - carved, carved)

@@ -316,3 +316,17 @@ def test_init_adapter_continues_it_and_it_is_the_reference(tiny_llama, tmp_path,
     capsys.readouterr()
     assert eval_main(["--model", str(tiny_llama), "--adapter", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == pytest.approx(result, rel=1e-5)
+
+
+@pytest.mark.parametrize(("fraction", "carved"), [(0.0, 0), (0.25, 4)])
+def test_preference_carves_the_valid_split_that_valid_split_asks_for(tmp_path, fraction, carved):
+    import warnings
+
+    from lorakit.tasks import load_task
+
+    (tmp_path / "d").mkdir()
+    _jsonl(tmp_path / "d" / "train.jsonl", PAIRS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = load_task(base_cfg(task="dpo", data=str(tmp_path / "d"), valid_split=fraction))
+    assert (len(data.train), len(data.valid)) == (16 - carved, carved)

@@ -78,8 +78,8 @@ def _sft_files(cfg: TrainConfig) -> dict[str, Path | DiskSplit | None]:
 
 def _sft_splits(cfg: TrainConfig, notes: list[str]) -> dict[str, list[Any]]:
     fields = (cfg.prompt_field, cfg.completion_field, cfg.messages_field)
-    return sft_splits(_sft_files(cfg), cfg.split_seed, fields, data_format=cfg.format, field_map=cfg.field_map,
-                      notes=notes)  # fmt: skip
+    return sft_splits(_sft_files(cfg), cfg.split_seed, fields, valid_fraction=cfg.valid_split,
+                      data_format=cfg.format, field_map=cfg.field_map, notes=notes)  # fmt: skip
 
 
 def load_nlg_task(cfg: TrainConfig, roles: Sequence[str]) -> TaskData:

@@ -46,7 +46,7 @@ def load_preference_task(cfg: TrainConfig, roles: Sequence[str]) -> TaskData:
     PreferenceLoss.from_config(cfg)  # a bad beta / loss / smoothing stops the run before any loading
     if cfg.method != "lora" and cfg.init_adapter:
         raise ConfigError(f"init_adapter starts from a LoRA adapter; method {cfg.method!r} trains none")
-    splits = preference_splits(_files(cfg), cfg.split_seed)
+    splits = preference_splits(_files(cfg), cfg.split_seed, valid_fraction=cfg.valid_split)
     eval_role = cfg.eval_split or "test"
     if eval_role not in splits:
         raise ConfigError(f"eval_split for {cfg.task} must be one of {list(splits)}, got {eval_role!r}")
