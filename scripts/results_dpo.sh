@@ -20,7 +20,7 @@ COMMON=(--model smollm2-135m --targets q,v --r 8 --alpha 16 --batch-size 8 --no-
   --max-new-tokens 32 --out $OUT/sft
 # 3. DPO from the SFT adapter (the frozen SFT adapter is the reference), scored on 48 held-out pairs.
 [ -f $OUT/dpo/eval_results.json ] || $PY -m lorakit train "${COMMON[@]}" --task dpo --data $PAIRS \
-  --init-adapter $OUT/sft --max-steps 12 --lr 5e-4 --beta 0.1 --log-interval 1 --max-valid-samples 8 \
+  --init-adapter $OUT/sft --max-steps 24 --lr 5e-4 --beta 0.1 --log-interval 1 --max-valid-samples 8 \
   --max-eval-samples 48 --eval-batch-size 16 --out $OUT/dpo
 # 4. Greedy outputs of both adapters for the first 48 held-out MRs, in one mixed-adapter batch stream.
 $PY - "$PAIRS/valid.jsonl" > $OUT/prompts.jsonl <<'EOF'

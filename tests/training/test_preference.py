@@ -330,3 +330,29 @@ def test_preference_carves_the_valid_split_that_valid_split_asks_for(tmp_path, f
         warnings.simplefilter("ignore")
         data = load_task(base_cfg(task="dpo", data=str(tmp_path / "d"), valid_split=fraction))
     assert (len(data.train), len(data.valid)) == (16 - carved, carved)
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".json"])
+def test_preference_pairs_read_from_parquet_and_json_arrays_like_jsonl(tmp_path, suffix):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [*PAIRS[:3], {"prompt": [{"role": "user", "content": "Hi"}],
+                         "chosen": [{"role": "assistant", "content": "Hello"}],
+                         "rejected": [{"role": "assistant", "content": "Go away"}]}]  # fmt: skip
+    path = tmp_path / f"pairs{suffix}"
+    if suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows[:3]), path)  # one schema per file: text pairs
+        rows = rows[:3]
+    else:
+        path.write_text(json.dumps(rows))
+    from_jsonl = load_preference(_jsonl(tmp_path / "pairs.jsonl", rows))
+    got = load_preference(path)
+    assert [(r.prompt, r.chosen, r.rejected) for r in got] == [(r.prompt, r.chosen, r.rejected) for r in from_jsonl]
+    bad = tmp_path / f"bad{suffix}"
+    if suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist([{"prompt": "p", "chosen": "a"}]), bad)
+    else:
+        bad.write_text(json.dumps([{"prompt": "p", "chosen": "a"}]))
+    with pytest.raises(DataError, match=str(bad)):
+        load_preference(bad)

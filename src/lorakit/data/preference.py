@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.data.collate import IGNORE_INDEX
+from lorakit.data.files import read_records
 from lorakit.data.sft import SFT_SUFFIXES, SftRecord, _parse_messages, _pieces
 from lorakit.data.splits import carve_valid
-from lorakit.data.text import DataError, _records_from_jsonl, _records_from_table
+from lorakit.data.text import DataError
 
 __all__ = [
     "PREFERENCE_FIELDS", "PreferenceRecord", "collate_preference", "encode_preference", "find_preference_file",
@@ -87,21 +88,15 @@ def _parse_record(rec: dict[str, Any], where: str) -> PreferenceRecord:
 
 
 def load_preference(path: str | Path) -> list[PreferenceRecord]:
-    """Read a preference file: ``.jsonl``/``.ndjson`` (text or chat records) or ``.csv``/``.tsv`` (text, with a
-    header naming prompt, chosen and rejected).
+    """Read a preference file of any type the SFT readers take (``lorakit.data.files.read_records``):
+    JSONL or a JSON array (text or chat records), CSV/TSV (text, with a header naming prompt, chosen and
+    rejected), Parquet or Arrow.
 
     Args:
         path: the file.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        records = _records_from_jsonl(path)
-    elif suffix in (".csv", ".tsv"):
-        records = _records_from_table(path, "," if suffix == ".csv" else "\t", list(PREFERENCE_FIELDS))
-    else:
-        raise DataError(f"{path}: unsupported file type {suffix!r} for preference data (use .jsonl, .csv or .tsv)")
-    out = [_parse_record(rec, f"{path}, line {lineno}") for lineno, rec in records]
+    out = [_parse_record(rec, where) for where, rec in read_records(path, list(PREFERENCE_FIELDS))]
     if not out:
         raise DataError(f"{path}: no records (the file is empty)")
     return out
