@@ -22,13 +22,6 @@ PROMPT = "name : Alimentum | area : city centre ||"
 
 
 @pytest.fixture(scope="module")
-def tok(smollm2_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_path)
-
-
-@pytest.fixture(scope="module")
 def root(tok, tmp_path_factory):
     folder = tmp_path_factory.mktemp("root")
     save_random_adapters(lambda: tiny_lm(tok), ["a0", "a1", "a2"], folder)

@@ -27,16 +27,9 @@ from lorakit.errors import LorakitError
 from lorakit.serve.app import ServeSettings, create_app
 from lorakit.serve.engine import Engine
 from lorakit.serve.server import BackgroundServer, _free_port, make_app
-from serve_util import api_error, one_adapter_server, raw, save_random_adapters, tiny_lm, wait_for
+from serve_util import api_error, one_adapter_server, raw, tiny_lm, wait_for
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-@pytest.fixture(scope="module")
-def tok(smollm2_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_path)
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +39,6 @@ def base_dir(tok, tmp_path_factory) -> str:
     tiny_lm(tok).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tok, tmp_path_factory) -> str:
-    return save_random_adapters(lambda: tiny_lm(tok), ["a0"], tmp_path_factory.mktemp("adapters"))["a0"]
 
 
 def _server(tok, adapter_dir: str, **settings) -> BackgroundServer:

@@ -22,18 +22,6 @@ from serve_util import Gate, api_error, one_adapter_server, raw, save_random_ada
 PROMPT = "name : Alimentum | area : city centre ||"
 
 
-@pytest.fixture(scope="module")
-def tok(smollm2_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_path)
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tok, tmp_path_factory) -> str:
-    return save_random_adapters(lambda: tiny_lm(tok), ["a0"], tmp_path_factory.mktemp("adapters"))["a0"]
-
-
 def _server(tok, adapter_dir: str, **settings) -> BackgroundServer:
     return one_adapter_server(tok, adapter_dir, 200, **settings)
 

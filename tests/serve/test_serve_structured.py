@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from serve_util import Gate, api_error, one_adapter_server, raw, save_random_adapters, tiny_lm, wait_for
+from serve_util import Gate, api_error, one_adapter_server, raw, wait_for
 
 # Bounded on every path (enums, a short string, a bounded integer), so even a random model finishes it.
 SCHEMA = {"type": "object",
@@ -21,18 +21,6 @@ SCHEMA = {"type": "object",
           "required": ["name", "kind", "stars", "open"], "additionalProperties": False}
 FORMAT = {"type": "json_schema", "json_schema": {"name": "place", "schema": SCHEMA, "strict": True}}
 MESSAGES = [{"role": "user", "content": "Describe a place to eat as JSON."}]
-
-
-@pytest.fixture(scope="module")
-def tok(smollm2_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_path)
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tok, tmp_path_factory) -> str:
-    return save_random_adapters(lambda: tiny_lm(tok), ["a0"], tmp_path_factory.mktemp("adapters"))["a0"]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ pytest.importorskip("fastapi")
 
 from lorakit.data.chat_templates import CHAT_TEMPLATES
 from lorakit.serve.tools import parse_hermes
-from serve_util import api_error, one_adapter_server, raw, save_random_adapters, tiny_lm
+from serve_util import api_error, one_adapter_server, raw
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
@@ -29,24 +29,12 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def tok(smollm2_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_path)
-
-
-@pytest.fixture(scope="module")
 def tools_tok(smollm2_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_path)
     tok.chat_template = CHAT_TEMPLATES["chatml-tools"]
     return tok
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tok, tmp_path_factory) -> str:
-    return save_random_adapters(lambda: tiny_lm(tok), ["a0"], tmp_path_factory.mktemp("adapters"))["a0"]
 
 
 @pytest.fixture(scope="module")
