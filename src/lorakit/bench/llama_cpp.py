@@ -9,14 +9,13 @@ The prompts go as the token ids lorakit's tokenizer gives, so both servers see t
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from lorakit.bench.load import LoopbackServer, median_row, print_cell, timed_cell
+from lorakit.bench.load import LoopbackServer, median_row, post_stream, print_cell, timed_cell
 
 CACHE_ENV = "LORAKIT_LLAMA_CPP_CACHE"
 CTX_PER_SLOT = 256  # prompt (under 64 tokens) + 64 new tokens, with room
@@ -102,20 +101,14 @@ def one_completion(port: int, body: dict[str, Any]) -> tuple[float, float, int]:
         body: from :func:`completion_body`.
     """
     start, ttft, tokens = time.perf_counter(), None, 0
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1800)
-    conn.request("POST", "/completion", body=json.dumps(body), headers={"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    if resp.status != 200:
-        raise RuntimeError(f"llama-server HTTP {resp.status}: {resp.read()[:300]!r}")
-    for raw in resp:
-        event = read_event(raw.decode().strip())
+    for line in post_stream(port, "/completion", body, "llama-server"):
+        event = read_event(line)
         if event is None:
             continue
         if ttft is None and (event.get("tokens") or event.get("content")):
             ttft = time.perf_counter() - start
         if event.get("stop"):
             tokens = int(event["tokens_predicted"])
-    conn.close()
     latency = time.perf_counter() - start
     return latency, ttft if ttft is not None else latency, tokens
 

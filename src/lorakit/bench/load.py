@@ -7,13 +7,14 @@ A side is a server (``lorakit serve`` or llama.cpp's ``llama-server``) started a
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import statistics
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,27 @@ class LoopbackServer:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+
+def post_stream(port: int, path: str, body: dict[str, Any], server: str) -> Iterator[str]:
+    """The decoded, stripped lines of one streamed POST to a loopback server; the connection is closed after.
+
+    Args:
+        port: the server's loopback port.
+        path: the endpoint, e.g. ``/v1/completions``.
+        body: the JSON request.
+        server: the server's name, for the error on a non-200 answer.
+    """
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1800)
+    try:
+        conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"{server} HTTP {resp.status}: {resp.read()[:300]!r}")
+        for raw in resp:
+            yield raw.decode().strip()
+    finally:
+        conn.close()
 
 
 def closed_loop(send: Send, requests: list[Any], concurrency: int) -> dict[str, Any]:

@@ -9,7 +9,6 @@ adapter switched per request) and (b) PEFT's batched ``generate(adapter_names=..
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import sys
@@ -19,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from lorakit.bench.load import LoopbackServer, median_row, print_cell, summarize, timed_cell
+from lorakit.bench.load import LoopbackServer, median_row, post_stream, print_cell, summarize, timed_cell
 
 MODEL = "smollm2-135m"
 LLAMA_CPP_F32 = "llama.cpp, F32 base"  # the llama.cpp row on the same fp32 weights lorakit serves
@@ -78,13 +77,7 @@ def one_request(port: int, model: str, prompt: str, max_tokens: int) -> tuple[fl
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     ttft, tokens = None, 0
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1800)
-    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    if resp.status != 200:
-        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
-    for raw in resp:
-        line = raw.decode().strip()
+    for line in post_stream(port, "/v1/completions", body, "lorakit serve"):
         if not line.startswith("data: ") or line == "data: [DONE]":
             continue
         chunk = json.loads(line[6:])
@@ -92,7 +85,6 @@ def one_request(port: int, model: str, prompt: str, max_tokens: int) -> tuple[fl
             ttft = time.perf_counter() - start
         if chunk.get("usage"):
             tokens = chunk["usage"]["completion_tokens"]
-    conn.close()
     latency = time.perf_counter() - start
     return latency, ttft if ttft is not None else latency, tokens
 
