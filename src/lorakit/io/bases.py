@@ -7,15 +7,15 @@ an absolute path to a local transformers folder is taken from it; anything else 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lorakit.errors import ConfigError
+from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.io.layout import CONFIG_NAME
 from lorakit.io.models import BUILTINS
+from lorakit.io.pairs import read_json_config
 
 
 def named_base(adapter_config: Mapping[str, Any] | Any) -> str | None:
@@ -36,10 +36,9 @@ def named_base(adapter_config: Mapping[str, Any] | Any) -> str | None:
 
 def _adapter_config(adapter: str | Path) -> Any:
     """The adapter folder's parsed config, or None when it has none that parses."""
-    path = Path(adapter) / CONFIG_NAME
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+        return read_json_config(Path(adapter) / CONFIG_NAME)  # bounded: the file is untrusted
+    except (OSError, AdapterFileError):
         return None
 
 
