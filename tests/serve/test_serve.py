@@ -20,7 +20,7 @@ import lorakit  # noqa: E402
 from lorakit.lora.adapters import configs  # noqa: E402
 from lorakit.serve import adapters_admin  # noqa: E402
 from lorakit.serve.app import ServeSettings, create_app  # noqa: E402
-from lorakit.serve.engine import Engine  # noqa: E402
+from lorakit.serve.engine import Engine, prefill_groups  # noqa: E402
 from lorakit.serve.sequence import SamplingParams, Sequence  # noqa: E402
 from lorakit.serve.server import BackgroundServer  # noqa: E402
 from serve_util import (  # noqa: E402
@@ -118,12 +118,25 @@ def test_engine_mixed_batch_equals_alone_tiny(tok):
                     for i in range(32)]
         together = _run_engine(engine, requests, late=8)
         assert engine.stats["peak_batch"] >= 24
+        assert engine.stats["peak_prefill"] >= 16  # the first 24 prompts (3-26 tokens) were prefilled together
+        assert engine.stats["prefill_passes"] < 32
         for i in (0, 1, 13, 30, 31):
             alone = _run_engine(engine, [requests[i]])[0]
             assert alone.tokens == together[i].tokens, f"request {i} changed when batched"
             assert len(alone.tokens) == requests[i][2]
     finally:
         engine.shutdown(30)
+
+
+def test_prefill_groups_batch_similar_lengths_within_the_budget_and_score_echo_alone():
+    def seq(length: int, echo: bool = False) -> Sequence:
+        return Sequence([5] * length, None, SamplingParams(max_tokens=4, prompt_logprobs=echo), lambda ev: None)
+
+    seqs = [seq(30), seq(10), seq(12, echo=True), seq(11), seq(29), seq(200)]
+    groups = prefill_groups(seqs, 64)
+    assert [[len(s.prompt_ids) for s in g] for g in groups] == [[12], [10, 11], [29, 30], [200]]
+    assert all(len(g) * max(len(s.prompt_ids) for s in g) <= 64 or len(g) == 1 for g in groups)
+    assert [len(g) for g in prefill_groups(seqs, 0)] == [1] * 6  # batching off: each alone
 
 
 def test_engine_matches_transformers_generate(tok, reference, adapter_files):

@@ -308,6 +308,7 @@ def test_adapter_names_follow_one_pattern(server, adapter_dir, base_dir):
 @pytest.mark.parametrize("argv, message", [
     (["--max-batch", "0"], "--max-batch 0: must be at least 1"),
     (["--max-queue", "-1"], "--max-queue -1: must be at least 1"),
+    (["--max-prefill-tokens", "0"], "--max-prefill-tokens 0: must be at least 1"),
     (["--max-tokens-cap", "0"], "--max-tokens-cap 0"),
     (["--max-model-len", "1"], "--max-model-len 1"),
     (["--max-model-len", "100000"], "the model has only 256 positions"),

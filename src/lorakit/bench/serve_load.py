@@ -22,6 +22,9 @@ from lorakit.bench.load import LoopbackServer, median_row, post_stream, print_ce
 
 MODEL = "smollm2-135m"
 LLAMA_CPP_F32 = "llama.cpp, F32 base"  # the llama.cpp row on the same fp32 weights lorakit serves
+BATCHING_OFF = "(a) batching off"
+PREFILL_ALONE = "(c) prefill one at a time"
+SERVER_VARIANTS = {PREFILL_ALONE: ("--max-prefill-tokens", "1"), "(d) plain fp32 weights": ("--no-pack-weights",)}
 
 
 def e2e_prompts(path: Path, n: int) -> list[str]:
@@ -135,30 +138,31 @@ def _tokens_to_eos(rows: list[list[int]], eos: int) -> int:
 
 
 def target_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The targets, from the medians: at the top concurrency, many adapters vs one, vs (a), vs (b), and one
-    adapter vs llama.cpp's F32 base.
+    """The targets, from the medians, at the top concurrency: many adapters vs one, vs (a), vs (b), one adapter
+    vs llama.cpp's F32 base, and the time to first token of (c), prefill one at a time, vs batched prefill.
 
     Args:
-        results: the report's rows (``system``, ``adapters``, ``concurrency``, ``tokens_per_s``).
+        results: the report's rows (``system``, ``adapters``, ``concurrency``, ``tokens_per_s``, ``ttft_p50_s``).
     """
     ours = [r for r in results if r["system"] == "lorakit serve"]
     if not ours:
         return []
     top = max(r["concurrency"] for r in ours)
-    at_top = {r["adapters"]: r["tokens_per_s"] for r in ours if r["concurrency"] == top}
-    many, one = at_top[max(at_top)], at_top[min(at_top)]
-    others = {r["system"][:3]: r["tokens_per_s"] for r in results if r["system"] != "lorakit serve"}
-    checks = []
-    if max(at_top) != min(at_top):
-        checks.append((f"{max(at_top)} adapters / 1 adapter at concurrency {top}", many / one, 0.85))
-    if "(a)" in others:
-        checks.append((f"{max(at_top)} adapters at concurrency {top} / (a) one at a time", many / others["(a)"], 4.0))
-    if "(b)" in others:
-        checks.append((f"{max(at_top)} adapters at concurrency {top} / (b) PEFT batched", many / others["(b)"], 1.0))
-    llama = {r["adapters"]: r["tokens_per_s"] for r in results
-             if r["system"] == LLAMA_CPP_F32 and r["concurrency"] == top}
-    if min(at_top) in llama:  # issue 33's target: one adapter at least as fast as llama.cpp on the same fp32 weights
-        checks.append((f"{min(at_top)} adapter at concurrency {top} / {LLAMA_CPP_F32}", one / llama[min(at_top)], 1.0))
+    at_top = {r["adapters"]: r for r in ours if r["concurrency"] == top}
+    many, one = at_top[max(at_top)]["tokens_per_s"], at_top[min(at_top)]["tokens_per_s"]
+    others = {r["system"][:3]: r for r in results if r["system"] != "lorakit serve"}
+    others.update({r["system"]: r for r in results if r["system"] == LLAMA_CPP_F32 and r["adapters"] == min(at_top)
+                   and r["concurrency"] == top})
+    label = f"at concurrency {top}"
+    checks = [] if max(at_top) == min(at_top) else [(f"{max(at_top)} adapters / 1 adapter {label}", many / one, 0.9)]
+    for key, name, target in (("(a)", "(a) one at a time", 4.0), ("(b)", "(b) PEFT batched", 1.0)):
+        if key in others:
+            checks.append((f"{max(at_top)} adapters {label} / {name}", many / others[key]["tokens_per_s"], target))
+    if LLAMA_CPP_F32 in others:  # issue 33: one adapter at least as fast as llama.cpp on the same fp32 weights
+        checks.append((f"1 adapter {label} / {LLAMA_CPP_F32}", one / others[LLAMA_CPP_F32]["tokens_per_s"], 1.0))
+    ttft, alone = at_top[min(at_top)].get("ttft_p50_s"), others.get("(c)", {}).get("ttft_p50_s")
+    if ttft and alone:  # issue 33: batched prefill halves the time to first token
+        checks.append((f"TTFT p50 {label}: (c) prefill alone / batched prefill", alone / ttft, 2.0))
     return [{"check": name, "ratio": ratio, "target": target, "met": ratio >= target} for name, ratio, target in checks]
 
 
@@ -171,9 +175,13 @@ def _cell(server: ServerProcess, prompts: list[str], adapters: int, concurrency:
     return row
 
 
-def _serve_grid(adapter_files: dict[str, str], prompts: list[str], args, counts, levels, batching: bool) -> list:
-    server = ServerProcess(adapter_files, args.port, [] if batching else ["--no-batching"])
-    repeats = args.repeats if batching else 1  # (a) is ~10x slower and far from its target: one run
+def _serve_grid(adapter_files: dict[str, str], prompts: list[str], args, counts, levels, system: str,
+                extra: tuple[str, ...] = ()) -> list:
+    """Cells of one server (``lorakit serve`` plus ``extra`` flags) over adapter counts and concurrency levels;
+    repeated ``args.repeats`` times for the main grid, once for a baseline."""
+    batching = "--no-batching" not in extra
+    server = ServerProcess(adapter_files, args.port, list(extra))
+    repeats = args.repeats if system == "lorakit serve" else 1  # baselines are far from their targets: one run
     try:
         server.wait_ready()
         one_request(args.port, "task0", prompts[0], 4)  # warm-up: first-call allocations
@@ -184,10 +192,7 @@ def _serve_grid(adapter_files: dict[str, str], prompts: list[str], args, counts,
                 for adapters in counts:
                     n = args.baseline_requests if not batching else max(concurrency * args.rounds, 4)
                     runs[adapters].append(_cell(server, prompts, adapters, concurrency, n, args.max_tokens))
-            for adapters in counts:
-                row = median_row(runs[adapters])
-                row["system"] = "lorakit serve" if batching else "(a) batching off"
-                rows.append(row)
+            rows += [{**median_row(runs[adapters]), "system": system} for adapters in counts]
         return rows
     finally:
         server.stop()
@@ -209,7 +214,7 @@ def run_serve_bench(args: Any, argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         files = write_adapters(Path(tmp), max(counts))
         print("lorakit serve, continuous batching:", flush=True)
-        rows = _serve_grid(files, prompts, args, counts, levels, batching=True)
+        rows = _serve_grid(files, prompts, args, counts, levels, "lorakit serve")
         rows += _baselines(files, prompts, args, max(counts), max(levels))
         rows += _llama_cpp_side(files, prompts, args, counts, max(levels), Path(tmp), meta)
     meta["loadavg_end"] = os.getloadavg()
@@ -223,11 +228,16 @@ def run_serve_bench(args: Any, argv: list[str]) -> int:
 
 
 def _baselines(files: dict[str, str], prompts: list[str], args: Any, adapters: int, concurrency: int) -> list:
-    """Baseline (a), the server one request at a time, and (b), PEFT's batched generate, unless turned off."""
+    """Baseline (a), the server one request at a time, (c)/(d), the server without batched prefill or without
+    packed weights, and (b), PEFT's batched generate, unless turned off."""
     rows = []
     if not args.no_batching_off:
         print("baseline (a): batching off, one request at a time:", flush=True)
-        rows += _serve_grid(files, prompts, args, [adapters], [concurrency], batching=False)
+        rows += _serve_grid(files, prompts, args, [adapters], [concurrency], BATCHING_OFF, ("--no-batching",))
+    if not args.no_server_variants:  # what batched prefill and packed weights each bring, one cell each
+        for system, flags in SERVER_VARIANTS.items():
+            print(f"baseline {system}:", flush=True)
+            rows += _serve_grid(files, prompts, args, [1], [concurrency], system, flags)
     if not args.no_peft:
         requests = [(f"task{i % adapters}", prompts[i]) for i in range(args.baseline_requests)]
         row = peft_batched(files, requests, args.max_tokens, args.repeats)

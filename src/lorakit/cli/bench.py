@@ -57,6 +57,8 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--no-peft", action="store_true", help="skip baseline (b)")
     p.add_argument("--no-batching-off", action="store_true", help="skip baseline (a), the server one request at a time")
+    p.add_argument("--no-server-variants", action="store_true",
+                   help="skip baselines (c) prefill one request at a time and (d) plain fp32 weights")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp's llama-server side")
     p.add_argument("--llama-server", type=Path, default=None,
                    help="llama-server binary (default: the one scripts/llama_cpp.sh built, in its cache)")

@@ -26,6 +26,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + max_tokens limit "
                    "(default: the model's position limit, at most 4096)")
     p.add_argument("--no-batching", action="store_true", help="one request at a time (benchmark baseline)")
+    p.add_argument("--max-prefill-tokens", type=int, default=512, help="most padded prompt positions prefilled "
+                   "in one pass: admitted requests are prefilled together up to this (default 512)")
+    p.add_argument("--no-pack-weights", action="store_true", help="multiply by the plain fp32 weights instead of "
+                   "oneDNN-packed copies (packing decodes faster and holds one more copy of the base weights)")
     add_threads(p)
     p.add_argument("--max-request-bytes", type=int, default=1 << 20,
                    help="largest request body; more is a 413 (default 1 MiB)")

@@ -390,9 +390,11 @@ def route_rows(model: nn.Module, names: Sequence[str | None],
     index = torch.tensor([table.index(n) for n in names], dtype=torch.long)
     wrappers = [w for _, w in _copies(model)]
     scale = None if scales is None or all(v == 1.0 for v in scales) else torch.tensor(list(scales))
+    uniform = table.index(names[0]) if len(set(names)) == 1 else None
     try:
         for layer in layers:
             layer.routing_names = table
+            layer.row_uniform = uniform
             layer.row_index = index.to(layer.weight.device)
             layer.row_scale = None if scale is None else scale.to(layer.weight.device)
         for wrapper in wrappers:
@@ -402,6 +404,7 @@ def route_rows(model: nn.Module, names: Sequence[str | None],
         for layer in layers:
             layer.row_index = None
             layer.row_scale = None
+            layer.row_uniform = None
             layer.routing_names = ()
         for wrapper in wrappers:
             wrapper.route((), None)

@@ -50,6 +50,7 @@ class LoraLayer(AdapterHost):
         self.row_index: Tensor | None = None
         self.routing_names: tuple[str | None, ...] = ()
         self.row_scale: Tensor | None = None  # per-row multiplier of the routed (non-DoRA) delta; None: all 1
+        self.row_uniform: int | None = None  # the routing index every row shares, if they all share one
         self._stack_cache: tuple[tuple, Tensor, Tensor] | None = None
         self._merged_norm: Tensor | None = None  # DoRA: ‖W0 + ΔW‖ per row at merge time
 
@@ -151,6 +152,8 @@ class LoraLayer(AdapterHost):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.row_index is not None:
             out = self.base_layer(x, *args, **kwargs)
+            if self.row_uniform == 0:  # every row is the base model's
+                return out
             delta = self._routed_dora(x, out, self._scaled(x, self._routed_delta(x))).to(out.dtype)
             # Serving (no autograd): accumulate into the fresh base output instead of allocating a sum.
             return out.add_(delta) if not torch.is_grad_enabled() else out + delta
@@ -274,6 +277,9 @@ class LoraLayer(AdapterHost):
     def _routed_delta(self, x: Tensor) -> Tensor:
         """Each row through its own adapter: one gather and two batched matmuls, no loop over adapters."""
         a_stack, b_stack = self._stacks()
+        if self.row_uniform is not None:  # one adapter for the whole batch: plain products, no gather
+            a, b = a_stack[self.row_uniform], b_stack[self.row_uniform]
+            return self.kind.project_in(self.kind.lora_input(x, a.dtype), a, nn.Identity()) @ b.t()
         index = self._row_index(x)
         ax = self.kind.routed_project_in(x, index, a_stack)
         if ax is not None:

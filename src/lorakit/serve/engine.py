@@ -1,7 +1,8 @@
 """The serving engine: a scheduler thread doing continuous batching over mixed adapters.
 
 One thread owns the model. Each iteration it runs queued commands (adapter load/unload, classification),
-admits waiting requests (each prefilled alone, into its own ``DynamicCache``), then advances every active
+admits waiting requests (prefilled together, left-padded and routed per row, each keeping a view of its row
+of the cache), then advances every active
 sequence by one token in a single forward pass under ``lorakit.route_rows``: one batch, one adapter per row.
 
 The batched cache of a decode step is built from the sequences' own caches (left-padded to a common
@@ -53,11 +54,15 @@ class Engine:
         batching: False serves one request at a time with ``set_adapter`` switched per request (the
             benchmark's baseline); True routes rows of one batch to their adapters.
         metrics: where to count tokens, TTFT and latency; None makes a private one.
+        max_prefill_tokens: the most padded prompt positions prefilled in one pass (admitted requests are
+            prefilled together up to this; a longer prompt is prefilled alone).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = 32, max_queue: int = 64,
-                 batching: bool = True, metrics: ServeMetrics | None = None) -> None:
+                 batching: bool = True, metrics: ServeMetrics | None = None,
+                 max_prefill_tokens: int = 512) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.max_prefill_tokens = max_prefill_tokens
         self.max_batch = max_batch if batching else 1
         self.max_queue, self.batching = max_queue, batching
         self.metrics = metrics or ServeMetrics(lambda: len(self.waiting), lambda: len(self.active))
@@ -74,7 +79,8 @@ class Engine:
         # the model, so no HTTP thread iterates the model's registry while a load mutates it.
         self._loaded = frozenset(configs(model))
         self._batch: tuple[tuple[int, ...], DynamicCache, torch.Tensor] | None = None
-        # Counters for tests and /health: finished, cancelled, failed sequences; the largest batch decoded.
+        # Counters for tests and /health: finished, cancelled, failed sequences; the largest batch decoded;
+        # prefill passes and the most sequences one of them held.
         self.stats: collections.Counter[str] = collections.Counter()
         self._thread = threading.Thread(target=self._run, name="lorakit-engine", daemon=True)
 
@@ -251,16 +257,16 @@ class Engine:
                     future.set_result(name)
 
     def _admit(self) -> None:
-        while len(self.active) < self.max_batch:
-            with self._cv:
-                if not self.waiting:
-                    return
-                seq = self.waiting.popleft()
-            self._guarded(lambda s=seq: self._prefill(s), [seq])
-            if seq.done:
-                self._observe(seq)
-            else:
-                self.active.append(seq)
+        """Move waiting requests into the batch, prefilling them in groups (``prefill_groups``)."""
+        with self._cv:
+            taken = [self.waiting.popleft() for _ in range(min(self.max_batch - len(self.active), len(self.waiting)))]
+        for group in prefill_groups(taken, self.max_prefill_tokens if self.batching else 0):
+            self._guarded(lambda g=group: self._prefill(g), group)
+            for seq in group:
+                if seq.done:
+                    self._observe(seq)
+                else:
+                    self.active.append(seq)
 
     def _routing(self, names: list[str | None], scales: list[float] | None = None):
         """Per-row routing (and adapter scale), or (batching off) the one adapter switched in for the model."""
@@ -269,21 +275,28 @@ class Engine:
         set_adapter(self.model, names[0])
         return _nullcontext()
 
-    def _prefill(self, seq: Sequence) -> None:
-        ids = torch.tensor([seq.prompt_ids], dtype=torch.long)
-        cache = DynamicCache()
-        with self._routing([seq.adapter], [seq.params.lora_scale]):
-            # Every position's logits only when the prompt itself is scored (echo with logprobs).
-            out = self.model(input_ids=ids, cache=cache, use_cache=True,
-                             logits_to_keep=0 if seq.params.prompt_logprobs else 1)
-        seq.cache, seq.cache_len = out.cache, len(seq.prompt_ids)
-        seq.score_prompt(out.logits[0])
-        if seq.params.max_tokens == 0:
-            seq.finish_unsampled()
-            return
-        self._take(seq, out.logits[0, -1])
-        self.metrics.generated(1)
-        self.metrics.ttft.observe(time.perf_counter() - seq.t_submit)
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """One forward pass over the prompts of ``seqs`` (left-padded, each row routed to its adapter), then
+        each sequence's first token. A lone prompt runs unpadded, exactly as ``generate`` would."""
+        self.stats["prefill_passes"] += 1
+        self.stats["peak_prefill"] = max(self.stats["peak_prefill"], len(seqs))
+        ids, mask = _left_padded([s.prompt_ids for s in seqs])
+        extra = {} if len(seqs) == 1 else {"attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
+        # Every position's logits only when the prompt itself is scored (echo with logprobs: prefilled alone).
+        keep = 0 if seqs[0].params.prompt_logprobs else 1
+        with self._routing([s.adapter for s in seqs], [s.params.lora_scale for s in seqs]):
+            out = self.model(input_ids=ids, cache=DynamicCache(), use_cache=True, logits_to_keep=keep, **extra)
+        for row, seq in enumerate(seqs):
+            pad = ids.shape[1] - len(seq.prompt_ids)
+            seq.cache = out.cache if len(seqs) == 1 else _row_cache(out.cache, row, pad)
+            seq.cache_len = len(seq.prompt_ids)
+            seq.score_prompt(out.logits[row])
+            if seq.params.max_tokens == 0:
+                seq.finish_unsampled()
+                continue
+            self._take(seq, out.logits[row, -1])
+            self.metrics.generated(1)
+            self.metrics.ttft.observe(time.perf_counter() - seq.t_submit)
 
     def _decode(self) -> None:
         rows = self.active
@@ -384,6 +397,51 @@ def _batched_layer(own: list[DynamicLayer], lengths: list[int], length: int) -> 
         kbuf[row, :, length - n : length] = layer.keys[0]
         vbuf[row, :, length - n : length] = layer.values[0]
     return GrowableLayer.holding(kbuf, vbuf, length)
+
+
+def prefill_groups(seqs: list[Sequence], max_tokens: int) -> list[list[Sequence]]:
+    """How admitted sequences are prefilled: prompts scored in full (echo) alone, the others together in
+    groups of similar length whose padded size (rows × longest prompt) stays within ``max_tokens``.
+
+    Args:
+        seqs: the sequences being admitted.
+        max_tokens: the most padded prompt positions of one prefill pass; 0 prefills each sequence alone.
+    """
+    solo = [s.params.prompt_logprobs or max_tokens <= 0 for s in seqs]
+    alone = [[s] for s, single in zip(seqs, solo) if single]
+    rest = sorted((s for s, single in zip(seqs, solo) if not single), key=lambda s: len(s.prompt_ids))
+    groups: list[list[Sequence]] = []
+    for seq in rest:  # ascending length: the newest member is the group's longest
+        if groups and (len(groups[-1]) + 1) * len(seq.prompt_ids) <= max_tokens:
+            groups[-1].append(seq)
+        else:
+            groups.append([seq])
+    return alone + groups
+
+
+def _left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of prompts right-aligned in one batch; padding is token 0, masked out."""
+    length = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), length, dtype=torch.long)
+    mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, length - len(prompt) :] = 1
+    return ids, mask
+
+
+def _row_cache(batched: DynamicCache, row: int, pad: int) -> DynamicCache:
+    """One sequence's cache as views of its row of a batched prefill's cache, without the left padding."""
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = None
+    cache.layers = []
+    for shared in batched.layers:
+        keys, values = shared.keys[row : row + 1, :, pad:], shared.values[row : row + 1, :, pad:]
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        cache.layers.append(layer)
+    return cache
 
 
 def _materialize(seq: Sequence) -> None:

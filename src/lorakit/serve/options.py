@@ -51,6 +51,7 @@ def check_args(args: SimpleNamespace) -> None:
         at_least["--threads"] = (args.threads, 1)
     at_least["--max-n"] = (args.max_n, 1)
     at_least["--max-prompts"] = (args.max_prompts, 1)
+    at_least["--max-prefill-tokens"] = (args.max_prefill_tokens, 1)
     if args.max_loaded_adapters is not None:
         at_least["--max-loaded-adapters"] = (args.max_loaded_adapters, 1)
     for root in args.adapter_root:

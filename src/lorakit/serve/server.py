@@ -14,7 +14,8 @@ from lorakit.errors import LorakitError
 from lorakit.io.bases import base_for
 
 
-def build(model_name: str, adapters: dict[str, str], *, task: str = "causal-lm", **engine_kwargs: Any):
+def build(model_name: str, adapters: dict[str, str], *, task: str = "causal-lm", pack: bool = False,
+          **engine_kwargs: Any):
     """(engine, base tokenizer, untrained heads) for a built-in name or folder with ``adapters`` ({name: dir})
     loaded. The untrained heads are a classifier's head modules no checkpoint held (random weights).
 
@@ -22,11 +23,14 @@ def build(model_name: str, adapters: dict[str, str], *, task: str = "causal-lm",
         model_name: ``lorakit.io.models`` name or local folder.
         adapters: adapter ids and their directories.
         task: "causal-lm" or "seq-cls" (the head size comes from the first adapter's saved head).
-        engine_kwargs: passed to ``Engine`` (max_batch, max_queue, batching).
+        pack: multiply the frozen fp32 linears through oneDNN-packed copies of their weights
+            (``lorakit.lora.packed``): faster decoding for one more copy of those weights in memory.
+        engine_kwargs: passed to ``Engine`` (max_batch, max_queue, batching, max_prefill_tokens).
     """
     from lorakit.data.chat_templates import apply_chat_template, saved_chat_template
     from lorakit.io.files import read_adapter
     from lorakit.io.models import load_model
+    from lorakit.lora.packed import pack_linears
     from lorakit.serve import adapters_admin
     from lorakit.serve.engine import Engine
     from lorakit.serve.protocol import APIError
@@ -49,6 +53,8 @@ def build(model_name: str, adapters: dict[str, str], *, task: str = "causal-lm",
             adapters_admin.load(model, name, path, task, need_heads=need_heads)
         except APIError as exc:
             raise LorakitError(f"--adapter {name}={path}: {exc.message.removeprefix(f'{path}: ')}") from exc
+    if pack:
+        pack_linears(model, batch_hint=engine_kwargs.get("max_batch", 32))
     return Engine(model, tokenizer, **engine_kwargs), tokenizer, need_heads
 
 
@@ -63,8 +69,9 @@ def make_app(args: Any):
 
     check_args(args)
     base = base_for(args.model, list(adapter_args(args.adapter, args.model).values()))
-    engine, _, heads = build(base, adapter_args(args.adapter, base), task=args.task,
-                      max_batch=args.max_batch, max_queue=args.max_queue, batching=not args.no_batching)
+    engine, _, heads = build(base, adapter_args(args.adapter, base), task=args.task, pack=not args.no_pack_weights,
+                             max_batch=args.max_batch, max_queue=args.max_queue, batching=not args.no_batching,
+                             max_prefill_tokens=args.max_prefill_tokens)
     model_len = check_model_len(args.max_model_len, getattr(engine.model.config, "max_position_embeddings", None))
     settings = ServeSettings(base_name=base, task=args.task, api_key=args.api_key,
                              max_tokens_cap=args.max_tokens_cap, max_model_len=model_len,
