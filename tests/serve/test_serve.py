@@ -139,6 +139,26 @@ def test_prefill_groups_batch_similar_lengths_within_the_budget_and_score_echo_a
     assert [len(g) for g in prefill_groups(seqs, 0)] == [1] * 6  # batching off: each alone
 
 
+@pytest.mark.parametrize("settle_s, gap_s, together", [(0.5, 0.01, True), (0.0, 0.05, False)])
+def test_an_idle_engine_lets_a_burst_arrive_and_prefills_it_together(tok, settle_s, gap_s, together):
+    """Requests arriving a few ms apart at an idle engine: with a settle window they are prefilled in one pass
+    (not the first alone, then the rest); without one the first is prefilled as soon as it arrives."""
+    import time
+
+    engine = Engine(tiny_lm(tok), tok, max_batch=8, max_queue=8, settle_s=settle_s).start()
+    try:
+        done = threading.Semaphore(0)
+        for i in range(4):
+            engine.submit(Sequence(_ids(tok)[: 5 + i], None, SamplingParams(max_tokens=2, temperature=0.0),
+                                   lambda ev: ev.finish_reason and done.release()))
+            time.sleep(gap_s)
+        for _ in range(4):
+            assert done.acquire(timeout=60)
+        assert (engine.stats["prefill_passes"] == 1) is together, engine.stats
+    finally:
+        engine.shutdown(30)
+
+
 def test_engine_matches_transformers_generate(tok, reference, adapter_files):
     engine = Engine(reference, tok, max_batch=4).start()
     try:

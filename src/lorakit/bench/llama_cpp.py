@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorakit.bench.load import LoopbackServer, median_row, post_stream, print_cell, timed_cell
+from lorakit.bench.load import LoopbackServer, median_row, post_stream, print_cell, timed_cell, warm_up
 
 CACHE_ENV = "LORAKIT_LLAMA_CPP_CACHE"
 CTX_PER_SLOT = 256  # prompt (under 64 tokens) + 64 new tokens, with room
@@ -168,7 +168,8 @@ def llama_cpp_rows(binary: Path, loras: list[Path], bases: dict[str, Path], prom
         print(f"llama.cpp llama-server, {label} ({model.name}):", flush=True)
         try:
             server.wait_ready()
-            one_completion(args.port, completion_body(prompt_ids[0], 4, 0))  # warm-up
+            burst = [completion_body(prompt_ids[i % len(prompt_ids)], 8, i % max(counts)) for i in range(concurrency)]
+            warm_up(lambda b: one_completion(args.port, b), burst, concurrency)
             runs: dict[int, list[dict]] = {count: [] for count in counts}
             for _ in range(args.repeats):
                 for count in counts:

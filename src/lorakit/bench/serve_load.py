@@ -18,7 +18,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from lorakit.bench.load import LoopbackServer, median_row, post_stream, print_cell, summarize, timed_cell
+from lorakit.bench.load import (
+    LoopbackServer,
+    median_row,
+    post_stream,
+    print_cell,
+    summarize,
+    timed_cell,
+    warm_up,
+)
 
 MODEL = "smollm2-135m"
 LLAMA_CPP_F32 = "llama.cpp, F32 base"  # the llama.cpp row on the same fp32 weights lorakit serves
@@ -184,7 +192,8 @@ def _serve_grid(adapter_files: dict[str, str], prompts: list[str], args, counts,
     repeats = args.repeats if system == "lorakit serve" else 1  # baselines are far from their targets: one run
     try:
         server.wait_ready()
-        one_request(args.port, "task0", prompts[0], 4)  # warm-up: first-call allocations
+        burst = [(f"task{i % max(counts)}", prompts[i % len(prompts)]) for i in range(max(levels))]
+        warm_up(lambda r: one_request(args.port, r[0], r[1], 8), burst, max(levels))
         rows = []
         for concurrency in levels:
             runs: dict[int, list[dict]] = {adapters: [] for adapters in counts}
