@@ -142,6 +142,37 @@ def test_mixed_batch_many_adapters_in_generate_with_beams():
         assert torch.equal(mixed[row : row + 1, : alone.shape[1]], alone)
 
 
+def test_route_rows_sees_layers_injected_or_removed_after_its_last_use():
+    """route_rows caches its walk of the model: an adapter injected into new modules after a routed pass,
+    or deleted, must be routed (or gone) on the next pass all the same."""
+    model = tiny_llama()
+    x = ids(batch=2)
+    inject(model, LoraConfig(targets=("q",)), "a")
+    randomize_lora(model, seed=1)
+    with route_rows(model, ["a", "a"]):
+        model(x)
+    inject(model, LoraConfig(targets=("v", "o")), "b")  # new LoRA layers on v and o
+    randomize_lora(model, seed=2)
+    names = ["b", "b"]  # uniform rows: the one-adapter path
+    set_adapter(model, "b")
+    expected = model(x).logits
+    with route_rows(model, names):
+        torch.testing.assert_close(model(x).logits, expected, atol=1e-5, rtol=0)
+    set_adapter(model, "a")
+    expected_a = model(x).logits
+    set_adapter(model, "b")  # a layer the routing missed would apply b to every row
+    with route_rows(model, ["a", "b"]):
+        mixed = model(x).logits
+    torch.testing.assert_close(mixed, torch.cat([expected_a[:1], expected[1:]]), atol=1e-5, rtol=0)
+    delete_adapter(model, "b")
+    with pytest.raises(KeyError, match="unknown adapter"), route_rows(model, names):
+        pass
+    set_adapter(model, "a")
+    expected = model(x).logits
+    with route_rows(model, ["a", "a"]):
+        torch.testing.assert_close(model(x).logits, expected, atol=1e-5, rtol=0)
+
+
 def test_route_rows_rejects_unknown_names_and_merged_models():
     model, _, _ = _two_adapters()
     with pytest.raises(KeyError, match="unknown adapter"), route_rows(model, ["a", "zzz"]):

@@ -65,10 +65,26 @@ def configs(model: nn.Module) -> dict[str, LoraConfig]:
     return registry
 
 
+_structure = [0]  # bumped on every LoRA layer or wrapper swap in any model: the key of route_rows' cached walk
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+    _structure[0] += 1
+
+
+def _routables(model: nn.Module) -> tuple[list[LoraLayer], list[ModuleCopies]]:
+    """The LoRA layers and saved-module wrappers of ``model``, from one walk cached until the next swap."""
+    cached = getattr(model, "_lorakit_routables", None)
+    if cached is not None and cached[0] == _structure[0]:
+        return cached[1], cached[2]
+    modules = list(model.modules())
+    layers = [m for m in modules if isinstance(m, LoraLayer)]
+    wrappers = [m for m in modules if isinstance(m, ModuleCopies)]
+    model._lorakit_routables = (_structure[0], layers, wrappers)
+    return layers, wrappers
 
 
 def _resolve_saved_modules(model: nn.Module, patterns: Sequence[str]) -> list[str]:
@@ -378,7 +394,7 @@ def route_rows(model: nn.Module, names: Sequence[str | None],
     unknown = sorted({n for n in names if n is not None and n not in known})
     if unknown:
         raise KeyError(f"route_rows: unknown adapter(s) {unknown}; loaded: {sorted(known)}")
-    layers = [layer for _, layer in lora_layers(model)]
+    layers, wrappers = _routables(model)
     if any(layer.merged_adapter for layer in layers):
         raise MergeError("route_rows needs unmerged adapters: call unmerge(model) first")
     if any(layer.residual_adapter for layer in layers):
@@ -388,7 +404,6 @@ def route_rows(model: nn.Module, names: Sequence[str | None],
         )
     table = tuple(dict.fromkeys([None, *names]))
     index = torch.tensor([table.index(n) for n in names], dtype=torch.long)
-    wrappers = [w for _, w in _copies(model)]
     scale = None if scales is None or all(v == 1.0 for v in scales) else torch.tensor(list(scales))
     uniform = table.index(names[0]) if len(set(names)) == 1 else None
     try:

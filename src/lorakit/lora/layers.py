@@ -32,6 +32,8 @@ from lorakit.lora.weights import WHOLE, AdapterSpec, LoraWeights, layer_kind
 __all__ = ["WHOLE", "AdapterSpec", "LoraLayer", "LoraWeights", "ModuleCopies", "is_conv1d", "layer_kind"]
 
 
+_NO_DROPOUT = nn.Identity()  # serving applies no dropout; one instance, not one per call
+
 class LoraLayer(AdapterHost):
     """A base layer plus any number of named adapters; at most one active (or rows routed per adapter)."""
 
@@ -279,7 +281,7 @@ class LoraLayer(AdapterHost):
         a_stack, b_stack = self._stacks()
         if self.row_uniform is not None:  # one adapter for the whole batch: plain products, no gather
             a, b = a_stack[self.row_uniform], b_stack[self.row_uniform]
-            return self.kind.project_in(self.kind.lora_input(x, a.dtype), a, nn.Identity()) @ b.t()
+            return self.kind.project_in(self.kind.lora_input(x, a.dtype), a, _NO_DROPOUT) @ b.t()
         index = self._row_index(x)
         ax = self.kind.routed_project_in(x, index, a_stack)
         if ax is not None:
