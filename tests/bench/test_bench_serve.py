@@ -69,3 +69,17 @@ def test_one_request_counts_usage_tokens_and_times_the_first_text():
         server.shutdown()
         thread.join(10)
     assert tokens == 2 and 0 < ttft <= latency
+
+
+def test_plot_draws_bars_for_one_concurrency_and_lines_for_several(tmp_path):
+    import matplotlib.image
+
+    from lorakit.bench.serve_load import plot
+
+    one_level = [_row("lorakit serve", 1, 32, 230.0, ttft=0.7), _row("llama.cpp, F32 base", 1, 32, 250.0, ttft=1.7),
+                 _row("(b) PEFT generate(adapter_names)", 32, 32, 100.0, ttft=None)]  # fmt: skip
+    levels = [_row("lorakit serve", 1, c, 10.0 * c) for c in (1, 8, 32)] + [_row("(a) batching off", 1, 32, 9.0)]
+    for name, rows in (("bars", one_level), ("lines", levels)):
+        out = tmp_path / f"{name}.png"
+        plot({"results": rows, "meta": {"max_tokens": 64}}, out)
+        assert matplotlib.image.imread(out).shape[1] > 1000  # a real image was written

@@ -295,20 +295,46 @@ def render_table(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    """Throughput and p99 latency against concurrency, one line per adapter count, baselines as points."""
+    """Throughput and p99 latency against concurrency, one line per adapter count, baselines as points; with
+    one concurrency level, bars of tokens/s and TTFT p50 per side instead."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    ours = [r for r in report["results"] if r["system"] == "lorakit serve"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    if len({r["concurrency"] for r in report["results"] if r["system"] == "lorakit serve"}) == 1:
+        _bars(report["results"], left, right)
+    else:
+        _lines(report["results"], left, right)
+    fig.suptitle(f"lorakit serve, smollm2-135m, {report['meta']['max_tokens']} new tokens, shared 2-core CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _bars(results: list[dict], left: Any, right: Any) -> None:
+    """One bar per side and adapter count: generated tokens/s, and TTFT p50 where it was measured."""
+    labels = [f"{r['system']}, {r['adapters']} adapter(s)" for r in results]
+    colors = ["tab:blue" if r["system"] == "lorakit serve" else "tab:gray" for r in results]
+    left.barh(labels, [r["tokens_per_s"] for r in results], color=colors)
+    right.barh(labels, [r.get("ttft_p50_s") or 0 for r in results], color=colors)
+    left.set_title(f"generated tokens/s at {results[0]['concurrency']} clients (median)")
+    right.set_title("time to first token, p50 (s)")
+    right.set_yticks([])
+    for ax in (left, right):
+        ax.invert_yaxis()
+        ax.grid(alpha=0.3, axis="x")
+        ax.tick_params(axis="y", labelsize=8)
+
+
+def _lines(results: list[dict], left: Any, right: Any) -> None:
+    ours = [r for r in results if r["system"] == "lorakit serve"]
     for count in sorted({r["adapters"] for r in ours}):
         rows = sorted((r for r in ours if r["adapters"] == count), key=lambda r: r["concurrency"])
         xs = [r["concurrency"] for r in rows]
         left.plot(xs, [r["tokens_per_s"] for r in rows], marker="o", label=f"{count} adapter(s)")
         right.plot(xs, [r["p99_s"] for r in rows], marker="o", label=f"{count} adapter(s)")
-    others = [r for r in report["results"] if r["system"] != "lorakit serve"]
+    others = [r for r in results if r["system"] != "lorakit serve"]
     for r, marker in zip(others, ("s", "^", "D", "v", "P", "X", "*", "h")):
         label = f"{r['system']}, {r['adapters']} adapter(s)"
         left.plot([r["concurrency"]], [r["tokens_per_s"]], marker=marker, linestyle="", label=label)
@@ -319,6 +345,3 @@ def plot(report: dict, path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     left.legend(fontsize=8)
-    fig.suptitle(f"lorakit serve, smollm2-135m, {report['meta']['max_tokens']} new tokens, shared 2-core CPU")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)

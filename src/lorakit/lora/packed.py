@@ -2,8 +2,8 @@
 
 PyTorch's CPU ``F.linear`` in fp32 goes to MKL's sgemm, which re-reads the weight in its plain layout on
 every call; oneDNN's matmul on a weight reordered once into its blocked layout runs the small-batch
-products of decoding 1.5-3 times faster on the CPUs measured (docs/records/performance.md). The packed copy
-is extra memory (one more copy of every packed weight), so packing is something a server opts into.
+products of decoding faster, the wide LM head most (measured in docs/records/performance.md). The packed
+copy is extra memory (one more copy of every packed weight), so packing is something a server opts into.
 
 A packed layer stays an ``nn.Linear`` (same parameters, same state-dict keys, still a LoRA target); only its
 no-grad forward changes. The packed copy is rebuilt when the weight changes in place (a merge, a PiSSA
