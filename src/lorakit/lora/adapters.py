@@ -371,6 +371,20 @@ def merge_and_unload(model: nn.Module, name: str | None = None) -> nn.Module:
     return model
 
 
+def _check_routable(model: nn.Module, names: Sequence[str | None], layers: list[LoraLayer]) -> None:
+    known = configs(model)
+    unknown = sorted({n for n in names if n is not None and n not in known})
+    if unknown:
+        raise KeyError(f"route_rows: unknown adapter(s) {unknown}; loaded: {sorted(known)}")
+    if any(layer.merged_adapter for layer in layers):
+        raise MergeError("route_rows needs unmerged adapters: call unmerge(model) first")
+    if any(layer.residual_adapter for layer in layers):
+        raise MergeError(
+            "route_rows cannot mix a PiSSA/OLoRA adapter (it holds part of the base weight) with other rows: "
+            "save it (the file is a plain LoRA on the original base) and load that file instead"
+        )
+
+
 @contextmanager
 def route_rows(model: nn.Module, names: Sequence[str | None],
                scales: Sequence[float] | None = None) -> Iterator[None]:
@@ -390,18 +404,8 @@ def route_rows(model: nn.Module, names: Sequence[str | None],
         KeyError: for an unknown adapter name.
         MergeError: when an adapter is merged, or a PiSSA/OLoRA adapter is injected.
     """
-    known = configs(model)
-    unknown = sorted({n for n in names if n is not None and n not in known})
-    if unknown:
-        raise KeyError(f"route_rows: unknown adapter(s) {unknown}; loaded: {sorted(known)}")
     layers, wrappers = _routables(model)
-    if any(layer.merged_adapter for layer in layers):
-        raise MergeError("route_rows needs unmerged adapters: call unmerge(model) first")
-    if any(layer.residual_adapter for layer in layers):
-        raise MergeError(
-            "route_rows cannot mix a PiSSA/OLoRA adapter (it holds part of the base weight) with other rows: "
-            "save it (the file is a plain LoRA on the original base) and load that file instead"
-        )
+    _check_routable(model, names, layers)
     table = tuple(dict.fromkeys([None, *names]))
     index = torch.tensor([table.index(n) for n in names], dtype=torch.long)
     scale = None if scales is None or all(v == 1.0 for v in scales) else torch.tensor(list(scales))

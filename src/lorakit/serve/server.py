@@ -31,9 +31,7 @@ def build(model_name: str, adapters: dict[str, str], *, task: str = "causal-lm",
     from lorakit.io.files import read_adapter
     from lorakit.io.models import load_model
     from lorakit.lora.packed import pack_linears
-    from lorakit.serve import adapters_admin
     from lorakit.serve.engine import Engine
-    from lorakit.serve.protocol import APIError
 
     kwargs: dict[str, Any] = {}
     need_heads: tuple[str, ...] = ()
@@ -48,14 +46,22 @@ def build(model_name: str, adapters: dict[str, str], *, task: str = "causal-lm",
     model.eval()
     if task == "seq-cls":  # a head the checkpoint did not hold is random: adapters must bring their own
         need_heads = tuple(sorted({k.rsplit(".", 1)[0] for k in getattr(model, "lorakit_new_weights", ())}))
+    _load_adapters(model, adapters, task, need_heads)
+    if pack:
+        pack_linears(model, batch_hint=engine_kwargs.get("max_batch", 32))
+    return Engine(model, tokenizer, **engine_kwargs), tokenizer, need_heads
+
+
+def _load_adapters(model: Any, adapters: dict[str, str], task: str, need_heads: tuple[str, ...]) -> None:
+    """Load each ``--adapter NAME=DIR``; a bad one is one error line naming the flag."""
+    from lorakit.serve import adapters_admin
+    from lorakit.serve.protocol import APIError
+
     for name, path in adapters.items():
         try:
             adapters_admin.load(model, name, path, task, need_heads=need_heads)
         except APIError as exc:
             raise LorakitError(f"--adapter {name}={path}: {exc.message.removeprefix(f'{path}: ')}") from exc
-    if pack:
-        pack_linears(model, batch_hint=engine_kwargs.get("max_batch", 32))
-    return Engine(model, tokenizer, **engine_kwargs), tokenizer, need_heads
 
 
 def make_app(args: Any):
