@@ -450,7 +450,7 @@ def _left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _row_cache(batched: DynamicCache, row: int, pad: int) -> DynamicCache:
-    """One sequence's cache as views of its row of a batched prefill's cache, without the left padding."""
+    """One sequence's cache as views of its row of a batched cache (prefill or decode), without its left padding."""
     cache = DynamicCache()
     cache.layer_class_to_replicate = None
     cache.layers = []
@@ -467,10 +467,7 @@ def _materialize(seq: Sequence) -> None:
     """Make ``seq.cache`` hold its own KV again: views of its row of the batched cache it was last in."""
     if seq.batch_slot is None:
         return
-    batched, row, pad = seq.batch_slot
-    for own, shared in zip(seq.cache.layers, batched.layers):
-        own.keys = shared.keys[row : row + 1, :, pad:]
-        own.values = shared.values[row : row + 1, :, pad:]
+    seq.cache = _row_cache(*seq.batch_slot)
     seq.batch_slot = None
 
 
