@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
@@ -134,3 +136,31 @@ def api_error(answer, status: int) -> dict:
     code, _, body = answer
     assert code == status, body
     return body["error"]
+
+
+@contextlib.contextmanager
+def sse_server(events: list[str]) -> Iterator[tuple[int, list[dict]]]:
+    """A server on 127.0.0.1 answering every POST with ``events`` (each one ``data: ...`` line) as a
+    server-sent event stream; yields (its port, the JSON bodies it received). Stopped on exit."""
+    bodies: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for event in events:
+                self.wfile.write(f"{event}\n\n".encode())
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_port, bodies
+    finally:
+        server.shutdown()
+        thread.join(10)

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 
 from lorakit.bench import llama_cpp
 from lorakit.bench.serve_load import LLAMA_CPP_F32, _llama_cpp_side, target_checks
+from serve_util import sse_server
 
 
 def test_skip_reason_names_the_missing_binary_and_how_to_build_it(tmp_path):
@@ -59,39 +57,19 @@ def test_read_event_parses_data_lines_and_raises_on_errors():
         llama_cpp.read_event('error: {"code": 400, "message": "lora id 40 out of range"}')
 
 
-class _FakeLlamaServer(BaseHTTPRequestHandler):
-    """Answers /completion with llama-server's streamed shape (tools/server/server-task.cpp): partial events
-    with ``content``/``tokens``, then a final one with ``stop: true`` and ``tokens_predicted``."""
-
-    bodies: ClassVar[list[dict]] = []
-
-    def do_POST(self) -> None:
-        type(self).bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
-        events = [{"content": "", "tokens": [], "stop": False},  # e.g. a prompt-progress event: no token yet
-                  {"content": "The", "tokens": [504], "stop": False},
-                  {"content": " Eagle", "tokens": [18923], "stop": False},
-                  {"content": "", "tokens": [], "stop": True, "tokens_predicted": 3, "timings": {"predicted_n": 3}}]
-        for event in events:
-            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
-
-    def log_message(self, *args) -> None:
-        pass
+# llama-server's streamed shape (tools/server/server-task.cpp): partial events with ``content``/``tokens``,
+# then a final one with ``stop: true`` and ``tokens_predicted``.
+LLAMA_EVENTS = [{"content": "", "tokens": [], "stop": False},  # e.g. a prompt-progress event: no token yet
+                {"content": "The", "tokens": [504], "stop": False},
+                {"content": " Eagle", "tokens": [18923], "stop": False},
+                {"content": "", "tokens": [], "stop": True, "tokens_predicted": 3, "timings": {"predicted_n": 3}}]
 
 
 def test_one_completion_counts_the_servers_predicted_tokens_and_times_the_first():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeLlamaServer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        latency, ttft, tokens = llama_cpp.one_completion(server.server_port, llama_cpp.completion_body([1], 4, 2))
-    finally:
-        server.shutdown()
-        thread.join(10)
+    with sse_server([f"data: {json.dumps(e)}" for e in LLAMA_EVENTS]) as (port, bodies):
+        latency, ttft, tokens = llama_cpp.one_completion(port, llama_cpp.completion_body([1], 4, 2))
     assert tokens == 3 and 0 < ttft <= latency
-    assert _FakeLlamaServer.bodies[-1]["lora"] == [{"id": 2, "scale": 1.0}]
+    assert bodies[-1]["lora"] == [{"id": 2, "scale": 1.0}]
 
 
 def test_side_is_skipped_with_its_reason_when_llama_server_is_not_built(tmp_path, capsys):

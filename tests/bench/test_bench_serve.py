@@ -1,11 +1,10 @@
 """`lorakit bench serve`'s reductions: medians over repeated cells and the issue's target checks."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from lorakit.bench.load import median_row
 from lorakit.bench.serve_load import render_table, target_checks
+from serve_util import sse_server
 
 
 def _row(system: str, adapters: int, concurrency: int, tps: float, p99: float = 1.0, ttft: float = 0.1) -> dict:
@@ -39,35 +38,14 @@ def test_target_checks_compare_many_adapters_at_top_concurrency_with_one_and_the
     assert "| 32 adapters / 1 adapter at concurrency 32 | 0.80× | ≥ 0.90× | no |" in table
 
 
-class _FakeLorakitServe(BaseHTTPRequestHandler):
-    """Answers /v1/completions as lorakit serve streams: text chunks, a usage chunk, then [DONE]."""
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers["Content-Length"]))
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
-        chunks = [{"choices": [{"text": ""}]}, {"choices": [{"text": "The"}]}, {"choices": [{"text": " Eagle"}]},
-                  {"choices": [], "usage": {"completion_tokens": 2}}]  # fmt: skip
-        for chunk in chunks:
-            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        self.wfile.write(b"data: [DONE]\n\n")
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 def test_one_request_counts_usage_tokens_and_times_the_first_text():
+    """Against lorakit serve's stream shape for /v1/completions: text chunks, a usage chunk, then [DONE]."""
     from lorakit.bench.serve_load import one_request
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeLorakitServe)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        latency, ttft, tokens = one_request(server.server_port, "a0", "Hi", 4)
-    finally:
-        server.shutdown()
-        thread.join(10)
+    chunks = [{"choices": [{"text": ""}]}, {"choices": [{"text": "The"}]}, {"choices": [{"text": " Eagle"}]},
+              {"choices": [], "usage": {"completion_tokens": 2}}]  # fmt: skip
+    with sse_server([*(f"data: {json.dumps(c)}" for c in chunks), "data: [DONE]"]) as (port, _):
+        latency, ttft, tokens = one_request(port, "a0", "Hi", 4)
     assert tokens == 2 and 0 < ttft <= latency
 
 
