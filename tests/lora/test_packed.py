@@ -110,3 +110,40 @@ def test_real_smollm2_logits(smollm2):
     expected = _logits(model, ids)
     pack_linears(model)
     _close(_logits(model, ids), expected)
+
+
+def test_shared_input_siblings_are_one_product(monkeypatch):
+    """A Llama block's q, k, v (and gate, up) are one product of stacked weights: 4 products a block instead of
+    7, with logits unchanged; LoRA injected afterwards still wraps each member."""
+    model = _tiny_llama().requires_grad_(False)
+    ids = torch.randint(0, 512, (3, 11))
+    expected = _logits(model, ids)
+    pack_linears(model)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attn.q_proj.shared is attn.k_proj.shared is attn.v_proj.shared is not None
+    assert mlp.gate_proj.shared is mlp.up_proj.shared is not None and mlp.down_proj.shared is None
+    calls = []
+    product = packed._packed_product
+    monkeypatch.setattr(packed, "_packed_product", lambda *a: calls.append(a[1]) or product(*a))
+    _close(_logits(model, ids), expected)
+    assert len(calls) == 4 * len(model.model.layers) + 1  # + the LM head
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets=("q", "v")), "a")
+    model.eval()
+    lorakit.set_adapter(model, "a")
+    _close(_logits(model, ids), expected)  # B = 0: the adapter adds nothing yet
+    assert unpack_linears(model) > 0 and not any("shared" in vars(m) for m in model.modules())
+
+
+def test_a_member_called_with_another_input_recomputes():
+    model = _tiny_llama().requires_grad_(False)
+    pack_linears(model)
+    attn = model.model.layers[0].self_attn
+    x, y = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        attn.q_proj(x)
+        _close(attn.k_proj(y), torch.nn.functional.linear(y, attn.k_proj.weight))  # another tensor
+        attn.q_proj(x)
+        x.mul_(3)  # the same tensor, changed in place
+        _close(attn.v_proj(x), torch.nn.functional.linear(x, attn.v_proj.weight))
+        first = attn.q_proj(x).clone()
+        _close(attn.q_proj(x), first)  # called twice: the second call recomputes, same result

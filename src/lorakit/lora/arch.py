@@ -58,6 +58,8 @@ class Family:
         transposed_weights: whether projections store W as (in, out) (PEFT's ``fan_in_fan_out``).
         gated_mlp: whether the MLP has gate and up projections (shapes in estimates).
         untied_head: whether an untied LM head counts in the total (causal LMs).
+        shared_input: groups of sibling projections (relative to a block) that read the same input, which a
+            server may multiply as one product (``lorakit.lora.packed``).
     """
 
     name: str
@@ -70,6 +72,7 @@ class Family:
     transposed_weights: bool = False
     gated_mlp: bool = False
     untied_head: bool = False
+    shared_input: tuple[tuple[str, ...], ...] = ()
 
     def alias_patterns(self, alias: str) -> list[tuple[re.Pattern[str], str | None]]:
         """(regex over full module names, slice) for each site of ``alias``; [] when it has none."""
@@ -214,6 +217,7 @@ _BUILTIN = (
         {"q": _sites("self_attn.q_proj"), "k": _sites("self_attn.k_proj"), "v": _sites("self_attn.v_proj"),
          "o": _sites("self_attn.o_proj"), "ffn": _sites("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")},
         layer_prefix="model.layers.{i}.", gated_mlp=True, untied_head=True,
+        shared_input=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")),
     ),
     Family(
         "bert", ("bert", "roberta", "xlm-roberta", "electra"), r"layer\.\d+\.",

@@ -8,6 +8,12 @@ copy is extra memory (one more copy of every packed weight), so packing is somet
 A packed layer stays an ``nn.Linear`` (same parameters, same state-dict keys, still a LoRA target); only its
 no-grad forward changes. The packed copy is rebuilt when the weight changes in place (a merge, a PiSSA
 adapter loaded or deleted): it is keyed by the weight's storage and version counter.
+
+Sibling projections that read the same input (a block's q, k and v; gate and up: the family's
+``shared_input`` in ``lorakit.lora.arch``) share one packed product: the first of them called with an input
+computes all their outputs in one matmul over their stacked weights, the others take their columns. An
+input is recognised by identity (the group holds it until every member took its part), so a member called
+with another tensor recomputes and stays exact.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lorakit.lora.arch import family_of
 
 
 def packing_available() -> bool:
@@ -28,21 +36,72 @@ class PackedLinear(nn.Linear):
     """An ``nn.Linear`` whose no-grad fp32 CPU forward uses a oneDNN-packed copy of its weight."""
 
     batch_hint: int = 32  # the row count oneDNN tunes its packed layout for
-    _packed: tuple[int, int, Tensor] | None = None  # (weight data_ptr, weight version, packed copy)
+    _packed: tuple[tuple, Tensor] | None = None  # (weight data_ptr and version, packed copy)
+    shared: SharedInput | None = None  # the group whose one product computes this layer's output
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight
         if torch.is_grad_enabled() or x.dtype != torch.float32 or not _packable(weight):
             return F.linear(x, weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
+        if self.shared is not None:
+            return self.shared.output(self, x)
+        return _packed_product(x, self._packed_weight(), self.bias)
 
     def _packed_weight(self) -> Tensor:
-        weight = self.weight
-        key = (weight.data_ptr(), weight._version)
-        if self._packed is None or self._packed[:2] != key:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), self.batch_hint)
-            self._packed = (*key, packed)
-        return self._packed[2]
+        key = _weight_key([self.weight])
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), self.batch_hint))
+        return self._packed[1]
+
+
+class SharedInput:
+    """Packed layers that read the same input, multiplied as one product of their stacked weights.
+
+    Args:
+        members: the layers, in output-column order (same input size, all with a bias or none).
+    """
+
+    def __init__(self, members: list[PackedLinear]) -> None:
+        self.members = members
+        ends = torch.tensor([m.out_features for m in members]).cumsum(0).tolist()
+        self.spans = {id(m): (end - m.out_features, end) for m, end in zip(members, ends)}
+        self._packed: tuple[tuple, Tensor, Tensor | None] | None = None
+        self._input: Tensor | None = None  # held (not just its id) so its memory cannot be reused meanwhile
+        self._key: tuple[int, ...] = ()
+        self._output: Tensor | None = None
+        self._waiting: set[int] = set()  # members that have not taken their columns of the current output
+
+    def output(self, member: PackedLinear, x: Tensor) -> Tensor:
+        """``member``'s output for ``x``: its columns of the group's product, computed on first use."""
+        key = (0 if x.is_inference() else x._version, x.data_ptr())
+        if self._input is not x or self._key != key or id(member) not in self._waiting:
+            weight, bias = self._packed_weight()
+            self._input, self._key = x, key
+            self._output = _packed_product(x, weight, bias)
+            self._waiting = set(self.spans)
+        self._waiting.discard(id(member))
+        start, end = self.spans[id(member)]
+        out = self._output[..., start:end]  # a view: transformers' blocks only split its last dimension
+        if not self._waiting:
+            self._input = self._output = None
+        return out
+
+    def _packed_weight(self) -> tuple[Tensor, Tensor | None]:
+        key = _weight_key([m.weight for m in self.members])
+        if self._packed is None or self._packed[0] != key:
+            weight = torch.cat([m.weight.detach() for m in self.members])
+            bias = None if self.members[0].bias is None else torch.cat([m.bias.detach() for m in self.members])
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.members[0].batch_hint)
+            self._packed = (key, packed, bias)
+        return self._packed[1], self._packed[2]
+
+
+def _packed_product(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _weight_key(weights: list[Tensor]) -> tuple:
+    return tuple((w.data_ptr(), w._version) for w in weights)
 
 
 def _packable(weight: Tensor) -> bool:
@@ -53,7 +112,8 @@ def pack_linears(model: nn.Module, batch_hint: int = 32) -> int:
     """Make every frozen fp32 CPU ``nn.Linear`` of ``model`` a ``PackedLinear`` (in place); how many.
 
     Only exact ``nn.Linear`` instances are converted: quantized and custom subclasses keep their forward.
-    Nothing is packed until a layer's first no-grad forward.
+    Nothing is packed until a layer's first no-grad forward. Sibling projections of the model family's
+    ``shared_input`` groups are multiplied as one product (``SharedInput``).
 
     Args:
         model: the model to serve (its adapters' own matrices are not ``nn.Linear`` and stay as they are).
@@ -67,7 +127,36 @@ def pack_linears(model: nn.Module, batch_hint: int = 32) -> int:
             module.__class__ = PackedLinear
             module.batch_hint = batch_hint
             count += 1
+    _share_inputs(model)
     return count
+
+
+def _share_inputs(model: nn.Module) -> None:
+    """Group each block's ``shared_input`` siblings (the plain layers under any LoRA wrapper)."""
+    family = family_of(model)
+    modules = dict(model.named_modules())
+    for group in family.shared_input if family is not None else ():
+        for name in modules:
+            if not name.endswith("." + group[0]):
+                continue
+            prefix = name[: -len(group[0])]
+            members = [_plain(modules, prefix + member) for member in group]
+            if _fusable(members):
+                shared = SharedInput(members)
+                for layer in members:
+                    layer.shared = shared
+
+
+def _plain(modules: dict[str, nn.Module], name: str) -> nn.Module | None:
+    """The module at ``name``, or the layer a LoRA wrapper there holds as ``base_layer``."""
+    module = modules.get(name)
+    return modules.get(name + ".base_layer", module) if module is not None else None
+
+
+def _fusable(members: list[nn.Module | None]) -> bool:
+    if not all(type(m) is PackedLinear for m in members):
+        return False
+    return len({m.in_features for m in members}) == 1 and len({m.bias is None for m in members}) == 1
 
 
 def unpack_linears(model: nn.Module) -> int:
@@ -79,8 +168,8 @@ def unpack_linears(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if type(module) is PackedLinear:
-            module.__dict__.pop("_packed", None)
-            module.__dict__.pop("batch_hint", None)
+            for attribute in ("_packed", "batch_hint", "shared"):
+                module.__dict__.pop(attribute, None)
             module.__class__ = nn.Linear
             count += 1
     return count

@@ -27,6 +27,7 @@ from transformers.cache_utils import DynamicLayer
 
 from lorakit.errors import LorakitError
 from lorakit.lora.adapters import configs, delete_adapter, route_rows, set_adapter
+from lorakit.serve.decode import lean_decoder
 from lorakit.serve.metrics import ServeMetrics
 from lorakit.serve.sequence import Sequence
 
@@ -60,12 +61,14 @@ class Engine:
             prefilled together up to this; a longer prompt is prefilled alone).
         settle_s: an idle engine that receives a request waits until no other one arrived for this long (at most
             ``SETTLE_MAX_S`` in all) before prefilling, so a burst is prefilled together; 0 does not wait.
+        lean_decode: decode Llama models through ``lorakit.serve.decode`` (the model's forward otherwise).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = 32, max_queue: int = 64,
                  batching: bool = True, metrics: ServeMetrics | None = None,
-                 max_prefill_tokens: int = 512, settle_s: float = 0.01) -> None:
+                 max_prefill_tokens: int = 512, settle_s: float = 0.01, lean_decode: bool = True) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.lean_step = lean_decoder(model) if lean_decode else None
         self.max_prefill_tokens, self.settle_s = max_prefill_tokens, settle_s
         self.max_batch = max_batch if batching else 1
         self.max_queue, self.batching = max_queue, batching
@@ -325,19 +328,26 @@ class Engine:
         positions = torch.tensor([[s.cache_len] for s in rows], dtype=torch.long)
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         with self._routing([s.adapter for s in rows], [s.params.lora_scale for s in rows]):
-            out = self.model(input_ids=last, attention_mask=mask, position_ids=positions, cache=cache,
-                             use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1]
+            logits = self._step(last, positions, mask, cache)
+        greedy = logits.argmax(-1).tolist()  # one op for the batch; rows with bias, penalties or sampling redo theirs
         for i, seq in enumerate(rows):
-            seq.batch_slot = (out.cache, i, mask.shape[1] - 1 - seq.cache_len)
+            seq.batch_slot = (cache, i, mask.shape[1] - 1 - seq.cache_len)
             seq.cache_len += 1
-            self._take(seq, logits[i])
+            self._take(seq, logits[i], greedy[i])
         self.metrics.generated(len(rows))
         finished = [s for s in rows if s.done]
         self.active = [s for s in rows if not s.done]
-        self._batch = (tuple(s.id for s in self.active), out.cache, mask) if not finished else None
+        self._batch = (tuple(s.id for s in self.active), cache, mask) if not finished else None
         for seq in finished:
             self._observe(seq)
+
+    def _step(self, last: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: DynamicCache):
+        """Next-token logits (rows, vocab) of one decode step; ``cache`` gains each row's new position."""
+        if self.lean_step is not None:
+            return self.lean_step(last, positions, mask, cache)
+        out = self.model(input_ids=last, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                         logits_to_keep=1)
+        return out.logits[:, -1]
 
     def _batched_cache(self, rows: list[Sequence]) -> tuple[DynamicCache, torch.Tensor]:
         """The previous step's batched cache when the rows are the same, else one built from each row's."""
@@ -355,9 +365,10 @@ class Engine:
             mask[i, length - seq.cache_len :] = 1
         return cache, mask
 
-    def _take(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Sample ``seq``'s next token from its row of logits, score it if asked, and append it."""
-        token = seq.sample(logits)
+    def _take(self, seq: Sequence, logits: torch.Tensor, argmax: int | None = None) -> None:
+        """Sample ``seq``'s next token from its row of logits (``argmax``: that row's argmax, already known),
+        score it if asked, and append it."""
+        token = argmax if argmax is not None and seq.plain_greedy else seq.sample(logits)
         seq.score(logits, token)
         seq.accept(token, self.eos_ids, self._decode_text)
 

@@ -98,6 +98,13 @@ class Sequence:
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Whether its next token is the argmax of the raw logits (greedy, no bias, penalty or grammar)."""
+        p = self.params
+        return (p.temperature <= 0 and self.grammar is None and not p.logit_bias and not p.presence_penalty
+                and not p.frequency_penalty and p.repetition_penalty == 1.0)
+
     def sample(self, logits: Tensor) -> int:
         """The next token from one row of logits (vocab,): argmax at temperature 0, else nucleus sampling."""
         p = self.params
