@@ -61,3 +61,27 @@ def test_plot_draws_bars_for_one_concurrency_and_lines_for_several(tmp_path):
         out = tmp_path / f"{name}.png"
         plot({"results": rows, "meta": {"max_tokens": 64}}, out)
         assert matplotlib.image.imread(out).shape[1] > 1000  # a real image was written
+
+
+def test_paired_rows_alternate_abba_and_the_check_takes_the_median_pair_ratio():
+    from lorakit.bench.serve_load import PAIRED, paired_rows
+
+    order, ours_tps, theirs_tps = [], iter([100.0, 90.0, 120.0, 80.0]), iter([100.0, 100.0, 100.0, 100.0])
+
+    def ours():
+        order.append("ours")
+        return _row("lorakit serve", 1, 32, next(ours_tps))
+
+    def theirs():
+        order.append("theirs")
+        return _row("llama.cpp, F32 base", 1, 32, next(theirs_tps))
+
+    mine, other = paired_rows(ours, theirs, 4)
+    assert order == ["ours", "theirs", "theirs", "ours", "ours", "theirs", "theirs", "ours"]
+    assert (mine["system"], other["system"]) == PAIRED
+    assert mine["pair_ratios"] == [1.0, 0.9, 1.2, 0.8] and mine["tokens_per_s"] == 95.0
+    rows = [_row("lorakit serve", 1, 32, 100.0), _row("llama.cpp, F32 base", 1, 32, 80.0), mine, other]
+    checks = {c["check"]: c for c in target_checks(rows)}
+    assert checks["1 adapter at concurrency 32 / llama.cpp, F32 base"]["met"]  # 1.25x, unpaired
+    paired = checks["1 adapter / llama.cpp, F32 base, median of 4 paired runs"]
+    assert abs(paired["ratio"] - 0.95) < 1e-9 and not paired["met"]  # the paired figure can disagree: it is shown

@@ -173,6 +173,38 @@ def test_route_rows_sees_layers_injected_or_removed_after_its_last_use():
         torch.testing.assert_close(model(x).logits, expected, atol=1e-5, rtol=0)
 
 
+def test_routed_rows_reuse_their_gather_until_routing_or_weights_change():
+    """Without grad, each layer keeps its rows' gathered A and B for the same routing (decode steps); a changed
+    routing or an adapter changed in place between two passes must give the new result, not the cached rows."""
+    model, x = _two_adapters()[:2]
+    names = ["a", "b", None]
+    x = ids(batch=3)
+
+    def alone(name):
+        if name is None:
+            with disabled(model):
+                return model(x).logits
+        set_adapter(model, name)
+        return model(x).logits
+
+    with torch.no_grad():
+        with route_rows(model, names):
+            first = model(x).logits
+            layer = next(layer for _, layer in lora_layers(model) if "a" in layer.adapters)
+            assert layer._rows_cache is not None  # the gather was kept
+            torch.testing.assert_close(model(x).logits, first, atol=0, rtol=0)
+            for param in layer.adapters["a"].parameters():
+                param.mul_(3)  # in place, inside the same routing
+            changed = model(x).logits
+        expected = torch.stack([alone(n)[i] for i, n in enumerate(names)])
+        torch.testing.assert_close(changed, expected, atol=1e-5, rtol=0)
+        assert (changed[0] - first[0]).abs().max() > 1e-4
+        with route_rows(model, ["a", "a", "b"]):  # other rows, the same table (None, a, b)
+            swapped = model(x).logits
+        expected = torch.stack([alone(n)[i] for i, n in enumerate(["a", "a", "b"])])
+        torch.testing.assert_close(swapped, expected, atol=1e-5, rtol=0)
+
+
 def test_route_rows_rejects_unknown_names_and_merged_models():
     model, _, _ = _two_adapters()
     with pytest.raises(KeyError, match="unknown adapter"), route_rows(model, ["a", "zzz"]):

@@ -173,13 +173,27 @@ def llama_cpp_rows(binary: Path, loras: list[Path], bases: dict[str, Path], prom
             runs: dict[int, list[dict]] = {count: [] for count in counts}
             for _ in range(args.repeats):
                 for count in counts:
-                    bodies = [completion_body(prompt_ids[i % len(prompt_ids)], args.max_tokens, i % count)
-                              for i in range(n)]
-                    row = timed_cell(server, lambda b: one_completion(args.port, b), bodies, concurrency)
-                    row.update(adapters=count, concurrency=concurrency)
-                    print_cell(row)
-                    runs[count].append(row)
+                    runs[count].append(llama_cpp_cell(server, prompt_ids, count, n, concurrency, args.max_tokens))
         finally:
             server.stop()
         rows += [{**median_row(runs[count]), "system": f"llama.cpp, {label}"} for count in counts]
     return rows
+
+
+def llama_cpp_cell(server: LoopbackServer, prompt_ids: list[list[int]], count: int, n: int, concurrency: int,
+                   max_tokens: int) -> dict[str, Any]:
+    """One timed closed-loop cell against a running llama-server, printed; request ``i`` uses adapter ``i % count``.
+
+    Args:
+        server: the running llama-server.
+        prompt_ids: the prompts' token ids.
+        count: distinct adapters.
+        n: requests.
+        concurrency: closed-loop clients.
+        max_tokens: new tokens per request.
+    """
+    bodies = [completion_body(prompt_ids[i % len(prompt_ids)], max_tokens, i % count) for i in range(n)]
+    row = timed_cell(server, lambda b: one_completion(server.port, b), bodies, concurrency)
+    row.update(adapters=count, concurrency=concurrency)
+    print_cell(row)
+    return row

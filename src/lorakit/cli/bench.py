@@ -63,6 +63,9 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--llama-server", type=Path, default=None,
                    help="llama-server binary (default: the one scripts/llama_cpp.sh built, in its cache)")
     p.add_argument("--llama-threads", type=int, default=2, help="llama-server's CPU threads (-t)")
+    p.add_argument("--pairs", type=int, default=0,
+                   help="then run lorakit serve and llama.cpp's F32 side together, alternating this many pairs of "
+                        "one-adapter cells (drift in the machine hits both alike)")
     p.add_argument("--out", type=Path, default=Path("runs/bench_serve"))
     return p
 

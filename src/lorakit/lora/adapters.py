@@ -410,9 +410,10 @@ def route_rows(model: nn.Module, names: Sequence[str | None],
     index = torch.tensor([table.index(n) for n in names], dtype=torch.long)
     scale = None if scales is None or all(v == 1.0 for v in scales) else torch.tensor(list(scales))
     uniform = table.index(names[0]) if len(set(names)) == 1 else None
+    key = (table, tuple(index.tolist()))
     try:
         for layer in layers:
-            layer.routing_names = table
+            layer.routing_names, layer.row_key = table, key
             layer.row_uniform = uniform
             layer.row_index = index.to(layer.weight.device)
             layer.row_scale = None if scale is None else scale.to(layer.weight.device)
@@ -424,7 +425,7 @@ def route_rows(model: nn.Module, names: Sequence[str | None],
             layer.row_index = None
             layer.row_scale = None
             layer.row_uniform = None
-            layer.routing_names = ()
+            layer.routing_names, layer.row_key = (), None
         for wrapper in wrappers:
             wrapper.route((), None)
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from lorakit.errors import TargetError
 from lorakit.lora.copies import ModuleCopies
-from lorakit.lora.kernels import fused_eligible, lora_linear, routed_delta
+from lorakit.lora.kernels import fused_eligible, lora_linear, rows_delta
 from lorakit.lora.kinds import AdapterHost, is_conv1d, kind_of
 from lorakit.lora.variants import (
     RESIDUAL_INITS,
@@ -54,6 +54,9 @@ class LoraLayer(AdapterHost):
         self.row_scale: Tensor | None = None  # per-row multiplier of the routed (non-DoRA) delta; None: all 1
         self.row_uniform: int | None = None  # the routing index every row shares, if they all share one
         self._stack_cache: tuple[tuple, Tensor, Tensor] | None = None
+        self.row_key: tuple | None = None  # (routing table, row indices) of the current route_rows call
+        # Each row's A and B, gathered from the stacks: reused while routing and stacks stay (decode steps).
+        self._rows_cache: tuple[tuple, Tensor, Tensor, Tensor, Tensor] | None = None
         self._merged_norm: Tensor | None = None  # DoRA: ‖W0 + ΔW‖ per row at merge time
 
     # -- shapes and base passthrough -----------------------------------------------------------------
@@ -286,7 +289,19 @@ class LoraLayer(AdapterHost):
         ax = self.kind.routed_project_in(x, index, a_stack)
         if ax is not None:
             return torch.bmm(ax.flatten(1, -2), b_stack[index].transpose(1, 2)).view(*ax.shape[:-1], -1)
-        return routed_delta(x, index, a_stack, b_stack)
+        return rows_delta(x, *self._gathered(a_stack, b_stack, index))
+
+    def _gathered(self, a_stack: Tensor, b_stack: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        """(A, B) of each row: a gather, cached without grad for the same routing over the same stacks (the
+        stacks are new tensors whenever an adapter's weights change)."""
+        key = (self.row_key, index.shape[0])
+        cache = self._rows_cache
+        if cache is not None and cache[0] == key and cache[1] is a_stack and cache[2] is b_stack:
+            return cache[3], cache[4]
+        rows = a_stack[index], b_stack[index]
+        keep = self.row_key is not None and not torch.is_grad_enabled()
+        self._rows_cache = (key, a_stack, b_stack, *rows) if keep else None
+        return rows
 
     # -- merge ---------------------------------------------------------------------------------------
     def delta_weight(self, name: str) -> Tensor:
