@@ -128,37 +128,6 @@ def test_engine_mixed_batch_equals_alone_tiny(tok):
         engine.shutdown(30)
 
 
-def test_prompts_of_one_adapter_prefill_packed_without_padding_and_equal_alone(tok):
-    """Prompts sharing an adapter go into one row end to end (positions restart, a block-diagonal mask): one
-    pass, and each greedy output equal to the request alone; a mixed group stays left-padded."""
-    model = tiny_lm(tok)
-    add_random_adapters(model, ["a", "b"])
-    engine = Engine(model, tok, max_batch=8, max_queue=8).start()
-    try:
-        vocab = torch.Generator().manual_seed(3)
-        requests = [(torch.randint(100, 40000, (n,), generator=vocab).tolist(), "a", 7) for n in (3, 11, 6, 9)]
-        together = _run_engine(engine, requests)
-        assert (engine.stats["prefill_passes"], engine.stats["packed_prefills"]) == (1, 1)
-        for i, request in enumerate(requests):
-            assert _run_engine(engine, [request])[0].tokens == together[i].tokens, f"request {i} changed when packed"
-        passes = engine.stats["packed_prefills"]
-        _run_engine(engine, [requests[0], (requests[1][0], "b", 7)])
-        assert engine.stats["packed_prefills"] == passes  # two adapters in one group: padded, not packed
-    finally:
-        engine.shutdown(30)
-
-
-def test_packed_prompts_attend_within_their_own_prompt_only():
-    from lorakit.serve.engine import _packed
-
-    ids, positions, mask, ends = _packed([[5, 6], [7], [8, 9, 10]])
-    assert ids.tolist() == [[5, 6, 7, 8, 9, 10]] and positions.tolist() == [[0, 1, 0, 0, 1, 2]]
-    assert ends.tolist() == [2, 3, 6]
-    expected = [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0],
-                [0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1]]  # fmt: skip
-    assert mask.shape == (1, 1, 6, 6) and mask[0, 0].int().tolist() == expected
-
-
 def test_prefill_groups_batch_similar_lengths_within_the_budget_and_score_echo_alone():
     def seq(length: int, echo: bool = False) -> Sequence:
         return Sequence([5] * length, None, SamplingParams(max_tokens=4, prompt_logprobs=echo), lambda ev: None)

@@ -299,13 +299,9 @@ class Engine:
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         """One forward pass over the prompts of ``seqs`` (left-padded, each row routed to its adapter), then
-        each sequence's first token. A lone prompt runs unpadded, exactly as ``generate`` would; prompts that
-        share one adapter and scale go packed into one row (``_prefill_packed``)."""
+        each sequence's first token. A lone prompt runs unpadded, exactly as ``generate`` would."""
         self.stats["prefill_passes"] += 1
         self.stats["peak_prefill"] = max(self.stats["peak_prefill"], len(seqs))
-        if len(seqs) > 1 and len({(s.adapter, s.params.lora_scale) for s in seqs}) == 1:
-            self._prefill_packed(seqs)
-            return
         ids, mask = _left_padded([s.prompt_ids for s in seqs])
         extra = {} if len(seqs) == 1 else {"attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
         # Every position's logits only when the prompt itself is scored (echo with logprobs: prefilled alone).
@@ -321,24 +317,6 @@ class Engine:
                 seq.finish_unsampled()
                 continue
             self._take(seq, out.logits[row, -1])
-            self.metrics.generated(1)
-            self.metrics.ttft.observe(time.perf_counter() - seq.t_submit)
-
-    def _prefill_packed(self, seqs: list[Sequence]) -> None:
-        """Prompts of one adapter as one row without padding: positions restart per prompt and a block-diagonal
-        causal mask keeps each prompt to itself; each sequence's cache is a view of its segment."""
-        self.stats["packed_prefills"] += 1
-        ids, positions, mask, ends = _packed([s.prompt_ids for s in seqs])
-        with self._routing([seqs[0].adapter], [seqs[0].params.lora_scale]):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=DynamicCache(),
-                             use_cache=True, logits_to_keep=ends - 1)
-        for i, (seq, end) in enumerate(zip(seqs, ends.tolist())):
-            seq.cache = _row_cache(out.cache, 0, end - len(seq.prompt_ids), end)
-            seq.cache_len = len(seq.prompt_ids)
-            if seq.params.max_tokens == 0:
-                seq.finish_unsampled()
-                continue
-            self._take(seq, out.logits[0, i])
             self.metrics.generated(1)
             self.metrics.ttft.observe(time.perf_counter() - seq.t_submit)
 
@@ -482,27 +460,13 @@ def _left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def _packed(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids (1, total), positions restarting at 0 per prompt, block-diagonal causal mask (1, 1, total, total)
-    with True where a position may attend, each prompt's end offset) of prompts laid end to end."""
-    lengths = torch.tensor([len(p) for p in prompts])
-    ends = lengths.cumsum(0)
-    segment = torch.repeat_interleave(torch.arange(len(prompts)), lengths)
-    positions = torch.arange(int(ends[-1])) - torch.repeat_interleave(ends - lengths, lengths)
-    same = segment[:, None] == segment[None, :]
-    mask = same & torch.ones_like(same).tril()
-    ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
-    return ids[None], positions[None], mask[None, None], ends
-
-
-def _row_cache(batched: DynamicCache, row: int, start: int, end: int | None = None) -> DynamicCache:
-    """One sequence's cache as views of a batched cache (prefill or decode): row ``row``, positions
-    ``start:end`` (past its left padding, or its segment of a packed row)."""
+def _row_cache(batched: DynamicCache, row: int, pad: int) -> DynamicCache:
+    """One sequence's cache as views of its row of a batched cache (prefill or decode), without its left padding."""
     cache = DynamicCache()
     cache.layer_class_to_replicate = None
     cache.layers = []
     for shared in batched.layers:
-        keys, values = shared.keys[row : row + 1, :, start:end], shared.values[row : row + 1, :, start:end]
+        keys, values = shared.keys[row : row + 1, :, pad:], shared.values[row : row + 1, :, pad:]
         layer = DynamicLayer()
         layer.lazy_initialization(keys, values)
         layer.keys, layer.values = keys, values
