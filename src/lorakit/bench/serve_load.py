@@ -373,7 +373,7 @@ def plot(report: dict, path: Path) -> None:
 def _bars(results: list[dict], left: Any, right: Any) -> None:
     """One bar per side and adapter count: generated tokens/s, and TTFT p50 where it was measured."""
     labels = [f"{r['system']}, {r['adapters']} adapter(s)" for r in results]
-    colors = ["tab:blue" if r["system"] == "lorakit serve" else "tab:gray" for r in results]
+    colors = ["tab:blue" if r["system"].startswith("lorakit serve") else "tab:gray" for r in results]
     left.barh(labels, [r["tokens_per_s"] for r in results], color=colors)
     right.barh(labels, [r.get("ttft_p50_s") or 0 for r in results], color=colors)
     left.set_title(f"generated tokens/s at {results[0]['concurrency']} clients (median)")
