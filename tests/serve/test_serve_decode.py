@@ -110,3 +110,16 @@ def test_lean_decoder_declines_what_it_does_not_know(change):
     else:
         model.model.layers[0].mlp = _Wrapped(model.model.layers[0].mlp)
     assert lean_decoder(model) is None
+
+
+def test_real_smollm2_lean_step_equals_the_forward(smollm2):
+    """SmolLM2-135M, packed and fused weights, two random adapters and the base in one left-padded batch: the
+    lean step's next-token logits and greedy tokens equal the forward's."""
+    model, _ = smollm2
+    add_random_adapters(model, ["a", "b"], std=0.05)
+    model.requires_grad_(False)
+    if packing_available():
+        pack_linears(model)
+    got, expected, _, _ = _both_steps(model)
+    _close(got, expected)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
