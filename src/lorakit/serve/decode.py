@@ -2,9 +2,10 @@
 
 A server's decode step is a batch of sequences advancing one token each: every matrix product is short, and
 transformers' layers add about as many small tensor operations again (the 4-D mask, attention dispatch,
-keyword plumbing, output classes). This step calls the model's own modules for every product, so LoRA
-routing, DoRA and packed weights apply exactly as in the model's forward, and does the rest (RMSNorm, rotary
-embedding, grouped-query attention over the KV cache) in a few operations. It serves only models whose
+keyword plumbing, output classes). This step calls the model's own modules for every product, norm and MLP,
+so LoRA routing, DoRA and packed weights apply exactly as in the model's forward, and does only the
+attention itself: grouped-query attention over the KV cache in a few operations, with transformers' rotary
+embedding and an additive padding mask built once a step. It serves only models whose
 blocks are exactly transformers' Llama classes with no hooks: anything else (a baseline wrapping a block, a
 hook, another family) decodes through the model's own forward.
 """
@@ -62,16 +63,13 @@ def decode_step(model: nn.Module, input_ids: Tensor, position_ids: Tensor, atten
     """
     body = model.model
     hidden = body.embed_tokens(input_ids)
-    cos, sin = body.rotary_emb(hidden, position_ids)
-    rotary = (cos[:, :, None], sin[:, :, None])  # (batch, 1, 1, head dim): broadcast over heads and groups
+    rotary = body.rotary_emb(hidden, position_ids)
     bias = torch.zeros(attention_mask.shape, dtype=hidden.dtype).masked_fill_(attention_mask == 0, float("-inf"))
     bias = bias[:, None, None, :]
     for index, block in enumerate(body.layers[: body.config.num_hidden_layers]):
-        hidden = hidden + _attention(block.self_attn, _rms(block.input_layernorm, hidden), rotary, bias, cache, index)
-        mlp = block.mlp
-        x = _rms(block.post_attention_layernorm, hidden)
-        hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
-    return model.lm_head(_rms(body.norm, hidden))[:, -1]
+        hidden = hidden + _attention(block.self_attn, block.input_layernorm(hidden), rotary, bias, cache, index)
+        hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
+    return model.lm_head(body.norm(hidden))[:, -1]
 
 
 def _attention(attn: nn.Module, x: Tensor, rotary: tuple[Tensor, Tensor], bias: Tensor, cache: object,
@@ -79,21 +77,10 @@ def _attention(attn: nn.Module, x: Tensor, rotary: tuple[Tensor, Tensor], bias: 
     """Grouped-query attention of one new token per row: the query heads sharing a key head are one matmul."""
     batch, dim = x.shape[0], attn.head_dim
     kv_heads = attn.config.num_key_value_heads
-    queries = _rotated(attn.q_proj(x).view(batch, kv_heads, -1, dim), *rotary)
-    keys = _rotated(attn.k_proj(x).view(batch, kv_heads, 1, dim), *rotary)
+    # (batch, kv heads, query heads per kv head, dim): transformers' rotary broadcasts over the middle two
+    queries, keys = llama.apply_rotary_pos_emb(attn.q_proj(x).view(batch, kv_heads, -1, dim),
+                                               attn.k_proj(x).view(batch, kv_heads, 1, dim), *rotary)
     keys, values = cache.update(keys, attn.v_proj(x).view(batch, kv_heads, 1, dim), index)
     scores = torch.matmul(queries, keys.transpose(-1, -2)).mul_(attn.scaling).add_(bias)
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
     return attn.o_proj(torch.matmul(weights, values).view(batch, 1, -1))
-
-
-def _rotated(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
-def _rms(norm: nn.Module, x: Tensor) -> Tensor:
-    """transformers' LlamaRMSNorm, step for step (variance in fp32, weight applied in the input dtype)."""
-    x32 = x.to(torch.float32)
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * x32.to(x.dtype)

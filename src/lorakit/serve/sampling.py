@@ -9,6 +9,16 @@ import torch
 from torch import Tensor
 
 
+def adjusts(params: object) -> bool:
+    """Whether the request's bias or penalties change its logits (``adjusted`` returns them as they are if not).
+
+    Args:
+        params: a sequence's ``SamplingParams``.
+    """
+    return bool(params.logit_bias or params.presence_penalty or params.frequency_penalty
+                or params.repetition_penalty != 1.0)
+
+
 def adjusted(logits: Tensor, params: object, prompt_ids: list[int], tokens: list[int]) -> Tensor:
     """``logits`` (vocab,) after the request's bias and penalties (a new tensor when any applies).
 
@@ -18,10 +28,10 @@ def adjusted(logits: Tensor, params: object, prompt_ids: list[int], tokens: list
         prompt_ids: its prompt (repetition_penalty counts it, as transformers and vLLM do).
         tokens: the tokens generated so far (presence and frequency penalties count these only, as OpenAI).
     """
+    if not adjusts(params):
+        return logits
     bias, presence, frequency = params.logit_bias, params.presence_penalty, params.frequency_penalty
     repetition = params.repetition_penalty
-    if not bias and not presence and not frequency and repetition == 1.0:
-        return logits
     out = logits.float().clone()
     if bias:
         ids, values = zip(*bias)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from lorakit.serve.sampling import adjusted, filtered
+from lorakit.serve.sampling import adjusted, adjusts, filtered
 
 if TYPE_CHECKING:  # the engine runs without llguidance unless a request brings a grammar
     from lorakit.serve.structured import Constraint
@@ -101,9 +101,7 @@ class Sequence:
     @property
     def plain_greedy(self) -> bool:
         """Whether its next token is the argmax of the raw logits (greedy, no bias, penalty or grammar)."""
-        p = self.params
-        return (p.temperature <= 0 and self.grammar is None and not p.logit_bias and not p.presence_penalty
-                and not p.frequency_penalty and p.repetition_penalty == 1.0)
+        return self.params.temperature <= 0 and self.grammar is None and not adjusts(self.params)
 
     def sample(self, logits: Tensor) -> int:
         """The next token from one row of logits (vocab,): argmax at temperature 0, else nucleus sampling."""
