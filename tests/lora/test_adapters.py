@@ -18,6 +18,7 @@ from lorakit import (
     unmerge,
 )
 from lorakit.lora.adapters import lora_layers
+from lorakit.lora.layers import LoraLayer
 from tiny import ids, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 
 
@@ -203,6 +204,38 @@ def test_routed_rows_reuse_their_gather_until_routing_or_weights_change():
             swapped = model(x).logits
         expected = torch.stack([alone(n)[i] for i, n in enumerate(["a", "a", "b"])])
         torch.testing.assert_close(swapped, expected, atol=1e-5, rtol=0)
+
+
+def _embedding_adapters():
+    model = tiny_bert()
+    inject(model, LoraConfig(targets=("q", "word_embeddings")), "a")
+    randomize_lora(model, seed=1)
+    inject(model, LoraConfig(targets=("v", "word_embeddings"), r=2), "b")
+    randomize_lora(model, seed=2)
+    return model
+
+
+@pytest.mark.parametrize("make", [lambda: _two_adapters()[0], lambda: _two_adapters(tiny_gpt2)[0], _embedding_adapters])
+@pytest.mark.parametrize(("names", "scales"), [(["a", "a", "a"], None), (["b", "b", "b"], [0.5, 0.5, 0.5]),
+                                               (["a", "b", None], None), (["b", "a", None], [2.0, 0.25, 1.0])])
+def test_serving_adds_routed_deltas_in_place_as_the_autograd_path_computes_them(make, names, scales, monkeypatch):
+    """Without grad, routed rows add B·A·x straight into the base output (one fused multiply-add); with grad
+    they take the out-of-place path. Both must give the same outputs: one adapter or mixed rows, scaled or
+    not, Linear, GPT-2's fused Conv1D slices and embeddings."""
+    model = make()
+    x = ids(batch=3)
+    in_place = []
+    original = LoraLayer._add_routed_delta_
+    monkeypatch.setattr(LoraLayer, "_add_routed_delta_", lambda self, *a: in_place.append(original(self, *a))
+                        or in_place[-1])
+    with route_rows(model, names, scales):
+        expected = model(x).logits.detach()
+        assert in_place and not any(in_place)  # with grad: the autograd-safe path
+        in_place.clear()
+        with torch.no_grad():
+            served = model(x).logits
+    assert in_place and all(in_place)
+    torch.testing.assert_close(served, expected, atol=1e-5, rtol=0)
 
 
 def test_route_rows_rejects_unknown_names_and_merged_models():

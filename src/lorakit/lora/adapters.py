@@ -411,23 +411,29 @@ def route_rows(model: nn.Module, names: Sequence[str | None],
     scale = None if scales is None or all(v == 1.0 for v in scales) else torch.tensor(list(scales))
     uniform = table.index(names[0]) if len(set(names)) == 1 else None
     key = (table, tuple(index.tolist()))
+    on_device: dict[torch.device, tuple[Tensor, Tensor | None]] = {}
     try:
         for layer in layers:
-            layer.routing_names, layer.row_key = table, key
-            layer.row_uniform = uniform
-            layer.row_index = index.to(layer.weight.device)
-            layer.row_scale = None if scale is None else scale.to(layer.weight.device)
+            device = layer.weight.device
+            if device not in on_device:
+                on_device[device] = (index.to(device), None if scale is None else scale.to(device))
+            row_index, row_scale = on_device[device]
+            _set_plain(layer, routing_names=table, row_key=key, row_uniform=uniform, row_index=row_index,
+                       row_scale=row_scale)
         for wrapper in wrappers:
             wrapper.route(table, index)
         yield
     finally:
         for layer in layers:
-            layer.row_index = None
-            layer.row_scale = None
-            layer.row_uniform = None
-            layer.routing_names, layer.row_key = (), None
+            _set_plain(layer, routing_names=(), row_key=None, row_uniform=None, row_index=None, row_scale=None)
         for wrapper in wrappers:
             wrapper.route((), None)
+
+
+def _set_plain(module: nn.Module, **values: object) -> None:
+    """Set plain (non-parameter, non-buffer, non-module) attributes without ``nn.Module.__setattr__``'s
+    type checks, which cost more than a server's decode-step bookkeeping should (route_rows runs every step)."""
+    module.__dict__.update(values)
 
 
 @dataclass

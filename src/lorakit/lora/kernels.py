@@ -280,13 +280,13 @@ def routed_delta(x: Tensor, index: Tensor, a_stack: Tensor, b_stack: Tensor) -> 
     a_stack is (n, R, in), b_stack (n, out, R) with the scaling folded in. Rows are gathered once and
     multiplied with ``bmm``; no Python loop over adapters.
     """
-    return rows_delta(x, a_stack[index], b_stack[index])
+    return rows_delta(x, a_stack[index].transpose(1, 2), b_stack[index].transpose(1, 2))
 
 
-def rows_delta(x: Tensor, a_rows: Tensor, b_rows: Tensor) -> Tensor:
-    """``delta[b] = x[b] · a_rows[b]ᵀ · b_rows[b]ᵀ``: ``routed_delta`` on rows already gathered, (batch, R, in) and
-    (batch, out, R)."""
+def rows_delta(x: Tensor, a_rows_t: Tensor, b_rows_t: Tensor) -> Tensor:
+    """``delta[b] = x[b] · a_rows_t[b] · b_rows_t[b]``: ``routed_delta`` on rows already gathered, as the
+    products take them: Aᵀ (batch, in, R) and Bᵀ (batch, R, out)."""
     batch = x.shape[0]
-    x3 = x.reshape(batch, -1, x.shape[-1]).to(a_rows.dtype)
-    delta = torch.bmm(torch.bmm(x3, a_rows.transpose(1, 2)), b_rows.transpose(1, 2))
-    return delta.view(*x.shape[:-1], b_rows.shape[1])
+    x3 = x.reshape(batch, -1, x.shape[-1]).to(a_rows_t.dtype)
+    delta = torch.bmm(torch.bmm(x3, a_rows_t), b_rows_t)
+    return delta.view(*x.shape[:-1], b_rows_t.shape[2])

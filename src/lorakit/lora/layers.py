@@ -53,7 +53,7 @@ class LoraLayer(AdapterHost):
         self.routing_names: tuple[str | None, ...] = ()
         self.row_scale: Tensor | None = None  # per-row multiplier of the routed (non-DoRA) delta; None: all 1
         self.row_uniform: int | None = None  # the routing index every row shares, if they all share one
-        self._stack_cache: tuple[tuple, Tensor, Tensor] | None = None
+        self._stack_cache: tuple[tuple, Tensor, Tensor, bool] | None = None
         self.row_key: tuple | None = None  # (routing table, row indices) of the current route_rows call
         # Each row's A and B, gathered from the stacks: reused while routing and stacks stay (decode steps).
         self._rows_cache: tuple[tuple, Tensor, Tensor, Tensor, Tensor] | None = None
@@ -159,6 +159,8 @@ class LoraLayer(AdapterHost):
             out = self.base_layer(x, *args, **kwargs)
             if self.row_uniform == 0:  # every row is the base model's
                 return out
+            if self._add_routed_delta_(x, out):
+                return out
             delta = self._routed_dora(x, out, self._scaled(x, self._routed_delta(x))).to(out.dtype)
             # Serving (no autograd): accumulate into the fresh base output instead of allocating a sum.
             return out.add_(delta) if not torch.is_grad_enabled() else out + delta
@@ -214,8 +216,9 @@ class LoraLayer(AdapterHost):
         assert weights.magnitude is not None
         return dora_extra(h, wx, lora, weights.magnitude, self._dora_norm(weights))
 
-    def _stacks(self) -> tuple[Tensor, Tensor]:
-        """Adapters of the routing table stacked as (n, R, in) and (n, out, R); index 0 is the base (0)."""
+    def _stacks(self) -> tuple[Tensor, Tensor, bool]:
+        """Adapters of the routing table stacked as (n, R, in) and (n, out, R), index 0 the base (0); and whether
+        a DoRA adapter is routed (its stacked rows are 0: ``_routed_dora`` adds its rows)."""
         names = self.routing_names
         cache = self._stack_cache
         # Cache key: (names, params, their versions). The params of a table only change through
@@ -224,7 +227,7 @@ class LoraLayer(AdapterHost):
         if cache is not None and cache[0][0] == names and not torch.is_grad_enabled():
             params = cache[0][1]
             if tuple(p._version for p in params) == cache[0][2]:
-                return cache[1], cache[2]
+                return cache[1], cache[2], cache[3]
         params = tuple(p for name in names if name in self.adapters for p in self.adapters[name].parameters())
         key = (names, params, tuple(p._version for p in params))
         out_features = self.out_features
@@ -245,10 +248,11 @@ class LoraLayer(AdapterHost):
                 a, b = pair
                 a_stack[i, : a.shape[0]] = a
                 b_stack[i, :, : b.shape[1]] = b
+        dora = any(p is None and name in adapters for p, name in zip(pairs, names))
         if not torch.is_grad_enabled():
             # Stacks built with grad enabled carry the autograd graph of training; never reuse those.
-            self._stack_cache = (key, a_stack, b_stack)
-        return a_stack, b_stack
+            self._stack_cache = (key, a_stack, b_stack, dora)
+        return a_stack, b_stack, dora
 
     def _row_index(self, x: Tensor) -> Tensor:
         """The routing index, repeated for generate()'s beams / num_return_sequences (contiguous copies)."""
@@ -281,7 +285,7 @@ class LoraLayer(AdapterHost):
 
     def _routed_delta(self, x: Tensor) -> Tensor:
         """Each row through its own adapter: one gather and two batched matmuls, no loop over adapters."""
-        a_stack, b_stack = self._stacks()
+        a_stack, b_stack, _ = self._stacks()
         if self.row_uniform is not None:  # one adapter for the whole batch: plain products, no gather
             a, b = a_stack[self.row_uniform], b_stack[self.row_uniform]
             return self.kind.project_in(self.kind.lora_input(x, a.dtype), a, _NO_DROPOUT) @ b.t()
@@ -292,16 +296,58 @@ class LoraLayer(AdapterHost):
         return rows_delta(x, *self._gathered(a_stack, b_stack, index))
 
     def _gathered(self, a_stack: Tensor, b_stack: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
-        """(A, B) of each row: a gather, cached without grad for the same routing over the same stacks (the
-        stacks are new tensors whenever an adapter's weights change)."""
+        """(Aᵀ, Bᵀ) of each row, (rows, in, R) and (rows, R, out): a gather, cached without grad for the same
+        routing over the same stacks (the stacks are new tensors whenever an adapter's weights change)."""
         key = (self.row_key, index.shape[0])
         cache = self._rows_cache
         if cache is not None and cache[0] == key and cache[1] is a_stack and cache[2] is b_stack:
             return cache[3], cache[4]
-        rows = a_stack[index], b_stack[index]
+        rows = a_stack[index].transpose(1, 2), b_stack[index].transpose(1, 2)
         keep = self.row_key is not None and not torch.is_grad_enabled()
+        if keep:  # kept copies in the layout bmm reads fastest, since every decode step reads them again
+            rows = rows[0].contiguous(), rows[1].contiguous()
         self._rows_cache = (key, a_stack, b_stack, *rows) if keep else None
         return rows
+
+    def _add_routed_delta_(self, x: Tensor, out: Tensor) -> bool:
+        """``out[b] += scale[b]·B[b]·A[b]·x[b]`` in place, one fused multiply-add for the whole batch. False (out
+        untouched: the caller adds a computed delta) under autograd, for generate()'s beams (more input rows
+        than routed rows), with a DoRA adapter routed, in another dtype, or when ``out`` has no (rows,
+        positions, out) view to write through."""
+        if torch.is_grad_enabled() or self.row_index is None or x.shape[0] != self.row_index.shape[0]:
+            return False
+        a_stack, b_stack, dora = self._stacks()
+        rows, width = x.shape[0], out.shape[-1]
+        if dora or out.dtype != a_stack.dtype:
+            return False
+        try:
+            out3 = out.view(rows, -1, width)
+            flat = out3.view(-1, width) if self.row_uniform is not None else None
+        except RuntimeError:  # a layout no view reaches
+            return False
+        ax, b_t = self._rank_activations(x, a_stack, b_stack)
+        if self.row_scale is not None:
+            ax = ax * self.row_scale.to(ax.dtype).view(-1, 1, 1)
+        if flat is not None:
+            flat.addmm_(ax.reshape(-1, ax.shape[-1]), b_t)
+        else:
+            out3.baddbmm_(ax, b_t)
+        return True
+
+    def _rank_activations(self, x: Tensor, a_stack: Tensor, b_stack: Tensor) -> tuple[Tensor, Tensor]:
+        """(A·x per row as (rows, positions, R), the Bᵀ to finish with: (R, out) shared by all rows when they
+        use one adapter, else (rows, R, out))."""
+        rows = x.shape[0]
+        if self.row_uniform is not None:
+            a, b = a_stack[self.row_uniform], b_stack[self.row_uniform]
+            ax = self.kind.project_in(self.kind.lora_input(x, a.dtype), a, _NO_DROPOUT)
+            return ax.reshape(rows, -1, ax.shape[-1]), b.t()
+        assert self.row_index is not None
+        ax = self.kind.routed_project_in(x, self.row_index, a_stack)
+        if ax is not None:
+            return ax.reshape(rows, -1, ax.shape[-1]), b_stack[self.row_index].transpose(1, 2)
+        a_t, b_t = self._gathered(a_stack, b_stack, self.row_index)
+        return torch.bmm(x.reshape(rows, -1, x.shape[-1]).to(a_t.dtype), a_t), b_t
 
     # -- merge ---------------------------------------------------------------------------------------
     def delta_weight(self, name: str) -> Tensor:
