@@ -390,9 +390,8 @@ def route_rows(model: nn.Module, names: Sequence[str | None],
                scales: Sequence[float] | None = None) -> Iterator[None]:
     """Each row of the next forward passes uses its own adapter (None: the base model).
 
-    Adapters are stacked per layer and applied with one gather and batched matmuls, so the cost barely
-    grows with the number of distinct adapters in the batch. Rows of DoRA adapters take DoRA's exact
-    single-adapter path, one adapter at a time.
+    Adapters are stacked per layer and applied with one gather and batched matmuls, so the cost barely grows
+    with the number of distinct adapters. DoRA rows take DoRA's exact single-adapter path, one at a time.
 
     Args:
         model: a model with (unmerged) adapters.
@@ -411,15 +410,14 @@ def route_rows(model: nn.Module, names: Sequence[str | None],
     scale = None if scales is None or all(v == 1.0 for v in scales) else torch.tensor(list(scales))
     uniform = table.index(names[0]) if len(set(names)) == 1 else None
     key = (table, tuple(index.tolist()))
-    on_device: dict[torch.device, tuple[Tensor, Tensor | None]] = {}
+    placed: dict[torch.device, tuple[Tensor, Tensor | None]] = {}  # index and scale, moved once per device
     try:
         for layer in layers:
             device = layer.weight.device
-            if device not in on_device:
-                on_device[device] = (index.to(device), None if scale is None else scale.to(device))
-            row_index, row_scale = on_device[device]
-            _set_plain(layer, routing_names=table, row_key=key, row_uniform=uniform, row_index=row_index,
-                       row_scale=row_scale)
+            if device not in placed:
+                placed[device] = (index.to(device), None if scale is None else scale.to(device))
+            _set_plain(layer, routing_names=table, row_key=key, row_uniform=uniform, row_index=placed[device][0],
+                       row_scale=placed[device][1])
         for wrapper in wrappers:
             wrapper.route(table, index)
         yield
