@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -222,73 +223,90 @@ def analyze_adapters(
     similarity figure (evenly spaced layers, as in the paper's Figures 6/7).
     """
     keep = set(layers) if layers is not None else None
-    adapters: list[dict[str, LoraFactors]] = []
-    for d in adapter_dirs:
-        mats = read_lora_matrices(d)
-        if keep is not None:
-            mats = {n: f for n, f in mats.items() if split_module(n)[0] in keep}
-        adapters.append(mats)
-    result: dict[str, Any] = {
-        "adapters": [str(d) for d in adapter_dirs],
-        "per_adapter": [],
-        "similarity": [],
-        "random_draws": draws,
-    }
+    adapters = [_read_adapter(d, keep) for d in adapter_dirs]
+    result: dict[str, Any] = {"adapters": [str(d) for d in adapter_dirs], "per_adapter": [], "similarity": [],
+                              "random_draws": draws}
     missing: list[str] = []  # adapted modules the base model could not supply W for
-    for mats in adapters:
-        modules: dict[str, Any] = {}
-        for name, (A, B, s) in mats.items():
-            _, sv, _ = delta_w_svd(A, B, s)
-            entry: dict[str, Any] = {
-                "rank": A.shape[0],
-                "shape": [B.shape[0], A.shape[1]],
-                "scaling": s,
-                "singular_values": _rounded(sv, 8),
-                "energy": _rounded(energy_captured(sv)),
-            }
-            if base_weights is not None:
-                W = _get_weight(base_weights, name)
-                if W is not None:
-                    entry["vs_w"] = delta_w_vs_w(W, A, B, s, draws=draws, seed=seed)
-                elif name not in missing:
-                    missing.append(name)
-            modules[name] = entry
-        result["per_adapter"].append(modules)
+    result["per_adapter"] = [_adapter_entries(m, base_weights, missing, draws, seed) for m in adapters]
     if base_weights is not None:
         result["missing_weights"] = missing
-    baselines: dict[tuple[int, int, int], Tensor] = {}
-    for a in range(len(adapters)):
-        for b in range(a + 1, len(adapters)):
-            common = [n for n in adapters[a] if n in adapters[b]]
-            pair: dict[str, Any] = {"a": a, "b": b, "modules": {}}
-            for name in common:
-                A1, A2 = adapters[a][name].A, adapters[b][name].A
-                if A1.shape[1] != A2.shape[1]:
-                    continue
-                grid = subspace_similarity_grid(A1, A2)
-                key = (A1.shape[0], A2.shape[0], A1.shape[1])
-                if key not in baselines:
-                    baselines[key] = random_similarity_grid(*key, draws=draws, seed=seed)
-                rand = baselines[key]
-                n = min(grid.shape)
-                pair["modules"][name] = {
-                    "phi": _rounded(grid),
-                    "random": _rounded(rand),
-                    "phi_top1": float(grid[0, 0]),
-                    "phi_diag_mean": float(torch.diagonal(grid)[:n].mean()),
-                    "random_diag_mean": float(torch.diagonal(rand)[:n].mean()),
-                }
-            result["similarity"].append(pair)
+    baselines: dict[tuple[int, int, int], Tensor] = {}  # random φ-grids, shared by pairs of equal shapes
+    result["similarity"] = [
+        {"a": a, "b": b, "modules": _pair_similarity(adapters[a], adapters[b], baselines, draws, seed)}
+        for a in range(len(adapters))
+        for b in range(a + 1, len(adapters))
+    ]
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        result["files"] = []
-        if plots:
-            from lorakit.analysis import plots as _plots
-
-            result["files"] = _plots.write_all(result, out, heatmap_layers=heatmap_layers)
-        (out / "analysis.json").write_text(json.dumps(json_safe(result), indent=1))
+        _write_analysis(result, Path(out_dir), plots, heatmap_layers)
     return result
+
+
+def _read_adapter(folder: str | Path, keep: set[int] | None) -> dict[str, LoraFactors]:
+    """An adapter's (A, B, scaling) per module, only the modules of the ``keep`` layers when given."""
+    mats = read_lora_matrices(folder)
+    return mats if keep is None else {n: f for n, f in mats.items() if split_module(n)[0] in keep}
+
+
+def _adapter_entries(mats: dict[str, LoraFactors], base_weights: WeightSource | None, missing: list[str],
+                     draws: int, seed: int) -> dict[str, Any]:
+    """Per module: rank, shape, ΔW's spectrum and energy, and ΔW against W when the base can supply W
+    (a module it cannot is appended to ``missing``)."""
+    modules: dict[str, Any] = {}
+    for name, (A, B, s) in mats.items():
+        _, sv, _ = delta_w_svd(A, B, s)
+        entry: dict[str, Any] = {
+            "rank": A.shape[0],
+            "shape": [B.shape[0], A.shape[1]],
+            "scaling": s,
+            "singular_values": _rounded(sv, 8),
+            "energy": _rounded(energy_captured(sv)),
+        }
+        if base_weights is not None:
+            W = _get_weight(base_weights, name)
+            if W is not None:
+                entry["vs_w"] = delta_w_vs_w(W, A, B, s, draws=draws, seed=seed)
+            elif name not in missing:
+                missing.append(name)
+        modules[name] = entry
+    return modules
+
+
+def _pair_similarity(first: dict[str, LoraFactors], second: dict[str, LoraFactors],
+                     baselines: dict[tuple[int, int, int], Tensor], draws: int, seed: int) -> dict[str, Any]:
+    """φ-grids of two adapters' A matrices per shared module, with the random baseline of the same shape."""
+    modules: dict[str, Any] = {}
+    for name in (n for n in first if n in second):
+        A1, A2 = first[name].A, second[name].A
+        if A1.shape[1] != A2.shape[1]:
+            continue
+        grid = subspace_similarity_grid(A1, A2)
+        key = (A1.shape[0], A2.shape[0], A1.shape[1])
+        if key not in baselines:
+            baselines[key] = random_similarity_grid(*key, draws=draws, seed=seed)
+        rand = baselines[key]
+        n = min(grid.shape)
+        modules[name] = {
+            "phi": _rounded(grid),
+            "random": _rounded(rand),
+            "phi_top1": float(grid[0, 0]),
+            "phi_diag_mean": float(torch.diagonal(grid)[:n].mean()),
+            "random_diag_mean": float(torch.diagonal(rand)[:n].mean()),
+        }
+    return modules
+
+
+def _write_analysis(result: dict[str, Any], out: Path, plots: bool, heatmap_layers: int) -> None:
+    """The figures (when ``plots``) and ``analysis.json`` in ``out``; the JSON through a temp file, so a
+    killed run never leaves half of it."""
+    out.mkdir(parents=True, exist_ok=True)
+    result["files"] = []
+    if plots:
+        from lorakit.analysis import plots as _plots
+
+        result["files"] = _plots.write_all(result, out, heatmap_layers=heatmap_layers)
+    tmp = out / f"analysis.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(json_safe(result), indent=1))
+    os.replace(tmp, out / "analysis.json")
 
 
 def json_safe(x: Any) -> Any:

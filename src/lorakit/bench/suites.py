@@ -88,6 +88,12 @@ def _pair(model: str, mine: tuple[str, str], theirs: tuple[str, str], label: str
 
 def default_cases(device: str = "cpu") -> list[Case]:
     """The default suite (`lorakit bench`): about 10 minutes on an idle 2-core CPU."""
+    cases = _train_cases() + _pair_cases() + _infer_cases() + _mixed_cases() + _merge_cases()
+    return [replace(c, device=device) for c in cases]
+
+
+def _train_cases() -> list[Case]:
+    """Train steps of SmolLM2 and GPT-2, one process each (peak memory)."""
     cases: list[Case] = []
     # 1. Train steps, one process each (peak memory). "labels" rows use lorakit.lora.kernels.causal_lm_loss.
     reps = {"warmup": 1, "repeats": 3}
@@ -107,6 +113,12 @@ def default_cases(device: str = "cpu") -> list[Case]:
         ("lorakit", "bf16-autocast", "labels"),
     ):
         cases.append(_train("gpt2-124m", method, precision, loss, **reps))
+    return cases
+
+
+def _pair_cases() -> list[Case]:
+    """lorakit against PEFT interleaved in one process on shared weights."""
+    cases: list[Case] = []
     # Ratios, interleaved on shared weights: like for like (same precision, same loss code), and lorakit's
     # default path (the trainer's default fp32, or bf16 autocast; loss only on labels) vs PEFT's fp32 default.
     pair_reps = {"warmup": 1, "repeats": 4}
@@ -141,6 +153,12 @@ def default_cases(device: str = "cpu") -> list[Case]:
             **pair_reps,
         )
     )
+    return cases
+
+
+def _infer_cases() -> list[Case]:
+    """Inference forwards at seq 128, each timed against the plain model."""
+    cases: list[Case] = []
     # 2. Inference forward, seq 128: each variant is also timed against the plain model, interleaved.
     for model, batches in (("gpt2-124m", (1, 8)), ("smollm2-135m", (1,))):
         for batch in batches:
@@ -163,6 +181,12 @@ def default_cases(device: str = "cpu") -> list[Case]:
                         **infer_reps,
                     )
                 )
+    return cases
+
+
+def _mixed_cases() -> list[Case]:
+    """Mixed-adapter batches against one adapter and the base."""
+    cases: list[Case] = []
     # 3. Mixed-adapter batches (batch 32 x 16 tokens, r=8 on q, v, o), vs one adapter and vs the base.
     for method in ("lorakit", "peft"):
         for n in (8, 32):
@@ -180,6 +204,12 @@ def default_cases(device: str = "cpu") -> list[Case]:
                     repeats=8,
                 )
             )
+    return cases
+
+
+def _merge_cases() -> list[Case]:
+    """Merge/unmerge of every adapted layer; loading and switching to an adapter file."""
+    cases: list[Case] = []
     # 4. Merge/unmerge of every adapted layer, and loading + switching to an adapter file.
     for method in ("lorakit", "peft"):
         cases.append(
@@ -202,7 +232,7 @@ def default_cases(device: str = "cpu") -> list[Case]:
                 repeats=5,
             )
         )
-    return [replace(c, device=device) for c in cases]
+    return cases
 
 
 def quick_cases(device: str = "cpu") -> list[Case]:
