@@ -206,6 +206,29 @@ def test_routed_rows_reuse_their_gather_until_routing_or_weights_change():
         torch.testing.assert_close(swapped, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_a_routed_layer_gives_each_row_its_own_adapter_as_a_loop_over_rows(grad):
+    """Rows of adapters of different ranks (and the base) through one q layer: each row's output equals the
+    layer run on that row alone with its adapter, for inputs with and without a position axis, out of place
+    (autograd) and in place (serving)."""
+    model = tiny_llama()
+    for i, r in enumerate((3, 2, 4)):
+        inject(model, LoraConfig(targets=("q",), r=r), f"t{i}")
+        randomize_lora(model, seed=i)
+    layer = model.model.layers[0].self_attn.q_proj
+    names = ["t0", "t2", None, "t2", "t1"]
+    x = torch.randn(5, 7, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.set_grad_enabled(grad):
+        want = []
+        for row, name in enumerate(names):
+            set_adapter(model, name)
+            want.append(layer(x[row : row + 1]))
+        with route_rows(model, names):
+            got, got_2d = layer(x), layer(x[:, 0])
+    torch.testing.assert_close(got, torch.cat(want), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_2d, torch.cat(want)[:, 0], atol=1e-5, rtol=0)
+
+
 def _embedding_adapters():
     model = tiny_bert()
     inject(model, LoraConfig(targets=("q", "word_embeddings")), "a")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit import LoraConfig, inject, route_rows
-from lorakit.lora.kernels import causal_lm_loss, linear_cross_entropy, lora_linear, routed_delta
+from lorakit.lora.kernels import causal_lm_loss, linear_cross_entropy, lora_linear
 from lorakit.lora.layers import LoraLayer
 from lorakit.lora.weights import AdapterSpec
 from tiny import ids, randomize_lora, tiny_gpt2, tiny_llama
@@ -168,16 +168,6 @@ def test_causal_lm_loss_equals_the_model_loss_and_its_gradients(make, full):
     torch.testing.assert_close(got, ref)
     for a, b in zip(g_got, g_ref):
         torch.testing.assert_close(a, b)
-
-
-def test_routed_delta_matches_a_loop_over_rows():
-    torch.manual_seed(0)
-    a_stack, b_stack = torch.randn(4, 3, 6), torch.randn(4, 5, 3)
-    x = torch.randn(5, 7, 6)
-    index = torch.tensor([0, 3, 1, 3, 2])
-    want = torch.stack([x[i] @ a_stack[j].t() @ b_stack[j].t() for i, j in enumerate(index.tolist())])
-    torch.testing.assert_close(routed_delta(x, index, a_stack, b_stack), want)
-    torch.testing.assert_close(routed_delta(x[:, 0], index, a_stack, b_stack), want[:, 0])
 
 
 def test_routed_rows_use_cached_stacks_that_follow_weight_updates():

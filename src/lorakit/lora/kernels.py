@@ -5,7 +5,6 @@
   uses only ``x`` and ``A·x`` (no W0 weight gradient, no dropout copy, no full-width LoRA temporaries).
 * ``causal_lm_loss``: the causal-LM loss with the LM head applied only at positions that have a label,
   through ``linear_cross_entropy`` (chunked head + loss, gradients formed in forward, no logits kept).
-* ``routed_delta``: each row of a batch through its own adapter with one gather and two batched matmuls.
 """
 
 from __future__ import annotations
@@ -271,22 +270,3 @@ def causal_lm_loss(
         return linear_cross_entropy(selected, head, targets[keep])
     # Wrapped heads (a LoRA layer, modules_to_save copies) keep their own forward.
     return F.cross_entropy(head(selected).float(), targets[keep])
-
-
-# -- mixed-adapter batches -----------------------------------------------------------------------------
-def routed_delta(x: Tensor, index: Tensor, a_stack: Tensor, b_stack: Tensor) -> Tensor:
-    """``delta[b] = x[b] · A[index[b]]ᵀ · B[index[b]]ᵀ`` for x of shape (batch, ..., in).
-
-    a_stack is (n, R, in), b_stack (n, out, R) with the scaling folded in. Rows are gathered once and
-    multiplied with ``bmm``; no Python loop over adapters.
-    """
-    return rows_delta(x, a_stack[index].transpose(1, 2), b_stack[index].transpose(1, 2))
-
-
-def rows_delta(x: Tensor, a_rows_t: Tensor, b_rows_t: Tensor) -> Tensor:
-    """``delta[b] = x[b] · a_rows_t[b] · b_rows_t[b]``: ``routed_delta`` on rows already gathered, as the
-    products take them: Aᵀ (batch, in, R) and Bᵀ (batch, R, out)."""
-    batch = x.shape[0]
-    x3 = x.reshape(batch, -1, x.shape[-1]).to(a_rows_t.dtype)
-    delta = torch.bmm(torch.bmm(x3, a_rows_t), b_rows_t)
-    return delta.view(*x.shape[:-1], b_rows_t.shape[2])

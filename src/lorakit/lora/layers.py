@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from lorakit.errors import TargetError
 from lorakit.lora.copies import ModuleCopies
-from lorakit.lora.kernels import fused_eligible, lora_linear, rows_delta
+from lorakit.lora.kernels import fused_eligible, lora_linear
 from lorakit.lora.kinds import AdapterHost, is_conv1d, kind_of
 from lorakit.lora.variants import (
     RESIDUAL_INITS,
@@ -284,16 +284,12 @@ class LoraLayer(AdapterHost):
         return delta
 
     def _routed_delta(self, x: Tensor) -> Tensor:
-        """Each row through its own adapter: one gather and two batched matmuls, no loop over adapters."""
+        """Each row through its own adapter, out of place (autograd-safe): A·x per row, then Bᵀ."""
         a_stack, b_stack, _ = self._stacks()
-        if self.row_uniform is not None:  # one adapter for the whole batch: plain products, no gather
-            a, b = a_stack[self.row_uniform], b_stack[self.row_uniform]
-            return self.kind.project_in(self.kind.lora_input(x, a.dtype), a, _NO_DROPOUT) @ b.t()
-        index = self._row_index(x)
-        ax = self.kind.routed_project_in(x, index, a_stack)
-        if ax is not None:
-            return torch.bmm(ax.flatten(1, -2), b_stack[index].transpose(1, 2)).view(*ax.shape[:-1], -1)
-        return rows_delta(x, *self._gathered(a_stack, b_stack, index))
+        ax, b_t = self._rank_activations(x, a_stack, b_stack, self._row_index(x))
+        if b_t.dim() == 2:  # one adapter for the whole batch: a plain product, no gather
+            return ax @ b_t
+        return torch.bmm(ax.reshape(ax.shape[0], -1, ax.shape[-1]), b_t).view(*ax.shape[:-1], -1)
 
     def _gathered(self, a_stack: Tensor, b_stack: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         """(Aᵀ, Bᵀ) of each row, (rows, in, R) and (rows, R, out): a gather, cached without grad for the same
@@ -325,7 +321,8 @@ class LoraLayer(AdapterHost):
             flat = out3.view(-1, width) if self.row_uniform is not None else None
         except RuntimeError:  # a layout no view reaches
             return False
-        ax, b_t = self._rank_activations(x, a_stack, b_stack)
+        ax, b_t = self._rank_activations(x, a_stack, b_stack, self.row_index)
+        ax = ax.reshape(rows, -1, ax.shape[-1])
         if self.row_scale is not None:
             ax = ax * self.row_scale.to(ax.dtype).view(-1, 1, 1)
         if flat is not None:
@@ -334,20 +331,19 @@ class LoraLayer(AdapterHost):
             out3.baddbmm_(ax, b_t)
         return True
 
-    def _rank_activations(self, x: Tensor, a_stack: Tensor, b_stack: Tensor) -> tuple[Tensor, Tensor]:
-        """(A·x per row as (rows, positions, R), the Bᵀ to finish with: (R, out) shared by all rows when they
-        use one adapter, else (rows, R, out))."""
-        rows = x.shape[0]
+    def _rank_activations(self, x: Tensor, a_stack: Tensor, b_stack: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        """(A·x of each row, shaped like the layer's output with R columns; the Bᵀ to finish with: (R, out)
+        shared by all rows when they use one adapter, else (rows, R, out)), for rows routed by ``index``."""
         if self.row_uniform is not None:
             a, b = a_stack[self.row_uniform], b_stack[self.row_uniform]
-            ax = self.kind.project_in(self.kind.lora_input(x, a.dtype), a, _NO_DROPOUT)
-            return ax.reshape(rows, -1, ax.shape[-1]), b.t()
-        assert self.row_index is not None
-        ax = self.kind.routed_project_in(x, self.row_index, a_stack)
+            return self.kind.project_in(self.kind.lora_input(x, a.dtype), a, _NO_DROPOUT), b.t()
+        ax = self.kind.routed_project_in(x, index, a_stack)
         if ax is not None:
-            return ax.reshape(rows, -1, ax.shape[-1]), b_stack[self.row_index].transpose(1, 2)
-        a_t, b_t = self._gathered(a_stack, b_stack, self.row_index)
-        return torch.bmm(x.reshape(rows, -1, x.shape[-1]).to(a_t.dtype), a_t), b_t
+            return ax, b_stack[index].transpose(1, 2)
+        a_t, b_t = self._gathered(a_stack, b_stack, index)
+        rows = x.shape[0]
+        ax = torch.bmm(x.reshape(rows, -1, x.shape[-1]).to(a_t.dtype), a_t)
+        return ax.view(*x.shape[:-1], ax.shape[-1]), b_t
 
     # -- merge ---------------------------------------------------------------------------------------
     def delta_weight(self, name: str) -> Tensor:
