@@ -28,6 +28,7 @@ from transformers.cache_utils import DynamicLayer
 from lorakit.errors import LorakitError
 from lorakit.lora.adapters import configs, delete_adapter, route_rows, set_adapter
 from lorakit.serve.decode import lean_decoder
+from lorakit.serve.detokenize import TextStream
 from lorakit.serve.metrics import ServeMetrics
 from lorakit.serve.sequence import Sequence
 
@@ -370,7 +371,9 @@ class Engine:
         score it if asked, and append it."""
         token = argmax if argmax is not None and seq.plain_greedy else seq.sample(logits)
         seq.score(logits, token)
-        seq.accept(token, self.eos_ids, self._decode_text)
+        if seq.text_stream is None:
+            seq.text_stream = TextStream(self._decode_text)
+        seq.accept(token, self.eos_ids)
 
     def _decode_text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from lorakit.serve.detokenize import TextStream
 from lorakit.serve.sampling import adjusted, adjusts, filtered
 
 if TYPE_CHECKING:  # the engine runs without llguidance unless a request brings a grammar
@@ -89,6 +90,7 @@ class Sequence:
     logprobs_sent: int = 0
     cumulative_logprob: float = 0.0  # summed when params.track_score
     grammar: Constraint | None = None  # response_format's matcher: masks each step's logits, advances per token
+    text_stream: TextStream | None = None  # its generated text, grown per token; the engine sets it
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
@@ -140,7 +142,7 @@ class Sequence:
         self.logprobs_sent = len(self.logprobs)
         return out
 
-    def accept(self, token: int, eos_ids: Collection[int], decode: Callable[[list[int]], str]) -> None:
+    def accept(self, token: int, eos_ids: Collection[int]) -> None:
         """Append a sampled token, apply EOS / stop strings / max_tokens, and emit the new text."""
         self.completion_tokens += 1
         if self.t_first is None:
@@ -152,7 +154,7 @@ class Sequence:
             self._finish("stop")
             return
         self.tokens.append(token)
-        text = decode(self.tokens)
+        text = self.text_stream(token)
         cut = _first_stop(text, self.params.stop)
         if cut is not None:
             self.text = text[:cut]
