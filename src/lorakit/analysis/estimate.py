@@ -244,6 +244,25 @@ class Estimate:
         }
 
 
+_ASSUMPTIONS = (
+    "sizes in SI units (1 MB = 1e6 bytes, 1 GB = 1e9 bytes)",
+    "total parameters: backbone + LM head if untied (causal LMs); BERT-family with pooler; no task head",
+    "optimizer Adam/AdamW: two fp32 moments (8 bytes) per trainable parameter",
+    "fp32: 4-byte weights and gradients; bf16-mixed: 2-byte weights and gradients + fp32 master "
+    "copy of trainable parameters (16 bytes per trainable parameter, as in ZeRO)",
+    "LoRA: frozen base weights stored once in the training precision; no gradient, optimizer "
+    "state or master copy for them",
+)
+_ACTIVATIONS = (
+    "activations: Korthikanti et al. 2022, per layer s*b*h*(34 + 5*a*s/h) bytes (16-bit "
+    "activations, no recomputation, no flash attention); x2 for fp32; embeddings/logits "
+    "excluded; LoRA adds b*s*r per adapted matrix (lora_dropout = 0)"
+)
+_ADAPTER_FILE = (
+    "adapter file: safetensors in PEFT key layout (base_model.model.<module>.lora_A/B.weight), header included"
+)
+
+
 def estimate(
     arch: ArchSpec | str | Path,
     method: str = "lora",
@@ -254,35 +273,22 @@ def estimate(
     seq: int | None = None,
     precision: str = "bf16-mixed",
 ) -> Estimate:
-    """Trainable parameters, file sizes and Adam training memory for LoRA (or full fine-tuning)."""
+    """Trainable parameters, file sizes and Adam training memory for LoRA (or full fine-tuning).
+
+    Args:
+        arch: an ArchSpec, a preset name, or a ``config.json`` file or the folder holding one.
+        method: ``"lora"`` or ``"full"``.
+        targets: the adapted matrix kinds (LoRA).
+        r: the rank, one for all targets or one per target.
+        batch, seq: a training batch's shape, for an activation estimate (both or neither).
+        precision: one of ``PRECISIONS``.
+    """
     spec = load_arch(arch)
-    if method not in ("lora", "full"):
-        raise ValueError(f"method must be 'lora' or 'full', got {method!r}")
-    if (batch is None) != (seq is None):
-        raise ValueError("give both batch and seq for an activation estimate, or neither")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    _check_estimate_args(method, batch, seq, precision)
     total = total_params(spec)
-    assumptions = [
-        "sizes in SI units (1 MB = 1e6 bytes, 1 GB = 1e9 bytes)",
-        "total parameters: backbone + LM head if untied (causal LMs); BERT-family with pooler; no task head",
-        "optimizer Adam/AdamW: two fp32 moments (8 bytes) per trainable parameter",
-        "fp32: 4-byte weights and gradients; bf16-mixed: 2-byte weights and gradients + fp32 master "
-        "copy of trainable parameters (16 bytes per trainable parameter, as in ZeRO)",
-        "LoRA: frozen base weights stored once in the training precision; no gradient, optimizer "
-        "state or master copy for them",
-    ]
-    if batch is not None and seq is not None:
-        assumptions.append(
-            "activations: Korthikanti et al. 2022, per layer s*b*h*(34 + 5*a*s/h) bytes (16-bit "
-            "activations, no recomputation, no flash attention); x2 for fp32; embeddings/logits "
-            "excluded; LoRA adds b*s*r per adapted matrix (lora_dropout = 0)"
-        )
+    assumptions = list(_ASSUMPTIONS) + ([_ACTIVATIONS] if batch is not None else [])
     if method == "full":
-        tg: tuple[str, ...] = ()
-        ranks: dict[str, int] = {}
-        mats: list[MatrixCount] = []
-        trainable = total
+        tg, ranks, mats, trainable = (), {}, [], total
         adapter_bytes: dict[str, int] = {}
         adapter_file: dict[str, int] = {}
     else:
@@ -293,31 +299,26 @@ def estimate(
         adapter_bytes = {dt: trainable * nb for dt, nb in DTYPE_BYTES.items()}
         shapes = peft_tensor_shapes(spec, mats)
         adapter_file = {dt: safetensors_file_bytes(shapes, dt, {"format": "pt"}) for dt in DTYPE_BYTES}
-        assumptions.append(
-            "adapter file: safetensors in PEFT key layout (base_model.model.<module>.lora_A/B.weight), "
-            "header included"
-        )
+        assumptions.append(_ADAPTER_FILE)
     memory = {"full": memory_estimate(spec, "full", total, total, precision, batch, seq)}
     if method == "lora":
         rank_sum = sum(m.rank * m.count for m in mats)
         memory["lora"] = memory_estimate(spec, "lora", total, trainable, precision, batch, seq, rank_sum)
     return Estimate(
-        arch=spec,
-        method=method,
-        targets=tg,
-        ranks=ranks,
-        total_params=total,
-        trainable_params=trainable,
-        matrices=mats,
-        adapter_bytes=adapter_bytes,
-        adapter_file_bytes=adapter_file,
-        checkpoint_bytes={dt: total * nb for dt, nb in DTYPE_BYTES.items()},
-        memory=memory,
-        precision=precision,
-        batch=batch,
-        seq=seq,
-        assumptions=assumptions,
+        arch=spec, method=method, targets=tuple(tg), ranks=ranks, total_params=total, trainable_params=trainable,
+        matrices=mats, adapter_bytes=adapter_bytes, adapter_file_bytes=adapter_file,
+        checkpoint_bytes={dt: total * nb for dt, nb in DTYPE_BYTES.items()}, memory=memory,
+        precision=precision, batch=batch, seq=seq, assumptions=assumptions,
     )
+
+
+def _check_estimate_args(method: str, batch: int | None, seq: int | None, precision: str) -> None:
+    if method not in ("lora", "full"):
+        raise ValueError(f"method must be 'lora' or 'full', got {method!r}")
+    if (batch is None) != (seq is None):
+        raise ValueError("give both batch and seq for an activation estimate, or neither")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
 def human_count(n: float) -> str:
@@ -336,54 +337,56 @@ def human_bytes(n: float) -> str:
 
 
 def format_estimate(est: Estimate) -> str:
-    """The human-readable table ``lorakit estimate`` prints."""
+    """The human-readable table ``lorakit estimate`` prints.
+
+    Args:
+        est: what ``estimate`` returned.
+    """
     a = est.arch
     lines = [
         f"model      {a.name}  ({a.family}, {a.layers} layers, d={a.hidden}, {a.heads} heads"
         + (f", {a.n_kv_heads} kv heads" if a.n_kv_heads != a.heads else "")
         + f", ffn {a.intermediate}, vocab {a.vocab})",
         f"total      {est.total_params:,} params ({human_count(est.total_params)})",
+        *_method_lines(est),
     ]
-    if est.method == "lora":
-        rk = ", ".join(f"{t}={r}" for t, r in est.ranks.items())
-        lines.append(f"method     LoRA on {','.join(est.targets)} (r: {rk})")
-        lines.append(
-            f"trainable  {est.trainable_params:,} ({human_count(est.trainable_params)}), "
-            f"{100 * est.trainable_ratio:.4g}% of the model, 1/{est.total_params / est.trainable_params:,.0f}"
-        )
-        for m in est.matrices:
-            lines.append(
-                f"  {m.count} x {m.module:<24} {m.d_in:>6} -> {m.d_out:<6} r={m.rank:<4} {m.params:>14,}"
-            )
-        sizes = " | ".join(
-            f"{dt} {human_bytes(est.adapter_file_bytes[dt])}" for dt in ("fp32", "fp16", "bf16")
-        )
-        lines.append(f"adapter    {sizes}  (safetensors incl. header)")
-    else:
-        lines.append("method     full fine-tuning")
-        lines.append(f"trainable  {est.trainable_params:,} (100%)")
     ck = " | ".join(f"{dt} {human_bytes(est.checkpoint_bytes[dt])}" for dt in ("fp32", "fp16", "bf16"))
     lines.append(f"checkpoint {ck}  (full model)")
-    cols = list(est.memory)
-    lines.append("")
-    lines.append(
-        f"training memory, Adam, {est.precision}"
-        + (f", batch {est.batch} x seq {est.seq}" if est.batch else "")
-    )
-    lines.append("  " + " " * 18 + "".join(f"{('full FT' if c == 'full' else 'LoRA'):>14}" for c in cols))
-    rows = [
-        ("weights", "weights"),
-        ("gradients", "gradients"),
-        ("optimizer (m, v)", "optimizer"),
-        ("fp32 master", "master_weights"),
+    lines += ["", *_memory_lines(est), "", "assumptions:"]
+    lines.extend(f"  - {s}" for s in est.assumptions)
+    return "\n".join(lines)
+
+
+def _method_lines(est: Estimate) -> list[str]:
+    """The method, trainable parameters, adapted matrices and adapter file sizes."""
+    if est.method != "lora":
+        return ["method     full fine-tuning", f"trainable  {est.trainable_params:,} (100%)"]
+    rk = ", ".join(f"{t}={r}" for t, r in est.ranks.items())
+    lines = [
+        f"method     LoRA on {','.join(est.targets)} (r: {rk})",
+        f"trainable  {est.trainable_params:,} ({human_count(est.trainable_params)}), "
+        f"{100 * est.trainable_ratio:.4g}% of the model, 1/{est.total_params / est.trainable_params:,.0f}",
     ]
+    for m in est.matrices:
+        lines.append(f"  {m.count} x {m.module:<24} {m.d_in:>6} -> {m.d_out:<6} r={m.rank:<4} {m.params:>14,}")
+    sizes = " | ".join(f"{dt} {human_bytes(est.adapter_file_bytes[dt])}" for dt in ("fp32", "fp16", "bf16"))
+    lines.append(f"adapter    {sizes}  (safetensors incl. header)")
+    return lines
+
+
+def _memory_lines(est: Estimate) -> list[str]:
+    """The training-memory table: one column per method (full fine-tuning, and LoRA when estimated)."""
+    cols = list(est.memory)
+    lines = [
+        f"training memory, Adam, {est.precision}" + (f", batch {est.batch} x seq {est.seq}" if est.batch else ""),
+        "  " + " " * 18 + "".join(f"{('full FT' if c == 'full' else 'LoRA'):>14}" for c in cols),
+    ]
+    rows = [("weights", "weights"), ("gradients", "gradients"), ("optimizer (m, v)", "optimizer"),
+            ("fp32 master", "master_weights")]
     if est.batch is not None:
         rows.append(("activations", "activations"))
     for label, attr in rows:
         vals = "".join(f"{human_bytes(getattr(est.memory[c], attr) or 0):>14}" for c in cols)
         lines.append(f"  {label:<18}{vals}")
     lines.append(f"  {'total':<18}" + "".join(f"{human_bytes(est.memory[c].total):>14}" for c in cols))
-    lines.append("")
-    lines.append("assumptions:")
-    lines.extend(f"  - {s}" for s in est.assumptions)
-    return "\n".join(lines)
+    return lines

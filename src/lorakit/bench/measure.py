@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lorakit.bench.build import (
     apply_method,
@@ -197,42 +197,20 @@ def run_infer(case: Case, measure: Measure) -> dict[str, Any]:
 
 
 def run_mixed(case: Case, measure: Measure) -> dict[str, Any]:
-    """n adapters, each row of the batch on adapter i % n; vs all rows on one adapter; vs the plain model."""
-    from lorakit import route_rows, set_adapter
+    """n adapters, each row of the batch on adapter i % n; vs all rows on one adapter; vs the plain model.
 
+    Args:
+        case: the bench case (model, method, adapters, batch shape, repeats).
+        measure: the resource probe around the timed block.
+    """
     base, _ = build_model(case.model, _base_dtype(case.precision))
     base = base.to(case.device).eval()
-    model = shared_copy(base)
     names = [f"a{i}" for i in range(case.n_adapters)]
-    for name in names:
-        model = apply_method(model, case.method, case.r, case.targets, name)
-    model.eval()
-    randomize_adapters(model)
-    if case.method == "peft":
-        model.set_adapter(names[0])
-    else:
-        set_adapter(model, names[0])
+    model = _with_adapters(shared_copy(base), case, names)
     rows = [names[i % len(names)] for i in range(case.batch)]
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, base.config.vocab_size, (case.batch, case.seq), generator=gen).to(case.device)
-    mask = torch.ones_like(ids)
-
-    def run(m: nn.Module, **kw: Any) -> Callable[[], Any]:
-        def go() -> Any:
-            with torch.inference_mode(), autocast_ctx(case.precision, case.device):
-                return m(input_ids=ids, attention_mask=mask, use_cache=False, **kw).logits
-
-        return go
-
-    def mixed_lorakit() -> Any:
-        with route_rows(model, rows):
-            return run(model)()
-
-    fns = {
-        "mixed": run(model, adapter_names=rows) if case.method == "peft" else mixed_lorakit,
-        "single": run(model),
-        "base": run(base),
-    }
+    fns = _mixed_calls(case, model, base, ids, rows)
     with measure.block():
         times = time_alternating(fns, case.warmup, case.repeats, case.device)
     stats = {
@@ -246,6 +224,46 @@ def run_mixed(case: Case, measure: Measure) -> dict[str, Any]:
         "base": summary(times["base"]),
         **{k: v["paired"] for k, v in stats.items()},
         "ratio_stats": stats,
+    }
+
+
+def _with_adapters(model: nn.Module, case: Case, names: list[str]) -> nn.Module:
+    """``model`` with one random adapter per name (``case.method``'s kind), the first active, in eval mode."""
+    from lorakit import set_adapter
+
+    for name in names:
+        model = apply_method(model, case.method, case.r, case.targets, name)
+    model.eval()
+    randomize_adapters(model)
+    if case.method == "peft":
+        model.set_adapter(names[0])
+    else:
+        set_adapter(model, names[0])
+    return model
+
+
+def _mixed_calls(case: Case, model: nn.Module, base: nn.Module, ids: Tensor,
+                 rows: list[str]) -> dict[str, Callable[[], Any]]:
+    """The three timed forwards: rows routed to their adapters, all rows on the active one, the plain base."""
+    from lorakit import route_rows
+
+    mask = torch.ones_like(ids)
+
+    def run(m: nn.Module, **kw: Any) -> Callable[[], Any]:
+        def go() -> Any:
+            with torch.inference_mode(), autocast_ctx(case.precision, case.device):
+                return m(input_ids=ids, attention_mask=mask, use_cache=False, **kw).logits
+
+        return go
+
+    def mixed_lorakit() -> Any:
+        with route_rows(model, rows):
+            return run(model)()
+
+    return {
+        "mixed": run(model, adapter_names=rows) if case.method == "peft" else mixed_lorakit,
+        "single": run(model),
+        "base": run(base),
     }
 
 

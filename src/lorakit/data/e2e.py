@@ -118,20 +118,35 @@ def e2e_splits(
 ) -> dict[str, list[E2EItem]]:
     """Return ``{"train", "valid", "test"}`` item lists: train on train, select on valid, report test.
 
-    Each role is served by its ``*_file`` argument (absolute, or relative to ``data_dir``) or else
-    by ``data_dir/<role>.txt`` when that exists. Missing roles are carved, MR-disjointly and
-    deterministically (by a hash of ``(seed, MR)``), out of the largest file present that is not the test
-    file, with sizes in proportion to ``fractions`` (train, valid, test); a ``UserWarning`` says so. With
-    only ``valid.txt`` present this gives an 80/10/10 split of its MRs; with ``valid.txt`` and ``test.txt``
-    the train split is carved from ``valid.txt`` and ``test.txt`` is used as is. A test file alone is
-    refused: its MRs may never become training data.
+    Missing roles are carved, MR-disjointly and deterministically (by a hash of ``(seed, MR)``), out of the
+    largest file present that is not the test file, with a ``UserWarning``. With only ``valid.txt`` present
+    this gives an 80/10/10 split of its MRs; with ``valid.txt`` and ``test.txt`` the train split is carved
+    from ``valid.txt`` and ``test.txt`` is used as is. A test file alone is refused: its MRs may never
+    become training data.
+
+    Args:
+        data_dir: where ``<role>.txt`` files are looked for.
+        seed: the carving's seed.
+        train_file, valid_file, test_file: a role's file (absolute, or relative to ``data_dir``), used
+            instead of ``data_dir/<role>.txt``.
+        fractions: the carved sizes' proportions (train, valid, test).
     """
     data_dir = Path(data_dir)
     if len(fractions) != 3 or any(f <= 0 for f in fractions):
         raise DataError(f"fractions must be three positive numbers (train, valid, test), got {fractions}")
-    frac = dict(zip(E2E_ROLES, (float(f) for f in fractions)))
-    overrides = dict(zip(E2E_ROLES, (train_file, valid_file, test_file)))
+    files = _role_files(data_dir, dict(zip(E2E_ROLES, (train_file, valid_file, test_file))))
+    loaded = {role: load_e2e(p) for role, p in files.items()}
+    splits: dict[str, list[E2EItem]] = dict(loaded)
+    missing = [r for r in E2E_ROLES if r not in files]
+    if missing:
+        frac = dict(zip(E2E_ROLES, map(float, fractions)))
+        splits.update(_carve_missing(loaded, files, missing, frac, seed, data_dir))
+    _warn_shared_mrs(splits)
+    return {r: splits[r] for r in E2E_ROLES}
 
+
+def _role_files(data_dir: Path, overrides: dict[str, str | Path | None]) -> dict[str, Path]:
+    """Each role's file: its override (which must exist) or ``data_dir/<role>.txt`` when present."""
     files: dict[str, Path] = {}
     for role, given in overrides.items():
         if given is not None:
@@ -146,29 +161,32 @@ def e2e_splits(
         raise DataError(
             f"no E2E data in {data_dir}: expected train.txt / valid.txt / test.txt or explicit *_file paths"
         )
+    return files
 
-    loaded = {role: load_e2e(p) for role, p in files.items()}
-    splits: dict[str, list[E2EItem]] = dict(loaded)
-    missing = [r for r in E2E_ROLES if r not in files]
-    if missing:
-        source = _carve_source(loaded, files, missing)
-        targets = [r for r in E2E_ROLES if r == source or r in missing]
-        carved = _carve(loaded[source], targets, frac, seed)
-        empty = [r for r, v in carved.items() if not v]
-        if empty:
-            raise DataError(
-                f"{files[source]} has only {len(loaded[source])} MRs: "
-                f"too few to carve non-empty {empty} splits"
-            )
-        splits.update(carved)
-        sizes = ", ".join(f"{r}={len(carved[r])}" for r in targets)
-        warnings.warn(
-            f"E2E: no file for {missing} in {data_dir}; split {files[source]} by MR (seed={seed}) into "
-            f"{sizes} MRs. These are not the official E2E splits.",
-            UserWarning,
-            stacklevel=2,
+
+def _carve_missing(loaded: dict[str, list[E2EItem]], files: dict[str, Path], missing: list[str],
+                   frac: dict[str, float], seed: int, data_dir: Path) -> dict[str, list[E2EItem]]:
+    """The missing roles (and the source's own), carved by MR out of the largest non-test file, with a warning."""
+    source = _carve_source(loaded, files, missing)
+    targets = [r for r in E2E_ROLES if r == source or r in missing]
+    carved = _carve(loaded[source], targets, frac, seed)
+    empty = [r for r, v in carved.items() if not v]
+    if empty:
+        raise DataError(
+            f"{files[source]} has only {len(loaded[source])} MRs: too few to carve non-empty {empty} splits"
         )
+    sizes = ", ".join(f"{r}={len(carved[r])}" for r in targets)
+    warnings.warn(
+        f"E2E: no file for {missing} in {data_dir}; split {files[source]} by MR (seed={seed}) into "
+        f"{sizes} MRs. These are not the official E2E splits.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return carved
 
+
+def _warn_shared_mrs(splits: dict[str, list[E2EItem]]) -> None:
+    """Warn (once per split) when an MR of one split also occurs in another: its scores are optimistic."""
     seen: dict[str, str] = {}
     for role in E2E_ROLES:
         for it in splits[role]:
@@ -177,8 +195,7 @@ def e2e_splits(
                     f"E2E: MR {it.mr!r} occurs in both the {seen[it.mr]} and {role} splits; "
                     "scores on that split are optimistic",
                     UserWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
                 break
             seen.setdefault(it.mr, role)
-    return {r: splits[r] for r in E2E_ROLES}

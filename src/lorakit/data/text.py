@@ -205,19 +205,49 @@ def load_text_classification(
     ``label_names``; when ``label_names`` is None they are inferred (sorted, numerically when all
     labels are integers). Returns ``(examples, label_names)`` with ``Example.label`` the index into
     ``label_names``.
+
+    Args:
+        path: the file; its suffix picks the format.
+        text_column: the column (or JSON key) holding the text.
+        text_pair_column: a second text column, for pair tasks.
+        label_column: the column holding the label.
+        label_names: the labels in index order (default: inferred from the file).
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    wanted = [c for c in (text_column, text_pair_column, label_column) if c is not None]
-    if suffix == ".csv":
-        records = _records_from_table(path, ",", wanted)
-    elif suffix == ".tsv":
-        records = _records_from_table(path, "\t", wanted)
-    elif suffix in (".jsonl", ".ndjson"):
-        records = _records_from_jsonl(path)
+    columns = (text_column, text_pair_column, label_column)
+    raw = _labelled_rows(path, _classification_records(path, [c for c in columns if c is not None]), columns)
+    if label_names is None:
+        names = _sort_label_names([r[3] for r in raw])
     else:
-        raise DataError(f"{path}: unsupported file type {suffix!r} (use .csv, .tsv or .jsonl)")
+        names = [str(n) for n in label_names]
+        if len(set(names)) != len(names):
+            raise DataError(f"label_names contains duplicates: {names}")
+    index = {n: i for i, n in enumerate(names)}
+    examples = []
+    for lineno, text, pair, label in raw:
+        if label not in index:
+            raise DataError(f"{path}, line {lineno}: label {label!r} is not one of {names}")
+        examples.append(Example(text=text, text_pair=pair, label=index[label]))
+    return examples, names
 
+
+def _classification_records(path: Path, wanted: list[str]) -> Iterator[tuple[int, dict[str, object]]]:
+    """(line, record) pairs of a ``.csv``, ``.tsv`` or ``.jsonl`` file; tables must have the ``wanted`` columns."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _records_from_table(path, ",", wanted)
+    if suffix == ".tsv":
+        return _records_from_table(path, "\t", wanted)
+    if suffix in (".jsonl", ".ndjson"):
+        return _records_from_jsonl(path)
+    raise DataError(f"{path}: unsupported file type {suffix!r} (use .csv, .tsv or .jsonl)")
+
+
+def _labelled_rows(path: Path, records: Iterator[tuple[int, dict[str, object]]],
+                   columns: tuple[str, str | None, str]) -> list[tuple[int, str, str | None, str]]:
+    """(line, text, pair, label as text) of each record, checked: texts are text, labels present and of one kind."""
+    text_column, text_pair_column, label_column = columns
+    wanted = [c for c in columns if c is not None]
     raw: list[tuple[int, str, str | None, str]] = []
     kinds: dict[str, tuple[int, object]] = {}  # label kind -> its first (line, label)
     for lineno, rec in records:
@@ -241,17 +271,4 @@ def load_text_classification(
         raw.append((lineno, text, pair, _label_to_str(label)))  # type: ignore[arg-type]
     if not raw:
         raise DataError(f"{path}: no examples (the file has no data rows)")
-
-    if label_names is None:
-        names = _sort_label_names([r[3] for r in raw])
-    else:
-        names = [str(n) for n in label_names]
-        if len(set(names)) != len(names):
-            raise DataError(f"label_names contains duplicates: {names}")
-    index = {n: i for i, n in enumerate(names)}
-    examples = []
-    for lineno, text, pair, label in raw:
-        if label not in index:
-            raise DataError(f"{path}, line {lineno}: label {label!r} is not one of {names}")
-        examples.append(Example(text=text, text_pair=pair, label=index[label]))
-    return examples, names
+    return raw

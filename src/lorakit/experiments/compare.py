@@ -137,9 +137,17 @@ def run_compare(
     overwrite: bool = False,
     log: Callable[[str], None] = lambda message: None,
 ) -> list[dict[str, Any]]:
-    """Run (or skip, or resume) every method x seed; one record per run, also saved as compare.json."""
+    """Run (or skip, or resume) every method x seed; one record per run, also saved as compare.json.
+
+    Args:
+        specs: the methods to compare.
+        seeds: each method runs once per seed.
+        base: the training settings every run shares.
+        out: the comparison's folder (one run folder per method and seed below it).
+        overwrite: retrain runs that finished or hold other settings.
+        log: receives a progress line per run.
+    """
     out = Path(out)
-    fields = train_fields()
     known = known_methods()
     unknown = sorted({s.method for s in specs if s.method not in known})
     if unknown:
@@ -147,44 +155,57 @@ def run_compare(
     if len({s.dirname for s in specs}) != len(specs):
         raise ConfigError("two method specs map to the same run directory; make them differ")
     # Every config is built (and validated) before the first run starts: a typo fails now, not hours in.
+    fields = train_fields()
     plan = [(spec, seed, out / spec.dirname / f"seed-{seed}") for spec in specs for seed in seeds]
     configs = [_run_config(spec, seed, base, run_dir, fields) for spec, seed, run_dir in plan]
-    for (_, _, run_dir), config in zip(plan, configs):
-        saved = run_dir / TRAIN_CONFIG
-        if not overwrite and saved.is_file():
-            changed = _same_settings(json.loads(saved.read_text()), config)
-            if changed:
-                state = "finished" if (run_dir / RESULTS).is_file() else "unfinished"
-                raise ConfigError(
-                    f"{run_dir} holds a {state} run with other settings ({', '.join(changed)}); "
-                    "pass --overwrite or choose another --out"
-                )
-    records = []
-    for (spec, seed, run_dir), config in zip(plan, configs):
-        record: dict[str, Any] = {
-            "label": spec.label, "method": spec.method, "seed": seed, "model": config.get("model"),
-            "task": config.get("task"), "dir": str(run_dir),
-        }
-        done = run_dir / RESULTS
-        try:
-            if done.is_file() and not overwrite:
-                record["status"] = "skipped"
-                metrics = json.loads(done.read_text())
-                log(f"compare: {spec.label} seed {seed}: already done, skipped")
-            else:
-                resume = (run_dir / TRAIN_CONFIG).is_file() and not overwrite
-                log(f"compare: {spec.label} seed {seed}: {'resuming' if resume else 'training'} in {run_dir}")
-                metrics = run_training(config, resume=resume, overwrite=overwrite)
-                record["status"] = "resumed" if resume else "trained"
-            record["metrics"] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-            record["trainable"] = trainable_count(run_dir)
-        except LorakitError as exc:  # one method failing (BitFit on a bias-free model) must not stop the rest
-            record.update(status="failed", error=str(exc))
-            log(f"compare: {spec.label} seed {seed}: FAILED: {exc}")
-        records.append(record)
+    if not overwrite:
+        for (_, _, run_dir), config in zip(plan, configs):
+            _refuse_other_settings(run_dir, config)
+    records = [_run_one(spec, seed, run_dir, config, overwrite, log)
+               for (spec, seed, run_dir), config in zip(plan, configs)]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / RUNS, json.dumps(records, indent=2))
     return records
+
+
+def _refuse_other_settings(run_dir: Path, config: dict[str, Any]) -> None:
+    """Refuse to reuse a run folder whose saved settings differ from ``config``."""
+    saved = run_dir / TRAIN_CONFIG
+    if not saved.is_file():
+        return
+    changed = _same_settings(json.loads(saved.read_text()), config)
+    if changed:
+        state = "finished" if (run_dir / RESULTS).is_file() else "unfinished"
+        raise ConfigError(
+            f"{run_dir} holds a {state} run with other settings ({', '.join(changed)}); "
+            "pass --overwrite or choose another --out"
+        )
+
+
+def _run_one(spec: MethodSpec, seed: int, run_dir: Path, config: dict[str, Any], overwrite: bool,
+             log: Callable[[str], None]) -> dict[str, Any]:
+    """Train (resume, or skip when finished) one method x seed; its record, ``failed`` with the error if it fails."""
+    record: dict[str, Any] = {
+        "label": spec.label, "method": spec.method, "seed": seed, "model": config.get("model"),
+        "task": config.get("task"), "dir": str(run_dir),
+    }
+    done = run_dir / RESULTS
+    try:
+        if done.is_file() and not overwrite:
+            record["status"] = "skipped"
+            metrics = json.loads(done.read_text())
+            log(f"compare: {spec.label} seed {seed}: already done, skipped")
+        else:
+            resume = (run_dir / TRAIN_CONFIG).is_file() and not overwrite
+            log(f"compare: {spec.label} seed {seed}: {'resuming' if resume else 'training'} in {run_dir}")
+            metrics = run_training(config, resume=resume, overwrite=overwrite)
+            record["status"] = "resumed" if resume else "trained"
+        record["metrics"] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        record["trainable"] = trainable_count(run_dir)
+    except LorakitError as exc:  # one method failing (BitFit on a bias-free model) must not stop the rest
+        record.update(status="failed", error=str(exc))
+        log(f"compare: {spec.label} seed {seed}: FAILED: {exc}")
+    return record
 
 
 # -- the table and the plot -----------------------------------------------------------------------------

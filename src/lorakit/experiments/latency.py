@@ -135,7 +135,20 @@ def run_latency(
     full_logits: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Measure every variant on every shape; returns a JSON-able report (see ``format_table``)."""
+    """Measure every variant on every shape; returns a JSON-able report (see ``format_table``).
+
+    Args:
+        model_name: the built-in base model.
+        variants: the methods measured beside the base model (always measured first).
+        batch_sizes, seq_lens: the input shapes, every combination.
+        repeats, warmup: timed and untimed forward passes of each variant per shape.
+        r, targets: LoRA's rank and target matrices.
+        bottleneck: the Adapter baseline's width.
+        prefix: the prefix-tuning baselines' virtual tokens.
+        device: where the models run.
+        full_logits: compute every position's logits (default: the last one's).
+        log: receives a progress line per shape.
+    """
     variants = ("base", *[v for v in variants if v != "base"])  # the reference, measured first
     if repeats < 1 or warmup < 0:
         raise ConfigError("repeats must be >= 1 and warmup >= 0")
@@ -143,7 +156,6 @@ def run_latency(
     base = load_base(model_name, device)
     settings = {"r": r, "targets": targets, "bottleneck": bottleneck, "prefix": prefix}
     models = {v: build_variant(base, v, **settings) for v in variants}
-    added = {v: sum(p.numel() for p in m.parameters() if p.requires_grad) for v, m in models.items()}
     rows = []
     for batch in batch_sizes:
         for seq in seq_lens:
@@ -151,11 +163,7 @@ def run_latency(
                 log(f"latency: batch {batch}, seq {seq} ...")
             times = measure(models, batch, seq, warmup=warmup, repeats=repeats, device=device,
                             full_logits=full_logits)
-            base_ms = statistics.median(times["base"])
-            for v in variants:
-                ms = statistics.median(times[v])
-                rows.append({"variant": v, "batch": batch, "seq": seq, "ms": ms,
-                             "pct_over_base": 100.0 * (ms / base_ms - 1.0), "all_ms": times[v]})
+            rows += _shape_rows(times, batch, seq)
     return {
         "model": model_name,
         "device": device,
@@ -164,12 +172,23 @@ def run_latency(
         "warmup": warmup,
         "full_logits": full_logits,
         "settings": {"lora_r": r, "lora_targets": targets, "bottleneck": bottleneck, "prefix_length": prefix},
-        "trainable_params": added,
+        "trainable_params": {v: sum(p.numel() for p in m.parameters() if p.requires_grad) for v, m in models.items()},
         "load_average_before": load_before,
         "load_average_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "variants": list(variants),
         "rows": rows,
     }
+
+
+def _shape_rows(times: dict[str, list[float]], batch: int, seq: int) -> list[dict[str, Any]]:
+    """One row per variant of one shape: its median ms and its overhead over the base model's median."""
+    base_ms = statistics.median(times["base"])
+    rows = []
+    for variant, all_ms in times.items():
+        ms = statistics.median(all_ms)
+        rows.append({"variant": variant, "batch": batch, "seq": seq, "ms": ms,
+                     "pct_over_base": 100.0 * (ms / base_ms - 1.0), "all_ms": all_ms})
+    return rows
 
 
 def format_table(report: dict[str, Any], stat: str = "median") -> str:

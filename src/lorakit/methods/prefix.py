@@ -299,26 +299,33 @@ def _insert_virtual(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tu
         if "input_ids" in kwargs or len(args) > 1:
             raise ConfigError("prefix_embed: pass inputs by keyword (input_ids=..., attention_mask=...)")
         kwargs = {**kwargs, "input_ids": args[0]}
-        args = ()
-    ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
-    ref = ids if ids is not None else embeds
+    ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
     if ref is None:
-        return args, kwargs
+        return (), kwargs
     mask = kwargs.get("attention_mask")
     if mask is not None and mask.dim() != 2:
         raise ConfigError("prefix_embed needs a 2-D attention_mask (batch, tokens)")
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-    if past > 0:
-        # Decode step: the virtual tokens are in the cache already; the mask and positions must count them.
-        if mask is not None:
-            # Any place inside the real span will do: the mask is all ones there.
-            t = torch.arange(mask.shape[1], device=mask.device)[None]
-            dest = t + pe.count * (t >= _first_true(mask.bool())[:, None])
-            kwargs["attention_mask"] = _spread(mask, dest, mask.shape[1] + pe.count, 1)
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"] + pe.count
-        return args, kwargs
+    if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+        return (), _count_cached_virtual(pe, kwargs, mask)
+    return (), _widen_inputs(pe, kwargs, ref, mask, infix_at)
+
+
+def _count_cached_virtual(pe: PrefixEmbedding, kwargs: dict[str, Any], mask: Tensor | None) -> dict[str, Any]:
+    """A decode step: the virtual tokens are in the cache already; the mask and positions must count them."""
+    if mask is not None:
+        # Any place inside the real span will do: the mask is all ones there.
+        t = torch.arange(mask.shape[1], device=mask.device)[None]
+        dest = t + pe.count * (t >= _first_true(mask.bool())[:, None])
+        kwargs["attention_mask"] = _spread(mask, dest, mask.shape[1] + pe.count, 1)
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = kwargs["position_ids"] + pe.count
+    return kwargs
+
+
+def _widen_inputs(pe: PrefixEmbedding, kwargs: dict[str, Any], ref: Tensor, mask: Tensor | None,
+                  infix_at: Any) -> dict[str, Any]:
+    """A full pass: the ids (or embeddings) gain the virtual tokens, and every per-token input with them."""
     batch, t_len = ref.shape[:2]
     n_new = t_len + pe.count
     if pe.max_positions is not None and n_new > pe.max_positions:
@@ -328,12 +335,12 @@ def _insert_virtual(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tu
     labels = kwargs.get("labels")
     dest, slots, out_index = _plan(pe, real, labels, infix_at)
     pe.slots, pe.out_index = slots, out_index
-    if ids is not None:
-        kwargs["input_ids"] = _spread(ids, dest, n_new, pe.placeholder_id)
+    if kwargs.get("input_ids") is not None:
+        kwargs["input_ids"] = _spread(kwargs["input_ids"], dest, n_new, pe.placeholder_id)
     else:
-        virtual = slots >= 0
+        embeds = kwargs["inputs_embeds"]
         table = pe.table.to(embeds.dtype)[slots.clamp(min=0)]
-        kwargs["inputs_embeds"] = torch.where(virtual[..., None], table, _spread(embeds, dest, n_new, 0))
+        kwargs["inputs_embeds"] = torch.where((slots >= 0)[..., None], table, _spread(embeds, dest, n_new, 0))
         pe.slots = None  # already filled in; the embedding hook must not run on these
     new_mask = _spread(real.to(mask.dtype if mask is not None else torch.long), dest, n_new, 1)
     if mask is not None:
@@ -341,14 +348,19 @@ def _insert_virtual(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tu
     if labels is not None and labels.dim() == 2 and labels.shape == (batch, t_len):
         kwargs["labels"] = _spread(labels, dest, n_new, IGNORE_INDEX)
     if kwargs.get("token_type_ids") is not None:
-        # A virtual token takes the segment of the token to its left (segment 0 at the very start).
-        tt = _spread(kwargs["token_type_ids"].expand(batch, -1), dest, n_new, 0)
-        left = torch.where(slots < 0, torch.arange(n_new, device=tt.device)[None], -1).cummax(dim=1).values
-        kwargs["token_type_ids"] = tt.gather(1, left.clamp(min=0))
+        kwargs["token_type_ids"] = _widened_segments(kwargs["token_type_ids"].expand(batch, -1), dest, slots)
     if kwargs.get("position_ids") is not None:
         # Generation passes positions counted over the mask; recount them over the widened mask.
         kwargs["position_ids"] = (new_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return args, kwargs
+    return kwargs
+
+
+def _widened_segments(token_type_ids: Tensor, dest: Tensor, slots: Tensor) -> Tensor:
+    """A virtual token takes the segment of the token to its left (segment 0 at the very start)."""
+    n_new = slots.shape[1]
+    tt = _spread(token_type_ids, dest, n_new, 0)
+    left = torch.where(slots < 0, torch.arange(n_new, device=tt.device)[None], -1).cummax(dim=1).values
+    return tt.gather(1, left.clamp(min=0))
 
 
 def _fill_virtual(pe: PrefixEmbedding, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
