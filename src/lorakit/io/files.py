@@ -38,6 +38,7 @@ from lorakit.lora.config import LoraConfig
 from lorakit.lora.kinds import adapter_param_names
 from lorakit.lora.layers import WHOLE, LoraLayer, ModuleCopies
 from lorakit.lora.variants import RESIDUAL_INITS
+from lorakit.lora.weights import LoraWeights
 from lorakit.version import __version__
 
 __all__ = [
@@ -80,6 +81,7 @@ def _task_type(model: nn.Module) -> str | None:
 
 
 def _collect(model: nn.Module, name: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Adapter ``name``'s tensors in PEFT's keys (copied to CPU) and its ``adapter_config.json``."""
     config = configs(model)[name]
     tensors: dict[str, Tensor] = {}
     targets: list[str] = []
@@ -91,17 +93,7 @@ def _collect(model: nn.Module, name: str) -> tuple[dict[str, Tensor], dict[str, 
         weights = layer.adapters[name]
         targets.append(layer_name)
         shapes[layer_name] = [layer.out_features, layer.in_features]
-        for key in weights.spans:
-            a, b = weights.A[key], weights.B[key]
-            if weights.residual is not None:
-                # PiSSA/OLoRA → plain LoRA on the original base (PEFT's conversion):
-                # s·B·A − s·B0·A0 = s·[B | −B0]·[A ; A0], rank 2r.
-                a0, b0 = weights.residual[key]
-                a, b = torch.cat([a, a0.to(a.dtype)], 0), torch.cat([b, -b0.to(b.dtype)], 1)
-            tensors[tensor_key(layer_name, layer.kind, key, "A")] = a
-            tensors[tensor_key(layer_name, layer.kind, key, "B")] = b
-        if weights.magnitude is not None:
-            tensors[f"{PREFIX}{layer_name}.lora_magnitude_vector"] = weights.magnitude
+        tensors.update(_layer_tensors(layer_name, layer, weights))
         if weights.slices is not None:
             slices_of[layer_name] = list(weights.slices)
         if config.bias == "lora_only" and layer.bias is not None:
@@ -123,6 +115,23 @@ def _collect(model: nn.Module, name: str) -> tuple[dict[str, Tensor], dict[str, 
     if config.init in RESIDUAL_INITS:
         raw["lorakit"]["converted_from"] = config.init
     return tensors, raw
+
+
+def _layer_tensors(layer_name: str, layer: LoraLayer, weights: LoraWeights) -> dict[str, Tensor]:
+    """One layer's A and B per span (and DoRA's magnitude), keyed as PEFT names them."""
+    tensors: dict[str, Tensor] = {}
+    for key in weights.spans:
+        a, b = weights.A[key], weights.B[key]
+        if weights.residual is not None:
+            # PiSSA/OLoRA → plain LoRA on the original base (PEFT's conversion):
+            # s·B·A − s·B0·A0 = s·[B | −B0]·[A ; A0], rank 2r.
+            a0, b0 = weights.residual[key]
+            a, b = torch.cat([a, a0.to(a.dtype)], 0), torch.cat([b, -b0.to(b.dtype)], 1)
+        tensors[tensor_key(layer_name, layer.kind, key, "A")] = a
+        tensors[tensor_key(layer_name, layer.kind, key, "B")] = b
+    if weights.magnitude is not None:
+        tensors[f"{PREFIX}{layer_name}.lora_magnitude_vector"] = weights.magnitude
+    return tensors
 
 
 def converted_config(config: LoraConfig) -> LoraConfig:

@@ -42,7 +42,7 @@ import subprocess
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lorakit.errors import LorakitError
@@ -142,24 +142,17 @@ def _ngram_counts(tokens: Sequence[str], n: int) -> Counter:
 
 
 def nist(hypotheses: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 5) -> float:
-    """Corpus NIST-5 as ``mteval-v13a-sig.pl`` (e2e-metrics) computes it; see the module docstring."""
+    """Corpus NIST-5 as ``mteval-v13a-sig.pl`` (e2e-metrics) computes it; see the module docstring.
+
+    Args:
+        hypotheses: one generated text per item.
+        references: each item's reference texts.
+        max_n: the longest n-gram counted.
+    """
     hyps, refs = _check_inputs(hypotheses, references)
     hyp_toks = [mteval_tokenize(h) for h in hyps]
     ref_toks = [[mteval_tokenize(r) for r in rs] for rs in refs]
-
-    # Information weight of an n-gram: log2(count(prefix) / count(ngram)) over all references.
-    counts: Counter = Counter()
-    total_ref_words = 0
-    for rs in ref_toks:
-        for r in rs:
-            total_ref_words += len(r)
-            for n in range(1, max_n + 1):
-                counts.update(_ngram_counts(r, n))
-
-    def info(gram: tuple[str, ...]) -> float:
-        prefix_count = counts[gram[:-1]] if len(gram) > 1 else total_ref_words
-        return math.log2(prefix_count / counts[gram])
-
+    info = _information_weights(ref_toks, max_n)
     match_info = [0.0] * (max_n + 1)
     hyp_ngrams = [0] * (max_n + 1)
     ref_words = 0
@@ -174,18 +167,36 @@ def nist(hypotheses: Sequence[str], references: Sequence[Sequence[str]], max_n: 
             for g, c in _ngram_counts(h, n).items():
                 if g in ref_max:
                     match_info[n] += info(g) * min(c, ref_max[g])
-
     score = sum(match_info[n] / max(hyp_ngrams[n], 1) for n in range(1, max_n + 1))
     # mteval's "average reference length": reference words / number of reference sets.
     num_ref_sets = max(len(rs) for rs in refs)
-    ratio = hyp_ngrams[1] / (ref_words / num_ref_sets) if ref_words else 0.0
+    return score * _nist_penalty(hyp_ngrams[1] / (ref_words / num_ref_sets) if ref_words else 0.0)
+
+
+def _information_weights(ref_toks: list[list[list[str]]], max_n: int) -> Callable[[tuple[str, ...]], float]:
+    """An n-gram's information weight, log2(count(prefix) / count(n-gram)) over all references."""
+    counts: Counter = Counter()
+    total_ref_words = 0
+    for rs in ref_toks:
+        for r in rs:
+            total_ref_words += len(r)
+            for n in range(1, max_n + 1):
+                counts.update(_ngram_counts(r, n))
+
+    def info(gram: tuple[str, ...]) -> float:
+        prefix_count = counts[gram[:-1]] if len(gram) > 1 else total_ref_words
+        return math.log2(prefix_count / counts[gram])
+
+    return info
+
+
+def _nist_penalty(ratio: float) -> float:
+    """NIST's brevity penalty for a hypothesis/reference length ratio."""
     if ratio >= 1:
-        penalty = 1.0
-    elif ratio <= 0:
-        penalty = 0.0
-    else:
-        penalty = math.exp(-_NIST_BETA * math.log(ratio) ** 2)
-    return score * penalty
+        return 1.0
+    if ratio <= 0:
+        return 0.0
+    return math.exp(-_NIST_BETA * math.log(ratio) ** 2)
 
 
 # --------------------------------------------------------------------------- COCO tokenization
@@ -403,31 +414,21 @@ def nlg_metrics(
     METEOR/ROUGE_L/CIDEr: ``"ptb"`` (official, java), ``"python"`` (approximation), or ``"auto"``
     (``"ptb"`` when java is available, else ``"python"`` with a warning).
     Raises :class:`MissingJavaError` when METEOR is requested without java.
+
+    Args:
+        hypotheses: one generated text per segment.
+        references: each segment's reference texts.
+        meteor: compute METEOR (needs java, or ``meteor_scorer``).
+        meteor_scorer: a running Meteor process to reuse.
+        tokenizer: ``"ptb"``, ``"python"`` or ``"auto"`` (above).
     """
     hyps, refs = _check_inputs(hypotheses, references)
     if meteor and meteor_scorer is None and not java_available():
         raise MissingJavaError(
             "METEOR needs java on PATH; install a JRE or pass meteor=False to compute the other metrics"
         )
-    if tokenizer == "auto":
-        tokenizer = "ptb" if java_available() else "python"
-        if tokenizer == "python":
-            warnings.warn(
-                "java not found: METEOR/ROUGE_L/CIDEr use an approximate Python PTB tokenization; "
-                "scores may differ slightly from the official e2e-metrics",
-                UserWarning,
-                stacklevel=2,
-            )
-
     scores = {"BLEU": bleu(hyps, refs), "NIST": nist(hyps, refs)}
-
-    flat = coco_tokenize(hyps + [r for rs in refs for r in rs], tokenizer=tokenizer)
-    tok_hyps, rest = flat[: len(hyps)], flat[len(hyps) :]
-    tok_refs, k = [], 0
-    for rs in refs:
-        tok_refs.append(rest[k : k + len(rs)])
-        k += len(rs)
-
+    tok_hyps, tok_refs = _coco_tokenized(hyps, refs, _coco_tokenizer(tokenizer))
     if meteor:
         if meteor_scorer is not None:
             scores["METEOR"] = meteor_scorer.score(tok_hyps, tok_refs)[0]
@@ -437,3 +438,29 @@ def nlg_metrics(
     scores["ROUGE_L"] = rouge_l(tok_hyps, tok_refs)
     scores["CIDEr"] = cider(tok_hyps, tok_refs)
     return {name: scores[name] for name in NLG_METRIC_NAMES if name in scores}
+
+
+def _coco_tokenizer(tokenizer: str) -> str:
+    """``"auto"`` resolved: the official PTB tokenizer when java is available, else the Python one (warned)."""
+    if tokenizer != "auto":
+        return tokenizer
+    if java_available():
+        return "ptb"
+    warnings.warn(
+        "java not found: METEOR/ROUGE_L/CIDEr use an approximate Python PTB tokenization; "
+        "scores may differ slightly from the official e2e-metrics",
+        UserWarning,
+        stacklevel=3,
+    )
+    return "python"
+
+
+def _coco_tokenized(hyps: list[str], refs: list[list[str]], tokenizer: str) -> tuple[list[str], list[list[str]]]:
+    """Hypotheses and references tokenized in one call (one java process for the PTB tokenizer)."""
+    flat = coco_tokenize(hyps + [r for rs in refs for r in rs], tokenizer=tokenizer)
+    tok_hyps, rest = flat[: len(hyps)], flat[len(hyps) :]
+    tok_refs, k = [], 0
+    for rs in refs:
+        tok_refs.append(rest[k : k + len(rs)])
+        k += len(rs)
+    return tok_hyps, tok_refs
