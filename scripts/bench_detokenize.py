@@ -25,14 +25,16 @@ def _ids(tokenizer, path: Path, length: int) -> list[int]:
 def _step_ms(tokenizer, ids: list[int], rows: int, incremental: bool) -> float:
     """Milliseconds the last ``min(64, len)`` tokens took per step, for ``rows`` identical rows."""
     decode = lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True)  # noqa: E731
-    streams = [TextStream(decode) for _ in range(rows)]
+    grown: list[int] = []
+    streams = [TextStream(decode, grown) for _ in range(rows)]
     timed = min(64, len(ids))
     start = 0.0
     for n, token in enumerate(ids, 1):
         if n == len(ids) - timed + 1:
             start = time.perf_counter()
+        grown.append(token)
         for stream in streams:
-            text = stream(token) if incremental else decode(ids[:n])
+            text = stream.text() if incremental else decode(ids[:n])
     assert text == decode(ids)
     return (time.perf_counter() - start) / timed * 1e3
 

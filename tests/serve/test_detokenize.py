@@ -12,6 +12,15 @@ from lorakit.serve.detokenize import TextStream
 MIXED_TEXT = "Caf\u00e9 na\u00efve \u00fcber \u4e16\u754c \U0001f642\U0001f680 -- tokens, numbers 12345 and  spaces.\n"
 
 
+def _texts(stream: TextStream, ids: list[int]) -> list[str]:
+    """The stream's text after each id is appended to the list it reads."""
+    texts = []
+    for token in ids:
+        stream.tokens.append(token)
+        texts.append(stream.text())
+    return texts
+
+
 def _streams(tokenizer, ids: list[int]) -> tuple[list[str], list[str], int]:
     """(each step's streamed text, each step's full decode, the longest id list the stream decoded)."""
     calls: list[int] = []
@@ -20,8 +29,7 @@ def _streams(tokenizer, ids: list[int]) -> tuple[list[str], list[str], int]:
         calls.append(len(tokens))
         return tokenizer.decode(tokens, skip_special_tokens=True)
 
-    stream = TextStream(decode)
-    streamed = [stream(token) for token in ids]
+    streamed = _texts(TextStream(decode, []), ids)
     full = [tokenizer.decode(ids[: i + 1], skip_special_tokens=True) for i in range(len(ids))]
     return streamed, full, max(calls)
 
@@ -53,8 +61,7 @@ def test_half_a_character_stays_unsettled_until_it_completes(smollm2_path):
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
     ids = tokenizer("\U0001f642", add_special_tokens=False).input_ids
     assert len(ids) > 1  # the emoji's four bytes span tokens in this vocabulary
-    stream = TextStream(lambda t: tokenizer.decode(t, skip_special_tokens=True))
-    partial = [stream(token) for token in ids]
+    partial = _texts(TextStream(lambda t: tokenizer.decode(t, skip_special_tokens=True), []), ids)
     assert partial[0].endswith("\ufffd") and partial[-1] == "\U0001f642"
 
 
@@ -66,5 +73,4 @@ def test_a_decode_that_rewrites_the_settled_text_is_followed_by_decoding_everyth
         return "".join(p.upper() if nxt == "!" else p for p, nxt in zip(pieces, [*pieces[1:], ""]))
 
     ids = [0, 1, 3, 2, 3, 0, 2, 1]
-    stream = TextStream(shouting)
-    assert [stream(t) for t in ids] == [shouting(ids[: i + 1]) for i in range(len(ids))]
+    assert _texts(TextStream(shouting, []), ids) == [shouting(ids[: i + 1]) for i in range(len(ids))]

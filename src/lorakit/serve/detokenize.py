@@ -19,21 +19,22 @@ Decode = Callable[[list[int]], str]
 
 
 class TextStream:
-    """Call with each generated token in order; returns the text of all tokens so far.
+    """The text of a list of token ids that only grows, decoded a window at a time.
 
     Args:
         decode: token ids → text (the server's ``tokenizer.decode`` with its options).
+        tokens: the list the caller appends generated ids to (read here, never changed).
     """
 
-    def __init__(self, decode: Decode) -> None:
+    def __init__(self, decode: Decode, tokens: list[int]) -> None:
         self.decode = decode
-        self.tokens: list[int] = []
+        self.tokens = tokens
         self.settled = ""  # decode(tokens[:read])
         self.start = 0  # the window's first token: context for the unsettled ones
         self.read = 0  # tokens whose text is settled
 
-    def __call__(self, token: int) -> str:
-        self.tokens.append(token)
+    def text(self) -> str:
+        """The text of all tokens so far (call it after each append)."""
         head = self._head()
         window = self.decode(self.tokens[self.start :])
         if not window.startswith(head):

@@ -372,7 +372,7 @@ class Engine:
         token = argmax if argmax is not None and seq.plain_greedy else seq.sample(logits)
         seq.score(logits, token)
         if seq.text_stream is None:
-            seq.text_stream = TextStream(self._decode_text)
+            seq.text_stream = TextStream(self._decode_text, seq.tokens)
         seq.accept(token, self.eos_ids)
 
     def _decode_text(self, tokens: list[int]) -> str:

@@ -90,7 +90,7 @@ class Sequence:
     logprobs_sent: int = 0
     cumulative_logprob: float = 0.0  # summed when params.track_score
     grammar: Constraint | None = None  # response_format's matcher: masks each step's logits, advances per token
-    text_stream: TextStream | None = None  # its generated text, grown per token; the engine sets it
+    text_stream: TextStream | None = None  # the text of ``tokens``, grown per token; the engine sets it
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
@@ -154,7 +154,7 @@ class Sequence:
             self._finish("stop")
             return
         self.tokens.append(token)
-        text = self.text_stream(token)
+        text = self.text_stream.text()
         cut = _first_stop(text, self.params.stop)
         if cut is not None:
             self.text = text[:cut]
