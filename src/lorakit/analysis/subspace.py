@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor
 
 from lorakit.analysis.plots import split_module
+from lorakit.io.outputs import write_file_atomically
 
 _DT = torch.float64  # the analysis is about small singular values; float32 blurs them
 
@@ -296,7 +296,7 @@ def _pair_similarity(first: dict[str, LoraFactors], second: dict[str, LoraFactor
 
 
 def _write_analysis(result: dict[str, Any], out: Path, plots: bool, heatmap_layers: int) -> None:
-    """The figures (when ``plots``) and ``analysis.json`` in ``out``; the JSON through a temp file, so a
+    """The figures (when ``plots``) and ``analysis.json`` in ``out``; the JSON written atomically, so a
     killed run never leaves half of it."""
     out.mkdir(parents=True, exist_ok=True)
     result["files"] = []
@@ -304,9 +304,8 @@ def _write_analysis(result: dict[str, Any], out: Path, plots: bool, heatmap_laye
         from lorakit.analysis import plots as _plots
 
         result["files"] = _plots.write_all(result, out, heatmap_layers=heatmap_layers)
-    tmp = out / f"analysis.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(json_safe(result), indent=1))
-    os.replace(tmp, out / "analysis.json")
+    text = json.dumps(json_safe(result), indent=1)
+    write_file_atomically(out / "analysis.json", lambda tmp: tmp.write_text(text))
 
 
 def json_safe(x: Any) -> Any:

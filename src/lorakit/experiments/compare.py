@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import statistics
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import ConfigError, LorakitError
+from lorakit.io.outputs import write_file_atomically
 
 TABLE = "compare.md"
 PLOT = "compare.png"
@@ -306,17 +306,13 @@ def plot(rows: Sequence[dict[str, Any]], metric: str, path: Path, title: str = "
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    write_file_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_file_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def write_outputs(
